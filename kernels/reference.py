@@ -1,0 +1,95 @@
+"""Pure-torch MoE dispatch: the CPU path and the oracle for the Triton kernels.
+
+Shape suffixes:
+    T  tokens            K  experts chosen per token (top-k)
+    E  routed experts    R  permuted rows = T*K (static; dropped rows sort to the end)
+    D  model width       F  expert intermediate width
+    O, I  output / input width of a grouped GEMM weight stored like nn.Linear: [E, O, I]
+
+A "flat" id is ``token * K + slot``: the position of one (token, choice) pair in ``experts_TK.flatten()``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class RoutingPlan:
+    """Where each (token, choice) pair goes. Rows of the permuted buffer are sorted by expert, stably."""
+
+    sorted_flat_R: torch.Tensor  # int64 [R]: flat id held by each permuted row; dropped pairs come last
+    counts_E: torch.Tensor  # int64 [E]: rows kept per expert
+    offsets_E1: torch.Tensor  # int64 [E+1]: exclusive scan of counts_E; offsets_E1[-1] = rows kept
+    dropped: torch.Tensor  # int64 []: pairs dropped by the capacity limit (0 when dropless)
+    top_k: int
+
+    @property
+    def num_experts(self) -> int:
+        return self.counts_E.numel()
+
+
+def routing_plan(experts_TK: torch.Tensor, num_experts: int, capacity: int | None = None) -> RoutingPlan:
+    """Sort (token, choice) pairs by expert, stable in flat order.
+
+    With ``capacity``, each expert keeps at most that many pairs; priority goes to first choices over second
+    choices, then to earlier tokens (GShard order). Dropped pairs are routed to a sentinel expert ``E`` so every
+    shape stays static at R = T*K.
+    """
+    T, K = experts_TK.shape
+    flat_R = experts_TK.reshape(-1).long()
+    if capacity is not None:
+        # Rank of each pair within its expert in priority order (slot-major, then token).
+        prio = experts_TK.t().reshape(-1).long()  # [K*T] slot-major
+        onehot = F.one_hot(prio, num_experts)
+        rank = (onehot.cumsum(0) - 1).gather(1, prio[:, None]).squeeze(1)  # [K*T]
+        keep = (rank < capacity).view(K, T).t().reshape(-1)  # back to flat order
+        flat_R = torch.where(keep, flat_R, torch.full_like(flat_R, num_experts))
+    sorted_flat_R = torch.argsort(flat_R, stable=True)
+    counts_E = torch.bincount(flat_R, minlength=num_experts + 1)[:num_experts]
+    offsets_E1 = torch.zeros(num_experts + 1, dtype=torch.long, device=experts_TK.device)
+    offsets_E1[1:] = torch.cumsum(counts_E, 0)
+    dropped = T * K - offsets_E1[-1]
+    return RoutingPlan(sorted_flat_R, counts_E, offsets_E1, dropped, K)
+
+
+def permute(x_TD: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+    """Gather one copy of each token per choice into expert-sorted order: [R, D]."""
+    return x_TD.index_select(0, plan.sorted_flat_R // plan.top_k)
+
+
+def grouped_mm(x_RI: torch.Tensor, w_EOI: torch.Tensor, plan: RoutingPlan, bias_EO: torch.Tensor | None = None):
+    """Per-expert ``x @ w[e].T (+ b[e])`` on contiguous row groups; rows past the kept ones are zero. [R, O]."""
+    counts = plan.counts_E.tolist()  # the reference path may sync; the Triton path does not
+    outs = []
+    for e, x_rows in enumerate(torch.split(x_RI[: sum(counts)], counts)):
+        y = x_rows @ w_EOI[e].t()
+        outs.append(y if bias_EO is None else y + bias_EO[e])
+    dropped = x_RI.shape[0] - sum(counts)
+    outs.append(x_RI.new_zeros(dropped, w_EOI.shape[1]))
+    return torch.cat(outs, 0)
+
+
+def unpermute(y_RD: torch.Tensor, weights_TK: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+    """Weighted sum of each token's K expert outputs, accumulated in fp32, in the dtype of y. [T, D]."""
+    T, K = weights_TK.shape
+    y_flat = torch.empty_like(y_RD).index_copy(0, plan.sorted_flat_R, y_RD)  # back to flat order (inverse perm)
+    out = (y_flat.view(T, K, -1).float() * weights_TK.float().unsqueeze(-1)).sum(1)
+    return out.to(y_RD.dtype)
+
+
+def swiglu_experts(x_TD, weights_TK, plan, gate_EFD, up_EFD, down_EDF) -> torch.Tensor:
+    """Routed SwiGLU experts: ``down(silu(gate(x)) * up(x))`` per expert, combined with the routing weights."""
+    x_RD = permute(x_TD, plan)
+    h_RF = F.silu(grouped_mm(x_RD, gate_EFD, plan)) * grouped_mm(x_RD, up_EFD, plan)
+    return unpermute(grouped_mm(h_RF, down_EDF, plan), weights_TK, plan)
+
+
+def gelu_experts(x_TD, weights_TK, plan, fc1_EFD, fc1_bias_EF, fc2_EDF, fc2_bias_ED) -> torch.Tensor:
+    """Routed GELU (tanh) experts as in DiT's MLP, for upcycling a dense DiT."""
+    x_RD = permute(x_TD, plan)
+    h_RF = F.gelu(grouped_mm(x_RD, fc1_EFD, plan, fc1_bias_EF), approximate="tanh")
+    return unpermute(grouped_mm(h_RF, fc2_EDF, plan, fc2_bias_ED), weights_TK, plan)

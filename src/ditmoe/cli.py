@@ -1,0 +1,128 @@
+"""The ``ditmoe`` command line: prepare, train, sample, info, demo."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from ditmoe.config import ConfigError
+
+
+def _parse_value(text: str):
+    """``key=value`` option values: JSON where it parses (numbers, true/false, null, dicts), else a string."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _model_opts(pairs: list[str]) -> dict:
+    """``moe.capacity_factor=1.25`` -> {"moe": {"capacity_factor": 1.25}}."""
+    opts: dict = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--model-opt expects key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        *parents, leaf = key.split(".")
+        node = opts
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = _parse_value(value)
+    return opts
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    from ditmoe.training.config import TRAIN_PRESETS, TrainConfig
+
+    p.add_argument("--preset", choices=sorted(TRAIN_PRESETS), help="start from a training preset")
+    p.add_argument("--model-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="model override, e.g. moe.balance_loss_alpha=0.005 or qk_norm=true (repeatable)")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "model_opts":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type), str)
+            p.add_argument(flag, type=kind, default=None)
+
+
+def cmd_train(args) -> int:
+    from ditmoe.training.config import TrainConfig, train_config
+    from ditmoe.training.loop import train
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "model_opts"}
+    values["model_opts"] = _model_opts(args.model_opt) or None
+    cfg = train_config(args.preset, **values)
+    result = train(cfg)
+    print(f"trained to step {result.step}; checkpoints in {Path(cfg.out) / 'checkpoints'}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from ditmoe.analysis.model_size import model_size
+    from ditmoe.config import model_config
+
+    cfg = model_config(args.model, image_size=args.image_size, num_classes=args.num_classes)
+    s = model_size(cfg)
+    print(f"model            {cfg.name}  ({args.image_size}px, latent {cfg.input_size}x{cfg.input_size}x"
+          f"{cfg.in_channels}, {cfg.num_tokens} tokens)")
+    print(f"parameters       {s.total_params:,} total  ({_human(s.total_params)})")
+    print(f"activated        {s.activated_params:,} per token  ({_human(s.activated_params)})")
+    print(f"GFLOPs / image   {s.paper_gflops:.2f}  (paper convention: multiply-accumulates, attention scores "
+          "excluded)")
+    print(f"train FLOPs/img  {s.train_flops / 1e9:.1f} G  (fwd+bwd, 2 FLOPs per MAC, attention included; for MFU)")
+    return 0
+
+
+def _human(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+def cmd_prepare(args) -> int:
+    from ditmoe.data.digits import prepare_digits
+
+    manifest = prepare_digits(Path(args.out), image_size=args.image_size, seed=args.seed)
+    counts = {k: v["count"] for k, v in manifest["splits"].items()}
+    print(f"wrote digits shards to {args.out}: {counts}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ditmoe", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="parameter counts and GFLOPs of a model preset")
+    p.add_argument("--model", required=True, help="e.g. DiT-MoE-S/2-8E2A")
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("prepare", help="write a dataset as webdataset shards")
+    p.add_argument("dataset", choices=["digits"], help="digits: scikit-learn's embedded 8x8 digits")
+    p.add_argument("--out", required=True)
+    p.add_argument("--image-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="train a DiT-MoE (single process)")
+    _add_train_args(p)
+    p.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"ditmoe {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

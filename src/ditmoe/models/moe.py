@@ -1,0 +1,159 @@
+"""The DiT-MoE feed-forward: a softmax top-k router, stacked routed experts and an always-on shared expert.
+
+Shape suffixes: B batch, L tokens per image, T = B*L tokens, D hidden, E routed experts, K top-k, F intermediate.
+
+The routed experts of a layer live in one module as stacked tensors ``[E, out, in]``; the dispatch (routing plan,
+permutation, grouped GEMMs, weighted combine) is delegated to ``ditmoe_kernels`` (torch reference on CPU, Triton on
+CUDA). The layer returns its auxiliary loss and routing statistics explicitly; nothing is stored on the module.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ditmoe.config import MoEConfig
+from ditmoe_kernels import select_backend
+
+
+@dataclass
+class RoutingStats:
+    """What one MoE layer did with one batch. Tensors are detached and stay on device (no host sync)."""
+
+    tokens_per_expert_E: torch.Tensor  # int64 [E] pairs kept per expert
+    assigned_per_expert_E: torch.Tensor  # int64 [E] pairs the router chose (before capacity drops)
+    router_entropy: torch.Tensor  # [] mean over tokens of the router distribution's entropy (nats)
+    dropped: torch.Tensor  # int64 [] pairs dropped by the capacity limit
+    balance_loss: torch.Tensor  # [] the layer's balance loss (already multiplied by alpha)
+    z_loss: torch.Tensor  # [] the layer's router z-loss (already multiplied by its coefficient)
+    experts_BLK: torch.Tensor  # int64 [B, L, K] chosen experts per token, for specialisation analysis
+
+
+@dataclass
+class MoEOutput:
+    out_BLD: torch.Tensor
+    aux_loss: torch.Tensor  # [] balance + z-loss of this layer, to be added to the training loss
+    stats: RoutingStats
+
+
+class SwiGLU(nn.Module):
+    """Dense ``down(silu(gate(x)) * up(x))`` without biases (the shared expert)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class StackedExperts(nn.Module):
+    """E routed experts as stacked weights, nn.Linear layout ``[E, out, in]``.
+
+    SwiGLU: gate_proj/up_proj [E, F, D], down_proj [E, D, F] (no biases, as the official code).
+    GELU (DiT's MLP, for upcycling): fc1 [E, F, D] + fc1_bias [E, F], fc2 [E, D, F] + fc2_bias [E, D].
+    Every parameter is tagged ``is_expert = True`` so parallel code can shard and reduce it separately.
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, act: str):
+        super().__init__()
+        self.act = act
+        E, D, Fi = num_experts, hidden_size, intermediate_size
+        if act == "swiglu":
+            self.gate_proj = nn.Parameter(torch.empty(E, Fi, D))
+            self.up_proj = nn.Parameter(torch.empty(E, Fi, D))
+            self.down_proj = nn.Parameter(torch.empty(E, D, Fi))
+        else:
+            self.fc1 = nn.Parameter(torch.empty(E, Fi, D))
+            self.fc1_bias = nn.Parameter(torch.empty(E, Fi))
+            self.fc2 = nn.Parameter(torch.empty(E, D, Fi))
+            self.fc2_bias = nn.Parameter(torch.empty(E, D))
+        for p in self.parameters():
+            p.is_expert = True
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Xavier-uniform per expert (as DiT initialises every nn.Linear), zero biases."""
+        for name, p in self.named_parameters():
+            if p.is_meta:
+                continue
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            else:
+                fan_out, fan_in = p.shape[1], p.shape[2]
+                bound = math.sqrt(6.0 / (fan_in + fan_out))
+                nn.init.uniform_(p, -bound, bound)
+
+    def forward(self, ops, x_TD: torch.Tensor, weights_TK: torch.Tensor, plan) -> torch.Tensor:
+        if self.act == "swiglu":
+            return ops.swiglu_experts(x_TD, weights_TK, plan, self.gate_proj, self.up_proj, self.down_proj)
+        return ops.gelu_experts(x_TD, weights_TK, plan, self.fc1, self.fc1_bias, self.fc2, self.fc2_bias)
+
+
+class MoEFeedForward(nn.Module):
+    def __init__(self, hidden_size: int, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.router = nn.Linear(hidden_size, cfg.num_experts, bias=False)  # kaiming-uniform(a=sqrt(5)) default
+        self.experts = StackedExperts(cfg.num_experts, hidden_size, int(cfg.mlp_ratio * hidden_size), cfg.expert_act)
+        shared = int(cfg.shared_expert_ratio * hidden_size)
+        self.shared_expert = SwiGLU(hidden_size, shared) if shared > 0 else None
+
+    def capacity(self, num_tokens: int) -> int | None:
+        """Pairs each expert may keep: ceil(factor * T * K / E), or None when dropless."""
+        cf, E, K = self.cfg.capacity_factor, self.cfg.num_experts, self.cfg.top_k
+        return None if cf is None else max(1, math.ceil(cf * num_tokens * K / E))
+
+    def forward(self, x_BLD: torch.Tensor) -> MoEOutput:
+        cfg = self.cfg
+        B, L, D = x_BLD.shape
+        x_TD = x_BLD.reshape(B * L, D)
+        logits_TE = self.router(x_TD).float()
+        probs_TE = logits_TE.softmax(dim=-1)
+        weights_TK, experts_TK = torch.topk(probs_TE, cfg.top_k, dim=-1)
+        if cfg.norm_topk_prob:
+            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+
+        ops = select_backend(cfg.backend, x_TD.device)
+        plan = ops.routing_plan(experts_TK, cfg.num_experts, self.capacity(B * L))
+        out_TD = self.experts(ops, x_TD, weights_TK.to(x_TD.dtype), plan)
+        if self.shared_expert is not None:
+            out_TD = out_TD + self.shared_expert(x_TD)
+
+        assigned_E = torch.bincount(experts_TK.reshape(-1), minlength=cfg.num_experts)
+        balance = cfg.balance_loss_alpha * balance_loss(probs_TE, experts_TK, B, cfg.balance_loss_type)
+        z_loss = cfg.router_z_loss * torch.logsumexp(logits_TE, dim=-1).square().mean()
+        with torch.no_grad():
+            entropy = -(probs_TE * probs_TE.clamp_min(1e-20).log()).sum(-1).mean()
+        stats = RoutingStats(
+            tokens_per_expert_E=plan.counts_E.detach(),
+            assigned_per_expert_E=assigned_E.detach(),
+            router_entropy=entropy,
+            dropped=plan.dropped.detach(),
+            balance_loss=balance.detach(),
+            z_loss=z_loss.detach(),
+            experts_BLK=experts_TK.view(B, L, cfg.top_k).detach(),
+        )
+        return MoEOutput(out_TD.view(B, L, D), balance + z_loss, stats)
+
+
+def balance_loss(probs_TE: torch.Tensor, experts_TK: torch.Tensor, batch: int, kind: str = "expert") -> torch.Tensor:
+    """Switch/DeepSeek balance loss ``sum_i P_i * f_i`` (before alpha).
+
+    P_i: mean router probability of expert i; f_i = E * (share of the T*K routed pairs that chose i).
+    ``expert``: over all tokens of the batch (official default); ``sequence``: per image, then averaged.
+    """
+    T, E = probs_TE.shape
+    K = experts_TK.shape[1]
+    groups = 1 if kind == "expert" else batch
+    probs_GLE = probs_TE.view(groups, T // groups, E)
+    chosen_GLE = F.one_hot(experts_TK, E).sum(1).view(groups, T // groups, E).float()
+    P_GE = probs_GLE.mean(1)
+    f_GE = chosen_GLE.mean(1) * E / K
+    return (P_GE * f_GE).sum(-1).mean()

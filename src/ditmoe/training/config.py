@@ -1,0 +1,100 @@
+"""Training configuration: a dataclass, a registry of presets, and model construction from data + preset."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ditmoe.config import ConfigError, ModelConfig, model_config
+
+
+@dataclass
+class TrainConfig:
+    data: str = "data/digits"  # shard directory holding manifest.json
+    out: str = "runs/default"
+    model: str = "DiT-MoE-S/2-8E2A"
+    model_opts: dict = field(default_factory=dict)  # ModelConfig overrides; nested "moe" dict for MoEConfig
+    diffusion: Literal["ddpm", "rf"] = "ddpm"
+    steps: int = 400_000
+    batch_size: int = 256
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    ema_decay: float = 0.9999
+    grad_clip: float = 0.0  # 0 = no clipping (official)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    seed: int = 0
+    log_every: int = 100
+    ckpt_every: int = 5000
+    keep_last: int = 3
+    num_workers: int = 0
+    wandb: bool = False
+    wandb_project: str = "ditmoe"
+    resume: bool = False
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "log_every", "ckpt_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.diffusion not in ("ddpm", "rf"):
+            raise ConfigError(f"diffusion must be 'ddpm' or 'rf', got {self.diffusion!r}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.grad_clip < 0 or self.warmup_steps < 0 or self.weight_decay < 0:
+            raise ConfigError("grad_clip, warmup_steps and weight_decay must be >= 0")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+TRAIN_PRESETS: dict[str, dict] = {
+    # The paper's recipe for ImageNet-256 latents (data from `ditmoe prepare images --latents`).
+    "imagenet256-S-8E2A": dict(model="DiT-MoE-S/2-8E2A", steps=400_000, batch_size=256),
+    "imagenet256-XL-8E2A": dict(model="DiT-MoE-XL/2-8E2A", diffusion="rf", steps=700_000, batch_size=1024),
+    # Minutes on 2 CPU cores: the embedded digits dataset (`make demo`).
+    "digits-demo": dict(
+        data="data/digits",
+        out="runs/digits-demo",
+        model="DiT-MoE-tiny/4-4E2A",
+        steps=3000,
+        batch_size=64,
+        lr=1e-3,
+        warmup_steps=100,
+        ema_decay=0.999,
+        grad_clip=1.0,
+        log_every=100,
+        ckpt_every=1000,
+    ),
+    # Seconds: for tests.
+    "digits-smoke": dict(
+        model="DiT-MoE-micro/4-4E2A", steps=4, batch_size=8, lr=1e-3, ema_decay=0.9, log_every=2, ckpt_every=2
+    ),
+}
+
+
+def train_config(preset: str | None = None, **overrides) -> TrainConfig:
+    if preset is not None and preset not in TRAIN_PRESETS:
+        raise ConfigError(f"unknown training preset {preset!r}; known: {', '.join(TRAIN_PRESETS)}")
+    values = dict(TRAIN_PRESETS.get(preset, {}))
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(TrainConfig)}
+    if unknown:
+        raise ConfigError(f"unknown training option(s): {', '.join(sorted(unknown))}")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    cfg = TrainConfig(**values)
+    cfg.validate()
+    return cfg
+
+
+def model_config_for_data(cfg: TrainConfig, manifest: dict) -> ModelConfig:
+    """The preset's model shaped for the dataset: pixels (channels, size) or VAE latents, and its classes."""
+    opts = dict(cfg.model_opts)
+    if manifest.get("format") == "latent":
+        kwargs = dict(image_size=manifest["image_size"], latent=True, in_channels=manifest.get("channels", 4))
+    else:
+        kwargs = dict(image_size=manifest["image_size"], latent=False, in_channels=manifest["channels"])
+    return model_config(cfg.model, num_classes=manifest["num_classes"], **kwargs, **opts)

@@ -1,0 +1,35 @@
+"""Exponential moving average of model weights, kept in fp32."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class EMA:
+    """``shadow = decay * shadow + (1 - decay) * param`` for every floating-point entry of the state dict."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        self.decay = decay
+        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for k, v in model.state_dict().items():
+            if k in self.shadow:
+                self.shadow[k].lerp_(v.detach().float(), 1.0 - self.decay)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.shadow
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing = self.shadow.keys() - state.keys()
+        if missing:
+            raise KeyError(f"EMA state lacks {len(missing)} entries, e.g. {sorted(missing)[:3]}")
+        self.shadow = {k: state[k].float().clone() for k in self.shadow}
+
+    def copy_to(self, model: nn.Module) -> None:
+        """Load the averaged weights into ``model`` (in the model's dtypes)."""
+        model.load_state_dict(self.shadow, strict=False)

@@ -1,0 +1,74 @@
+"""Presets, parameter counts against the paper's table, and clear errors for bad configuration."""
+
+import pytest
+
+from ditmoe.analysis.model_size import model_size
+from ditmoe.cli import main
+from ditmoe.config import ConfigError, model_config
+
+
+def test_s2_8e2a_has_exactly_the_official_parameter_count():
+    assert model_size(model_config("DiT-MoE-S/2-8E2A")).total_params == 199_307_552
+
+
+# (preset, total, activated, GFLOPs) from the paper's Table 1; counts there are truncated to the shown digits.
+TABLE = [
+    ("DiT-MoE-S/2-8E2A", 199e6, 71e6, 15.43),
+    ("DiT-MoE-S/2-16E2A", 369e6, 71e6, 15.44),
+    ("DiT-MoE-B/2-8E2A", 795e6, 286e6, 61.68),
+    ("DiT-MoE-L/2-8E2A", 2.8e9, 1.0e9, 219.26),
+    ("DiT-MoE-XL/2-8E2A", 4.1e9, 1.5e9, 323.74),
+    ("DiT-MoE-G/2-16E2A", 16.5e9, 3.1e9, 690.94),
+]
+
+
+@pytest.mark.parametrize("name,total,active,gflops", TABLE)
+def test_paper_table(name, total, active, gflops):
+    s = model_size(model_config(name))
+    assert s.total_params == pytest.approx(total, rel=0.03)
+    assert s.activated_params == pytest.approx(active, rel=0.04)
+    assert round(s.paper_gflops, 2) == gflops
+
+
+def test_any_expert_count_parses():
+    cfg = model_config("DiT-MoE-B/4-64E8A")
+    assert (cfg.moe.num_experts, cfg.moe.top_k, cfg.patch_size, cfg.hidden_size) == (64, 8, 4, 768)
+
+
+def test_xl_and_g_use_qk_norm():
+    assert model_config("DiT-MoE-XL/2-8E2A").qk_norm and not model_config("DiT-MoE-S/2-8E2A").qk_norm
+
+
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        (dict(name="DiT-MoE-Huge/2-8E2A"), "'Huge'"),
+        (dict(name="ResNet-50"), "'ResNet-50'"),
+        (dict(name="DiT-MoE-S/2-8E2A", num_heads=5), "384 is not divisible by num_heads 5"),
+        (dict(name="DiT-MoE-S/2-8E2A", image_size=260), "image size 260 is not divisible by 8"),
+        (dict(name="DiT-MoE-S/4-8E2A", image_size=18, latent=False), "input size 18 is not divisible by patch size 4"),
+        (dict(name="DiT-MoE-S/2-4E5A"), "top_k=5"),
+        (dict(name="DiT-MoE-S/2-8E2A", moe=dict(balance_loss_alpha=-0.1)), "-0.1"),
+        (dict(name="DiT-MoE-S/2-8E2A", moe=dict(capacity_factor=0)), "capacity_factor"),
+        (dict(name="DiT-MoE-S/2-8E2A", depthh=3), "depthh"),
+    ],
+)
+def test_bad_model_config_names_the_value(kwargs, needle):
+    kwargs = dict(kwargs)
+    name = kwargs.pop("name")
+    with pytest.raises(ConfigError) as e:
+        model_config(name, **kwargs)
+    assert needle in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_info_command(capsys):
+    assert main(["info", "--model", "DiT-MoE-S/2-8E2A", "--image-size", "256"]) == 0
+    out = capsys.readouterr().out
+    assert "199,307,552" in out and "15.43" in out
+
+
+def test_info_command_bad_preset_is_one_clear_line(capsys):
+    assert main(["info", "--model", "DiT-MoE-Z/2-8E2A"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "'Z'" in err
