@@ -1,0 +1,62 @@
+"""Load checkpoints of the official DiT-MoE code (github.com/feizc/DiT-MoE) into ``DiTMoE``.
+
+The official layout keeps one module per expert (``moe.experts.{j}.gate_proj.weight`` [F, D]); ours stacks them
+(``moe.experts.gate_proj`` [E, F, D]). The XL/G flash-attention block names ``Wqkv``/``out_proj`` where the S/B
+block names ``qkv``/``proj``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from ditmoe.config import ModelConfig
+from ditmoe.models.dit import DiTMoE
+
+_EXPERT = re.compile(r"^blocks\.(\d+)\.moe\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_RENAMES = [
+    (re.compile(r"\.moe\.gate\.weight$"), ".moe.router.weight"),
+    (re.compile(r"\.moe\.shared_experts\."), ".moe.shared_expert."),
+    (re.compile(r"\.attn\.Wqkv\."), ".attn.qkv."),
+    (re.compile(r"\.attn\.out_proj\."), ".attn.proj."),
+]
+
+
+def convert_official_state_dict(official: dict[str, torch.Tensor], num_experts: int) -> dict[str, torch.Tensor]:
+    """Official key layout -> ours: rename, and stack each layer's per-expert weights into [E, ...]."""
+    ours: dict[str, torch.Tensor] = {}
+    experts: dict[tuple[int, str], dict[int, torch.Tensor]] = {}
+    for key, value in official.items():
+        key = key.removeprefix("module.")
+        m = _EXPERT.match(key)
+        if m:
+            experts.setdefault((int(m[1]), m[3]), {})[int(m[2])] = value
+            continue
+        for pattern, repl in _RENAMES:
+            key = pattern.sub(repl, key)
+        ours[key] = value
+    for (block, proj), by_id in experts.items():
+        if sorted(by_id) != list(range(num_experts)):
+            raise KeyError(f"block {block} {proj}: expected experts 0..{num_experts - 1}, found {sorted(by_id)}")
+        ours[f"blocks.{block}.moe.experts.{proj}"] = torch.stack([by_id[j] for j in range(num_experts)])
+    return ours
+
+
+def load_official(path: Path | str, cfg: ModelConfig, *, prefer: str = "ema") -> DiTMoE:
+    """Build ``DiTMoE(cfg)`` and load an official ``.pt`` (dict itself, or under "ema"/"model")."""
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(raw, dict) and prefer in raw and isinstance(raw[prefer], dict):
+        raw = raw[prefer]
+    elif isinstance(raw, dict) and "model" in raw and isinstance(raw["model"], dict):
+        raw = raw["model"]
+    model = DiTMoE(cfg)
+    state = convert_official_state_dict(raw, cfg.moe.num_experts)
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise KeyError(
+            f"{path} does not match {cfg.name}: missing {result.missing_keys[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
+    return model
