@@ -63,14 +63,61 @@ def permute(x_TD: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
 
 def grouped_mm(x_RI: torch.Tensor, w_EOI: torch.Tensor, plan: RoutingPlan, bias_EO: torch.Tensor | None = None):
     """Per-expert ``x @ w[e].T (+ b[e])`` on contiguous row groups; rows past the kept ones are zero. [R, O]."""
-    counts = plan.counts_E.tolist()  # the reference path may sync; the Triton path does not
-    outs = []
-    for e, x_rows in enumerate(torch.split(x_RI[: sum(counts)], counts)):
-        y = x_rows @ w_EOI[e].t()
-        outs.append(y if bias_EO is None else y + bias_EO[e])
-    dropped = x_RI.shape[0] - sum(counts)
-    outs.append(x_RI.new_zeros(dropped, w_EOI.shape[1]))
-    return torch.cat(outs, 0)
+    y_RO = _GroupedMM.apply(x_RI, w_EOI, plan.counts_E.tolist())  # the reference path may sync; Triton does not
+    if bias_EO is None:
+        return y_RO
+    row_bias = torch.repeat_interleave(bias_EO, plan.counts_E, dim=0, output_size=int(plan.offsets_E1[-1]))
+    return y_RO + F.pad(row_bias, (0, 0, 0, y_RO.shape[0] - row_bias.shape[0]))
+
+
+class _GroupedMM(torch.autograd.Function):
+    """Loops experts writing into one preallocated output (no concatenation copies); backward likewise."""
+
+    @staticmethod
+    def forward(ctx, x_RI, w_EOI, counts: list[int]):
+        ctx.save_for_backward(x_RI, w_EOI)
+        ctx.counts = counts
+        y_RO = x_RI.new_zeros(x_RI.shape[0], w_EOI.shape[1])
+        start = 0
+        for e, n in enumerate(counts):
+            torch.mm(x_RI[start : start + n], w_EOI[e].t(), out=y_RO[start : start + n])
+            start += n
+        return y_RO
+
+    @staticmethod
+    def backward(ctx, dy_RO):
+        x_RI, w_EOI = ctx.saved_tensors
+        dx_RI = torch.zeros_like(x_RI) if ctx.needs_input_grad[0] else None
+        dw_EOI = torch.zeros_like(w_EOI) if ctx.needs_input_grad[1] else None
+        start = 0
+        for e, n in enumerate(ctx.counts):
+            rows = slice(start, start + n)
+            if dx_RI is not None:
+                torch.mm(dy_RO[rows], w_EOI[e], out=dx_RI[rows])
+            if dw_EOI is not None:
+                torch.mm(dy_RO[rows].t(), x_RI[rows], out=dw_EOI[e])
+            start += n
+        return dx_RI, dw_EOI, None
+
+
+class _SwiGLU(torch.autograd.Function):
+    """``silu(g) * u`` keeping only g and u for backward (silu is recomputed)."""
+
+    @staticmethod
+    def forward(ctx, g, u):
+        ctx.save_for_backward(g, u)
+        return F.silu(g) * u
+
+    @staticmethod
+    def backward(ctx, dh):
+        g, u = ctx.saved_tensors
+        sig = torch.sigmoid(g)
+        silu = g * sig
+        return dh * u * (sig * (1 + g * (1 - sig))), dh * silu
+
+
+def swiglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    return _SwiGLU.apply(g, u)
 
 
 def unpermute(y_RD: torch.Tensor, weights_TK: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
@@ -84,7 +131,7 @@ def unpermute(y_RD: torch.Tensor, weights_TK: torch.Tensor, plan: RoutingPlan) -
 def swiglu_experts(x_TD, weights_TK, plan, gate_EFD, up_EFD, down_EDF) -> torch.Tensor:
     """Routed SwiGLU experts: ``down(silu(gate(x)) * up(x))`` per expert, combined with the routing weights."""
     x_RD = permute(x_TD, plan)
-    h_RF = F.silu(grouped_mm(x_RD, gate_EFD, plan)) * grouped_mm(x_RD, up_EFD, plan)
+    h_RF = swiglu(grouped_mm(x_RD, gate_EFD, plan), grouped_mm(x_RD, up_EFD, plan))
     return unpermute(grouped_mm(h_RF, down_EDF, plan), weights_TK, plan)
 
 
