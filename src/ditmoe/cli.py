@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from ditmoe.config import ConfigError
+from ditmoe.training.checkpoint import CheckpointError
 
 
 def _parse_value(text: str):
@@ -38,8 +39,13 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     from ditmoe.training.config import TRAIN_PRESETS, TrainConfig
 
     p.add_argument("--preset", choices=sorted(TRAIN_PRESETS), help="start from a training preset")
-    p.add_argument("--model-opt", action="append", default=[], metavar="KEY=VALUE",
-                   help="model override, e.g. moe.balance_loss_alpha=0.005 or qk_norm=true (repeatable)")
+    p.add_argument(
+        "--model-opt",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="model override, e.g. moe.balance_loss_alpha=0.005 or qk_norm=true (repeatable)",
+    )
     for f in dataclasses.fields(TrainConfig):
         if f.name == "model_opts":
             continue
@@ -69,12 +75,13 @@ def cmd_info(args) -> int:
 
     cfg = model_config(args.model, image_size=args.image_size, num_classes=args.num_classes)
     s = model_size(cfg)
-    print(f"model            {cfg.name}  ({args.image_size}px, latent {cfg.input_size}x{cfg.input_size}x"
-          f"{cfg.in_channels}, {cfg.num_tokens} tokens)")
+    print(
+        f"model            {cfg.name}  ({args.image_size}px, latent {cfg.input_size}x{cfg.input_size}x"
+        f"{cfg.in_channels}, {cfg.num_tokens} tokens)"
+    )
     print(f"parameters       {s.total_params:,} total  ({_human(s.total_params)})")
     print(f"activated        {s.activated_params:,} per token  ({_human(s.activated_params)})")
-    print(f"GFLOPs / image   {s.paper_gflops:.2f}  (paper convention: multiply-accumulates, attention scores "
-          "excluded)")
+    print(f"GFLOPs / image   {s.paper_gflops:.2f}  (paper convention: multiply-accumulates, attention scores excluded)")
     print(f"train FLOPs/img  {s.train_flops / 1e9:.1f} G  (fwd+bwd, 2 FLOPs per MAC, attention included; for MFU)")
     return 0
 
@@ -89,6 +96,30 @@ def cmd_prepare(args) -> int:
     manifest = prepare_digits(Path(args.out), image_size=args.image_size, seed=args.seed)
     counts = {k: v["count"] for k, v in manifest["splits"].items()}
     print(f"wrote digits shards to {args.out}: {counts}")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from ditmoe.sampling.sample import generate, load_sampler, save_grid
+
+    sampler = load_sampler(args.ckpt, ema=not args.no_ema)
+    if sampler.data.get("format") == "latent":
+        raise ConfigError(f"{sampler.checkpoint} generates VAE latents; decoding them needs a VAE (not supported yet)")
+    classes = [int(c) for c in args.classes.split(",")] if args.classes else list(range(sampler.model.cfg.num_classes))
+    labels = [c for c in classes for _ in range(args.per_class)]
+    images = generate(
+        sampler, labels, cfg_scale=args.cfg_scale, steps=args.steps, seed=args.seed, guide_channels=args.guide_channels
+    )
+    path = save_grid(images, args.out, nrow=args.per_class, upscale=args.upscale)
+    print(f"wrote {len(classes)} classes x {args.per_class} samples from {sampler.checkpoint} to {path}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from ditmoe.demo import print_report, run_demo
+
+    report = run_demo(Path(args.out), steps=args.steps, cfg_scale=args.cfg_scale)
+    print_report(report, Path(args.out))
     return 0
 
 
@@ -112,6 +143,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a DiT-MoE (single process)")
     _add_train_args(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="class-conditional samples from a checkpoint as a PNG grid (one row per class)")
+    p.add_argument("--ckpt", required=True, help="a checkpoint directory, or a run directory (newest checkpoint)")
+    p.add_argument("--classes", help="comma-separated class ids (default: all)")
+    p.add_argument("--per-class", type=int, default=8)
+    p.add_argument("--cfg-scale", type=float, default=4.0)
+    p.add_argument("--steps", help="DDPM respacing ('250', 'ddim50') or Euler steps for rectified flow")
+    p.add_argument("--guide-channels", type=int, help="guide only the first N channels (official sampler: 3)")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--upscale", type=int, default=1, help="nearest-neighbour upscaling of the grid")
+    p.add_argument("--out", default="samples.png")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("demo", help="prepare digits, train a tiny DiT-MoE, sample, judge and plot (make demo)")
+    p.add_argument("--out", default="runs/digits-demo")
+    p.add_argument("--steps", type=int, help="training steps (default: the digits-demo preset)")
+    p.add_argument("--cfg-scale", type=float, default=2.0)
+    p.set_defaults(func=cmd_demo)
     return parser
 
 
@@ -119,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, ValueError, CheckpointError) as e:
         print(f"ditmoe {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -147,7 +147,11 @@ def model_config(
         input_size, channels = image_size // 8, 4
     else:
         input_size, channels = image_size, 1
-    moe_cfg = MoEConfig(num_experts=int(m["experts"]), top_k=int(m["active"]), **(moe or {}))
+    moe_fields = {"num_experts": int(m["experts"]), "top_k": int(m["active"]), **(moe or {})}
+    unknown = set(moe_fields) - {f.name for f in dataclasses.fields(MoEConfig)}
+    if unknown:
+        raise ConfigError(f"unknown MoE option(s): {', '.join(sorted(unknown))}")
+    moe_cfg = MoEConfig(**moe_fields)
     fields = dict(
         name=name,
         input_size=input_size,

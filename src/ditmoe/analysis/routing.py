@@ -1,0 +1,75 @@
+"""Routing statistics summed over steps or batches, and a measurement pass over held-out data."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ditmoe.models.moe import RoutingStats
+
+
+class RoutingAccumulator:
+    """Sums per-layer routing statistics over several steps; ``summary`` turns them into loggable numbers."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self._tokens_LE: torch.Tensor | None = None
+        self._entropy_L: torch.Tensor | None = None
+        self._dropped = None
+        self._steps = 0
+
+    def add(self, routing: list[RoutingStats]) -> None:
+        tokens = torch.stack([r.tokens_per_expert_E for r in routing])
+        entropy = torch.stack([r.router_entropy for r in routing])
+        dropped = sum(r.dropped for r in routing)
+        if self._tokens_LE is None:
+            self._tokens_LE, self._entropy_L, self._dropped = tokens.clone(), entropy.clone(), dropped
+        else:
+            self._tokens_LE += tokens
+            self._entropy_L += entropy
+            self._dropped = self._dropped + dropped
+        self._steps += 1
+
+    @property
+    def steps(self) -> int:
+        return self._steps
+
+    def load_fractions(self) -> np.ndarray:
+        """[layers, experts] share of kept routed pairs per expert."""
+        tokens = self._tokens_LE.double().cpu().numpy()
+        return tokens / np.maximum(tokens.sum(1, keepdims=True), 1)
+
+    def summary(self) -> dict:
+        if self._steps == 0:
+            return {}
+        frac = self.load_fractions()
+        E = frac.shape[1]
+        imbalance_L = frac.max(1) * E  # max / mean load per layer; 1.0 is balanced
+        entropy_L = (self._entropy_L / self._steps).cpu().numpy()
+        out = {
+            "moe/max_imbalance": float(imbalance_L.max()),
+            "moe/mean_imbalance": float(imbalance_L.mean()),
+            "moe/router_entropy": float(entropy_L.mean()),
+            "moe/dropped_tokens": int(self._dropped),
+        }
+        for layer, (row, imb, ent) in enumerate(zip(frac, imbalance_L, entropy_L, strict=True)):
+            out[f"moe/layer{layer}/imbalance"] = float(imb)
+            out[f"moe/layer{layer}/entropy"] = float(ent)
+            for e, share in enumerate(row):
+                out[f"moe/layer{layer}/expert{e}"] = float(share)
+        return out
+
+
+@torch.no_grad()
+def measure_utilisation(model, diffusion, x_NCHW, y_N, *, batch_size: int = 256, seed: int = 0) -> RoutingAccumulator:
+    """Route noised held-out images (random diffusion times) through ``model``; returns the summed statistics."""
+    gen = torch.Generator().manual_seed(seed)
+    dev = next(model.parameters()).device
+    acc = RoutingAccumulator()
+    for start in range(0, len(x_NCHW), batch_size):
+        x0 = x_NCHW[start : start + batch_size].to(dev)
+        x_t, t_model, _ = diffusion.training_inputs(x0, generator=gen)
+        acc.add(model(x_t, t_model, y_N[start : start + batch_size].to(dev)).routing)
+    return acc

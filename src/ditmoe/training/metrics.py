@@ -1,0 +1,60 @@
+"""Training telemetry: routing statistics accumulated over a log interval, written to console, jsonl and wandb."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ditmoe.analysis.heatmap import utilisation_heatmap
+from ditmoe.analysis.routing import RoutingAccumulator
+
+
+class MetricsLogger:
+    """One call per log interval: a console line, a JSON line in ``metrics.jsonl``, and wandb when enabled."""
+
+    def __init__(self, out_dir: Path, *, use_wandb: bool, project: str, run_name: str, config: dict, resume_id=None):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(self.out_dir / "metrics.jsonl", "a")  # noqa: SIM115 (closed in close())
+        self.wandb_run = None
+        if use_wandb:
+            import wandb
+
+            if not os.environ.get("WANDB_API_KEY"):
+                os.environ.setdefault("WANDB_MODE", "offline")
+            self.wandb_run = wandb.init(
+                project=project, name=run_name, config=config, dir=str(self.out_dir), id=resume_id, resume="allow"
+            )
+
+    @property
+    def wandb_id(self) -> str | None:
+        return None if self.wandb_run is None else self.wandb_run.id
+
+    def log(self, step: int, scalars: dict, routing: RoutingAccumulator | None = None) -> None:
+        record = {"step": step, **scalars}
+        if routing is not None:
+            record.update(routing.summary())
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        brief = "  ".join(f"{k}={_fmt(v)}" for k, v in record.items() if "/layer" not in k)
+        tqdm.write(brief)
+        if self.wandb_run is not None:
+            payload = dict(record)
+            if routing is not None and routing.steps:
+                import wandb
+
+                png = utilisation_heatmap(routing.load_fractions(), self.out_dir / "utilisation_latest.png")
+                payload["moe/utilisation_heatmap"] = wandb.Image(str(png))
+            self.wandb_run.log(payload, step=step)
+
+    def close(self) -> None:
+        self.jsonl.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)

@@ -1,0 +1,120 @@
+"""Training loop: resume equals an uninterrupted run, atomic checkpoints, clear errors."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from ditmoe.cli import main
+from ditmoe.config import ConfigError
+from ditmoe.data.digits import prepare_digits
+from ditmoe.training import checkpoint as ckpt_io
+from ditmoe.training.config import train_config
+from ditmoe.training.loop import train
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    out = tmp_path_factory.mktemp("digits")
+    prepare_digits(out, image_size=16, shard_size=400)
+    return out
+
+
+def smoke(digits, out, **kw):
+    return train_config("digits-smoke", data=str(digits), out=str(out), **kw)
+
+
+@pytest.mark.parametrize("diffusion", ["ddpm", "rf"])
+def test_resume_reproduces_the_uninterrupted_loss_sequence(digits, tmp_path, diffusion):
+    full = train(
+        smoke(digits, tmp_path / "full", steps=6, log_every=1, ckpt_every=3, diffusion=diffusion), progress=False
+    )
+    train(smoke(digits, tmp_path / "split", steps=3, log_every=1, ckpt_every=3, diffusion=diffusion), progress=False)
+    resumed = train(
+        smoke(digits, tmp_path / "split", steps=6, log_every=1, ckpt_every=3, diffusion=diffusion, resume=True),
+        progress=False,
+    )
+    first = [json.loads(line)["loss"] for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert len(full.losses) == 6 and len(resumed.losses) == 3
+    assert first[:3] + resumed.losses == full.losses  # bitwise: same floats
+    a = ckpt_io.load_file(ckpt_io.newest_valid(tmp_path / "full" / "checkpoints"), "model")
+    b = ckpt_io.load_file(ckpt_io.newest_valid(tmp_path / "split" / "checkpoints"), "model")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_existing_checkpoints_without_resume_is_refused(digits, tmp_path):
+    train(smoke(digits, tmp_path / "run", steps=2), progress=False)
+    with pytest.raises(ConfigError, match="--resume"):
+        train(smoke(digits, tmp_path / "run", steps=4), progress=False)
+
+
+def test_resume_with_another_preset_is_refused(digits, tmp_path):
+    train(smoke(digits, tmp_path / "run", steps=2), progress=False)
+    with pytest.raises(ConfigError, match="DiT-MoE-micro/4-8E2A"):
+        train(smoke(digits, tmp_path / "run", steps=4, model="DiT-MoE-micro/4-8E2A", resume=True), progress=False)
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(digits, tmp_path):
+    train(smoke(digits, tmp_path / "run", steps=4, ckpt_every=2), progress=False)
+    root = tmp_path / "run" / "checkpoints"
+    newest = ckpt_io.step_dir(root, 4)
+    with open(newest / "model.pt", "r+b") as f:  # flip bytes in the middle of the file
+        f.seek(200)
+        f.write(b"\x00\xff\x00\xff")
+    (root / "latest").write_text("garbage")
+    warnings = []
+    assert ckpt_io.newest_valid(root, warn=warnings.append) == ckpt_io.step_dir(root, 2)
+    assert "model.pt" in warnings[0]
+    resumed = train(smoke(digits, tmp_path / "run", steps=5, ckpt_every=2, resume=True), progress=False)
+    assert resumed.step == 5 and len(resumed.losses) == 3  # steps 3, 4, 5
+
+
+def test_interrupted_save_is_never_loaded(digits, tmp_path):
+    train(smoke(digits, tmp_path / "run", steps=2), progress=False)
+    root = tmp_path / "run" / "checkpoints"
+    # A save killed before its commit leaves a temporary dir or an uncommitted step dir.
+    shutil.copytree(ckpt_io.step_dir(root, 2), root / ".tmp-step_00000004-123")
+    partial = ckpt_io.step_dir(root, 4)
+    shutil.copytree(ckpt_io.step_dir(root, 2), partial)
+    (partial / ckpt_io.MARKER).unlink()
+    assert ckpt_io.newest_valid(root) == ckpt_io.step_dir(root, 2)
+
+
+def test_checkpoints_exist_but_none_intact_is_an_error(digits, tmp_path):
+    train(smoke(digits, tmp_path / "run", steps=2, ckpt_every=2), progress=False)
+    root = tmp_path / "run" / "checkpoints"
+    (ckpt_io.step_dir(root, 2) / "ema.pt").write_bytes(b"truncated")
+    with pytest.raises(ckpt_io.CheckpointError, match="none is complete"):
+        train(smoke(digits, tmp_path / "run", steps=4, resume=True), progress=False)
+
+
+def test_keep_last(digits, tmp_path):
+    train(smoke(digits, tmp_path / "run", steps=8, ckpt_every=2, keep_last=2), progress=False)
+    names = [d.name for d in ckpt_io.committed_steps(tmp_path / "run" / "checkpoints")]
+    assert names == ["step_00000006", "step_00000008"]
+
+
+def test_metrics_carry_per_layer_utilisation(digits, tmp_path):
+    train(smoke(digits, tmp_path / "run", steps=2, log_every=2), progress=False)
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    shares = [record[f"moe/layer0/expert{e}"] for e in range(4)]
+    assert sum(shares) == pytest.approx(1.0) and record["moe/max_imbalance"] >= 1.0
+    for key in ("loss", "diffusion_loss", "balance_loss", "images_per_s", "moe/router_entropy"):
+        assert key in record
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--model", "DiT-MoE-Q/2-4E2A"], "'Q'"),
+        (["--data", "/nonexistent/digits"], "/nonexistent/digits"),
+        (["--steps", "0"], "steps must be >= 1, got 0"),
+        (["--model-opt", "moe.top_k=9"], "top_k=9"),
+    ],
+)
+def test_train_cli_bad_input_is_one_clear_line(digits, tmp_path, capsys, argv, needle):
+    base = ["train", "--preset", "digits-smoke", "--data", str(digits), "--out", str(tmp_path / "r")]
+    assert main(base + argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and err.count("\n") == 0
