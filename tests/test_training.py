@@ -11,6 +11,7 @@ from ditmoe.config import ConfigError
 from ditmoe.data.digits import prepare_digits
 from ditmoe.training import checkpoint as ckpt_io
 from ditmoe.training.config import train_config
+from ditmoe.training.ema import EMA
 from ditmoe.training.loop import train
 
 
@@ -118,3 +119,15 @@ def test_train_cli_bad_input_is_one_clear_line(digits, tmp_path, capsys, argv, n
     assert main(base + argv) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and err.count("\n") == 0
+
+
+def test_ema_warmup_and_update():
+    model = torch.nn.Linear(2, 2)
+    ema = EMA(model, 0.999, warmup=True)
+    assert ema.decay_at(0) == pytest.approx(0.1) and ema.decay_at(10**6) == 0.999
+    before = ema.shadow["weight"].clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model, step=0)
+    torch.testing.assert_close(ema.shadow["weight"], before + 0.9)
+    assert EMA(model, 0.999).decay_at(0) == 0.999

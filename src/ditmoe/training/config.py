@@ -22,6 +22,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 0
     ema_decay: float = 0.9999
+    ema_warmup: bool = False  # decay min(ema_decay, (1+step)/(10+step)); for short runs
     grad_clip: float = 0.0  # 0 = no clipping (official)
     precision: Literal["fp32", "bf16"] = "fp32"
     seed: int = 0
@@ -66,6 +67,7 @@ TRAIN_PRESETS: dict[str, dict] = {
         lr=1e-3,
         warmup_steps=100,
         ema_decay=0.999,
+        ema_warmup=True,
         grad_clip=1.0,
         log_every=100,
         ckpt_every=1000,

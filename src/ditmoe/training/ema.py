@@ -7,19 +7,29 @@ from torch import nn
 
 
 class EMA:
-    """``shadow = decay * shadow + (1 - decay) * param`` for every floating-point entry of the state dict."""
+    """``shadow = d * shadow + (1 - d) * param`` for every floating-point entry of the state dict.
 
-    def __init__(self, model: nn.Module, decay: float):
+    ``d = decay``, or with ``warmup`` ``d = min(decay, (1 + step) / (10 + step))`` so that a short run's average is
+    not dominated by the initial weights (the official recipe uses a fixed 0.9999 over 400K+ steps).
+    """
+
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = False):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
         self.decay = decay
+        self.warmup = warmup
         self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
 
+    def decay_at(self, step: int) -> float:
+        return min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
+
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, step: int) -> None:
+        """Fold in the weights after optimizer step ``step`` (0-based)."""
+        weight = 1.0 - self.decay_at(step)
         for k, v in model.state_dict().items():
             if k in self.shadow:
-                self.shadow[k].lerp_(v.detach().float(), 1.0 - self.decay)
+                self.shadow[k].lerp_(v.detach().float(), weight)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.shadow

@@ -83,7 +83,7 @@ def train(cfg: TrainConfig, *, device: str | None = None, progress: bool = True)
     diffusion = create_diffusion(cfg.diffusion, learn_sigma=mcfg.learn_sigma)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    ema = EMA(model, cfg.ema_decay)
+    ema = EMA(model, cfg.ema_decay, warmup=cfg.ema_warmup)
     gen = torch.Generator().manual_seed(cfg.seed + 1)  # timesteps, noise, label dropout
     step, batches_done, wandb_id = 0, 0, None
 
@@ -130,7 +130,7 @@ def train(cfg: TrainConfig, *, device: str | None = None, progress: bool = True)
         out = train_step(model, diffusion, x0, y, gen, autocast)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         opt.step()
-        ema.update(model)
+        ema.update(model, step)
         step += 1
         bar.update(1)
         routing.add(out.routing)
