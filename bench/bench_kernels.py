@@ -1,0 +1,666 @@
+"""Benchmark the MoE dispatch kernels against dense cuBLAS, copy bandwidth and the other MoE implementations.
+
+    python bench/bench_kernels.py                      # CUDA: S, XL, G and XL with one expert at 2x load
+    python bench/bench_kernels.py --sweep              # also try a few tile configs at XL (prints the best)
+    TRITON_INTERPRET=1 python bench/bench_kernels.py   # CPU: tiny shapes, interpreter (correctness, not speed)
+
+Every shape: 8192 tokens (32 images x 256 tokens), top-2, bf16 on CUDA. Timings: CUDA events, warmup, L2 flushed
+between repetitions, median. Writes bench/results/<device-slug>-<YYYY-MM-DD>.json and prints a markdown table.
+
+FLOP arithmetic (R = tokens * top_k permuted rows, D model width, F expert width; one GEMM of M x K by K x N is
+2*M*N*K FLOPs):
+    gate/up forward   two GEMMs [R, D] x [D, F]                 4 R D F
+    down forward      [R, F] x [F, D]                           2 R D F
+    down dX (dH)      [R, D] x [D, F]                           2 R D F
+    gate/up dX        [R, F] x [F, D] twice (summed)            4 R D F
+    down dW           per expert [D, R_e] x [R_e, F]            2 R D F
+    gate/up dW        per expert [F, R_e] x [R_e, D] twice      4 R D F
+    layer             forward 6 R D F, backward 12 R D F
+The dense baseline of each grouped GEMM is one torch.mm with the same M, N, K (same FLOPs) timed in the same run.
+Bytes: permute reads T*D and writes R*D elements; unpermute reads R*D and writes T*D (index and weight traffic is
+not counted); the copy baseline is a device-to-device copy of R*D elements (read + write).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+ap.add_argument("--shapes", default="S,XL,G,XL-skew", help="comma list of S, XL, G, XL-skew, G-skew, tiny")
+ap.add_argument("--tokens", type=int, default=8192)
+ap.add_argument("--top-k", type=int, default=2)
+ap.add_argument("--reps", type=int, default=20)
+ap.add_argument("--warmup", type=int, default=3)
+ap.add_argument("--sweep", action="store_true", help="try a few tile configs per GEMM kind at XL")
+ap.add_argument("--budget", type=float, default=300.0, help="seconds; later sections are skipped past it")
+ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+ap.add_argument("--try-deepspeed-build", action="store_true", help="JIT-build DeepSpeed's CUTLASS MoE GEMM (slow)")
+args = ap.parse_args()
+
+T0 = time.time()
+CUDA = torch.cuda.is_available()
+DEV = torch.device("cuda" if CUDA else "cpu")
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+DTYPE = torch.bfloat16 if CUDA else torch.float32
+
+# name: (D, F, E); F = 4 D as DiT-MoE's experts (mlp_ratio 4)
+SHAPES = {"S": (384, 1536, 8), "XL": (1152, 4608, 8), "G": (1408, 5632, 16), "tiny": (64, 256, 8)}
+
+rows: list[dict] = []
+skipped: list[str] = []
+
+
+def log(msg: str) -> None:
+    print(f"[{time.time() - T0:6.1f}s] {msg}", flush=True)
+
+
+def skip(what: str, why: str) -> None:
+    msg = f"{what}: {why}"
+    if msg not in skipped:
+        skipped.append(msg)
+        log(f"skipped {msg}")
+
+
+def over_budget() -> bool:
+    return time.time() - T0 > args.budget
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# timing
+# ---------------------------------------------------------------------------------------------------------------
+
+_flush = torch.empty(256 * 2**20 // 4, dtype=torch.float32, device=DEV) if CUDA else None
+
+
+def bench(fn, reps=None) -> float:
+    """Median milliseconds of fn()."""
+    reps = reps or (args.reps if CUDA else 3)
+    for _ in range(args.warmup if CUDA else 1):
+        fn()
+    if not CUDA:
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+        return statistics.median(times)
+    torch.cuda.synchronize()
+    events = []
+    for _ in range(reps):
+        _flush.zero_()  # evict L2 so every repetition reads from HBM
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        events.append((s, e))
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in events)
+
+
+def record(shape, op, impl, ms, flops=None, nbytes=None, base_ms=None, base_name="", note=""):
+    r = {"shape": shape, "op": op, "impl": impl, "ms": round(ms, 4)}
+    if flops:
+        r["tflops"] = round(flops / ms / 1e9, 1)
+    if nbytes:
+        r["gbps"] = round(nbytes / ms / 1e6, 1)
+    if base_ms:
+        r["vs_baseline"] = round(base_ms / ms, 3)  # >1: faster than the baseline (same work)
+        r["baseline"] = base_name
+    if note:
+        r["note"] = note
+    rows.append(r)
+    extra = f" {r.get('tflops', '')} TFLOP/s" if flops else (f" {r.get('gbps', '')} GB/s" if nbytes else "")
+    log(f"{shape:8s} {op:18s} {impl:28s} {ms:9.4f} ms{extra}")
+    return r
+
+
+def attempt(shape, op, impl, fn, **kw):
+    """Time fn and record it; failures are reported as skipped with their reason."""
+    try:
+        return record(shape, op, impl, bench(fn), **kw)
+    except Exception as exc:
+        skip(f"{shape} {op} {impl}", f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# implementations under test
+# ---------------------------------------------------------------------------------------------------------------
+
+from ditmoe_kernels import reference as ref  # noqa: E402
+
+ops = None
+if CUDA or INTERPRET:
+    try:
+        from ditmoe_kernels import triton_ops as ops
+    except Exception as exc:
+        skip("triton kernels", f"import failed: {exc}")
+else:
+    skip("triton kernels", "no CUDA device and TRITON_INTERPRET is not set")
+
+try:
+    from megatron.core.transformer.moe import moe_utils as mcore
+except Exception as exc:
+    mcore = None
+    skip("megatron-core permute/unpermute", f"import failed: {type(exc).__name__}: {exc}")
+
+HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
+if not HAS_GROUPED_MM:
+    skip("torch._grouped_mm", "not in this torch")
+elif CUDA and torch.cuda.get_device_capability() < (9, 0):
+    skip("torch._grouped_mm", "needs sm90+")
+    HAS_GROUPED_MM = False
+
+ds_moe_gemm = None
+if CUDA:
+    try:
+        import deepspeed.git_version_info as ds_info
+
+        prebuilt = ds_info.installed_ops.get("cutlass_ops", False)
+        if prebuilt or args.try_deepspeed_build:
+            from deepspeed.inference.v2.inference_utils import ActivationType, DtypeEnum
+            from deepspeed.inference.v2.kernels.cutlass_ops import MoEGEMM
+
+            ds_moe_gemm = MoEGEMM(DtypeEnum.bf16, ActivationType.IDENTITY)
+        else:
+            skip("deepspeed MoEGEMM", "cutlass_ops not prebuilt (JIT build takes minutes: --try-deepspeed-build)")
+    except Exception as exc:
+        skip("deepspeed MoEGEMM", f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}")
+else:
+    skip("deepspeed MoEGEMM", "CUDA only")
+
+
+def naive_layer(x_TD, experts_TK, w_TK, Wg, Wu, Wd):
+    """The official DiT-MoE algorithm: repeat each token k times, loop over experts with boolean masks."""
+    T, D = x_TD.shape
+    K = experts_TK.shape[1]
+    xr = x_TD.repeat_interleave(K, dim=0)
+    flat = experts_TK.reshape(-1)
+    y = torch.empty_like(xr)
+    for e in range(Wg.shape[0]):
+        m = flat == e
+        xe = xr[m]
+        y[m] = (F.silu(xe @ Wg[e].t()) * (xe @ Wu[e].t())) @ Wd[e].t()
+    return (y.view(T, K, D) * w_TK.unsqueeze(-1)).sum(1)
+
+
+def mcore_grouped_layer(x_TD, routing_map, probs_TE, offs, Wgu_T, Wd_T, F_):
+    """megatron-core permute/unpermute around torch._grouped_mm (gate and up concatenated)."""
+    T = x_TD.shape[0]
+    xp, _, idx = mcore.permute(x_TD, routing_map)
+    gu = torch._grouped_mm(xp, Wgu_T, offs=offs)
+    h = F.silu(gu[:, :F_]) * gu[:, F_:]
+    y = torch._grouped_mm(h, Wd_T, offs=offs)
+    return mcore.unpermute(y, idx, torch.Size((T, x_TD.shape[1])), probs=probs_TE, routing_map=routing_map)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# one shape
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def make_routing(T, K, E, skew: bool, gen):
+    """Exact per-expert loads: balanced (T*K/E each) or expert 0 at twice the average; K distinct experts/token."""
+    R = T * K
+    if skew:
+        c0 = 2 * R // E
+        counts = [c0] + [(R - c0) // (E - 1)] * (E - 1)
+    else:
+        counts = [R // E] * E
+    counts[-1] += R - sum(counts)
+    ids = torch.repeat_interleave(torch.arange(E), torch.tensor(counts))  # sorted by expert
+    assert max(counts) <= R // K, "an expert cannot take more than one choice per token"
+    ex = ids.view(K, T).t().contiguous()  # token t gets ids[t], ids[t + T], ... (distinct: counts <= T)
+    ex = ex[torch.randperm(T, generator=gen)]
+    return ex
+
+
+def run_shape(name: str):
+    base = name.split("-")[0]
+    D, F_, E = SHAPES[base]
+    skew = name.endswith("skew")
+    T, K = (args.tokens, args.top_k) if CUDA else (256, args.top_k)
+    if not CUDA and base != "tiny":
+        D, F_ = min(D, 128), min(F_, 256)  # CPU: keep it quick
+    if INTERPRET and not CUDA:
+        T, D, F_ = 64, 32, 64
+    R = T * K
+    shape = f"{name}" if CUDA else f"{name}(cpu T={T} D={D} F={F_})"
+    gen = torch.Generator().manual_seed(0)
+    dt = DTYPE
+    experts_TK = make_routing(T, K, E, skew, gen).to(DEV)
+    probs = torch.rand(T, K, generator=gen).to(DEV, dt)
+    x = (torch.randn(T, D, generator=gen)).to(DEV, dt)
+    Wg = (torch.randn(E, F_, D, generator=gen) * D**-0.5).to(DEV, dt)
+    Wu = (torch.randn(E, F_, D, generator=gen) * D**-0.5).to(DEV, dt)
+    Wd = (torch.randn(E, D, F_, generator=gen) * F_**-0.5).to(DEV, dt)
+    el = x.element_size()
+    log(f"== {shape}: T={T} K={K} E={E} D={D} F={F_} R={R} {dt}")
+
+    # baselines measured in this run
+    a_RD = torch.randn(R, D, device=DEV, dtype=dt)
+    a_RF = torch.randn(R, F_, device=DEV, dtype=dt)
+    w_D2F = torch.randn(D, 2 * F_, device=DEV, dtype=dt)
+    w_FD = torch.randn(F_, D, device=DEV, dtype=dt)
+    w_2FD = torch.randn(2 * F_, D, device=DEV, dtype=dt)
+    w_DF = torch.randn(D, F_, device=DEV, dtype=dt)
+    a_R2F = torch.randn(R, 2 * F_, device=DEV, dtype=dt)
+    dense = {
+        "gate/up fwd": record(shape, "gate/up fwd", "dense torch.mm", bench(lambda: a_RD @ w_D2F), 4 * R * D * F_),
+        "down fwd": record(shape, "down fwd", "dense torch.mm", bench(lambda: a_RF @ w_FD), 2 * R * D * F_),
+        "down dX": record(shape, "down dX", "dense torch.mm", bench(lambda: a_RD @ w_DF), 2 * R * D * F_),
+        "gate/up dX": record(shape, "gate/up dX", "dense torch.mm", bench(lambda: a_R2F @ w_2FD), 4 * R * D * F_),
+        "down dW": record(shape, "down dW", "dense torch.mm", bench(lambda: a_RD.t() @ a_RF), 2 * R * D * F_),
+        "gate/up dW": record(shape, "gate/up dW", "dense torch.mm", bench(lambda: a_R2F.t() @ a_RD), 4 * R * D * F_),
+    }
+    dst = torch.empty_like(a_RD)
+    copy = record(shape, "copy", "d2d copy (R*D)", bench(lambda: dst.copy_(a_RD)), nbytes=2 * R * D * el)
+    copy_gbps = copy["gbps"]
+    flops = {
+        "gate/up fwd": 4 * R * D * F_,
+        "down fwd": 2 * R * D * F_,
+        "down dX": 2 * R * D * F_,
+        "gate/up dX": 4 * R * D * F_,
+        "down dW": 2 * R * D * F_,
+        "gate/up dW": 4 * R * D * F_,
+    }
+    perm_bytes = (T * D + R * D) * el
+
+    def vs_dense(op):
+        return dict(flops=flops[op], base_ms=dense[op]["ms"], base_name="dense torch.mm")
+
+    def vs_copy():
+        return dict(nbytes=perm_bytes, base_ms=perm_bytes / (copy_gbps * 1e6), base_name="d2d copy GB/s")
+
+    # reference path (torch)
+    plan_ref = ref.routing_plan(experts_TK, E)
+    attempt(shape, "routing", "reference", lambda: ref.routing_plan(experts_TK, E))
+    attempt(shape, "permute", "reference", lambda: ref.permute(x, plan_ref), **vs_copy())
+    xp = ref.permute(x, plan_ref)
+    attempt(
+        shape,
+        "gate/up fwd",
+        "reference",
+        lambda: (ref.grouped_mm(xp, Wg, plan_ref), ref.grouped_mm(xp, Wu, plan_ref)),
+        **vs_dense("gate/up fwd"),
+    )
+    h_ref = F.silu(ref.grouped_mm(xp, Wg, plan_ref)) * ref.grouped_mm(xp, Wu, plan_ref)
+    attempt(shape, "down fwd", "reference", lambda: ref.grouped_mm(h_ref, Wd, plan_ref), **vs_dense("down fwd"))
+    y_ref = ref.grouped_mm(h_ref, Wd, plan_ref)
+    attempt(shape, "unpermute", "reference", lambda: ref.unpermute(y_ref, probs, plan_ref), **vs_copy())
+
+    # ours
+    if ops is not None:
+        try:
+            plan = ops.routing_plan(experts_TK, E)
+            meta = ops._meta(plan)
+            attempt(shape, "routing", "triton", lambda: ops.routing_plan(experts_TK, E))
+            attempt(shape, "permute", "triton", lambda: ops._scatter(x, meta), **vs_copy())
+            h, g, u = ops._gmm_swiglu(x, Wg, Wu, meta)
+            attempt(
+                shape,
+                "gate/up fwd",
+                "triton (gather+swiglu)",
+                lambda: ops._gmm_swiglu(x, Wg, Wu, meta),
+                **vs_dense("gate/up fwd"),
+            )
+            attempt(
+                shape, "down fwd", "triton", lambda: ops._gmm(h, Wd, meta, transpose_w=True), **vs_dense("down fwd")
+            )
+            y = ops._gmm(h, Wd, meta, transpose_w=True)
+            attempt(shape, "unpermute", "triton", lambda: ops._gather(y, meta, probs), **vs_copy())
+            dout = torch.randn_like(x)
+            dy, _ = ops._scatter(dout, meta, probs, y)
+            attempt(shape, "unpermute bwd", "triton (+dprobs)", lambda: ops._scatter(dout, meta, probs, y), **vs_copy())
+            attempt(
+                shape,
+                "down dX",
+                "triton (+swiglu bwd)",
+                lambda: ops._gmm(dy, Wd, meta, transpose_w=False, epi=ops.EPI_SWIGLU_BWD, x0=g, x1=u),
+                **vs_dense("down dX"),
+            )
+            dg, du = ops._gmm(dy, Wd, meta, transpose_w=False, epi=ops.EPI_SWIGLU_BWD, x0=g, x1=u)
+            attempt(
+                shape,
+                "gate/up dX",
+                "triton (two-term)",
+                lambda: ops._gmm(dg, Wg, meta, transpose_w=False, a2=du, w2=Wu),
+                **vs_dense("gate/up dX"),
+            )
+            attempt(
+                shape,
+                "down dW",
+                "triton (swiglu recompute)",
+                lambda: ops._gmm_dw(dy, g, meta, b2=u, b_act=ops.ACT_SWIGLU),
+                **vs_dense("down dW"),
+            )
+            attempt(
+                shape,
+                "gate/up dW",
+                "triton (dual, gather)",
+                lambda: ops._gmm_dw(dg, x, meta, a2=du, gather_b=True),
+                **vs_dense("gate/up dW"),
+            )
+        except Exception as exc:
+            traceback.print_exc()
+            skip(f"{shape} triton kernels", f"{type(exc).__name__}: {exc}")
+
+    # torch._grouped_mm (sm90+)
+    offs = plan_ref.offsets_E1[1:].to(torch.int32)
+    if HAS_GROUPED_MM and CUDA:
+        Wgu_T = torch.cat([Wg, Wu], 1).transpose(1, 2)  # [E, D, 2F] column-major view
+        attempt(
+            shape,
+            "gate/up fwd",
+            "torch._grouped_mm",
+            lambda: torch._grouped_mm(xp, Wgu_T, offs=offs),
+            **vs_dense("gate/up fwd"),
+        )
+        attempt(
+            shape,
+            "down fwd",
+            "torch._grouped_mm",
+            lambda: torch._grouped_mm(h_ref, Wd.transpose(1, 2), offs=offs),
+            **vs_dense("down fwd"),
+        )
+        dy_ref = torch.randn_like(y_ref)
+        attempt(
+            shape,
+            "down dX",
+            "torch._grouped_mm",
+            lambda: torch._grouped_mm(dy_ref, Wd, offs=offs),
+            **vs_dense("down dX"),
+        )
+        dgu = torch.randn(R, 2 * F_, device=DEV, dtype=dt)
+        Wgu = torch.cat([Wg, Wu], 1)  # [E, 2F, D]
+        attempt(
+            shape,
+            "gate/up dX",
+            "torch._grouped_mm",
+            lambda: torch._grouped_mm(dgu, Wgu, offs=offs),
+            **vs_dense("gate/up dX"),
+        )
+        attempt(
+            shape,
+            "down dW",
+            "torch._grouped_mm",
+            lambda: torch._grouped_mm(dy_ref.t(), h_ref, offs=offs),
+            **vs_dense("down dW"),
+        )
+        attempt(
+            shape,
+            "gate/up dW",
+            "torch._grouped_mm",
+            lambda: torch._grouped_mm(dgu.t(), xp, offs=offs),
+            **vs_dense("gate/up dW"),
+        )
+
+    # megatron-core permute / unpermute
+    routing_map = torch.zeros(T, E, dtype=torch.bool, device=DEV).scatter_(1, experts_TK, True)
+    probs_TE = torch.zeros(T, E, device=DEV, dtype=dt).scatter_(1, experts_TK, probs)
+    if mcore is not None:
+        attempt(shape, "permute", "megatron-core", lambda: mcore.permute(x, routing_map, num_out_tokens=R), **vs_copy())
+        try:
+            xp_m, _, idx_m = mcore.permute(x, routing_map, num_out_tokens=R)
+            attempt(
+                shape,
+                "unpermute",
+                "megatron-core",
+                lambda: mcore.unpermute(xp_m, idx_m, x.shape, probs=probs_TE, routing_map=routing_map),
+                **vs_copy(),
+            )
+        except Exception as exc:
+            skip(f"{shape} megatron-core unpermute", str(exc)[:160])
+
+    # DeepSpeed CUTLASS MoE GEMM (inference v2)
+    if ds_moe_gemm is not None:
+        rows_before = plan_ref.offsets_E1[1:].to(torch.int64)
+        Wgu_ds = torch.cat([Wg, Wu], 1).transpose(1, 2).contiguous()  # [E, in, out]
+        out_gu = torch.empty(R, 2 * F_, device=DEV, dtype=dt)
+        attempt(
+            shape,
+            "gate/up fwd",
+            "deepspeed MoEGEMM",
+            lambda: ds_moe_gemm(out_gu, xp, Wgu_ds, rows_before),
+            **vs_dense("gate/up fwd"),
+        )
+
+    # whole layer forward + backward (routing included)
+    layer_flops = 18 * R * D * F_
+    params = [t.detach().clone().requires_grad_() for t in (x, probs, Wg, Wu, Wd)]
+    grad_out = torch.randn(T, D, device=DEV, dtype=dt)
+
+    def fwd_bwd(fn):
+        def run():
+            out = fn(*params)
+            torch.autograd.grad(out, params, grad_out, allow_unused=True)
+
+        return run
+
+    layer = {}
+    layer["reference"] = attempt(
+        shape,
+        "layer fwd+bwd",
+        "reference",
+        fwd_bwd(lambda x, p, a, b, c: ref.swiglu_experts(x, p, ref.routing_plan(experts_TK, E), a, b, c)),
+        flops=layer_flops,
+    )
+    if ops is not None:
+        layer["triton"] = attempt(
+            shape,
+            "layer fwd+bwd",
+            "triton",
+            fwd_bwd(lambda x, p, a, b, c: ops.swiglu_experts(x, p, ops.routing_plan(experts_TK, E), a, b, c)),
+            flops=layer_flops,
+        )
+    layer["naive"] = attempt(
+        shape,
+        "layer fwd+bwd",
+        "naive (official loop)",
+        fwd_bwd(lambda x, p, a, b, c: naive_layer(x, experts_TK, p, a, b, c)),
+        flops=layer_flops,
+    )
+    if mcore is not None and HAS_GROUPED_MM and CUDA:
+
+        def mg(x, p, a, b, c):
+            p_TE = torch.zeros(T, E, device=DEV, dtype=p.dtype).scatter(1, experts_TK, p)
+            Wgu_T = torch.cat([a, b], 1).transpose(1, 2)
+            return mcore_grouped_layer(x, routing_map, p_TE, offs, Wgu_T, c.transpose(1, 2), F_)
+
+        layer["megatron+grouped_mm"] = attempt(
+            shape, "layer fwd+bwd", "megatron permute+_grouped_mm", fwd_bwd(mg), flops=layer_flops
+        )
+    if ops is not None:  # correctness at the real shape: ours vs the reference path, same dtype
+        try:
+            outs = {}
+            for impl, mod in (("triton", ops), ("reference", ref)):
+                p = [t.detach().clone().requires_grad_() for t in (x, probs, Wg, Wu, Wd)]
+                out = mod.swiglu_experts(p[0], p[1], mod.routing_plan(experts_TK, E), *p[2:])
+                outs[impl] = [out.detach(), *torch.autograd.grad(out, p, grad_out)]
+            errs = {}
+            for n, a, b in zip(
+                ["out", "x", "probs", "gate", "up", "down"], outs["triton"], outs["reference"], strict=True
+            ):
+                errs[n] = float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30))
+            rows.append({"shape": shape, "op": "check", "impl": "triton vs reference", "ms": 0.0, "nerr": errs})
+            log(f"{shape:8s} check (max err / max |ref|): " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()))
+        except Exception as exc:
+            traceback.print_exc()
+            skip(f"{shape} correctness check", f"{type(exc).__name__}: {exc}")
+    if layer.get("triton"):
+        for k, v in layer.items():
+            if v and k != "triton":
+                v["triton_speedup"] = round(v["ms"] / layer["triton"]["ms"], 2)
+
+
+def sweep():
+    """A few tile configs per GEMM kind at XL (bf16); prints each time and the best."""
+    if ops is None or not CUDA:
+        skip("sweep", "needs CUDA and the Triton kernels")
+        return
+    D, F_, E = SHAPES["XL"]
+    T, K = args.tokens, args.top_k
+    gen = torch.Generator().manual_seed(0)
+    ex = make_routing(T, K, E, False, gen).to(DEV)
+    x = torch.randn(T, D, device=DEV, dtype=DTYPE)
+    Wg, Wu = (torch.randn(E, F_, D, device=DEV, dtype=DTYPE) for _ in range(2))
+    Wd = torch.randn(E, D, F_, device=DEV, dtype=DTYPE)
+    plan = ops.routing_plan(ex, E)
+    meta = ops._meta(plan)
+    h, g, u = ops._gmm_swiglu(x, Wg, Wu, meta)
+    dy = torch.randn(T * K, D, device=DEV, dtype=DTYPE)
+    R = T * K
+    cands = {
+        "swiglu": [
+            (128, 128, 64, 8, 3),
+            (128, 128, 64, 8, 4),
+            (128, 64, 64, 4, 4),
+            (64, 128, 64, 4, 4),
+            (128, 128, 64, 4, 3),
+        ],
+        "gmm": [
+            (128, 256, 64, 8, 3),
+            (128, 256, 64, 8, 4),
+            (128, 128, 64, 8, 4),
+            (128, 128, 64, 4, 4),
+            (64, 256, 64, 4, 4),
+        ],
+        "dw": [
+            (128, 128, 64, 8, 3),
+            (128, 128, 64, 4, 4),
+            (128, 256, 64, 8, 3),
+            (64, 128, 64, 4, 4),
+            (128, 128, 32, 4, 4),
+        ],
+    }
+    work = {
+        "swiglu": ("gate/up fwd", 4 * R * D * F_, lambda: ops._gmm_swiglu(x, Wg, Wu, meta)),
+        "gmm": ("down fwd", 2 * R * D * F_, lambda: ops._gmm(h, Wd, meta, transpose_w=True)),
+        "dw": ("down dW", 2 * R * D * F_, lambda: ops._gmm_dw(dy, g, meta, b2=u, b_act=ops.ACT_SWIGLU)),
+    }
+    for kind, configs in cands.items():
+        op, fl, fn = work[kind]
+        best = None
+        for c in configs:
+            if over_budget():
+                skip(f"sweep {kind} {c}", "over the time budget")
+                continue
+            keys = ("BO", "BI", "BR") if kind == "dw" else ("BM", "BN", "BK")
+            ops.CONFIG_OVERRIDES[kind] = dict(zip(keys + ("num_warps", "num_stages"), c, strict=True))
+            r = attempt("XL", f"sweep {op}", f"{kind} {c}", fn, flops=fl)
+            if r and (best is None or r["ms"] < best["ms"]):
+                best = r
+            ops.CONFIG_OVERRIDES.pop(kind, None)
+        if best:
+            log(f"best {kind}: {best['impl']} {best['tflops']} TFLOP/s")
+
+
+def device_name() -> str:
+    if CUDA:
+        return torch.cuda.get_device_name()
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def write_results():
+    slug = re.sub(r"[^a-z0-9]+", "-", device_name().lower()).strip("-")
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"{slug}-{datetime.date.today().isoformat()}.json")
+    meta = {
+        "device": device_name(),
+        "torch": torch.__version__,
+        "triton": getattr(sys.modules.get("triton"), "__version__", None),
+        "cuda": torch.version.cuda,
+        "dtype": str(DTYPE),
+        "tokens": args.tokens,
+        "top_k": args.top_k,
+        "interpret": INTERPRET,
+        "elapsed_s": round(time.time() - T0, 1),
+    }
+    with open(path, "w") as f:
+        json.dump({"meta": meta, "rows": rows, "skipped": skipped}, f, indent=1)
+    return path
+
+
+def print_table():
+    print("\n| shape | op | impl | ms | TFLOP/s | GB/s | vs baseline |")
+    print("|---|---|---|---:|---:|---:|---|")
+    for r in rows:
+        if r["op"] == "check":
+            continue
+        vs = f"{r['vs_baseline']:.2f}x {r['baseline']}" if "vs_baseline" in r else ""
+        if "triton_speedup" in r:
+            vs = f"triton is {r['triton_speedup']:.2f}x faster"
+        print(
+            f"| {r['shape']} | {r['op']} | {r['impl']} | {r['ms']:.4f} | {r.get('tflops', '')} | "
+            f"{r.get('gbps', '')} | {vs} |"
+        )
+    # the bar of /work/shared/notes/kernels.md: ours vs dense (GEMMs) and vs copy (permutes)
+    bar = {
+        "gate/up fwd": 0.9,
+        "down fwd": 0.85,
+        "down dX": 0.85,
+        "gate/up dX": 0.85,
+        "down dW": 0.8,
+        "gate/up dW": 0.8,
+        "permute": 0.8,
+        "unpermute": 0.8,
+    }
+    ours = [r for r in rows if r["impl"].startswith("triton") and r["op"] in bar and "vs_baseline" in r]
+    if ours:
+        print("\n| shape | op | ours / baseline | bar | ok |")
+        print("|---|---|---:|---:|---|")
+        for r in ours:
+            ok = "yes" if r["vs_baseline"] >= bar[r["op"]] else "NO"
+            print(f"| {r['shape']} | {r['op']} | {r['vs_baseline']:.2f} | {bar[r['op']]:.2f} | {ok} |")
+    by = {(r["shape"], r["op"]): r for r in rows if r["impl"].startswith("triton")}
+    for shape in {r["shape"] for r in rows}:
+        if shape.endswith("skew") and (shape.split("-")[0], "layer fwd+bwd") in by and (shape, "layer fwd+bwd") in by:
+            a, b = by[(shape.split("-")[0], "layer fwd+bwd")], by[(shape, "layer fwd+bwd")]
+            print(f"\n{shape}: layer fwd+bwd {b['ms'] / a['ms'] - 1:+.1%} vs balanced (bar: <= +10%)")
+    for r in rows:
+        if r["op"] == "check":
+            print(f"\n{r['shape']} triton vs reference, max err / max |ref|: {r['nerr']}")
+    if skipped:
+        print("\nskipped:")
+        for s in skipped:
+            print(f"- {s}")
+
+
+def main():
+    log(f"device {device_name()}, torch {torch.__version__}, interpret={INTERPRET}")
+    shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    if not CUDA:
+        shapes = ["tiny"] + [s for s in shapes if s == "S"]
+    for name in shapes:
+        if over_budget():
+            skip(f"shape {name}", "over the time budget")
+            continue
+        try:
+            run_shape(name)
+        except Exception as exc:
+            traceback.print_exc()
+            skip(f"shape {name}", f"{type(exc).__name__}: {exc}")
+        write_results()
+        if CUDA:
+            torch.cuda.empty_cache()
+    if args.sweep:
+        sweep()
+    path = write_results()
+    print_table()
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1339 @@
+"""Triton MoE dispatch: the same API as ``reference`` (routing plan, permute, grouped GEMM, unpermute, fused experts).
+
+Shape suffixes follow ``reference``: T tokens, K top-k, E experts, R = T*K permuted rows, D model width, F expert
+width; a weight is stored like nn.Linear, ``[E, O(ut), I(n)]``. A "flat" id is ``token * K + slot``.
+
+Design (see /work/shared/notes/kernels.md):
+- Routing metadata on device, no host sync, stable: per-block histogram -> one-program scan -> rank within block.
+  With a capacity, a first pass ranks pairs in priority order (slot-major, then token) to decide which are kept;
+  the second pass places kept pairs per expert in flat order and dropped pairs in a sentinel group E at the end.
+- Grouped GEMMs launch a static grid over ``cdiv(R, BM) + E + 1`` M-blocks (the upper bound) x N-tiles. A block
+  table computed on device gives each M-block one group (expert) and its row range: indices are padded, tensors
+  are not. The sentinel group's blocks write zeros (dropped rows), unused blocks exit at once.
+- The first expert GEMM gathers its A rows through the permutation (``sorted_flat // K``): no permuted copy of x.
+- SwiGLU / GELU run in the epilogue of the first GEMM, which also stores the pre-activations; the backward of the
+  activation runs in the epilogue of the dX GEMM of the second weight; the dW of the second weight recomputes
+  the activation from the pre-activations while loading. The combine is a gather with fp32 accumulation that
+  also yields the routing-weight gradient in backward. No atomics anywhere: bitwise deterministic.
+- dW: one program per (expert, O-tile, I-tile) walks the expert's rows (fp32 accumulate, largest experts first);
+  an expert with no rows writes zeros.
+- fp32/bf16/fp16 inputs, fp32 accumulation. fp32 matmuls follow ``torch.backends.cuda.matmul.allow_tf32``.
+
+Tile configs are fixed per (kind, dtype) so results never depend on batch composition; ``CONFIG_OVERRIDES`` lets a
+benchmark try others. Under ``TRITON_INTERPRET=1`` (CPU tests) tiles are small and dot operands are upcast to fp32
+(the 3.9 interpreter multiplies bf16 bit patterns as integers); products of bf16/fp16 values are exact in fp32, so
+this matches the GPU's fp32-accumulating MMA up to summation order.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+import triton
+import triton.language as tl
+
+from ditmoe_kernels import reference
+from ditmoe_kernels.reference import RoutingPlan
+
+__all__ = [
+    "RoutingPlan",
+    "TritonRoutingPlan",
+    "routing_plan",
+    "permute",
+    "grouped_mm",
+    "unpermute",
+    "swiglu_experts",
+    "gelu_experts",
+    "CONFIG_OVERRIDES",
+]
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+# kind -> dict of tile parameters that replace the defaults of ``_config`` (for benchmarks and tests).
+CONFIG_OVERRIDES: dict[str, dict] = {}
+
+EPI_NONE, EPI_GELU, EPI_GELU_BWD, EPI_SWIGLU_BWD = 0, 1, 2, 3
+ACT_NONE, ACT_SWIGLU, ACT_GELU = 0, 1, 2
+
+
+def _config(kind: str, dtype: torch.dtype) -> dict:
+    """Fixed tile configuration for one kernel kind: ``gmm`` (single-accumulator grouped GEMM: forward, dX),
+    ``swiglu`` (dual-accumulator gate/up GEMM), ``dw`` (per-expert K-reduction), ``rows`` (permute/combine),
+    ``route`` (routing metadata)."""
+    if INTERPRET:
+        cfg = {
+            "gmm": dict(BM=16, BN=32, BK=32, GROUP_M=4),
+            "swiglu": dict(BM=16, BN=32, BK=32, GROUP_M=4),
+            "dw": dict(BO=32, BI=32, BR=16, GROUP_M=4),
+            "rows": dict(BT=16, BD=64),
+            "route": dict(BLOCK=0),
+        }[kind]
+    elif dtype == torch.float32:
+        cfg = {
+            "gmm": dict(BM=64, BN=64, BK=32, GROUP_M=8, num_warps=4, num_stages=3),
+            "swiglu": dict(BM=64, BN=64, BK=32, GROUP_M=8, num_warps=4, num_stages=3),
+            "dw": dict(BO=64, BI=64, BR=32, GROUP_M=8, num_warps=4, num_stages=3),
+            "rows": dict(BT=8, BD=128, num_warps=4),
+            "route": dict(BLOCK=0),
+        }[kind]
+    else:
+        cfg = {
+            "gmm": dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3),
+            "swiglu": dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3),
+            "dw": dict(BO=128, BI=128, BR=64, GROUP_M=8, num_warps=8, num_stages=3),
+            "rows": dict(BT=16, BD=128, num_warps=4),
+            "route": dict(BLOCK=0),
+        }[kind]
+    cfg = {**cfg, **CONFIG_OVERRIDES.get(kind, {})}
+    if INTERPRET:
+        cfg.pop("num_warps", None)
+        cfg.pop("num_stages", None)
+    return cfg
+
+
+def _launch_opts(cfg: dict) -> dict:
+    return {k: cfg[k] for k in ("num_warps", "num_stages") if k in cfg}
+
+
+def _prec(dtype: torch.dtype):
+    """(UPCAST, PREC) constexprs for tl.dot."""
+    if INTERPRET:
+        return True, "ieee"
+    if dtype == torch.float32:
+        return False, "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return False, None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Routing metadata
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _route_ids(exp_ptr, rank_ptr, cap, i, n, T, K, NB, PRIO: tl.constexpr, CAPPED: tl.constexpr):
+    """Bucket of processing index ``i``. PRIO: ``i`` walks slot-major (GShard priority) instead of flat order.
+    CAPPED: pairs whose priority rank reached the capacity go to the sentinel bucket NB - 1."""
+    m = i < n
+    if PRIO:  # noqa: SIM108 (constexpr branches)
+        f = (i % T) * K + i // T
+    else:
+        f = i
+    e = tl.load(exp_ptr + f, mask=m, other=0).to(tl.int32)
+    if CAPPED:
+        r = tl.load(rank_ptr + f, mask=m, other=0)
+        e = tl.where(r < cap, e, NB - 1)
+    e = tl.where(m, e, NB)  # masked lanes fall outside every bucket
+    return f, e, m
+
+
+@triton.jit
+def _route_hist_kernel(
+    exp_ptr,
+    rank_ptr,
+    hist_ptr,
+    cap,
+    n,
+    T,
+    K,
+    NB,
+    PRIO: tl.constexpr,
+    CAPPED: tl.constexpr,
+    BLOCK: tl.constexpr,
+    NB_PAD: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    i = pid * BLOCK + tl.arange(0, BLOCK)
+    f, e, m = _route_ids(exp_ptr, rank_ptr, cap, i, n, T, K, NB, PRIO, CAPPED)
+    b = tl.arange(0, NB_PAD)
+    onehot = (e[:, None] == b[None, :]).to(tl.int32)
+    tl.store(hist_ptr + pid * NB + b, tl.sum(onehot, 0), mask=b < NB)
+
+
+@triton.jit
+def _route_scan_kernel(
+    hist_ptr,
+    base_ptr,
+    counts_ptr,
+    offsets_ptr,
+    dropped_ptr,
+    nblk,
+    NB,
+    ADD_START: tl.constexpr,
+    WRITE_META: tl.constexpr,
+    CH: tl.constexpr,
+    NB_PAD: tl.constexpr,
+):
+    """One program: per-bucket exclusive prefix over blocks (+ the bucket's start), bucket totals and starts."""
+    b = tl.arange(0, NB_PAD)
+    bm = b < NB
+    c = tl.arange(0, CH)
+    tot = tl.zeros([NB_PAD], tl.int32)
+    for c0 in range(0, nblk, CH):
+        hm = ((c0 + c)[:, None] < nblk) & bm[None, :]
+        tot += tl.sum(tl.load(hist_ptr + (c0 + c)[:, None] * NB + b[None, :], mask=hm, other=0), 0)
+    if ADD_START:  # noqa: SIM108
+        carry = tl.cumsum(tot, 0) - tot
+    else:
+        carry = tl.zeros([NB_PAD], tl.int32)
+    start = carry
+    for c0 in range(0, nblk, CH):
+        hm = ((c0 + c)[:, None] < nblk) & bm[None, :]
+        h = tl.load(hist_ptr + (c0 + c)[:, None] * NB + b[None, :], mask=hm, other=0)
+        tl.store(base_ptr + (c0 + c)[:, None] * NB + b[None, :], tl.cumsum(h, 0) - h + carry[None, :], mask=hm)
+        carry += tl.sum(h, 0)
+    if WRITE_META:
+        tl.store(counts_ptr + b, tot.to(tl.int64), mask=b < NB - 1)
+        tl.store(offsets_ptr + b, start.to(tl.int64), mask=bm)
+        tl.store(dropped_ptr, tl.sum(tl.where(b == NB - 1, tot, 0), 0).to(tl.int64))
+
+
+@triton.jit
+def _route_rank_kernel(
+    exp_ptr,
+    rank_ptr,
+    base_ptr,
+    pos_ptr,
+    sorted_ptr,
+    cap,
+    n,
+    T,
+    K,
+    NB,
+    PRIO: tl.constexpr,
+    CAPPED: tl.constexpr,
+    WRITE_SORTED: tl.constexpr,
+    BLOCK: tl.constexpr,
+    NB_PAD: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    i = pid * BLOCK + tl.arange(0, BLOCK)
+    f, e, m = _route_ids(exp_ptr, rank_ptr, cap, i, n, T, K, NB, PRIO, CAPPED)
+    b = tl.arange(0, NB_PAD)
+    onehot = (e[:, None] == b[None, :]).to(tl.int32)
+    within = tl.sum(tl.cumsum(onehot, 0) * onehot, 1) - 1  # earlier pairs of the same bucket in this block
+    pos = tl.load(base_ptr + pid * NB + e, mask=m, other=0) + within
+    tl.store(pos_ptr + f, pos.to(tl.int64), mask=m)
+    if WRITE_SORTED:
+        tl.store(sorted_ptr + pos, f.to(tl.int64), mask=m)
+
+
+@triton.jit
+def _block_table_kernel(offsets_ptr, tab_ptr, R, NB, NMB, BM: tl.constexpr, NB_PAD: tl.constexpr, CH: tl.constexpr):
+    """M-block -> (group, row start, row end). Groups are the E experts and the sentinel (dropped rows); unused
+    blocks get group -1. One program; reads the offsets on device."""
+    g = tl.arange(0, NB_PAD)
+    gm = g < NB
+    start = tl.load(offsets_ptr + g, mask=gm, other=0).to(tl.int32)
+    end = tl.load(offsets_ptr + g + 1, mask=g < NB - 1, other=R).to(tl.int32)
+    cnt = tl.where(gm, end - start, 0)
+    nblk = (cnt + BM - 1) // BM
+    cum = tl.cumsum(nblk, 0)
+    first = cum - nblk
+    for b0 in range(0, NMB, CH):
+        b = b0 + tl.arange(0, CH)
+        grp = tl.sum((cum[None, :] <= b[:, None]).to(tl.int32), 1)
+        sel = g[None, :] == grp[:, None]
+        s = tl.sum(tl.where(sel, start[None, :], 0), 1)
+        fb = tl.sum(tl.where(sel, first[None, :], 0), 1)
+        cg = tl.sum(tl.where(sel, cnt[None, :], 0), 1)
+        valid = grp < NB
+        rs = s + (b - fb) * BM
+        re = tl.minimum(rs + BM, s + cg)
+        bmask = b < NMB
+        tl.store(tab_ptr + b, tl.where(valid, grp, -1), mask=bmask)
+        tl.store(tab_ptr + NMB + b, tl.where(valid, rs, 0), mask=bmask)
+        tl.store(tab_ptr + 2 * NMB + b, tl.where(valid, re, 0), mask=bmask)
+
+
+@dataclass
+class TritonRoutingPlan(RoutingPlan):
+    """A ``RoutingPlan`` that also carries the inverse permutation and caches kernel metadata."""
+
+    row_of_flat_R: torch.Tensor | None = None  # int64 [R]: permuted row of each flat pair
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+
+def _route_block(nb_pad: int) -> int:
+    """Pairs per routing program (0 in the config: sized so the one-hot block stays ~8K elements)."""
+    block = _config("route", torch.int64)["BLOCK"]
+    return block or max(16, min(1024, 8192 // nb_pad))
+
+
+def _route_pass(flat, rank, cap, T, K, NB, prio, capped, add_start, write_meta):
+    """histogram -> scan -> rank. Returns pos [R] (bucket start + rank when ``add_start``), sorted, meta."""
+    dev, n = flat.device, flat.numel()
+    nb_pad = triton.next_power_of_2(max(NB, 2))
+    BLOCK = _route_block(nb_pad)
+    nblk = triton.cdiv(n, BLOCK)
+    hist = torch.empty(nblk, NB, dtype=torch.int32, device=dev)
+    base = torch.empty_like(hist)
+    rank_arg = rank if rank is not None else flat
+    _route_hist_kernel[(nblk,)](flat, rank_arg, hist, cap, n, T, K, NB, prio, capped, BLOCK, nb_pad)
+    counts = torch.empty(NB - 1 if write_meta else 1, dtype=torch.int64, device=dev)
+    offsets = torch.empty(NB if write_meta else 1, dtype=torch.int64, device=dev)
+    dropped = torch.empty((), dtype=torch.int64, device=dev)
+    _route_scan_kernel[(1,)](hist, base, counts, offsets, dropped, nblk, NB, add_start, write_meta, 16, nb_pad)
+    pos = torch.empty(n, dtype=torch.int64, device=dev)
+    sorted_flat = torch.empty(n, dtype=torch.int64, device=dev) if write_meta else pos
+    _route_rank_kernel[(nblk,)](
+        flat, rank_arg, base, pos, sorted_flat, cap, n, T, K, NB, prio, capped, write_meta, BLOCK, nb_pad
+    )
+    return pos, sorted_flat, counts, offsets, dropped
+
+
+def routing_plan(experts_TK: torch.Tensor, num_experts: int, capacity: int | None = None) -> TritonRoutingPlan:
+    """Same contract as ``reference.routing_plan``; computed by Triton kernels without host synchronisation."""
+    T, K = experts_TK.shape
+    E = num_experts
+    _check_device(experts_TK)
+    if T * K == 0:
+        p = reference.routing_plan(experts_TK, num_experts, capacity)  # nothing to route
+        return TritonRoutingPlan(
+            p.sorted_flat_R,
+            p.counts_E,
+            p.offsets_E1,
+            p.dropped,
+            p.top_k,
+            row_of_flat_R=torch.empty_like(p.sorted_flat_R),
+        )
+    flat = experts_TK.reshape(-1)
+    rank = None
+    if capacity is not None:
+        rank = _route_pass(flat, None, 0, T, K, E, True, False, False, False)[0]
+    cap = 0 if capacity is None else int(capacity)
+    pos, sorted_flat, counts, offsets, dropped = _route_pass(
+        flat, rank, cap, T, K, E + 1, False, capacity is not None, True, True
+    )
+    return TritonRoutingPlan(sorted_flat, counts, offsets, dropped, K, row_of_flat_R=pos)
+
+
+class _Meta:
+    """Kernel-side view of a plan: int64 index tensors plus cached per-BM block tables."""
+
+    def __init__(self, plan: RoutingPlan):
+        self.sorted_flat = plan.sorted_flat_R
+        self.R = plan.sorted_flat_R.numel()
+        self.K = plan.top_k
+        self.T = self.R // self.K
+        self.E = plan.counts_E.numel()
+        self.offsets = plan.offsets_E1.to(torch.int64).contiguous()
+        self.counts = plan.counts_E
+        row = getattr(plan, "row_of_flat_R", None)
+        if row is None:
+            s = self.sorted_flat
+            row = torch.empty_like(s).scatter_(0, s, torch.arange(self.R, device=s.device, dtype=s.dtype))
+        self.row_of_flat = row
+        self._tables: dict[int, tuple[torch.Tensor, int]] = {}
+        self._order = None
+
+    def table(self, BM: int) -> tuple[torch.Tensor, int]:
+        if BM not in self._tables:
+            nmb = triton.cdiv(self.R, BM) + self.E + 1
+            tab = torch.empty(3, nmb, dtype=torch.int32, device=self.offsets.device)
+            nb = self.E + 1
+            _block_table_kernel[(1,)](self.offsets, tab, self.R, nb, nmb, BM, triton.next_power_of_2(nb), 64)
+            self._tables[BM] = (tab, nmb)
+        return self._tables[BM]
+
+    def order(self) -> torch.Tensor:
+        """Experts by decreasing row count (stable): the dW grid visits big groups first."""
+        if self._order is None:
+            self._order = torch.argsort(self.counts, descending=True, stable=True).to(torch.int32)
+        return self._order
+
+
+def _check_device(t: torch.Tensor) -> None:
+    if t.device.type == "cpu" and not INTERPRET:
+        raise RuntimeError(
+            "ditmoe_kernels.triton_ops needs CUDA tensors, or TRITON_INTERPRET=1 set before Triton is imported to run "
+            "on CPU through the interpreter; use the 'torch' backend (ditmoe_kernels.reference) on CPU"
+        )
+
+
+def _meta(plan: RoutingPlan) -> _Meta:
+    _check_device(plan.sorted_flat_R)
+    if isinstance(plan, TritonRoutingPlan):
+        m = plan._cache.get("meta")
+        if m is None:
+            m = plan._cache["meta"] = _Meta(plan)
+        return m
+    return _Meta(plan)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Permute / combine
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _scatter_kernel(
+    x_ptr,
+    row_ptr,
+    out_ptr,
+    w_ptr,
+    y_ptr,
+    dwp_ptr,
+    T,
+    D,
+    K,
+    s_xt,
+    s_xd,
+    s_or,
+    s_od,
+    s_wt,
+    s_wk,
+    s_yr,
+    s_yd,
+    HAS_W: tl.constexpr,
+    BT: tl.constexpr,
+    BD: tl.constexpr,
+):
+    """Each [BT, BD] tile of token rows is read once and written to its K permuted rows. HAS_W (the backward of
+    the combine): rows are scaled by the routing weight and the tile's share of dw[t, k] = <x[t], y[row(t, k)]>
+    is stored (fp32) to dwp[t, k, tile]; the caller sums the tiles in a fixed order (no atomics)."""
+    t = (tl.program_id(0) * BT + tl.arange(0, BT)).to(tl.int64)
+    pid_d = tl.program_id(1)
+    d = pid_d * BD + tl.arange(0, BD)
+    tm = t < T
+    m = tm[:, None] & (d < D)[None, :]
+    x = tl.load(x_ptr + t[:, None] * s_xt + d[None, :] * s_xd, mask=m, other=0.0)
+    for k in range(K):
+        rows = tl.load(row_ptr + t * K + k, mask=tm, other=0)
+        if HAS_W:
+            w = tl.load(w_ptr + t * s_wt + k * s_wk, mask=tm, other=0.0).to(tl.float32)
+            xf = x.to(tl.float32)
+            y = tl.load(y_ptr + rows[:, None] * s_yr + d[None, :] * s_yd, mask=m, other=0.0).to(tl.float32)
+            tl.store(dwp_ptr + (t * K + k) * tl.num_programs(1) + pid_d, tl.sum(xf * y, 1), mask=tm)
+            tl.store(
+                out_ptr + rows[:, None] * s_or + d[None, :] * s_od,
+                _to(xf * w[:, None], out_ptr.dtype.element_ty),
+                mask=m,
+            )
+        else:
+            tl.store(out_ptr + rows[:, None] * s_or + d[None, :] * s_od, x, mask=m)
+
+
+@triton.jit
+def _gather_kernel(
+    y_ptr,
+    row_ptr,
+    w_ptr,
+    out_ptr,
+    T,
+    D,
+    K,
+    s_yr,
+    s_yd,
+    s_wt,
+    s_wk,
+    s_ot,
+    s_od,
+    HAS_W: tl.constexpr,
+    BT: tl.constexpr,
+    BD: tl.constexpr,
+):
+    """out[t] = sum_k (w[t, k] *) y[row(t, k)], fp32 accumulation in slot order (deterministic, no atomics)."""
+    t = (tl.program_id(0) * BT + tl.arange(0, BT)).to(tl.int64)
+    d = tl.program_id(1) * BD + tl.arange(0, BD)
+    tm = t < T
+    m = tm[:, None] & (d < D)[None, :]
+    acc = tl.zeros([BT, BD], tl.float32)
+    for k in range(K):
+        rows = tl.load(row_ptr + t * K + k, mask=tm, other=0)
+        y = tl.load(y_ptr + rows[:, None] * s_yr + d[None, :] * s_yd, mask=m, other=0.0).to(tl.float32)
+        if HAS_W:
+            w = tl.load(w_ptr + t * s_wt + k * s_wk, mask=tm, other=0.0).to(tl.float32)
+            y = y * w[:, None]
+        acc += y
+    tl.store(out_ptr + t[:, None] * s_ot + d[None, :] * s_od, _to(acc, out_ptr.dtype.element_ty), mask=m)
+
+
+def _rows_cfg(dtype, D):
+    cfg = _config("rows", dtype)
+    if "BD" not in CONFIG_OVERRIDES.get("rows", {}):
+        cfg["BD"] = min(cfg["BD"], triton.next_power_of_2(max(D, 16)))
+    return cfg
+
+
+def _scatter(x_TD, meta: _Meta, w_TK=None, y_RD=None):
+    """Permute rows (forward of permute / backward of unpermute when ``w_TK`` is given: also returns dw fp32)."""
+    T, D = x_TD.shape
+    K = meta.K
+    out = torch.empty(meta.R, D, dtype=x_TD.dtype, device=x_TD.device)
+    has_w = w_TK is not None
+    cfg = _rows_cfg(x_TD.dtype, D)
+    grid = (triton.cdiv(T, cfg["BT"]), triton.cdiv(D, cfg["BD"]))
+    dwp = torch.empty(T, K, grid[1], dtype=torch.float32, device=x_TD.device) if has_w else out
+    w_arg = w_TK if has_w else out
+    y_arg = y_RD if has_w else out
+    if T > 0 and D > 0:
+        _scatter_kernel[grid](
+            x_TD,
+            meta.row_of_flat,
+            out,
+            w_arg,
+            y_arg,
+            dwp,
+            T,
+            D,
+            K,
+            x_TD.stride(0),
+            x_TD.stride(1),
+            out.stride(0),
+            out.stride(1),
+            w_arg.stride(0) if has_w else 0,
+            w_arg.stride(1) if has_w else 0,
+            y_arg.stride(0),
+            y_arg.stride(1),
+            has_w,
+            cfg["BT"],
+            cfg["BD"],
+            **_launch_opts(cfg),
+        )
+    if not has_w:
+        return out
+    dw = dwp.sum(-1) if D > 0 else torch.zeros(T, K, dtype=torch.float32, device=x_TD.device)
+    return out, dw
+
+
+def _gather(y_RD, meta: _Meta, w_TK=None):
+    """Combine each token's K rows (weighted when ``w_TK`` is given): forward of unpermute / backward of permute."""
+    D = y_RD.shape[1]
+    T, K = meta.T, meta.K
+    out = torch.empty(T, D, dtype=y_RD.dtype, device=y_RD.device)
+    has_w = w_TK is not None
+    w_arg = w_TK if has_w else out
+    cfg = _rows_cfg(y_RD.dtype, D)
+    if T > 0 and D > 0:
+        grid = (triton.cdiv(T, cfg["BT"]), triton.cdiv(D, cfg["BD"]))
+        _gather_kernel[grid](
+            y_RD,
+            meta.row_of_flat,
+            w_arg,
+            out,
+            T,
+            D,
+            K,
+            y_RD.stride(0),
+            y_RD.stride(1),
+            w_arg.stride(0) if has_w else 0,
+            w_arg.stride(1) if has_w else 0,
+            out.stride(0),
+            out.stride(1),
+            has_w,
+            cfg["BT"],
+            cfg["BD"],
+            **_launch_opts(cfg),
+        )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Grouped GEMM
+# ----------------------------------------------------------------------------------------------------------------
+
+
+_EMULATE_RTNE = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def _to(x, dtype: tl.constexpr):
+    """Cast for stores. The 3.9 interpreter truncates fp32 -> bf16 (GPUs round to nearest even): there, round the
+    fp32 bits to nearest even first so CPU tests see the GPU's numerics."""
+    if _EMULATE_RTNE:  # noqa: SIM102 (constexpr branches)
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000  # exactly representable in bf16
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _mma(a, b, acc, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    if UPCAST:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _gelu_tanh(z):
+    # 0.5 z (1 + tanh(u)) = z * sigmoid(2u), u = sqrt(2/pi) (z + 0.044715 z^3)
+    u = 0.7978845608028654 * (z + 0.044715 * z * z * z)
+    return z * _sigmoid(2.0 * u)
+
+
+@triton.jit
+def _gelu_tanh_grad(z):
+    u = 0.7978845608028654 * (z + 0.044715 * z * z * z)
+    s = _sigmoid(2.0 * u)
+    du = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * z * z)
+    return s + z * 2.0 * s * (1.0 - s) * du
+
+
+@triton.jit
+def _tile(pid, num_m, N, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped (L2-friendly) order: GROUP_M M-blocks share each N-tile sweep."""
+    num_n = tl.cdiv(N, BN)
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _mainloop(
+    acc,
+    a_ptr,
+    a_rows,
+    s_ar,
+    s_ak,
+    b_ptr,
+    s_bk,
+    s_bn,
+    offs_n,
+    nmask,
+    rmask,
+    Kdim,
+    UPCAST: tl.constexpr,
+    PREC: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BK: tl.constexpr,
+):
+    offs_k = tl.arange(0, BK)
+    a_ptrs = a_ptr + a_rows[:, None] * s_ar + offs_k[None, :] * s_ak
+    b_ptrs = b_ptr + offs_k[:, None] * s_bk + offs_n[None, :] * s_bn
+    for k0 in range(0, Kdim, BK):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
+            b = tl.load(b_ptrs, mask=nmask[None, :], other=0.0)
+        else:
+            km = offs_k < Kdim - k0
+            a = tl.load(a_ptrs, mask=rmask[:, None] & km[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=km[:, None] & nmask[None, :], other=0.0)
+        acc = _mma(a, b, acc, UPCAST, PREC)
+        a_ptrs += BK * s_ak
+        b_ptrs += BK * s_bk
+    return acc
+
+
+@triton.jit
+def _gmm_kernel(
+    a_ptr,
+    idx_ptr,
+    b_ptr,
+    a2_ptr,
+    b2_ptr,
+    bias_ptr,
+    tab_ptr,
+    c_ptr,
+    c2_ptr,
+    x0_ptr,
+    x1_ptr,
+    N,
+    Kdim,
+    NMB,
+    NUM_E,
+    TOPK,
+    s_ar,
+    s_ak,
+    s_a2r,
+    s_a2k,
+    s_be,
+    s_bk,
+    s_bn,
+    s_b2e,
+    s_b2k,
+    s_b2n,
+    s_biase,
+    s_biasn,
+    s_cr,
+    s_cn,
+    s_c2r,
+    s_c2n,
+    s_x0r,
+    s_x0n,
+    s_x1r,
+    s_x1n,
+    GATHER: tl.constexpr,
+    TWO_TERMS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    EPI: tl.constexpr,
+    HAS_C2: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PREC: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """C[rows of group e] = A[rows] @ B[e] (+ A2[rows] @ B2[e]) (+ bias[e]) with an epilogue.
+
+    B[e] is addressed as a [Kdim, N] matrix through strides, so the forward (B = W[e]^T) and dX (B = W[e]) share
+    this kernel. GATHER: A row r is token ``idx[r] // TOPK`` of A (A is x itself, never permuted).
+    EPI_GELU: C = gelu(z), C2 = z.  EPI_GELU_BWD: C = acc * gelu'(X0).  EPI_SWIGLU_BWD: with acc = dH,
+    X0 = gate and X1 = up pre-activations, C = dgate, C2 = dup.
+    """
+    pid_m, pid_n = _tile(tl.program_id(0), NMB, N, BN, GROUP_M)
+    e = tl.load(tab_ptr + pid_m)
+    if e < 0:
+        return
+    rs = tl.load(tab_ptr + NMB + pid_m)
+    re = tl.load(tab_ptr + 2 * NMB + pid_m)
+    rows = (rs + tl.arange(0, BM)).to(tl.int64)
+    rmask = rows < re
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    nmask = offs_n < N
+    cmask = rmask[:, None] & nmask[None, :]
+    c_ptrs = c_ptr + rows[:, None] * s_cr + offs_n[None, :] * s_cn
+    c2_ptrs = c2_ptr + rows[:, None] * s_c2r + offs_n[None, :] * s_c2n
+    if e == NUM_E:  # dropped rows: zeros
+        tl.store(c_ptrs, tl.zeros([BM, BN], c_ptr.dtype.element_ty), mask=cmask)
+        if HAS_C2:
+            tl.store(c2_ptrs, tl.zeros([BM, BN], c2_ptr.dtype.element_ty), mask=cmask)
+        return
+    e64 = e.to(tl.int64)
+    if GATHER:  # noqa: SIM108
+        a_rows = tl.load(idx_ptr + rows, mask=rmask, other=0) // TOPK
+    else:
+        a_rows = rows
+    acc = tl.zeros([BM, BN], tl.float32)
+    acc = _mainloop(
+        acc,
+        a_ptr,
+        a_rows,
+        s_ar,
+        s_ak,
+        b_ptr + e64 * s_be,
+        s_bk,
+        s_bn,
+        offs_n,
+        nmask,
+        rmask,
+        Kdim,
+        UPCAST,
+        PREC,
+        EVEN_K,
+        BK,
+    )
+    if TWO_TERMS:
+        acc = _mainloop(
+            acc,
+            a2_ptr,
+            rows,
+            s_a2r,
+            s_a2k,
+            b2_ptr + e64 * s_b2e,
+            s_b2k,
+            s_b2n,
+            offs_n,
+            nmask,
+            rmask,
+            Kdim,
+            UPCAST,
+            PREC,
+            EVEN_K,
+            BK,
+        )
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + e64 * s_biase + offs_n * s_biasn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    if EPI == 0:
+        tl.store(c_ptrs, _to(acc, c_ptr.dtype.element_ty), mask=cmask)
+    if EPI == 1:
+        z = _to(acc, c2_ptr.dtype.element_ty)
+        tl.store(c2_ptrs, z, mask=cmask)
+        tl.store(c_ptrs, _to(_gelu_tanh(z.to(tl.float32)), c_ptr.dtype.element_ty), mask=cmask)
+    if EPI == 2:
+        z = tl.load(x0_ptr + rows[:, None] * s_x0r + offs_n[None, :] * s_x0n, mask=cmask, other=0.0).to(tl.float32)
+        tl.store(c_ptrs, _to(acc * _gelu_tanh_grad(z), c_ptr.dtype.element_ty), mask=cmask)
+    if EPI == 3:
+        g = tl.load(x0_ptr + rows[:, None] * s_x0r + offs_n[None, :] * s_x0n, mask=cmask, other=0.0).to(tl.float32)
+        u = tl.load(x1_ptr + rows[:, None] * s_x1r + offs_n[None, :] * s_x1n, mask=cmask, other=0.0).to(tl.float32)
+        s = _sigmoid(g)
+        tl.store(c_ptrs, _to(acc * u * s * (1.0 + g * (1.0 - s)), c_ptr.dtype.element_ty), mask=cmask)
+        tl.store(c2_ptrs, _to(acc * g * s, c2_ptr.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def _gmm_swiglu_kernel(
+    a_ptr,
+    idx_ptr,
+    bg_ptr,
+    bu_ptr,
+    tab_ptr,
+    h_ptr,
+    g_ptr,
+    u_ptr,
+    N,
+    Kdim,
+    NMB,
+    NUM_E,
+    TOPK,
+    s_ar,
+    s_ak,
+    s_bge,
+    s_bgk,
+    s_bgn,
+    s_bue,
+    s_buk,
+    s_bun,
+    s_r,
+    s_n,
+    GATHER: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PREC: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """G = A Wg^T, U = A Wu^T in one pass over A (gathered through the permutation); H = silu(G) * U.
+    G and U are stored (rounded to the output dtype) for backward; H is computed from the rounded values so the
+    backward can recompute it bit for bit."""
+    pid_m, pid_n = _tile(tl.program_id(0), NMB, N, BN, GROUP_M)
+    e = tl.load(tab_ptr + pid_m)
+    if e < 0:
+        return
+    rs = tl.load(tab_ptr + NMB + pid_m)
+    re = tl.load(tab_ptr + 2 * NMB + pid_m)
+    rows = (rs + tl.arange(0, BM)).to(tl.int64)
+    rmask = rows < re
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    nmask = offs_n < N
+    cmask = rmask[:, None] & nmask[None, :]
+    o = rows[:, None] * s_r + offs_n[None, :] * s_n
+    if e == NUM_E:
+        zero = tl.zeros([BM, BN], h_ptr.dtype.element_ty)
+        tl.store(h_ptr + o, zero, mask=cmask)
+        tl.store(g_ptr + o, zero, mask=cmask)
+        tl.store(u_ptr + o, zero, mask=cmask)
+        return
+    e64 = e.to(tl.int64)
+    if GATHER:  # noqa: SIM108
+        a_rows = tl.load(idx_ptr + rows, mask=rmask, other=0) // TOPK
+    else:
+        a_rows = rows
+    offs_k = tl.arange(0, BK)
+    a_ptrs = a_ptr + a_rows[:, None] * s_ar + offs_k[None, :] * s_ak
+    bg_ptrs = bg_ptr + e64 * s_bge + offs_k[:, None] * s_bgk + offs_n[None, :] * s_bgn
+    bu_ptrs = bu_ptr + e64 * s_bue + offs_k[:, None] * s_buk + offs_n[None, :] * s_bun
+    acc_g = tl.zeros([BM, BN], tl.float32)
+    acc_u = tl.zeros([BM, BN], tl.float32)
+    for k0 in range(0, Kdim, BK):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
+            bg = tl.load(bg_ptrs, mask=nmask[None, :], other=0.0)
+            bu = tl.load(bu_ptrs, mask=nmask[None, :], other=0.0)
+        else:
+            km = offs_k < Kdim - k0
+            a = tl.load(a_ptrs, mask=rmask[:, None] & km[None, :], other=0.0)
+            bg = tl.load(bg_ptrs, mask=km[:, None] & nmask[None, :], other=0.0)
+            bu = tl.load(bu_ptrs, mask=km[:, None] & nmask[None, :], other=0.0)
+        acc_g = _mma(a, bg, acc_g, UPCAST, PREC)
+        acc_u = _mma(a, bu, acc_u, UPCAST, PREC)
+        a_ptrs += BK * s_ak
+        bg_ptrs += BK * s_bgk
+        bu_ptrs += BK * s_buk
+    g = _to(acc_g, h_ptr.dtype.element_ty)
+    u = _to(acc_u, h_ptr.dtype.element_ty)
+    tl.store(g_ptr + o, g, mask=cmask)
+    tl.store(u_ptr + o, u, mask=cmask)
+    gf = g.to(tl.float32)
+    tl.store(h_ptr + o, _to(gf * _sigmoid(gf) * u.to(tl.float32), h_ptr.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def _gmm_dw_kernel(
+    a_ptr,
+    a2_ptr,
+    b_ptr,
+    b2_ptr,
+    idx_ptr,
+    offs_ptr,
+    order_ptr,
+    dw_ptr,
+    dw2_ptr,
+    db_ptr,
+    O,
+    I,
+    TOPK,
+    s_ar,
+    s_ao,
+    s_a2r,
+    s_a2o,
+    s_br,
+    s_bi,
+    s_b2r,
+    s_b2i,
+    s_we,
+    s_wo,
+    s_wi,
+    s_w2e,
+    s_w2o,
+    s_w2i,
+    s_dbe,
+    s_dbo,
+    DUAL_A: tl.constexpr,
+    B_ACT: tl.constexpr,
+    GATHER_B: tl.constexpr,
+    HAS_DB: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PREC: tl.constexpr,
+    BO: tl.constexpr,
+    BI: tl.constexpr,
+    BR: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """dW[e] = A[rows e]^T @ B[rows e] ([O, I]) as a K-reduction over the expert's rows; (DUAL_A: also
+    dW2[e] = A2^T B); HAS_DB: db[e] = sum of A's rows. B_ACT recomputes B from pre-activations while loading:
+    swiglu(B, B2) or gelu(B). GATHER_B: B row r is token ``idx[r] // TOPK``. Empty experts write zeros."""
+    pid_o, pid_i = _tile(tl.program_id(0), tl.cdiv(O, BO), I, BI, GROUP_M)
+    e = tl.load(order_ptr + tl.program_id(1)).to(tl.int64)
+    start = tl.load(offs_ptr + e)
+    end = tl.load(offs_ptr + e + 1)
+    offs_o = pid_o * BO + tl.arange(0, BO)
+    offs_i = pid_i * BI + tl.arange(0, BI)
+    om = offs_o < O
+    im = offs_i < I
+    acc = tl.zeros([BO, BI], tl.float32)
+    acc2 = tl.zeros([BO, BI], tl.float32)
+    dbacc = tl.zeros([BO], tl.float32)
+    for r0 in range(start, end, BR):
+        rows = r0 + tl.arange(0, BR)
+        rm = rows < end
+        if GATHER_B:  # noqa: SIM108
+            b_rows = tl.load(idx_ptr + rows, mask=rm, other=0) // TOPK
+        else:
+            b_rows = rows
+        a = tl.load(a_ptr + rows[:, None] * s_ar + offs_o[None, :] * s_ao, mask=rm[:, None] & om[None, :], other=0.0)
+        bmask = rm[:, None] & im[None, :]
+        b = tl.load(b_ptr + b_rows[:, None] * s_br + offs_i[None, :] * s_bi, mask=bmask, other=0.0)
+        if B_ACT == 1:
+            u = tl.load(b2_ptr + b_rows[:, None] * s_b2r + offs_i[None, :] * s_b2i, mask=bmask, other=0.0)
+            gf = b.to(tl.float32)
+            b = _to(gf * _sigmoid(gf) * u.to(tl.float32), b.dtype)
+        if B_ACT == 2:
+            b = _to(_gelu_tanh(b.to(tl.float32)), b.dtype)
+        acc = _mma(tl.trans(a), b, acc, UPCAST, PREC)
+        if DUAL_A:
+            a2 = tl.load(
+                a2_ptr + rows[:, None] * s_a2r + offs_o[None, :] * s_a2o, mask=rm[:, None] & om[None, :], other=0.0
+            )
+            acc2 = _mma(tl.trans(a2), b, acc2, UPCAST, PREC)
+        if HAS_DB:
+            dbacc += tl.sum(a.to(tl.float32), 0)
+    wmask = om[:, None] & im[None, :]
+    tl.store(
+        dw_ptr + e * s_we + offs_o[:, None] * s_wo + offs_i[None, :] * s_wi,
+        _to(acc, dw_ptr.dtype.element_ty),
+        mask=wmask,
+    )
+    if DUAL_A:
+        tl.store(
+            dw2_ptr + e * s_w2e + offs_o[:, None] * s_w2o + offs_i[None, :] * s_w2i,
+            _to(acc2, dw2_ptr.dtype.element_ty),
+            mask=wmask,
+        )
+    if HAS_DB:
+        tl.store(
+            db_ptr + e * s_dbe + offs_o * s_dbo,
+            _to(dbacc, db_ptr.dtype.element_ty),
+            mask=offs_o < tl.where(pid_i == 0, O, 0),
+        )
+
+
+def _s(t, i):
+    return t.stride(i) if t is not None else 0
+
+
+def _gmm(
+    a,
+    w,
+    meta: _Meta,
+    *,
+    transpose_w: bool,
+    gather: bool = False,
+    bias=None,
+    epi: int = EPI_NONE,
+    a2=None,
+    w2=None,
+    x0=None,
+    x1=None,
+    out_dtype=None,
+):
+    """Grouped GEMM over the plan's expert groups.
+
+    transpose_w=True (forward): C = A @ W[e]^T, W [E, N, Kdim]. False (dX): C = A @ W[e], W [E, Kdim, N].
+    gather: A is [T, Kdim] and row r reads token ``sorted_flat[r] // K``. Returns C (and C2 for two-output
+    epilogues), [R, N]; rows of dropped pairs are zero.
+    """
+    E = w.shape[0]
+    if transpose_w:
+        N, Kdim = w.shape[1], w.shape[2]
+        s_bk, s_bn = w.stride(2), w.stride(1)
+        s_b2k, s_b2n = (_s(w2, 2), _s(w2, 1))
+    else:
+        Kdim, N = w.shape[1], w.shape[2]
+        s_bk, s_bn = w.stride(1), w.stride(2)
+        s_b2k, s_b2n = (_s(w2, 1), _s(w2, 2))
+    dtype = out_dtype or a.dtype
+    R = meta.R
+    c = torch.empty(R, N, dtype=dtype, device=a.device)
+    has_c2 = epi in (EPI_GELU, EPI_SWIGLU_BWD)
+    c2 = torch.empty_like(c) if has_c2 else c
+    if R == 0 or N == 0:
+        return (c, c2) if has_c2 else c
+    cfg = _config("gmm", a.dtype)
+    BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
+    if N % BN and N % (BN // 2) == 0 and BN >= 256 and "BN" not in CONFIG_OVERRIDES.get("gmm", {}):
+        BN //= 2  # e.g. D = 1152 = 4.5 x 256: half-width tiles waste nothing
+    tab, nmb = meta.table(BM)
+    upcast, prec = _prec(a.dtype)
+    dummy = c
+    grid = (nmb * triton.cdiv(N, BN),)
+    _gmm_kernel[grid](
+        a,
+        meta.sorted_flat,
+        w,
+        a2 if a2 is not None else dummy,
+        w2 if w2 is not None else dummy,
+        bias if bias is not None else dummy,
+        tab,
+        c,
+        c2,
+        x0 if x0 is not None else dummy,
+        x1 if x1 is not None else dummy,
+        N,
+        Kdim,
+        nmb,
+        E,
+        meta.K,
+        a.stride(0),
+        a.stride(1),
+        _s(a2, 0),
+        _s(a2, 1),
+        w.stride(0),
+        s_bk,
+        s_bn,
+        _s(w2, 0),
+        s_b2k,
+        s_b2n,
+        _s(bias, 0),
+        _s(bias, 1),
+        c.stride(0),
+        c.stride(1),
+        c2.stride(0),
+        c2.stride(1),
+        _s(x0, 0),
+        _s(x0, 1),
+        _s(x1, 0),
+        _s(x1, 1),
+        gather,
+        a2 is not None,
+        bias is not None,
+        epi,
+        has_c2,
+        upcast,
+        prec,
+        Kdim % BK == 0,
+        BM,
+        BN,
+        BK,
+        cfg["GROUP_M"],
+        **_launch_opts(cfg),
+    )
+    return (c, c2) if has_c2 else c
+
+
+def _gmm_swiglu(x_TD, w_gate, w_up, meta: _Meta):
+    """h, g, u [R, F] with g/u = gathered x @ W^T per expert and h = silu(g) * u."""
+    E, N, Kdim = w_gate.shape
+    R = meta.R
+    h = torch.empty(R, N, dtype=x_TD.dtype, device=x_TD.device)
+    g, u = torch.empty_like(h), torch.empty_like(h)
+    if R == 0 or N == 0:
+        return h, g, u
+    cfg = _config("swiglu", x_TD.dtype)
+    BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
+    tab, nmb = meta.table(BM)
+    upcast, prec = _prec(x_TD.dtype)
+    _gmm_swiglu_kernel[(nmb * triton.cdiv(N, BN),)](
+        x_TD,
+        meta.sorted_flat,
+        w_gate,
+        w_up,
+        tab,
+        h,
+        g,
+        u,
+        N,
+        Kdim,
+        nmb,
+        E,
+        meta.K,
+        x_TD.stride(0),
+        x_TD.stride(1),
+        w_gate.stride(0),
+        w_gate.stride(2),
+        w_gate.stride(1),
+        w_up.stride(0),
+        w_up.stride(2),
+        w_up.stride(1),
+        h.stride(0),
+        h.stride(1),
+        True,
+        upcast,
+        prec,
+        Kdim % BK == 0,
+        BM,
+        BN,
+        BK,
+        cfg["GROUP_M"],
+        **_launch_opts(cfg),
+    )
+    return h, g, u
+
+
+def _gmm_dw(
+    a,
+    b,
+    meta: _Meta,
+    *,
+    a2=None,
+    b2=None,
+    b_act: int = ACT_NONE,
+    gather_b: bool = False,
+    with_db: bool = False,
+    dtype=None,
+):
+    """dW[e] = A[rows e]^T @ B[rows e] for every expert: [E, O, I] (+ dW2 from A2, + db [E, O])."""
+    E = meta.E
+    O, I = a.shape[1], b.shape[1]
+    dtype = dtype or a.dtype
+    dw = torch.empty(E, O, I, dtype=dtype, device=a.device)
+    dw2 = torch.empty_like(dw) if a2 is not None else dw
+    db = torch.empty(E, O, dtype=dtype, device=a.device) if with_db else dw
+    if E > 0 and O > 0 and I > 0:
+        cfg = _config("dw", a.dtype)
+        BO, BI = cfg["BO"], cfg["BI"]
+        upcast, prec = _prec(a.dtype)
+        grid = (triton.cdiv(O, BO) * triton.cdiv(I, BI), E)
+        _gmm_dw_kernel[grid](
+            a,
+            a2 if a2 is not None else a,
+            b,
+            b2 if b2 is not None else b,
+            meta.sorted_flat,
+            meta.offsets,
+            meta.order(),
+            dw,
+            dw2,
+            db,
+            O,
+            I,
+            meta.K,
+            a.stride(0),
+            a.stride(1),
+            _s(a2, 0),
+            _s(a2, 1),
+            b.stride(0),
+            b.stride(1),
+            _s(b2, 0),
+            _s(b2, 1),
+            dw.stride(0),
+            dw.stride(1),
+            dw.stride(2),
+            dw2.stride(0),
+            dw2.stride(1),
+            dw2.stride(2),
+            db.stride(0) if with_db else 0,
+            db.stride(1) if with_db else 0,
+            a2 is not None,
+            b_act,
+            gather_b,
+            with_db,
+            upcast,
+            prec,
+            BO,
+            BI,
+            cfg["BR"],
+            cfg["GROUP_M"],
+            **_launch_opts(cfg),
+        )
+    else:
+        for t in (dw, dw2, db):
+            t.zero_()
+    out = [dw]
+    if a2 is not None:
+        out.append(dw2)
+    if with_db:
+        out.append(db)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Autograd
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _Permute(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_TD, meta):
+        ctx.meta = meta
+        return _scatter(x_TD, meta)
+
+    @staticmethod
+    def backward(ctx, g_RD):
+        return _gather(g_RD, ctx.meta), None
+
+
+class _Unpermute(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y_RD, weights_TK, meta):
+        ctx.meta = meta
+        ctx.save_for_backward(y_RD, weights_TK)
+        return _gather(y_RD, meta, weights_TK)
+
+    @staticmethod
+    def backward(ctx, g_TD):
+        y_RD, w_TK = ctx.saved_tensors
+        dy, dw = _scatter(g_TD, ctx.meta, w_TK, y_RD)
+        return dy, dw.to(w_TK.dtype), None
+
+
+class _GroupedMM(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_RI, w_EOI, bias_EO, meta):
+        ctx.meta = meta
+        ctx.has_bias = bias_EO is not None
+        ctx.save_for_backward(x_RI, w_EOI)
+        return _gmm(x_RI, w_EOI, meta, transpose_w=True, bias=bias_EO)
+
+    @staticmethod
+    def backward(ctx, dy_RO):
+        x_RI, w_EOI = ctx.saved_tensors
+        meta = ctx.meta
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = _gmm(dy_RO, w_EOI, meta, transpose_w=False)
+        if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
+            res = _gmm_dw(dy_RO, x_RI, meta, with_db=ctx.has_bias, dtype=w_EOI.dtype)
+            dw = res[0]
+            db = res[1] if ctx.has_bias else None
+        return dx, dw, db, None
+
+
+class _SwigluExperts(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_TD, weights_TK, w_gate, w_up, w_down, meta):
+        h, g, u = _gmm_swiglu(x_TD, w_gate, w_up, meta)
+        y = _gmm(h, w_down, meta, transpose_w=True)
+        ctx.meta = meta
+        ctx.save_for_backward(x_TD, weights_TK, w_gate, w_up, w_down, g, u, y)
+        return _gather(y, meta, weights_TK)
+
+    @staticmethod
+    def backward(ctx, dout_TD):
+        x_TD, w_TK, w_gate, w_up, w_down, g, u, y = ctx.saved_tensors
+        meta = ctx.meta
+        dy, dw_TK = _scatter(dout_TD.to(y.dtype), meta, w_TK, y)
+        # down: dW = dy^T h with h = silu(g) * u recomputed while loading; dH's epilogue makes dgate/dup
+        dw_down = _gmm_dw(dy, g, meta, b2=u, b_act=ACT_SWIGLU)[0] if ctx.needs_input_grad[4] else None
+        dg, du = _gmm(dy, w_down, meta, transpose_w=False, epi=EPI_SWIGLU_BWD, x0=g, x1=u)
+        dw_gate = dw_up = dx = None
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+            dw_gate, dw_up = _gmm_dw(dg, x_TD, meta, a2=du, gather_b=True)
+        if ctx.needs_input_grad[0]:
+            dx_RD = _gmm(dg, w_gate, meta, transpose_w=False, a2=du, w2=w_up)
+            dx = _gather(dx_RD, meta)
+        return dx, dw_TK.to(w_TK.dtype), dw_gate, dw_up, dw_down, None
+
+
+class _GeluExperts(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_TD, weights_TK, w1, b1, w2, b2, meta):
+        h, z = _gmm(x_TD, w1, meta, transpose_w=True, gather=True, bias=b1, epi=EPI_GELU)
+        y = _gmm(h, w2, meta, transpose_w=True, bias=b2)
+        ctx.meta = meta
+        ctx.save_for_backward(x_TD, weights_TK, w1, w2, z, y)
+        return _gather(y, meta, weights_TK)
+
+    @staticmethod
+    def backward(ctx, dout_TD):
+        x_TD, w_TK, w1, w2, z, y = ctx.saved_tensors
+        meta = ctx.meta
+        dy, dw_TK = _scatter(dout_TD.to(y.dtype), meta, w_TK, y)
+        dw2, db2 = _gmm_dw(dy, z, meta, b_act=ACT_GELU, with_db=True)
+        dz = _gmm(dy, w2, meta, transpose_w=False, epi=EPI_GELU_BWD, x0=z)
+        dw1, db1 = _gmm_dw(dz, x_TD, meta, gather_b=True, with_db=True)
+        dx = _gather(_gmm(dz, w1, meta, transpose_w=False), meta) if ctx.needs_input_grad[0] else None
+        return dx, dw_TK.to(w_TK.dtype), dw1, db1, dw2, db2, None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public API (same names and signatures as ``reference``)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _cast(t, dtype):
+    return None if t is None else (t if t.dtype == dtype else t.to(dtype))
+
+
+def permute(x_TD: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+    """Gather one copy of each token per choice into expert-sorted order: [R, D]."""
+    return _Permute.apply(x_TD, _meta(plan))
+
+
+def unpermute(y_RD: torch.Tensor, weights_TK: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+    """Weighted sum of each token's K expert outputs, accumulated in fp32, in the dtype of y. [T, D]."""
+    return _Unpermute.apply(y_RD, weights_TK, _meta(plan))
+
+
+def grouped_mm(x_RI: torch.Tensor, w_EOI: torch.Tensor, plan: RoutingPlan, bias_EO: torch.Tensor | None = None):
+    """Per-expert ``x @ w[e].T (+ b[e])`` on contiguous row groups; rows past the kept ones are zero. [R, O].
+    Weights and bias are cast to the dtype of x (to the autocast dtype under autocast)."""
+    dt = _compute_dtype(x_RI)
+    with torch.autocast(x_RI.device.type, enabled=False):
+        return _GroupedMM.apply(_cast(x_RI, dt), _cast(w_EOI, dt), _cast(bias_EO, dt), _meta(plan))
+
+
+def swiglu_experts(x_TD, weights_TK, plan, gate_EFD, up_EFD, down_EDF) -> torch.Tensor:
+    """Routed SwiGLU experts: ``down(silu(gate(x)) * up(x))`` per expert, combined with the routing weights."""
+    dt = _compute_dtype(x_TD)
+    with torch.autocast(x_TD.device.type, enabled=False):
+        return _SwigluExperts.apply(
+            _cast(x_TD, dt), weights_TK, _cast(gate_EFD, dt), _cast(up_EFD, dt), _cast(down_EDF, dt), _meta(plan)
+        )
+
+
+def gelu_experts(x_TD, weights_TK, plan, fc1_EFD, fc1_bias_EF, fc2_EDF, fc2_bias_ED) -> torch.Tensor:
+    """Routed GELU (tanh) experts as in DiT's MLP, for upcycling a dense DiT."""
+    dt = _compute_dtype(x_TD)
+    with torch.autocast(x_TD.device.type, enabled=False):
+        return _GeluExperts.apply(
+            _cast(x_TD, dt),
+            weights_TK,
+            _cast(fc1_EFD, dt),
+            _cast(fc1_bias_EF, dt),
+            _cast(fc2_EDF, dt),
+            _cast(fc2_bias_ED, dt),
+            _meta(plan),
+        )

@@ -1,0 +1,508 @@
+"""Triton MoE kernels (kernels/triton_ops.py) against the pure-torch oracle (kernels/reference.py).
+
+Every public op and every gradient is compared with the reference on the same inputs. On CPU the kernels run in
+the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1 when there is no GPU) with small tiles; on CUDA
+they run natively with the production tiles, so the same shapes exercise the masks of both.
+
+Tolerances, as the max abs error normalised by the reference tensor's max magnitude (``_nerr``):
+fp32 <= 1e-5 (summation order only); fp16 <= 4e-3; bf16 <= 1.6e-2 (2 bf16 ulps of the largest entry: the
+reference rounds every intermediate to bf16, the kernels keep fp32 inside each fused GEMM, so both sides carry
+independent rounding noise; measured <= 7.5e-3). In low precision the kernels must also be at least as accurate as
+the reference: error against an fp32 run of the reference <= 1.5 x the reference's own + 1e-3.
+Routing metadata and permutes are compared exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+try:  # GPU hosts may lack hypothesis: only the property test needs it
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+except ImportError:  # pragma: no cover
+    given = None
+
+from ditmoe_kernels import reference as ref  # noqa: E402
+from ditmoe_kernels import triton_ops as ops  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+if DEVICE.type == "cpu" and not ops.INTERPRET:
+    pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1 (set by tests/conftest.py)", allow_module_level=True)
+
+TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 1.6e-2}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+needs_cuda = pytest.mark.skipif(DEVICE.type != "cuda", reason="needs a CUDA GPU")
+
+
+@pytest.fixture(autouse=True)
+def _exact_fp32_matmuls():
+    """The fp32 oracle must not use TF32 on GPUs (the kernels follow the same flag)."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@contextlib.contextmanager
+def overrides(**kinds):
+    """Temporarily replace tile configs, e.g. ``overrides(route={"BLOCK": 16})``."""
+    old = dict(ops.CONFIG_OVERRIDES)
+    ops.CONFIG_OVERRIDES.update(kinds)
+    try:
+        yield
+    finally:
+        ops.CONFIG_OVERRIDES.clear()
+        ops.CONFIG_OVERRIDES.update(old)
+
+
+def _nerr(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    scale = b.abs().max().item() if b.numel() else 0.0
+    err = (a - b).abs().max().item() if b.numel() else 0.0
+    return err / max(scale, 1e-30) if scale > 0 else err
+
+
+def assert_near(a, b, dtype, what=""):
+    assert a.shape == b.shape and a.dtype == b.dtype, f"{what}: {a.shape}/{a.dtype} vs {b.shape}/{b.dtype}"
+    assert torch.isfinite(a.float()).all(), f"{what}: non-finite values"
+    err = _nerr(a, b)
+    assert err <= TOL[dtype], f"{what}: normalised error {err:.3g} > {TOL[dtype]:.3g} ({dtype})"
+
+
+def make_experts(T, K, E, seed, empty=(), skew=0.0):
+    """[T, K] distinct experts per token; experts in ``empty`` are never chosen (when E - len(empty) >= K);
+    ``skew`` > 0 favours expert 0."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.rand(T, E, generator=g)
+    logits[:, 0] += skew
+    if E - len(empty) >= K:
+        for e in empty:
+            logits[:, e] = -1.0
+    return logits.topk(K, dim=-1).indices.to(DEVICE)
+
+
+def make_weights(T, K, seed, dtype):
+    g = torch.Generator().manual_seed(seed + 1)
+    return torch.rand(T, K, generator=g).add_(0.05).to(DEVICE, dtype)
+
+
+def randn(*shape, seed, dtype, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * scale).to(DEVICE, dtype)
+
+
+def run_with_grads(fn, inputs, seed=123):
+    """fn(*inputs) and the gradients of <fn, probe> w.r.t. every input (None where it does not require grad)."""
+    leaves = [t.detach().clone().requires_grad_(t.requires_grad) if t is not None else None for t in inputs]
+    out = fn(*leaves)
+    g = torch.Generator().manual_seed(seed)
+    probe = torch.randn(out.shape, generator=g).to(out.device, out.dtype)
+    (out.float() * probe.float()).sum().backward()
+    return out.detach(), [None if t is None or not t.requires_grad else t.grad for t in leaves]
+
+
+def check_against_reference(name, fn_ours, fn_ref, inputs, dtype, names):
+    out_a, grads_a = run_with_grads(fn_ours, inputs)
+    out_b, grads_b = run_with_grads(fn_ref, inputs)
+    assert_near(out_a, out_b, dtype, f"{name} forward")
+    for n, a, b in zip(names, grads_a, grads_b, strict=True):
+        if b is None:
+            continue
+        assert a is not None, f"{name}: no gradient for {n}"
+        assert_near(a, b, dtype, f"{name} grad {n}")
+    return [out_a, *grads_a], [out_b, *grads_b]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Routing metadata
+# --------------------------------------------------------------------------------------------------------------
+
+PLAN_CASES = [
+    # T, K, E, capacity, empty experts, routing block override
+    (1, 1, 1, None, (), None),
+    (37, 2, 5, None, (3,), None),
+    (37, 2, 5, 9, (), None),
+    (37, 2, 5, 0, (), None),
+    (37, 2, 5, 100, (), None),
+    (12, 4, 4, None, (), None),  # k = E
+    (12, 4, 4, 5, (), None),
+    (50, 2, 64, None, (), None),  # E = 64: many empty and one-row experts
+    (50, 2, 64, 1, (), None),
+    (300, 2, 8, None, (1,), 16),  # many routing blocks
+    (300, 3, 8, 40, (), 32),
+]
+
+
+@pytest.mark.parametrize("T,K,E,cap,empty,block", PLAN_CASES)
+def test_routing_plan_matches_reference(T, K, E, cap, empty, block):
+    ex = make_experts(T, K, E, seed=T * 7 + E, empty=empty, skew=0.3)
+    with overrides(route={"BLOCK": block} if block else {}):
+        plan = ops.routing_plan(ex, E, cap)
+    want = ref.routing_plan(ex, E, cap)
+    assert isinstance(plan, ref.RoutingPlan) and plan.top_k == K
+    for field in ("sorted_flat_R", "counts_E", "offsets_E1", "dropped"):
+        a, b = getattr(plan, field), getattr(want, field)
+        assert a.dtype == b.dtype and a.shape == b.shape, field
+        assert torch.equal(a, b), f"{field}: {a} != {b}"
+    inv = plan.row_of_flat_R
+    assert torch.equal(plan.sorted_flat_R[inv], torch.arange(T * K, device=DEVICE))
+
+
+def test_routing_plan_accepts_int32_and_noncontiguous():
+    ex = make_experts(40, 2, 6, seed=3)
+    ex_nc = ex.t().contiguous().t()  # column-major [T, 2]
+    assert not ex_nc.is_contiguous()
+    for e in (ex_nc, ex.int()):
+        plan = ops.routing_plan(e, 6, 13)
+        want = ref.routing_plan(e.long(), 6, 13)
+        assert torch.equal(plan.sorted_flat_R, want.sorted_flat_R)
+        assert torch.equal(plan.counts_E, want.counts_E) and torch.equal(plan.dropped, want.dropped)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Permute / unpermute
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,K,E,D,cap", [(37, 2, 5, 40, None), (9, 3, 3, 130, 4), (1, 1, 1, 8, None)])
+def test_permute_unpermute(dtype, T, K, E, D, cap):
+    ex = make_experts(T, K, E, seed=T + D)
+    plan_ops, plan_ref = ops.routing_plan(ex, E, cap), ref.routing_plan(ex, E, cap)
+    x = randn(T, 2 * D, seed=1, dtype=dtype)[:, ::2].requires_grad_()  # non-contiguous
+    assert not x.is_contiguous()
+    # permute is a copy: bitwise equal; its backward is a sum over the K copies
+    check_against_reference(
+        "permute", lambda x: ops.permute(x, plan_ops), lambda x: ref.permute(x, plan_ref), [x], dtype, ["x"]
+    )
+    assert torch.equal(ops.permute(x, plan_ops), ref.permute(x, plan_ref))
+    y = randn(T * K, D, seed=2, dtype=dtype).requires_grad_()
+    w = make_weights(T, 2 * K, seed=3, dtype=dtype)[:, ::2].requires_grad_()  # non-contiguous
+    check_against_reference(
+        "unpermute",
+        lambda y, w: ops.unpermute(y, w, plan_ops),
+        lambda y, w: ref.unpermute(y, w, plan_ref),
+        [y, w],
+        dtype,
+        ["y", "weights"],
+    )
+
+
+def test_unpermute_fp32_weights_with_bf16_rows():
+    """The layer may hand fp32 routing weights with bf16 activations: output in y's dtype, dw in w's."""
+    T, K, E, D = 20, 2, 4, 24
+    ex = make_experts(T, K, E, seed=5)
+    plan_ops, plan_ref = ops.routing_plan(ex, E), ref.routing_plan(ex, E)
+    y = randn(T * K, D, seed=2, dtype=torch.bfloat16).requires_grad_()
+    w = make_weights(T, K, seed=3, dtype=torch.float32).requires_grad_()
+    check_against_reference(
+        "unpermute",
+        lambda y, w: ops.unpermute(y, w, plan_ops),
+        lambda y, w: ref.unpermute(y, w, plan_ref),
+        [y, w],
+        torch.bfloat16,
+        ["y", "weights"],
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Grouped GEMM
+# --------------------------------------------------------------------------------------------------------------
+
+GMM_CASES = [
+    # T, K, E, I, O, capacity, empty
+    (37, 2, 5, 40, 72, None, (3,)),  # empty expert, I and O not multiples of the tiles
+    (1, 1, 3, 24, 40, None, ()),  # one row in one expert
+    (23, 1, 1, 64, 32, None, ()),  # E = 1, dims multiples of the tiles
+    (12, 4, 4, 20, 36, 5, ()),  # k = E with drops
+]
+
+
+GMM_PARAMS = [(*c, torch.float32, bias) for c in GMM_CASES for bias in (False, True)]
+GMM_PARAMS += [(*GMM_CASES[0], dt, True) for dt in (torch.bfloat16, torch.float16)]
+GMM_PARAMS += [(*GMM_CASES[3], dt, False) for dt in (torch.bfloat16, torch.float16)]
+
+
+@pytest.mark.parametrize("T,K,E,I,O,cap,empty,dtype,bias", GMM_PARAMS)
+def test_grouped_mm(T, K, E, I, O, cap, empty, dtype, bias):
+    ex = make_experts(T, K, E, seed=I + O, empty=empty)
+    plan_ops, plan_ref = ops.routing_plan(ex, E, cap), ref.routing_plan(ex, E, cap)
+    x = randn(T * K, I, seed=1, dtype=dtype).requires_grad_()
+    w = randn(E, I, O, seed=2, dtype=dtype, scale=I**-0.5).transpose(1, 2).requires_grad_()  # [E, O, I] strided
+    b = randn(E, O, seed=3, dtype=dtype).requires_grad_() if bias else None
+    ours, _ = check_against_reference(
+        "grouped_mm",
+        lambda x, w, b: ops.grouped_mm(x, w, plan_ops, b),
+        lambda x, w, b: ref.grouped_mm(x, w, plan_ref, b),
+        [x, w, b],
+        dtype,
+        ["x", "w", "bias"],
+    )
+    for e in empty:  # experts without rows: exactly zero dW and db
+        assert torch.count_nonzero(ours[2][e]) == 0
+        if bias:
+            assert torch.count_nonzero(ours[3][e]) == 0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Fused experts
+# --------------------------------------------------------------------------------------------------------------
+
+EXPERT_CASES = [
+    # T, K, E, D, F, capacity, empty
+    (37, 2, 5, 40, 72, None, (3,)),  # empty expert, rows/D/F not multiples of the tiles
+    (1, 1, 4, 24, 40, None, ()),  # a single token: experts with one row and with none
+    (23, 1, 1, 32, 48, None, ()),  # E = 1
+    (12, 4, 4, 20, 36, None, ()),  # k = E
+    (40, 2, 64, 16, 32, None, ()),  # E = 64
+    (37, 2, 5, 40, 72, 9, ()),  # capacity drops
+]
+
+
+def _expert_inputs(T, K, E, D, F, act, dtype, noncontig=False, seed=0):
+    x = randn(T, D, seed=seed + 1, dtype=dtype)
+    if noncontig:
+        x = randn(T, 2 * D, seed=seed + 1, dtype=dtype)[:, D:]
+    w = make_weights(T, K, seed=seed + 2, dtype=dtype)
+    if act == "swiglu":
+        gate = randn(E, F, D, seed=seed + 3, dtype=dtype, scale=D**-0.5)
+        up = randn(E, F, D, seed=seed + 4, dtype=dtype, scale=D**-0.5)
+        down = randn(E, D, F, seed=seed + 5, dtype=dtype, scale=F**-0.5)
+        if noncontig:
+            down = randn(E, F, D, seed=seed + 5, dtype=dtype, scale=F**-0.5).transpose(1, 2)
+        params = [gate, up, down]
+    else:
+        fc1 = randn(E, F, D, seed=seed + 3, dtype=dtype, scale=D**-0.5)
+        b1 = randn(E, F, seed=seed + 4, dtype=dtype, scale=0.1)
+        fc2 = randn(E, D, F, seed=seed + 5, dtype=dtype, scale=F**-0.5)
+        b2 = randn(E, D, seed=seed + 6, dtype=dtype, scale=0.1)
+        if noncontig:
+            fc1 = randn(E, D, F, seed=seed + 3, dtype=dtype, scale=D**-0.5).transpose(1, 2)
+        params = [fc1, b1, fc2, b2]
+    return [t.requires_grad_() for t in [x, w, *params]]
+
+
+def _experts_fn(mod, act, plan):
+    if act == "swiglu":
+        return lambda x, w, g, u, d: mod.swiglu_experts(x, w, plan, g, u, d)
+    return lambda x, w, f1, b1, f2, b2: mod.gelu_experts(x, w, plan, f1, b1, f2, b2)
+
+
+NAMES = {
+    "swiglu": ["x", "weights", "gate", "up", "down"],
+    "gelu": ["x", "weights", "fc1", "fc1_bias", "fc2", "fc2_bias"],
+}
+
+
+def check_experts(T, K, E, D, F, cap, empty, act, dtype, noncontig=False, seed=0):
+    ex = make_experts(T, K, E, seed=seed + T + E, empty=empty, skew=0.2)
+    plan_ops, plan_ref = ops.routing_plan(ex, E, cap), ref.routing_plan(ex, E, cap)
+    inputs = _expert_inputs(T, K, E, D, F, act, dtype, noncontig, seed)
+    ours, theirs = check_against_reference(
+        f"{act}_experts", _experts_fn(ops, act, plan_ops), _experts_fn(ref, act, plan_ref), inputs, dtype, NAMES[act]
+    )
+    if dtype != torch.float32:  # at least as accurate as the reference in the same dtype
+        out, grads = run_with_grads(
+            _experts_fn(ref, act, plan_ref), [t.detach().float().requires_grad_() for t in inputs]
+        )
+        for n, a, b, c in zip(["out", *NAMES[act]], ours, theirs, [out, *grads], strict=True):
+            assert _nerr(a, c) <= 1.5 * _nerr(b, c) + 1e-3, f"{n}: {_nerr(a, c):.3g} vs reference {_nerr(b, c):.3g}"
+    counts = plan_ref.counts_E
+    for i in range(3, len(ours)):  # experts without rows get exactly zero weight gradients
+        for e in torch.nonzero(counts == 0).flatten().tolist():
+            assert torch.count_nonzero(ours[i][e]) == 0, f"{NAMES[act][i - 1]} of empty expert {e}"
+
+
+@pytest.mark.parametrize("act", ["swiglu", "gelu"])
+@pytest.mark.parametrize("T,K,E,D,F,cap,empty", EXPERT_CASES)
+def test_experts_fp32(T, K, E, D, F, cap, empty, act):
+    check_experts(T, K, E, D, F, cap, empty, act, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("act", ["swiglu", "gelu"])
+@pytest.mark.parametrize("case", [0, 5])
+def test_experts_low_precision(case, act, dtype):
+    check_experts(*EXPERT_CASES[case], act, dtype)
+
+
+@pytest.mark.parametrize("act", ["swiglu", "gelu"])
+def test_experts_noncontiguous(act):
+    check_experts(29, 2, 4, 40, 56, None, (), act, torch.float32, noncontig=True)
+
+
+if given is not None:
+
+    @settings(
+        max_examples=12,
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    )
+    @given(st.data())
+    def test_experts_property(data):
+        E = data.draw(st.integers(1, 9), label="E")
+        K = data.draw(st.integers(1, min(E, 3)), label="K")
+        T = data.draw(st.integers(1, 40), label="T")
+        D = data.draw(st.integers(4, 48), label="D")
+        F = data.draw(st.integers(4, 80), label="F")
+        cap = data.draw(st.one_of(st.none(), st.integers(0, T * K)), label="capacity")
+        act = data.draw(st.sampled_from(["swiglu", "gelu"]), label="act")
+        seed = data.draw(st.integers(0, 1000), label="seed")
+        check_experts(T, K, E, D, F, cap, (), act, torch.float32, seed=seed)
+
+    @settings(max_examples=25, deadline=None, derandomize=True)
+    @given(st.data())
+    def test_routing_plan_property(data):
+        E = data.draw(st.integers(1, 70), label="E")
+        K = data.draw(st.integers(1, min(E, 4)), label="K")
+        T = data.draw(st.integers(1, 200), label="T")
+        cap = data.draw(st.one_of(st.none(), st.integers(0, T * K)), label="capacity")
+        block = data.draw(st.sampled_from([0, 16, 64]), label="routing block")
+        ex = make_experts(T, K, E, seed=data.draw(st.integers(0, 10**6), label="seed"), skew=1.0)
+        with overrides(route={"BLOCK": block}):
+            plan = ops.routing_plan(ex, E, cap)
+        want = ref.routing_plan(ex, E, cap)
+        for field in ("sorted_flat_R", "counts_E", "offsets_E1", "dropped"):
+            assert torch.equal(getattr(plan, field), getattr(want, field)), field
+
+else:
+
+    @pytest.mark.skip(reason="hypothesis is not installed")
+    def test_experts_property():
+        pass
+
+    @pytest.mark.skip(reason="hypothesis is not installed")
+    def test_routing_plan_property():
+        pass
+
+
+@pytest.mark.parametrize("act", ["swiglu", "gelu"])
+def test_autocast(act):
+    """fp32 activations and master weights under bf16 autocast: computed in bf16 like the reference's matmuls,
+    output in bf16 (the reference returns fp32 there only because its grouped_mm concatenates fp32 zero rows for
+    dropped pairs), gradients in the parameters' fp32."""
+    T, K, E, D, F = 29, 2, 4, 40, 56
+    ex = make_experts(T, K, E, seed=4)
+    plan_ops, plan_ref = ops.routing_plan(ex, E), ref.routing_plan(ex, E)
+    inputs = _expert_inputs(T, K, E, D, F, act, torch.float32)
+    results = []
+    for mod, plan in ((ops, plan_ops), (ref, plan_ref)):
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+            results.append(run_with_grads(_experts_fn(mod, act, plan), inputs))
+    (out_a, grads_a), (out_b, grads_b) = results
+    assert out_a.dtype == torch.bfloat16
+    assert_near(out_a, out_b.to(out_a.dtype), torch.bfloat16, "autocast forward")
+    for n, a, b in zip(NAMES[act], grads_a, grads_b, strict=True):
+        assert a.dtype == b.dtype == torch.float32, n
+        assert_near(a, b, torch.bfloat16, f"autocast grad {n}")
+
+
+@pytest.mark.parametrize("act", ["swiglu", "gelu"])
+def test_bitwise_deterministic(act):
+    dtype = torch.bfloat16
+    T, K, E, D, F = 45, 2, 4, 40, 72
+    ex = make_experts(T, K, E, seed=11, skew=0.5)
+    inputs = _expert_inputs(T, K, E, D, F, act, dtype)
+    runs = []
+    for _ in range(2):
+        plan = ops.routing_plan(ex, E, 30)
+        runs.append(run_with_grads(_experts_fn(ops, act, plan), inputs))
+    (o1, g1), (o2, g2) = runs
+    assert torch.equal(o1, o2)
+    for a, b in zip(g1, g2, strict=True):
+        assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# GPU-only checks
+# --------------------------------------------------------------------------------------------------------------
+
+
+@needs_cuda
+@pytest.mark.parametrize("act", ["swiglu", "gelu"])
+def test_experts_bf16_medium_cuda(act):
+    """Production tiles on several full blocks per expert, one expert at twice the average load."""
+    check_experts(512, 2, 8, 256, 704, None, (5,), act, torch.bfloat16)
+
+
+@needs_cuda
+def test_no_host_sync_cuda():
+    T, K, E, D, F = 256, 2, 8, 64, 128
+    ex = make_experts(T, K, E, seed=1)
+    x, w, g, u, d = _expert_inputs(T, K, E, D, F, "swiglu", torch.bfloat16)
+    for cap in (None, 40):  # compile outside the check
+        ops.swiglu_experts(x, w, ops.routing_plan(ex, E, cap), g, u, d).sum().backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for cap in (None, 40):
+            plan = ops.routing_plan(ex, E, cap)
+            out = ops.swiglu_experts(x, w, plan, g, u, d)
+            out.backward(torch.ones_like(out))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The model end to end
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("act,capacity_factor", [("swiglu", None), ("gelu", 1.0)])
+def test_dit_moe_triton_equals_torch(monkeypatch, act, capacity_factor):
+    pytest.importorskip("ditmoe.models.dit")
+    from ditmoe.config import ModelConfig, MoEConfig
+    from ditmoe.models.dit import DiTMoE
+
+    torch.manual_seed(0)
+    moe = MoEConfig(
+        num_experts=4,
+        top_k=2,
+        expert_act=act,
+        shared_expert_ratio=1.0,
+        capacity_factor=capacity_factor,
+        backend="torch",
+    )
+    cfg = ModelConfig(
+        name="tiny",
+        input_size=8,
+        patch_size=2,
+        in_channels=4,
+        hidden_size=32,
+        depth=2,
+        num_heads=2,
+        num_classes=10,
+        moe=moe,
+    )
+    model = DiTMoE(cfg).to(DEVICE)
+    with torch.no_grad():  # leave DiT's zero init, so every parameter gets a gradient
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    x = torch.randn(2, 4, 8, 8, device=DEVICE)
+    t = torch.tensor([3.0, 700.0], device=DEVICE)
+    y = torch.tensor([1, 10], device=DEVICE)
+
+    def run(backend):
+        monkeypatch.setenv("DITMOE_MOE_BACKEND", backend)
+        model.zero_grad(set_to_none=True)
+        out = model(x, t, y)
+        (out.prediction.square().mean() + out.aux_loss).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return out, grads
+
+    out_t, grads_t = run("torch")
+    out_k, grads_k = run("triton")
+    assert_near(out_k.prediction, out_t.prediction, torch.float32, "prediction")
+    for a, b in zip(out_k.routing, out_t.routing, strict=True):
+        assert torch.equal(a.tokens_per_expert_E, b.tokens_per_expert_E) and torch.equal(a.dropped, b.dropped)
+    assert grads_k.keys() == grads_t.keys()
+    assert any(n.endswith(("gate_proj", "fc1")) and ".experts." in n for n in grads_k)
+    for n in grads_t:
+        assert_near(grads_k[n], grads_t[n], torch.float32, f"grad {n}")
