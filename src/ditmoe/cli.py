@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="prepare digits, train a tiny DiT-MoE, sample, judge and plot (make demo)")
     p.add_argument("--out", default="runs/digits-demo")
     p.add_argument("--steps", type=int, help="training steps (default: the digits-demo preset)")
-    p.add_argument("--cfg-scale", type=float, default=2.0)
+    p.add_argument("--cfg-scale", type=float, default=1.5)
     p.set_defaults(func=cmd_demo)
     return parser
 

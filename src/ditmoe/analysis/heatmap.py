@@ -15,7 +15,7 @@ def utilisation_heatmap(fractions_LE: np.ndarray, path: Path, title: str = "Expe
     """Share of routed tokens per expert (columns) in each layer (rows); 1/E is perfectly balanced."""
     fractions_LE = np.asarray(fractions_LE, dtype=np.float64)
     L, E = fractions_LE.shape
-    fig, ax = plt.subplots(figsize=(1.2 + 0.55 * E, 1.0 + 0.45 * L))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 + 0.55 * E), 1.2 + 0.45 * L))
     im = ax.imshow(fractions_LE, cmap="viridis", vmin=0.0, vmax=max(2.0 / E, float(fractions_LE.max())), aspect="auto")
     for layer in range(L):
         for e in range(E):
