@@ -1,6 +1,7 @@
 """Training loop: resume equals an uninterrupted run, atomic checkpoints, clear errors."""
 
 import json
+import math
 import shutil
 
 import pytest
@@ -131,3 +132,19 @@ def test_ema_warmup_and_update():
     ema.update(model, step=0)
     torch.testing.assert_close(ema.shadow["weight"], before + 0.9)
     assert EMA(model, 0.999).decay_at(0) == 0.999
+
+
+def test_bf16_autocast_training_runs_and_learns_in_fp32_master_weights(digits, tmp_path):
+    result = train(smoke(digits, tmp_path / "run", steps=3, precision="bf16", log_every=1), progress=False)
+    assert len(result.losses) == 3 and all(math.isfinite(v) for v in result.losses)
+    state = ckpt_io.load_file(ckpt_io.newest_valid(tmp_path / "run" / "checkpoints"), "model")
+    assert state["blocks.0.moe.experts.gate_proj"].dtype == torch.float32
+
+
+def test_wandb_offline_run_logs_utilisation_heatmap(digits, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    train(smoke(digits, tmp_path / "run", steps=2, log_every=2, wandb=True), progress=False)
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    assert (tmp_path / "run" / "utilisation_latest.png").is_file()
