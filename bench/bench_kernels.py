@@ -2,6 +2,7 @@
 
     python bench/bench_kernels.py                      # CUDA: S, XL, G and XL with one expert at 2x load
     python bench/bench_kernels.py --sweep              # also try a few tile configs at XL (prints the best)
+    python bench/bench_kernels.py --shapes XL --sweep --sweep-kinds gmm_epi,dw,dw_dual   # backward kinds only
     TRITON_INTERPRET=1 python bench/bench_kernels.py   # CPU: tiny shapes, interpreter (correctness, not speed)
 
 Every shape: 8192 tokens (32 images x 256 tokens), top-2, bf16 on CUDA. Timings: CUDA events, warmup, L2 flushed
@@ -13,12 +14,13 @@ FLOP arithmetic (R = tokens * top_k permuted rows, D model width, F expert width
     down forward      [R, F] x [F, D]                           2 R D F
     down dX (dH)      [R, D] x [D, F]                           2 R D F
     gate/up dX        [R, F] x [F, D] twice (summed)            4 R D F
-    down dW           per expert [D, R_e] x [R_e, F]            2 R D F
+    down dW           per expert [D, R_e] x [R_e, F]            2 R D F   (h re-made by the down dX epilogue)
     gate/up dW        per expert [F, R_e] x [R_e, D] twice      4 R D F
     layer             forward 6 R D F, backward 12 R D F
 The dense baseline of each grouped GEMM is one torch.mm with the same M, N, K (same FLOPs) timed in the same run.
 Bytes: permute reads T*D and writes R*D elements; unpermute reads R*D and writes T*D (index and weight traffic is
-not counted); the copy baseline is a device-to-device copy of R*D elements (read + write).
+not counted); unpermute backward reads T*D and R*D (the forward output, for dprobs) and writes R*D; the copy baseline
+is a device-to-device copy of R*D elements (read + write).
 """
 
 from __future__ import annotations
@@ -43,7 +45,12 @@ ap.add_argument("--tokens", type=int, default=8192)
 ap.add_argument("--top-k", type=int, default=2)
 ap.add_argument("--reps", type=int, default=20)
 ap.add_argument("--warmup", type=int, default=3)
-ap.add_argument("--sweep", action="store_true", help="try a few tile configs per GEMM kind at XL")
+ap.add_argument("--sweep", action="store_true", help="try a few tile configs per kernel kind at XL")
+ap.add_argument(
+    "--sweep-kinds",
+    default="swiglu,gmm,gmm_dx,gmm_epi,dw,dw_dual,rows",
+    help="comma list of kinds for --sweep (backward: gmm_dx gmm_epi dw dw_dual)",
+)
 ap.add_argument("--budget", type=float, default=300.0, help="seconds; later sections are skipped past it")
 ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
 ap.add_argument("--try-deepspeed-build", action="store_true", help="JIT-build DeepSpeed's CUTLASS MoE GEMM (slow)")
@@ -323,15 +330,24 @@ def run_shape(name: str):
             attempt(shape, "unpermute", "triton", lambda: ops._gather(y, meta, probs), **vs_copy())
             dout = torch.randn_like(x)
             dy, _ = ops._scatter(dout, meta, probs, y)
-            attempt(shape, "unpermute bwd", "triton (+dprobs)", lambda: ops._scatter(dout, meta, probs, y), **vs_copy())
+            bwd_bytes = (T * D + 2 * R * D) * el  # reads dout and y (for dprobs), writes dy
+            attempt(
+                shape,
+                "unpermute bwd",
+                "triton (+dprobs)",
+                lambda: ops._scatter(dout, meta, probs, y),
+                nbytes=bwd_bytes,
+                base_ms=bwd_bytes / (copy_gbps * 1e6),
+                base_name="d2d copy GB/s",
+            )
             attempt(
                 shape,
                 "down dX",
-                "triton (+swiglu bwd)",
+                "triton (+swiglu bwd, h)",
                 lambda: ops._gmm(dy, Wd, meta, transpose_w=False, epi=ops.EPI_SWIGLU_BWD, x0=g, x1=u),
                 **vs_dense("down dX"),
             )
-            dg, du = ops._gmm(dy, Wd, meta, transpose_w=False, epi=ops.EPI_SWIGLU_BWD, x0=g, x1=u)
+            dg, du, hb = ops._gmm(dy, Wd, meta, transpose_w=False, epi=ops.EPI_SWIGLU_BWD, x0=g, x1=u)
             attempt(
                 shape,
                 "gate/up dX",
@@ -339,13 +355,7 @@ def run_shape(name: str):
                 lambda: ops._gmm(dg, Wg, meta, transpose_w=False, a2=du, w2=Wu),
                 **vs_dense("gate/up dX"),
             )
-            attempt(
-                shape,
-                "down dW",
-                "triton (swiglu recompute)",
-                lambda: ops._gmm_dw(dy, g, meta, b2=u, b_act=ops.ACT_SWIGLU),
-                **vs_dense("down dW"),
-            )
+            attempt(shape, "down dW", "triton", lambda: ops._gmm_dw(dy, hb, meta), **vs_dense("down dW"))
             attempt(
                 shape,
                 "gate/up dW",
@@ -353,6 +363,7 @@ def run_shape(name: str):
                 lambda: ops._gmm_dw(dg, x, meta, a2=du, gather_b=True),
                 **vs_dense("gate/up dW"),
             )
+            del dg, du, hb
         except Exception as exc:
             traceback.print_exc()
             skip(f"{shape} triton kernels", f"{type(exc).__name__}: {exc}")
@@ -505,8 +516,21 @@ def run_shape(name: str):
                 v["triton_speedup"] = round(v["ms"] / layer["triton"]["ms"], 2)
 
 
-def sweep():
-    """A few tile configs per GEMM kind at XL (bf16); prints each time and the best."""
+SWEEP = {
+    # kind: (op timed at XL, candidates (BM, BN, BK, warps, stages) or, for dW, (BO, BI, BR, warps, stages))
+    "swiglu": ("gate/up fwd", [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4)]),
+    "gmm": ("down fwd", [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 8, 4)]),
+    "gmm_dx": ("gate/up dX", [(128, 256, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4)]),
+    "gmm_epi": ("down dX", [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (128, 256, 64, 8, 3)]),
+    "dw": ("down dW", [(128, 256, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 32, 4, 4)]),
+    "dw_dual": ("gate/up dW", [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 32, 8, 4), (64, 128, 64, 4, 3)]),
+    "rows": ("unpermute", [(16, 128, 4), (32, 128, 4), (16, 256, 8), (32, 256, 8)]),
+}
+
+
+def sweep(kinds):
+    """A few tile configs per kernel kind at XL (bf16); prints each time and the best per kind. ``gmm_dx`` is
+    the ``gmm`` kind timed on the two-term gate/up dX instead of the down forward."""
     if ops is None or not CUDA:
         skip("sweep", "needs CUDA and the Triton kernels")
         return
@@ -515,56 +539,56 @@ def sweep():
     gen = torch.Generator().manual_seed(0)
     ex = make_routing(T, K, E, False, gen).to(DEV)
     x = torch.randn(T, D, device=DEV, dtype=DTYPE)
-    Wg, Wu = (torch.randn(E, F_, D, device=DEV, dtype=DTYPE) for _ in range(2))
-    Wd = torch.randn(E, D, F_, device=DEV, dtype=DTYPE)
+    Wg, Wu = ((torch.randn(E, F_, D, device=DEV, dtype=DTYPE) * D**-0.5) for _ in range(2))
+    Wd = torch.randn(E, D, F_, device=DEV, dtype=DTYPE) * F_**-0.5
+    probs = torch.rand(T, K, device=DEV, dtype=DTYPE)
     plan = ops.routing_plan(ex, E)
     meta = ops._meta(plan)
     h, g, u = ops._gmm_swiglu(x, Wg, Wu, meta)
     dy = torch.randn(T * K, D, device=DEV, dtype=DTYPE)
+    dg, du, hb = ops._gmm(dy, Wd, meta, transpose_w=False, epi=ops.EPI_SWIGLU_BWD, x0=g, x1=u)
     R = T * K
-    cands = {
-        "swiglu": [
-            (128, 128, 64, 8, 3),
-            (128, 128, 64, 8, 4),
-            (128, 64, 64, 4, 4),
-            (64, 128, 64, 4, 4),
-            (128, 128, 64, 4, 3),
-        ],
-        "gmm": [
-            (128, 256, 64, 8, 3),
-            (128, 256, 64, 8, 4),
-            (128, 128, 64, 8, 4),
-            (128, 128, 64, 4, 4),
-            (64, 256, 64, 4, 4),
-        ],
-        "dw": [
-            (128, 128, 64, 8, 3),
-            (128, 128, 64, 4, 4),
-            (128, 256, 64, 8, 3),
-            (64, 128, 64, 4, 4),
-            (128, 128, 32, 4, 4),
-        ],
-    }
     work = {
-        "swiglu": ("gate/up fwd", 4 * R * D * F_, lambda: ops._gmm_swiglu(x, Wg, Wu, meta)),
-        "gmm": ("down fwd", 2 * R * D * F_, lambda: ops._gmm(h, Wd, meta, transpose_w=True)),
-        "dw": ("down dW", 2 * R * D * F_, lambda: ops._gmm_dw(dy, g, meta, b2=u, b_act=ops.ACT_SWIGLU)),
+        "swiglu": (4 * R * D * F_, None, lambda: ops._gmm_swiglu(x, Wg, Wu, meta)),
+        "gmm": (2 * R * D * F_, None, lambda: ops._gmm(h, Wd, meta, transpose_w=True)),
+        "gmm_dx": (4 * R * D * F_, None, lambda: ops._gmm(dg, Wg, meta, transpose_w=False, a2=du, w2=Wu)),
+        "gmm_epi": (
+            2 * R * D * F_,
+            None,
+            lambda: ops._gmm(dy, Wd, meta, transpose_w=False, epi=ops.EPI_SWIGLU_BWD, x0=g, x1=u),
+        ),
+        "dw": (2 * R * D * F_, None, lambda: ops._gmm_dw(dy, hb, meta)),
+        "dw_dual": (4 * R * D * F_, None, lambda: ops._gmm_dw(dg, x, meta, a2=du, gather_b=True)),
+        "rows": (None, (R * D + T * D) * x.element_size(), lambda: ops._gather(dy, meta, probs)),
     }
-    for kind, configs in cands.items():
-        op, fl, fn = work[kind]
+    for kind in kinds:
+        if kind not in SWEEP:
+            skip(f"sweep {kind}", f"unknown kind (known: {', '.join(SWEEP)})")
+            continue
+        op, configs = SWEEP[kind]
+        fl, nbytes, fn = work[kind]
+        real = "gmm" if kind == "gmm_dx" else kind
+        if kind == "rows":
+            keys = ("BT", "BD", "num_warps")
+        else:
+            keys = ("BO", "BI", "BR") if real.startswith("dw") else ("BM", "BN", "BK")
+            keys += ("num_warps", "num_stages")
         best = None
         for c in configs:
             if over_budget():
                 skip(f"sweep {kind} {c}", "over the time budget")
                 continue
-            keys = ("BO", "BI", "BR") if kind == "dw" else ("BM", "BN", "BK")
-            ops.CONFIG_OVERRIDES[kind] = dict(zip(keys + ("num_warps", "num_stages"), c, strict=True))
-            r = attempt("XL", f"sweep {op}", f"{kind} {c}", fn, flops=fl)
+            ops.CONFIG_OVERRIDES[real] = dict(zip(keys, c, strict=True))
+            try:
+                r = attempt("XL", f"sweep {op}", f"{kind} {c}", fn, flops=fl, nbytes=nbytes)
+            finally:
+                ops.CONFIG_OVERRIDES.pop(real, None)
             if r and (best is None or r["ms"] < best["ms"]):
                 best = r
-            ops.CONFIG_OVERRIDES.pop(kind, None)
         if best:
-            log(f"best {kind}: {best['impl']} {best['tflops']} TFLOP/s")
+            rate = f"{best['tflops']} TFLOP/s" if "tflops" in best else f"{best['gbps']} GB/s"
+            log(f"best {kind}: {best['impl']} {rate} (default now: {ops._config(real, DTYPE)})")
+        write_results()
 
 
 def device_name() -> str:
@@ -656,7 +680,7 @@ def main():
         if CUDA:
             torch.cuda.empty_cache()
     if args.sweep:
-        sweep()
+        sweep([k.strip() for k in args.sweep_kinds.split(",") if k.strip()])
     path = write_results()
     print_table()
     print(f"\nwrote {path}")

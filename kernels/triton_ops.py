@@ -10,19 +10,25 @@ Design (see /work/shared/notes/kernels.md):
 - Grouped GEMMs launch a static grid over ``cdiv(R, BM) + E + 1`` M-blocks (the upper bound) x N-tiles. A block
   table computed on device gives each M-block one group (expert) and its row range: indices are padded, tensors
   are not. The sentinel group's blocks write zeros (dropped rows), unused blocks exit at once.
-- The first expert GEMM gathers its A rows through the permutation (``sorted_flat // K``): no permuted copy of x.
-- SwiGLU / GELU run in the epilogue of the first GEMM, which also stores the pre-activations; the backward of the
-  activation runs in the epilogue of the dX GEMM of the second weight; the dW of the second weight recomputes
-  the activation from the pre-activations while loading. The combine is a gather with fp32 accumulation that
-  also yields the routing-weight gradient in backward. No atomics anywhere: bitwise deterministic.
-- dW: one program per (expert, O-tile, I-tile) walks the expert's rows (fp32 accumulate, largest experts first);
-  an expert with no rows writes zeros.
+- The first expert GEMM gathers its A rows through the permutation (an int32 token table ``sorted_flat // K``
+  computed once per plan): no permuted copy of x.
+- SwiGLU / GELU run in the epilogue of the first GEMM, which also stores the pre-activations. The dX GEMM of the
+  second weight (dH = dy W2) runs the activation's backward in its epilogue and re-materialises the activation
+  h from the saved pre-activations (h is not kept from the forward), so the dW of the second weight is a plain
+  K-reduction dy^T h: no elementwise work inside any GEMM main loop, where it would stall the pipelining. Epilogue
+  GEMMs use their own 128x128 tiles (``gmm_epi``) so the accumulator and the extra tiles stay in registers.
+  The combine is a gather with fp32 accumulation that also yields the routing-weight gradient in backward.
+  No atomics anywhere: bitwise deterministic.
+- dW: one program per (expert, O-tile, I-tile) walks the expert's rows in a counted loop of [BR, BO] x [BR, BI]
+  row-contiguous tiles (A enters tl.dot through tl.trans), fp32 accumulate, largest experts first; the gate and
+  up dW share their B tiles (``dw_dual``); an expert with no rows writes zeros. Bias gradients are fp32 row sums.
 - fp32/bf16/fp16 inputs, fp32 accumulation. fp32 matmuls follow ``torch.backends.cuda.matmul.allow_tf32``.
 
 Tile configs are fixed per (kind, dtype) so results never depend on batch composition; ``CONFIG_OVERRIDES`` lets a
-benchmark try others. Under ``TRITON_INTERPRET=1`` (CPU tests) tiles are small and dot operands are upcast to fp32
-(the 3.9 interpreter multiplies bf16 bit patterns as integers); products of bf16/fp16 values are exact in fp32, so
-this matches the GPU's fp32-accumulating MMA up to summation order.
+benchmark try others (``bench/bench_kernels.py --sweep`` covers every GEMM kind, forward and backward). Under
+``TRITON_INTERPRET=1`` (CPU tests) tiles are small and dot operands are upcast to fp32 (the 3.9 interpreter
+multiplies bf16 bit patterns as integers); products of bf16/fp16 values are exact in fp32, so this matches the
+GPU's fp32-accumulating MMA up to summation order.
 """
 
 from __future__ import annotations
@@ -55,34 +61,45 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on
 CONFIG_OVERRIDES: dict[str, dict] = {}
 
 EPI_NONE, EPI_GELU, EPI_GELU_BWD, EPI_SWIGLU_BWD = 0, 1, 2, 3
-ACT_NONE, ACT_SWIGLU, ACT_GELU = 0, 1, 2
 
 
 def _config(kind: str, dtype: torch.dtype) -> dict:
-    """Fixed tile configuration for one kernel kind: ``gmm`` (single-accumulator grouped GEMM: forward, dX),
-    ``swiglu`` (dual-accumulator gate/up GEMM), ``dw`` (per-expert K-reduction), ``rows`` (permute/combine),
-    ``route`` (routing metadata)."""
+    """Fixed tile configuration for one kernel kind: ``gmm`` (single-accumulator grouped GEMM without epilogue:
+    forward, dX, two-term dX), ``gmm_epi`` (the same with an activation epilogue: GELU forward, SwiGLU / GELU
+    backward, which load and store several extra tiles), ``swiglu`` (dual-accumulator gate/up GEMM), ``dw``
+    (per-expert K-reduction), ``dw_dual`` (the same with two A operands: gate/up dW), ``rows``
+    (permute/combine), ``route`` (routing metadata)."""
     if INTERPRET:
         cfg = {
             "gmm": dict(BM=16, BN=32, BK=32, GROUP_M=4),
+            "gmm_epi": dict(BM=16, BN=32, BK=32, GROUP_M=4),
             "swiglu": dict(BM=16, BN=32, BK=32, GROUP_M=4),
             "dw": dict(BO=32, BI=32, BR=16, GROUP_M=4),
+            "dw_dual": dict(BO=32, BI=32, BR=16, GROUP_M=4),
             "rows": dict(BT=16, BD=64),
             "route": dict(BLOCK=0),
         }[kind]
     elif dtype == torch.float32:
         cfg = {
             "gmm": dict(BM=64, BN=64, BK=32, GROUP_M=8, num_warps=4, num_stages=3),
+            "gmm_epi": dict(BM=64, BN=64, BK=32, GROUP_M=8, num_warps=4, num_stages=3),
             "swiglu": dict(BM=64, BN=64, BK=32, GROUP_M=8, num_warps=4, num_stages=3),
             "dw": dict(BO=64, BI=64, BR=32, GROUP_M=8, num_warps=4, num_stages=3),
+            "dw_dual": dict(BO=64, BI=64, BR=32, GROUP_M=8, num_warps=4, num_stages=3),
             "rows": dict(BT=8, BD=128, num_warps=4),
             "route": dict(BLOCK=0),
         }[kind]
     else:
+        # bf16/fp16 on sm90. gmm / swiglu: best of the H200 sweep (bench/results/nvidia-h200-2026-11-26.json).
+        # gmm_epi: 128x128 so the fp32 accumulator plus the epilogue's extra tiles fit in registers (a 128x256
+        # accumulator with two loaded and two stored tiles spilled: down dX ran at 0.11 of dense).
+        # dw / dw_dual: plain tl.dot K-reductions (no activation recompute in the loop any more).
         cfg = {
             "gmm": dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3),
+            "gmm_epi": dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3),
             "swiglu": dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3),
-            "dw": dict(BO=128, BI=128, BR=64, GROUP_M=8, num_warps=8, num_stages=3),
+            "dw": dict(BO=128, BI=256, BR=64, GROUP_M=8, num_warps=8, num_stages=3),
+            "dw_dual": dict(BO=128, BI=128, BR=64, GROUP_M=8, num_warps=8, num_stages=3),
             "rows": dict(BT=16, BD=128, num_warps=4),
             "route": dict(BLOCK=0),
         }[kind]
@@ -327,6 +344,14 @@ class _Meta:
         self.row_of_flat = row
         self._tables: dict[int, tuple[torch.Tensor, int]] = {}
         self._order = None
+        self._tok = None
+
+    def tok(self) -> torch.Tensor:
+        """int32 [R]: the token each permuted row reads (``sorted_flat // K``), so gathering GEMMs do no 64-bit
+        division in their loops."""
+        if self._tok is None:
+            self._tok = torch.div(self.sorted_flat, self.K, rounding_mode="floor").to(torch.int32)
+        return self._tok
 
     def table(self, BM: int) -> tuple[torch.Tensor, int]:
         if BM not in self._tables:
@@ -630,7 +655,7 @@ def _mainloop(
 @triton.jit
 def _gmm_kernel(
     a_ptr,
-    idx_ptr,
+    tok_ptr,
     b_ptr,
     a2_ptr,
     b2_ptr,
@@ -638,13 +663,13 @@ def _gmm_kernel(
     tab_ptr,
     c_ptr,
     c2_ptr,
+    c3_ptr,
     x0_ptr,
     x1_ptr,
     N,
     Kdim,
     NMB,
     NUM_E,
-    TOPK,
     s_ar,
     s_ak,
     s_a2r,
@@ -659,8 +684,6 @@ def _gmm_kernel(
     s_biasn,
     s_cr,
     s_cn,
-    s_c2r,
-    s_c2n,
     s_x0r,
     s_x0n,
     s_x1r,
@@ -670,6 +693,7 @@ def _gmm_kernel(
     HAS_BIAS: tl.constexpr,
     EPI: tl.constexpr,
     HAS_C2: tl.constexpr,
+    HAS_C3: tl.constexpr,
     UPCAST: tl.constexpr,
     PREC: tl.constexpr,
     EVEN_K: tl.constexpr,
@@ -681,9 +705,10 @@ def _gmm_kernel(
     """C[rows of group e] = A[rows] @ B[e] (+ A2[rows] @ B2[e]) (+ bias[e]) with an epilogue.
 
     B[e] is addressed as a [Kdim, N] matrix through strides, so the forward (B = W[e]^T) and dX (B = W[e]) share
-    this kernel. GATHER: A row r is token ``idx[r] // TOPK`` of A (A is x itself, never permuted).
-    EPI_GELU: C = gelu(z), C2 = z.  EPI_GELU_BWD: C = acc * gelu'(X0).  EPI_SWIGLU_BWD: with acc = dH,
-    X0 = gate and X1 = up pre-activations, C = dgate, C2 = dup.
+    this kernel. GATHER: A row r is token ``tok[r]`` of A (A is x itself, never permuted). C, C2, C3 share strides.
+    EPI_GELU: C = gelu(z), C2 = z.  EPI_GELU_BWD: X0 = z, C = acc * gelu'(z), C3 = gelu(z) (the activation the
+    forward produced, for the dW of the second weight).  EPI_SWIGLU_BWD: with acc = dH, X0 = gate and X1 = up
+    pre-activations, C = dgate, C2 = dup, C3 = silu(gate) * up.
     """
     pid_m, pid_n = _tile(tl.program_id(0), NMB, N, BN, GROUP_M)
     e = tl.load(tab_ptr + pid_m)
@@ -696,16 +721,17 @@ def _gmm_kernel(
     offs_n = pid_n * BN + tl.arange(0, BN)
     nmask = offs_n < N
     cmask = rmask[:, None] & nmask[None, :]
-    c_ptrs = c_ptr + rows[:, None] * s_cr + offs_n[None, :] * s_cn
-    c2_ptrs = c2_ptr + rows[:, None] * s_c2r + offs_n[None, :] * s_c2n
+    c_off = rows[:, None] * s_cr + offs_n[None, :] * s_cn
     if e == NUM_E:  # dropped rows: zeros
-        tl.store(c_ptrs, tl.zeros([BM, BN], c_ptr.dtype.element_ty), mask=cmask)
+        tl.store(c_ptr + c_off, tl.zeros([BM, BN], c_ptr.dtype.element_ty), mask=cmask)
         if HAS_C2:
-            tl.store(c2_ptrs, tl.zeros([BM, BN], c2_ptr.dtype.element_ty), mask=cmask)
+            tl.store(c2_ptr + c_off, tl.zeros([BM, BN], c2_ptr.dtype.element_ty), mask=cmask)
+        if HAS_C3:
+            tl.store(c3_ptr + c_off, tl.zeros([BM, BN], c3_ptr.dtype.element_ty), mask=cmask)
         return
     e64 = e.to(tl.int64)
     if GATHER:  # noqa: SIM108
-        a_rows = tl.load(idx_ptr + rows, mask=rmask, other=0) // TOPK
+        a_rows = tl.load(tok_ptr + rows, mask=rmask, other=0).to(tl.int64)
     else:
         a_rows = rows
     acc = tl.zeros([BM, BN], tl.float32)
@@ -749,26 +775,29 @@ def _gmm_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + e64 * s_biase + offs_n * s_biasn, mask=nmask, other=0.0).to(tl.float32)[None, :]
     if EPI == 0:
-        tl.store(c_ptrs, _to(acc, c_ptr.dtype.element_ty), mask=cmask)
+        tl.store(c_ptr + c_off, _to(acc, c_ptr.dtype.element_ty), mask=cmask)
     if EPI == 1:
         z = _to(acc, c2_ptr.dtype.element_ty)
-        tl.store(c2_ptrs, z, mask=cmask)
-        tl.store(c_ptrs, _to(_gelu_tanh(z.to(tl.float32)), c_ptr.dtype.element_ty), mask=cmask)
+        tl.store(c2_ptr + c_off, z, mask=cmask)
+        tl.store(c_ptr + c_off, _to(_gelu_tanh(z.to(tl.float32)), c_ptr.dtype.element_ty), mask=cmask)
     if EPI == 2:
         z = tl.load(x0_ptr + rows[:, None] * s_x0r + offs_n[None, :] * s_x0n, mask=cmask, other=0.0).to(tl.float32)
-        tl.store(c_ptrs, _to(acc * _gelu_tanh_grad(z), c_ptr.dtype.element_ty), mask=cmask)
+        tl.store(c3_ptr + c_off, _to(_gelu_tanh(z), c3_ptr.dtype.element_ty), mask=cmask)
+        tl.store(c_ptr + c_off, _to(acc * _gelu_tanh_grad(z), c_ptr.dtype.element_ty), mask=cmask)
     if EPI == 3:
         g = tl.load(x0_ptr + rows[:, None] * s_x0r + offs_n[None, :] * s_x0n, mask=cmask, other=0.0).to(tl.float32)
         u = tl.load(x1_ptr + rows[:, None] * s_x1r + offs_n[None, :] * s_x1n, mask=cmask, other=0.0).to(tl.float32)
         s = _sigmoid(g)
-        tl.store(c_ptrs, _to(acc * u * s * (1.0 + g * (1.0 - s)), c_ptr.dtype.element_ty), mask=cmask)
-        tl.store(c2_ptrs, _to(acc * g * s, c2_ptr.dtype.element_ty), mask=cmask)
+        silu = g * s
+        tl.store(c3_ptr + c_off, _to(silu * u, c3_ptr.dtype.element_ty), mask=cmask)
+        tl.store(c2_ptr + c_off, _to(acc * silu, c2_ptr.dtype.element_ty), mask=cmask)
+        tl.store(c_ptr + c_off, _to(acc * u * (s + silu * (1.0 - s)), c_ptr.dtype.element_ty), mask=cmask)
 
 
 @triton.jit
 def _gmm_swiglu_kernel(
     a_ptr,
-    idx_ptr,
+    tok_ptr,
     bg_ptr,
     bu_ptr,
     tab_ptr,
@@ -779,7 +808,6 @@ def _gmm_swiglu_kernel(
     Kdim,
     NMB,
     NUM_E,
-    TOPK,
     s_ar,
     s_ak,
     s_bge,
@@ -822,7 +850,7 @@ def _gmm_swiglu_kernel(
         return
     e64 = e.to(tl.int64)
     if GATHER:  # noqa: SIM108
-        a_rows = tl.load(idx_ptr + rows, mask=rmask, other=0) // TOPK
+        a_rows = tl.load(tok_ptr + rows, mask=rmask, other=0).to(tl.int64)
     else:
         a_rows = rows
     offs_k = tl.arange(0, BK)
@@ -859,8 +887,7 @@ def _gmm_dw_kernel(
     a_ptr,
     a2_ptr,
     b_ptr,
-    b2_ptr,
-    idx_ptr,
+    tok_ptr,
     offs_ptr,
     order_ptr,
     dw_ptr,
@@ -868,25 +895,18 @@ def _gmm_dw_kernel(
     db_ptr,
     O,
     I,
-    TOPK,
     s_ar,
     s_ao,
     s_a2r,
     s_a2o,
     s_br,
     s_bi,
-    s_b2r,
-    s_b2i,
     s_we,
     s_wo,
     s_wi,
-    s_w2e,
-    s_w2o,
-    s_w2i,
     s_dbe,
     s_dbo,
     DUAL_A: tl.constexpr,
-    B_ACT: tl.constexpr,
     GATHER_B: tl.constexpr,
     HAS_DB: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -896,56 +916,55 @@ def _gmm_dw_kernel(
     BR: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """dW[e] = A[rows e]^T @ B[rows e] ([O, I]) as a K-reduction over the expert's rows; (DUAL_A: also
-    dW2[e] = A2^T B); HAS_DB: db[e] = sum of A's rows. B_ACT recomputes B from pre-activations while loading:
-    swiglu(B, B2) or gelu(B). GATHER_B: B row r is token ``idx[r] // TOPK``. Empty experts write zeros."""
+    """dW[e] = A[rows e]^T @ B[rows e] ([O, I]) as a K-reduction over the expert's rows (DUAL_A: also
+    dW2[e] = A2^T B, sharing the B tiles; dW2 has dW's strides); HAS_DB: db[e] = sum of A's rows.
+    GATHER_B: B row r is token ``tok[r]``. Empty experts write zeros.
+
+    The loop is a plain counted loop over [BR, BO] / [BR, BI] tiles whose pointers advance by BR rows: every
+    load is row-contiguous (coalesced, 16-byte vectors) and feeds tl.dot directly (A through tl.trans), so the
+    compiler pipelines it into shared memory; fp32 accumulation."""
     pid_o, pid_i = _tile(tl.program_id(0), tl.cdiv(O, BO), I, BI, GROUP_M)
     e = tl.load(order_ptr + tl.program_id(1)).to(tl.int64)
-    start = tl.load(offs_ptr + e)
-    end = tl.load(offs_ptr + e + 1)
+    start = tl.load(offs_ptr + e).to(tl.int32)
+    n_rows = tl.load(offs_ptr + e + 1).to(tl.int32) - start
     offs_o = pid_o * BO + tl.arange(0, BO)
     offs_i = pid_i * BI + tl.arange(0, BI)
+    offs_r = tl.arange(0, BR)
     om = offs_o < O
     im = offs_i < I
+    rows = (start + offs_r).to(tl.int64)
+    a_ptrs = a_ptr + rows[:, None] * s_ar + offs_o[None, :] * s_ao
+    a2_ptrs = a2_ptr + rows[:, None] * s_a2r + offs_o[None, :] * s_a2o
+    if GATHER_B:  # noqa: SIM108
+        tok_ptrs = tok_ptr + rows
+    else:
+        b_ptrs = b_ptr + rows[:, None] * s_br + offs_i[None, :] * s_bi
     acc = tl.zeros([BO, BI], tl.float32)
     acc2 = tl.zeros([BO, BI], tl.float32)
     dbacc = tl.zeros([BO], tl.float32)
-    for r0 in range(start, end, BR):
-        rows = r0 + tl.arange(0, BR)
-        rm = rows < end
-        if GATHER_B:  # noqa: SIM108
-            b_rows = tl.load(idx_ptr + rows, mask=rm, other=0) // TOPK
+    for it in range(0, tl.cdiv(n_rows, BR)):
+        rm = offs_r < n_rows - it * BR
+        a = tl.load(a_ptrs, mask=rm[:, None] & om[None, :], other=0.0)
+        if GATHER_B:
+            tok = tl.load(tok_ptrs, mask=rm, other=0).to(tl.int64)
+            b = tl.load(b_ptr + tok[:, None] * s_br + offs_i[None, :] * s_bi, mask=rm[:, None] & im[None, :], other=0.0)
+            tok_ptrs += BR
         else:
-            b_rows = rows
-        a = tl.load(a_ptr + rows[:, None] * s_ar + offs_o[None, :] * s_ao, mask=rm[:, None] & om[None, :], other=0.0)
-        bmask = rm[:, None] & im[None, :]
-        b = tl.load(b_ptr + b_rows[:, None] * s_br + offs_i[None, :] * s_bi, mask=bmask, other=0.0)
-        if B_ACT == 1:
-            u = tl.load(b2_ptr + b_rows[:, None] * s_b2r + offs_i[None, :] * s_b2i, mask=bmask, other=0.0)
-            gf = b.to(tl.float32)
-            b = _to(gf * _sigmoid(gf) * u.to(tl.float32), b.dtype)
-        if B_ACT == 2:
-            b = _to(_gelu_tanh(b.to(tl.float32)), b.dtype)
+            b = tl.load(b_ptrs, mask=rm[:, None] & im[None, :], other=0.0)
+            b_ptrs += BR * s_br
         acc = _mma(tl.trans(a), b, acc, UPCAST, PREC)
         if DUAL_A:
-            a2 = tl.load(
-                a2_ptr + rows[:, None] * s_a2r + offs_o[None, :] * s_a2o, mask=rm[:, None] & om[None, :], other=0.0
-            )
+            a2 = tl.load(a2_ptrs, mask=rm[:, None] & om[None, :], other=0.0)
             acc2 = _mma(tl.trans(a2), b, acc2, UPCAST, PREC)
+            a2_ptrs += BR * s_a2r
         if HAS_DB:
             dbacc += tl.sum(a.to(tl.float32), 0)
+        a_ptrs += BR * s_ar
     wmask = om[:, None] & im[None, :]
-    tl.store(
-        dw_ptr + e * s_we + offs_o[:, None] * s_wo + offs_i[None, :] * s_wi,
-        _to(acc, dw_ptr.dtype.element_ty),
-        mask=wmask,
-    )
+    w_off = e * s_we + offs_o[:, None] * s_wo + offs_i[None, :] * s_wi
+    tl.store(dw_ptr + w_off, _to(acc, dw_ptr.dtype.element_ty), mask=wmask)
     if DUAL_A:
-        tl.store(
-            dw2_ptr + e * s_w2e + offs_o[:, None] * s_w2o + offs_i[None, :] * s_w2i,
-            _to(acc2, dw2_ptr.dtype.element_ty),
-            mask=wmask,
-        )
+        tl.store(dw2_ptr + w_off, _to(acc2, dw2_ptr.dtype.element_ty), mask=wmask)
     if HAS_DB:
         tl.store(
             db_ptr + e * s_dbe + offs_o * s_dbo,
@@ -976,8 +995,9 @@ def _gmm(
     """Grouped GEMM over the plan's expert groups.
 
     transpose_w=True (forward): C = A @ W[e]^T, W [E, N, Kdim]. False (dX): C = A @ W[e], W [E, Kdim, N].
-    gather: A is [T, Kdim] and row r reads token ``sorted_flat[r] // K``. Returns C (and C2 for two-output
-    epilogues), [R, N]; rows of dropped pairs are zero.
+    gather: A is [T, Kdim] and row r reads token ``sorted_flat[r] // K``. Returns C, [R, N] (rows of dropped
+    pairs are zero), or a tuple for the epilogues with several outputs: EPI_GELU (h, z), EPI_GELU_BWD (dz, h),
+    EPI_SWIGLU_BWD (dgate, dup, h).
     """
     E = w.shape[0]
     if transpose_w:
@@ -992,12 +1012,17 @@ def _gmm(
     R = meta.R
     c = torch.empty(R, N, dtype=dtype, device=a.device)
     has_c2 = epi in (EPI_GELU, EPI_SWIGLU_BWD)
+    has_c3 = epi in (EPI_GELU_BWD, EPI_SWIGLU_BWD)
     c2 = torch.empty_like(c) if has_c2 else c
+    c3 = torch.empty_like(c) if has_c3 else c
+    outs = (c, *((c2,) if has_c2 else ()), *((c3,) if has_c3 else ()))
+    result = outs if len(outs) > 1 else c
     if R == 0 or N == 0:
-        return (c, c2) if has_c2 else c
-    cfg = _config("gmm", a.dtype)
+        return result
+    kind = "gmm" if epi == EPI_NONE else "gmm_epi"
+    cfg = _config(kind, a.dtype)
     BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
-    if N % BN and N % (BN // 2) == 0 and BN >= 256 and "BN" not in CONFIG_OVERRIDES.get("gmm", {}):
+    if N % BN and N % (BN // 2) == 0 and BN >= 256 and "BN" not in CONFIG_OVERRIDES.get(kind, {}):
         BN //= 2  # e.g. D = 1152 = 4.5 x 256: half-width tiles waste nothing
     tab, nmb = meta.table(BM)
     upcast, prec = _prec(a.dtype)
@@ -1005,7 +1030,7 @@ def _gmm(
     grid = (nmb * triton.cdiv(N, BN),)
     _gmm_kernel[grid](
         a,
-        meta.sorted_flat,
+        meta.tok() if gather else dummy,
         w,
         a2 if a2 is not None else dummy,
         w2 if w2 is not None else dummy,
@@ -1013,13 +1038,13 @@ def _gmm(
         tab,
         c,
         c2,
+        c3,
         x0 if x0 is not None else dummy,
         x1 if x1 is not None else dummy,
         N,
         Kdim,
         nmb,
         E,
-        meta.K,
         a.stride(0),
         a.stride(1),
         _s(a2, 0),
@@ -1034,8 +1059,6 @@ def _gmm(
         _s(bias, 1),
         c.stride(0),
         c.stride(1),
-        c2.stride(0),
-        c2.stride(1),
         _s(x0, 0),
         _s(x0, 1),
         _s(x1, 0),
@@ -1045,6 +1068,7 @@ def _gmm(
         bias is not None,
         epi,
         has_c2,
+        has_c3,
         upcast,
         prec,
         Kdim % BK == 0,
@@ -1054,7 +1078,7 @@ def _gmm(
         cfg["GROUP_M"],
         **_launch_opts(cfg),
     )
-    return (c, c2) if has_c2 else c
+    return result
 
 
 def _gmm_swiglu(x_TD, w_gate, w_up, meta: _Meta):
@@ -1071,7 +1095,7 @@ def _gmm_swiglu(x_TD, w_gate, w_up, meta: _Meta):
     upcast, prec = _prec(x_TD.dtype)
     _gmm_swiglu_kernel[(nmb * triton.cdiv(N, BN),)](
         x_TD,
-        meta.sorted_flat,
+        meta.tok(),
         w_gate,
         w_up,
         tab,
@@ -1082,7 +1106,6 @@ def _gmm_swiglu(x_TD, w_gate, w_up, meta: _Meta):
         Kdim,
         nmb,
         E,
-        meta.K,
         x_TD.stride(0),
         x_TD.stride(1),
         w_gate.stride(0),
@@ -1106,18 +1129,7 @@ def _gmm_swiglu(x_TD, w_gate, w_up, meta: _Meta):
     return h, g, u
 
 
-def _gmm_dw(
-    a,
-    b,
-    meta: _Meta,
-    *,
-    a2=None,
-    b2=None,
-    b_act: int = ACT_NONE,
-    gather_b: bool = False,
-    with_db: bool = False,
-    dtype=None,
-):
+def _gmm_dw(a, b, meta: _Meta, *, a2=None, gather_b: bool = False, with_db: bool = False, dtype=None):
     """dW[e] = A[rows e]^T @ B[rows e] for every expert: [E, O, I] (+ dW2 from A2, + db [E, O])."""
     E = meta.E
     O, I = a.shape[1], b.shape[1]
@@ -1126,7 +1138,7 @@ def _gmm_dw(
     dw2 = torch.empty_like(dw) if a2 is not None else dw
     db = torch.empty(E, O, dtype=dtype, device=a.device) if with_db else dw
     if E > 0 and O > 0 and I > 0:
-        cfg = _config("dw", a.dtype)
+        cfg = _config("dw" if a2 is None else "dw_dual", a.dtype)
         BO, BI = cfg["BO"], cfg["BI"]
         upcast, prec = _prec(a.dtype)
         grid = (triton.cdiv(O, BO) * triton.cdiv(I, BI), E)
@@ -1134,8 +1146,7 @@ def _gmm_dw(
             a,
             a2 if a2 is not None else a,
             b,
-            b2 if b2 is not None else b,
-            meta.sorted_flat,
+            meta.tok() if gather_b else meta.offsets,
             meta.offsets,
             meta.order(),
             dw,
@@ -1143,25 +1154,18 @@ def _gmm_dw(
             db,
             O,
             I,
-            meta.K,
             a.stride(0),
             a.stride(1),
             _s(a2, 0),
             _s(a2, 1),
             b.stride(0),
             b.stride(1),
-            _s(b2, 0),
-            _s(b2, 1),
             dw.stride(0),
             dw.stride(1),
             dw.stride(2),
-            dw2.stride(0),
-            dw2.stride(1),
-            dw2.stride(2),
             db.stride(0) if with_db else 0,
             db.stride(1) if with_db else 0,
             a2 is not None,
-            b_act,
             gather_b,
             with_db,
             upcast,
@@ -1249,9 +1253,11 @@ class _SwigluExperts(torch.autograd.Function):
         x_TD, w_TK, w_gate, w_up, w_down, g, u, y = ctx.saved_tensors
         meta = ctx.meta
         dy, dw_TK = _scatter(dout_TD.to(y.dtype), meta, w_TK, y)
-        # down: dW = dy^T h with h = silu(g) * u recomputed while loading; dH's epilogue makes dgate/dup
-        dw_down = _gmm_dw(dy, g, meta, b2=u, b_act=ACT_SWIGLU)[0] if ctx.needs_input_grad[4] else None
-        dg, du = _gmm(dy, w_down, meta, transpose_w=False, epi=EPI_SWIGLU_BWD, x0=g, x1=u)
+        # dH = dy W_down; its epilogue makes dgate/dup and re-materialises h = silu(g) * u (not kept from the
+        # forward: only g and u are saved), so the down dW is a plain K-reduction dy^T h.
+        dg, du, h = _gmm(dy, w_down, meta, transpose_w=False, epi=EPI_SWIGLU_BWD, x0=g, x1=u)
+        dw_down = _gmm_dw(dy, h, meta)[0] if ctx.needs_input_grad[4] else None
+        del h
         dw_gate = dw_up = dx = None
         if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
             dw_gate, dw_up = _gmm_dw(dg, x_TD, meta, a2=du, gather_b=True)
@@ -1275,8 +1281,9 @@ class _GeluExperts(torch.autograd.Function):
         x_TD, w_TK, w1, w2, z, y = ctx.saved_tensors
         meta = ctx.meta
         dy, dw_TK = _scatter(dout_TD.to(y.dtype), meta, w_TK, y)
-        dw2, db2 = _gmm_dw(dy, z, meta, b_act=ACT_GELU, with_db=True)
-        dz = _gmm(dy, w2, meta, transpose_w=False, epi=EPI_GELU_BWD, x0=z)
+        dz, h = _gmm(dy, w2, meta, transpose_w=False, epi=EPI_GELU_BWD, x0=z)  # h = gelu(z) re-materialised
+        dw2, db2 = _gmm_dw(dy, h, meta, with_db=True)
+        del h
         dw1, db1 = _gmm_dw(dz, x_TD, meta, gather_b=True, with_db=True)
         dx = _gather(_gmm(dz, w1, meta, transpose_w=False), meta) if ctx.needs_input_grad[0] else None
         return dx, dw_TK.to(w_TK.dtype), dw1, db1, dw2, db2, None

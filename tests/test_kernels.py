@@ -4,11 +4,14 @@ Every public op and every gradient is compared with the reference on the same in
 the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1 when there is no GPU) with small tiles; on CUDA
 they run natively with the production tiles, so the same shapes exercise the masks of both.
 
-Tolerances, as the max abs error normalised by the reference tensor's max magnitude (``_nerr``):
-fp32 <= 1e-5 (summation order only); fp16 <= 4e-3; bf16 <= 1.6e-2 (2 bf16 ulps of the largest entry: the
-reference rounds every intermediate to bf16, the kernels keep fp32 inside each fused GEMM, so both sides carry
-independent rounding noise; measured <= 7.5e-3). In low precision the kernels must also be at least as accurate as
-the reference: error against an fp32 run of the reference <= 1.5 x the reference's own + 1e-3.
+Tolerances, as the max abs error normalised by the oracle tensor's max magnitude (``_nerr``):
+fp32 <= 1e-5 (summation order only), against the reference in fp32. In fp16/bf16 the oracle is the reference run
+in fp32 on the same (upcast) inputs, not the reference in the low dtype: on CUDA the reference's bias gradients
+come from ``repeat_interleave``'s backward, an ``index_add_`` whose bf16 atomics round the running sum to bf16
+after every row (0.05 normalised error on a 256-row expert, which failed the old ours-vs-bf16-reference check for
+``fc1_bias`` while the kernels, which sum in fp32, were right). Against that oracle: fp16 <= 4e-3, bf16 <= 1.6e-2
+(2 bf16 ulps of the largest entry: the kernels round their stored intermediates, h, z, dH, to the dtype), and the
+kernels must be at least as accurate as the reference in the same dtype: error <= 1.5 x the reference's + 1e-3.
 Routing metadata and permutes are compared exactly.
 """
 
@@ -96,26 +99,38 @@ def randn(*shape, seed, dtype, scale=1.0):
     return (torch.randn(*shape, generator=g) * scale).to(DEVICE, dtype)
 
 
-def run_with_grads(fn, inputs, seed=123):
-    """fn(*inputs) and the gradients of <fn, probe> w.r.t. every input (None where it does not require grad)."""
+def run_with_grads(fn, inputs, seed=123, probe_dtype=None):
+    """fn(*inputs) and the gradients of <fn, probe> w.r.t. every input (None where it does not require grad).
+    The probe is rounded to ``probe_dtype`` (default: the output's), so an fp32 oracle sees the same probe."""
     leaves = [t.detach().clone().requires_grad_(t.requires_grad) if t is not None else None for t in inputs]
     out = fn(*leaves)
     g = torch.Generator().manual_seed(seed)
-    probe = torch.randn(out.shape, generator=g).to(out.device, out.dtype)
+    probe = torch.randn(out.shape, generator=g).to(out.device, probe_dtype or out.dtype).to(out.dtype)
     (out.float() * probe.float()).sum().backward()
     return out.detach(), [None if t is None or not t.requires_grad else t.grad for t in leaves]
 
 
 def check_against_reference(name, fn_ours, fn_ref, inputs, dtype, names):
+    """Ours vs the reference: in fp32 directly; in fp16/bf16 against the reference run in fp32 on the upcast inputs
+    (see the module docstring), and at least as accurately as the reference run in ``dtype``."""
     out_a, grads_a = run_with_grads(fn_ours, inputs)
     out_b, grads_b = run_with_grads(fn_ref, inputs)
-    assert_near(out_a, out_b, dtype, f"{name} forward")
-    for n, a, b in zip(names, grads_a, grads_b, strict=True):
+    ours, theirs = [out_a, *grads_a], [out_b, *grads_b]
+    if dtype == torch.float32:
+        oracle = theirs
+    else:
+        up = [t.detach().float().requires_grad_(t.requires_grad) if t is not None else None for t in inputs]
+        out_c, grads_c = run_with_grads(fn_ref, up, probe_dtype=out_a.dtype)
+        oracle = [out_c, *grads_c]
+    for n, a, b, c in zip(["forward", *(f"grad {n}" for n in names)], ours, theirs, oracle, strict=True):
         if b is None:
             continue
-        assert a is not None, f"{name}: no gradient for {n}"
-        assert_near(a, b, dtype, f"{name} grad {n}")
-    return [out_a, *grads_a], [out_b, *grads_b]
+        assert a is not None, f"{name}: no {n}"
+        assert_near(a, c.to(a.dtype) if dtype != torch.float32 else c, dtype, f"{name} {n}")
+        if dtype != torch.float32:
+            ea, eb = _nerr(a, c), _nerr(b, c)
+            assert ea <= 1.5 * eb + 1e-3, f"{name} {n}: error vs fp32 {ea:.3g}, the reference's {eb:.3g}"
+    return ours, theirs
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -303,15 +318,9 @@ def check_experts(T, K, E, D, F, cap, empty, act, dtype, noncontig=False, seed=0
     ex = make_experts(T, K, E, seed=seed + T + E, empty=empty, skew=0.2)
     plan_ops, plan_ref = ops.routing_plan(ex, E, cap), ref.routing_plan(ex, E, cap)
     inputs = _expert_inputs(T, K, E, D, F, act, dtype, noncontig, seed)
-    ours, theirs = check_against_reference(
+    ours, _ = check_against_reference(
         f"{act}_experts", _experts_fn(ops, act, plan_ops), _experts_fn(ref, act, plan_ref), inputs, dtype, NAMES[act]
     )
-    if dtype != torch.float32:  # at least as accurate as the reference in the same dtype
-        out, grads = run_with_grads(
-            _experts_fn(ref, act, plan_ref), [t.detach().float().requires_grad_() for t in inputs]
-        )
-        for n, a, b, c in zip(["out", *NAMES[act]], ours, theirs, [out, *grads], strict=True):
-            assert _nerr(a, c) <= 1.5 * _nerr(b, c) + 1e-3, f"{n}: {_nerr(a, c):.3g} vs reference {_nerr(b, c):.3g}"
     counts = plan_ref.counts_E
     for i in range(3, len(ours)):  # experts without rows get exactly zero weight gradients
         for e in torch.nonzero(counts == 0).flatten().tolist():
