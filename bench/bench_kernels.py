@@ -91,6 +91,20 @@ def over_budget() -> bool:
 _flush = torch.empty(256 * 2**20 // 4, dtype=torch.float32, device=DEV) if CUDA else None
 
 
+def _gpu_pad() -> None:
+    """Keep the GPU busy (~0.5 ms spin) before the start event, so the host has queued fn's launches when the
+    timed region starts. Without it the events also time the host's launch latency whenever launching fn takes
+    longer than the L2 flush runs: tens of microseconds of Python/Triton launch overhead, which made the ~20 us
+    permute / unpermute / routing numbers of the H200 run 2 twice those of run 1 with identical kernels (the
+    run-2 sweep timed the same unpermute at 0.029 ms vs 0.048 ms in its table; megatron's permute and the torch
+    reference routing moved the same way)."""
+    if _sleep is not None:
+        _sleep(1_000_000)
+
+
+_sleep = getattr(torch.cuda, "_sleep", None) if CUDA else None
+
+
 def bench(fn, reps=None) -> float:
     """Median milliseconds of fn()."""
     reps = reps or (args.reps if CUDA else 3)
@@ -108,6 +122,7 @@ def bench(fn, reps=None) -> float:
     for _ in range(reps):
         _flush.zero_()  # evict L2 so every repetition reads from HBM
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        _gpu_pad()
         s.record()
         fn()
         e.record()
@@ -343,11 +358,37 @@ def run_shape(name: str):
             attempt(
                 shape,
                 "down dX",
-                "triton (+swiglu bwd, h)",
+                "triton (dH + swiglu bwd pass)",
+                lambda: ops._swiglu_bwd(ops._gmm(dy, Wd, meta, transpose_w=False), g, u),
+                **vs_dense("down dX"),
+            )
+            attempt(
+                shape,
+                "down dX",
+                "triton (fused epilogue)",
                 lambda: ops._gmm(dy, Wd, meta, transpose_w=False, epi=ops.EPI_SWIGLU_BWD, x0=g, x1=u),
                 **vs_dense("down dX"),
             )
-            dg, du, hb = ops._gmm(dy, Wd, meta, transpose_w=False, epi=ops.EPI_SWIGLU_BWD, x0=g, x1=u)
+            dh = ops._gmm(dy, Wd, meta, transpose_w=False)
+            attempt(
+                shape,
+                "down dX: dH part",
+                "triton (plain dH only)",
+                lambda: ops._gmm(dy, Wd, meta, transpose_w=False),
+                **vs_dense("down dX"),
+            )
+            ew_bytes = 6 * R * F_ * el  # reads dH, g, u; writes dgate, dup, h
+            attempt(
+                shape,
+                "swiglu bwd pass",
+                "triton (elementwise)",
+                lambda: ops._swiglu_bwd(dh, g, u),
+                nbytes=ew_bytes,
+                base_ms=ew_bytes / (copy_gbps * 1e6),
+                base_name="d2d copy GB/s",
+            )
+            del dh
+            dg, du, hb = ops._down_dx_swiglu(dy, Wd, g, u, meta)
             attempt(
                 shape,
                 "gate/up dX",
@@ -520,17 +561,17 @@ SWEEP = {
     # kind: (op timed at XL, candidates (BM, BN, BK, warps, stages) or, for dW, (BO, BI, BR, warps, stages))
     "swiglu": ("gate/up fwd", [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4)]),
     "gmm": ("down fwd", [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 128, 64, 8, 4)]),
-    "gmm_dx": ("gate/up dX", [(128, 256, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4)]),
-    "gmm_epi": ("down dX", [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (128, 256, 64, 8, 3)]),
-    "dw": ("down dW", [(128, 256, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 32, 4, 4)]),
-    "dw_dual": ("gate/up dW", [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 32, 8, 4), (64, 128, 64, 4, 3)]),
-    "rows": ("unpermute", [(16, 128, 4), (32, 128, 4), (16, 256, 8), (32, 256, 8)]),
+    "gmm_dx": ("gate/up dX", [(128, 128, 64, 8, 4), (128, 256, 64, 8, 4), (128, 128, 64, 8, 5)]),
+    "gmm_epi": ("down dX", [(128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (128, 128, 64, 8, 5)]),
+    "dw": ("down dW", [(128, 128, 32, 4, 4), (128, 128, 32, 4, 5), (128, 256, 32, 8, 4)]),
+    "dw_dual": ("gate/up dW", [(64, 128, 64, 4, 3), (64, 128, 64, 4, 4), (64, 128, 32, 4, 4), (64, 256, 64, 8, 3)]),
+    "rows": ("unpermute", [(16, 256, 8), (16, 128, 4), (32, 256, 8), (8, 256, 4)]),
 }
 
 
 def sweep(kinds):
     """A few tile configs per kernel kind at XL (bf16); prints each time and the best per kind. ``gmm_dx`` is
-    the ``gmm`` kind timed on the two-term gate/up dX instead of the down forward."""
+    timed on the two-term gate/up dX, ``gmm_epi`` on the fused-epilogue down dX."""
     if ops is None or not CUDA:
         skip("sweep", "needs CUDA and the Triton kernels")
         return
@@ -567,7 +608,7 @@ def sweep(kinds):
             continue
         op, configs = SWEEP[kind]
         fl, nbytes, fn = work[kind]
-        real = "gmm" if kind == "gmm_dx" else kind
+        real = kind
         if kind == "rows":
             keys = ("BT", "BD", "num_warps")
         else:

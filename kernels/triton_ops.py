@@ -61,32 +61,40 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on
 CONFIG_OVERRIDES: dict[str, dict] = {}
 
 EPI_NONE, EPI_GELU, EPI_GELU_BWD, EPI_SWIGLU_BWD = 0, 1, 2, 3
+# Down dX of the SwiGLU experts: plain grouped GEMM for dH + elementwise SwiGLU backward (True), or the GEMM with
+# the backward fused in its epilogue (False; run 2: 0.84 ms at XL vs 0.26 ms for the plain GEMM in torch).
+SWIGLU_BWD_SPLIT = True
 
 
 def _config(kind: str, dtype: torch.dtype) -> dict:
     """Fixed tile configuration for one kernel kind: ``gmm`` (single-accumulator grouped GEMM without epilogue:
-    forward, dX, two-term dX), ``gmm_epi`` (the same with an activation epilogue: GELU forward, SwiGLU / GELU
-    backward, which load and store several extra tiles), ``swiglu`` (dual-accumulator gate/up GEMM), ``dw``
-    (per-expert K-reduction), ``dw_dual`` (the same with two A operands: gate/up dW), ``rows``
-    (permute/combine), ``route`` (routing metadata)."""
+    forward), ``gmm_dx`` (the same for dX GEMMs, B = W[e] untransposed: one- and two-term dX, dH), ``gmm_epi``
+    (the same with an activation epilogue: GELU forward, SwiGLU / GELU backward, which load and store several
+    extra tiles), ``swiglu`` (dual-accumulator gate/up GEMM), ``dw`` (per-expert K-reduction), ``dw_dual`` (the
+    same with two A operands: gate/up dW), ``rows`` (permute/combine), ``ew`` (elementwise SwiGLU backward),
+    ``route`` (routing metadata)."""
     if INTERPRET:
         cfg = {
             "gmm": dict(BM=16, BN=32, BK=32, GROUP_M=4),
+            "gmm_dx": dict(BM=16, BN=32, BK=32, GROUP_M=4),
             "gmm_epi": dict(BM=16, BN=32, BK=32, GROUP_M=4),
             "swiglu": dict(BM=16, BN=32, BK=32, GROUP_M=4),
             "dw": dict(BO=32, BI=32, BR=16, GROUP_M=4),
             "dw_dual": dict(BO=32, BI=32, BR=16, GROUP_M=4),
             "rows": dict(BT=16, BD=64),
+            "ew": dict(BLOCK=256),
             "route": dict(BLOCK=0),
         }[kind]
     elif dtype == torch.float32:
         cfg = {
             "gmm": dict(BM=64, BN=64, BK=32, GROUP_M=8, num_warps=4, num_stages=3),
+            "gmm_dx": dict(BM=64, BN=64, BK=32, GROUP_M=8, num_warps=4, num_stages=3),
             "gmm_epi": dict(BM=64, BN=64, BK=32, GROUP_M=8, num_warps=4, num_stages=3),
             "swiglu": dict(BM=64, BN=64, BK=32, GROUP_M=8, num_warps=4, num_stages=3),
             "dw": dict(BO=64, BI=64, BR=32, GROUP_M=8, num_warps=4, num_stages=3),
             "dw_dual": dict(BO=64, BI=64, BR=32, GROUP_M=8, num_warps=4, num_stages=3),
             "rows": dict(BT=8, BD=128, num_warps=4),
+            "ew": dict(BLOCK=1024, num_warps=4),
             "route": dict(BLOCK=0),
         }[kind]
     else:
@@ -94,13 +102,18 @@ def _config(kind: str, dtype: torch.dtype) -> dict:
         # gmm_epi: 128x128 so the fp32 accumulator plus the epilogue's extra tiles fit in registers (a 128x256
         # accumulator with two loaded and two stored tiles spilled: down dX ran at 0.11 of dense).
         # dw / dw_dual: plain tl.dot K-reductions (no activation recompute in the loop any more).
+        # gmm_dx (dX GEMMs without epilogue), gmm_epi, dw, dw_dual, rows: winners of the run-2 sweep at XL
+        # (bench/results/nvidia-h200-2026-11-26-run2: gate/up dX 689, down dX 230, down dW 665, gate/up dW 373
+        # TFLOP/s; unpermute 2489 GB/s).
         cfg = {
             "gmm": dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3),
-            "gmm_epi": dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3),
+            "gmm_dx": dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4),
+            "gmm_epi": dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4),
             "swiglu": dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3),
-            "dw": dict(BO=128, BI=256, BR=64, GROUP_M=8, num_warps=8, num_stages=3),
-            "dw_dual": dict(BO=128, BI=128, BR=64, GROUP_M=8, num_warps=8, num_stages=3),
-            "rows": dict(BT=16, BD=128, num_warps=4),
+            "dw": dict(BO=128, BI=128, BR=32, GROUP_M=8, num_warps=4, num_stages=4),
+            "dw_dual": dict(BO=64, BI=128, BR=64, GROUP_M=8, num_warps=4, num_stages=3),
+            "rows": dict(BT=16, BD=256, num_warps=8),
+            "ew": dict(BLOCK=2048, num_warps=8),
             "route": dict(BLOCK=0),
         }[kind]
     cfg = {**cfg, **CONFIG_OVERRIDES.get(kind, {})}
@@ -1019,7 +1032,7 @@ def _gmm(
     result = outs if len(outs) > 1 else c
     if R == 0 or N == 0:
         return result
-    kind = "gmm" if epi == EPI_NONE else "gmm_epi"
+    kind = "gmm_epi" if epi != EPI_NONE else ("gmm" if transpose_w else "gmm_dx")
     cfg = _config(kind, a.dtype)
     BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
     if N % BN and N % (BN // 2) == 0 and BN >= 256 and "BN" not in CONFIG_OVERRIDES.get(kind, {}):
@@ -1079,6 +1092,43 @@ def _gmm(
         **_launch_opts(cfg),
     )
     return result
+
+
+@triton.jit
+def _swiglu_bwd_kernel(dh_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, h_ptr, n, BLOCK: tl.constexpr):
+    """Elementwise SwiGLU backward over contiguous [R, F] tensors: with dH, gate and up pre-activations,
+    dgate = dH * u * silu'(g), dup = dH * silu(g), h = silu(g) * u (fp32 math, the epilogue's formulas)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    dh = tl.load(dh_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    s = _sigmoid(g)
+    silu = g * s
+    tl.store(h_ptr + offs, _to(silu * u, h_ptr.dtype.element_ty), mask=m)
+    tl.store(du_ptr + offs, _to(dh * silu, du_ptr.dtype.element_ty), mask=m)
+    tl.store(dg_ptr + offs, _to(dh * u * (s + silu * (1.0 - s)), dg_ptr.dtype.element_ty), mask=m)
+
+
+def _swiglu_bwd(dh, g, u):
+    """(dgate, dup, h) from dH = dy W_down and the saved pre-activations: the second half of the split down dX
+    (a plain grouped GEMM for dH, then this light elementwise pass). Rows of dropped pairs have dH = g = u = 0
+    and come out zero."""
+    dh, g, u = dh.contiguous(), g.contiguous(), u.contiguous()
+    dg, du, h = torch.empty_like(dh), torch.empty_like(dh), torch.empty_like(dh)
+    n = dh.numel()
+    if n:
+        cfg = _config("ew", dh.dtype)
+        _swiglu_bwd_kernel[(triton.cdiv(n, cfg["BLOCK"]),)](dh, g, u, dg, du, h, n, cfg["BLOCK"], **_launch_opts(cfg))
+    return dg, du, h
+
+
+def _down_dx_swiglu(dy, w_down, g, u, meta: _Meta):
+    """Down-projection dX with the SwiGLU backward: (dgate, dup, h). SWIGLU_BWD_SPLIT (default): plain dX GEMM
+    on the ``gmm_dx`` tile + elementwise pass; else the GEMM with the backward in its epilogue (``gmm_epi``)."""
+    if SWIGLU_BWD_SPLIT:
+        return _swiglu_bwd(_gmm(dy, w_down, meta, transpose_w=False), g, u)
+    return _gmm(dy, w_down, meta, transpose_w=False, epi=EPI_SWIGLU_BWD, x0=g, x1=u)
 
 
 def _gmm_swiglu(x_TD, w_gate, w_up, meta: _Meta):
@@ -1253,9 +1303,9 @@ class _SwigluExperts(torch.autograd.Function):
         x_TD, w_TK, w_gate, w_up, w_down, g, u, y = ctx.saved_tensors
         meta = ctx.meta
         dy, dw_TK = _scatter(dout_TD.to(y.dtype), meta, w_TK, y)
-        # dH = dy W_down; its epilogue makes dgate/dup and re-materialises h = silu(g) * u (not kept from the
-        # forward: only g and u are saved), so the down dW is a plain K-reduction dy^T h.
-        dg, du, h = _gmm(dy, w_down, meta, transpose_w=False, epi=EPI_SWIGLU_BWD, x0=g, x1=u)
+        # dH = dy W_down, then the SwiGLU backward makes dgate/dup and re-materialises h = silu(g) * u (not kept
+        # from the forward: only g and u are saved), so the down dW is a plain K-reduction dy^T h.
+        dg, du, h = _down_dx_swiglu(dy, w_down, g, u, meta)
         dw_down = _gmm_dw(dy, h, meta)[0] if ctx.needs_input_grad[4] else None
         del h
         dw_gate = dw_up = dx = None

@@ -340,6 +340,38 @@ def test_experts_low_precision(case, act, dtype):
     check_experts(*EXPERT_CASES[case], act, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cap", [None, 9])
+def test_swiglu_bwd_split_matches_fused(cap, dtype):
+    """Down dX with the SwiGLU backward: plain dX GEMM + elementwise pass (default) vs the fused epilogue."""
+    T, K, E, D, F = 37, 2, 5, 40, 72
+    ex = make_experts(T, K, E, seed=7, empty=(3,), skew=0.2)
+    plan = ops.routing_plan(ex, E, cap)
+    meta = ops._meta(plan)
+    R = T * K
+    dy = randn(R, D, seed=1, dtype=dtype)
+    w = randn(E, D, F, seed=2, dtype=dtype, scale=D**-0.5)
+    g, u = randn(R, F, seed=3, dtype=dtype, scale=2.0), randn(R, F, seed=4, dtype=dtype)
+    kept = torch.zeros(R, dtype=torch.bool, device=DEVICE)
+    kept[: int(plan.offsets_E1[E])] = True
+    g[~kept] = 0  # as the forward leaves them: dropped rows have zero pre-activations
+    u[~kept] = 0
+    fused = ops._gmm(dy, w, meta, transpose_w=False, epi=ops.EPI_SWIGLU_BWD, x0=g, x1=u)
+    split = ops._swiglu_bwd(ops._gmm(dy, w, meta, transpose_w=False), g, u)
+    assert torch.equal(split[2], fused[2]), "h"  # same formula on the same inputs
+    for name, a, b in zip(["dgate", "dup"], split[:2], fused[:2], strict=True):
+        assert a.dtype == b.dtype == dtype
+        assert_near(a, b, dtype, name)  # bf16: split rounds dH to bf16 first (as the torch reference does)
+        assert torch.count_nonzero(a[~kept]) == 0, f"{name} of dropped rows"
+    assert torch.equal(ops._down_dx_swiglu(dy, w, g, u, meta)[0], split[0])
+
+
+def test_experts_fp32_swiglu_fused_epilogue(monkeypatch):
+    """The fused-epilogue down dX (SWIGLU_BWD_SPLIT = False) still trains correctly end to end."""
+    monkeypatch.setattr(ops, "SWIGLU_BWD_SPLIT", False)
+    check_experts(*EXPERT_CASES[5], "swiglu", torch.float32)
+
+
 @pytest.mark.parametrize("act", ["swiglu", "gelu"])
 def test_experts_noncontiguous(act):
     check_experts(29, 2, 4, 40, 56, None, (), act, torch.float32, noncontig=True)
