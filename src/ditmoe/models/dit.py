@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.distributed import ProcessGroup
 
 from ditmoe.config import ModelConfig
 from ditmoe.models.attention import Attention
@@ -31,15 +32,15 @@ class DiTOutput:
 
 
 class DiTBlock(nn.Module):
-    """adaLN-Zero transformer block with an MoE feed-forward."""
+    """adaLN-Zero transformer block with an MoE feed-forward (experts split over ``ep_group`` when given)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, ep_group: ProcessGroup | None = None):
         super().__init__()
         D = cfg.hidden_size
         self.norm1 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(D, cfg.num_heads, qk_norm=cfg.qk_norm)
         self.norm2 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
-        self.moe = MoEFeedForward(D, cfg.moe)
+        self.moe = MoEFeedForward(D, cfg.moe, ep_group)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
 
     def forward(self, x_BTD: torch.Tensor, c_BD: torch.Tensor):
@@ -62,7 +63,9 @@ class FinalLayer(nn.Module):
 
 
 class DiTMoE(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """``ep_group``: expert-parallel process group; each rank then holds E/ep experts of every layer."""
+
+    def __init__(self, cfg: ModelConfig, ep_group: ProcessGroup | None = None):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
@@ -71,7 +74,7 @@ class DiTMoE(nn.Module):
         self.t_embedder = TimestepEmbedder(D)
         self.y_embedder = LabelEmbedder(cfg.num_classes, D)
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, D), requires_grad=False)
-        self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(DiTBlock(cfg, ep_group) for _ in range(cfg.depth))
         self.final_layer = FinalLayer(D, cfg.patch_size, cfg.out_channels)
         if not self.pos_embed.is_meta:
             self.initialize_weights()

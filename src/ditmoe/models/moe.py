@@ -5,6 +5,10 @@ Shape suffixes: B batch, L tokens per image, T = B*L tokens, D hidden, E routed 
 The routed experts of a layer live in one module as stacked tensors ``[E, out, in]``; the dispatch (routing plan,
 permutation, grouped GEMMs, weighted combine) is delegated to ``ditmoe_kernels`` (torch reference on CPU, Triton on
 CUDA). The layer returns its auxiliary loss and routing statistics explicitly; nothing is stored on the module.
+
+Expert parallelism: given an EP process group of size ``ep``, each rank allocates only its ``E/ep`` consecutive
+experts (``StackedExperts.global_expert_ids``) and the dispatch exchanges tokens with ``ditmoe.parallel``; the router
+and shared expert stay replicated and routing statistics stay per global expert.
 """
 
 from __future__ import annotations
@@ -15,8 +19,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed import ProcessGroup
 
-from ditmoe.config import MoEConfig
+from ditmoe.config import ConfigError, MoEConfig
+from ditmoe.parallel.expert_parallel import expert_parallel_experts
+from ditmoe.parallel.groups import expert_shard
 from ditmoe_kernels import select_backend
 
 
@@ -59,12 +66,18 @@ class StackedExperts(nn.Module):
     SwiGLU: gate_proj/up_proj [E, F, D], down_proj [E, D, F] (no biases, as the official code).
     GELU (DiT's MLP, for upcycling): fc1 [E, F, D] + fc1_bias [E, F], fc2 [E, D, F] + fc2_bias [E, D].
     Every parameter is tagged ``is_expert = True`` so parallel code can shard and reduce it separately.
+    Under expert parallelism the module holds only ``local_experts`` (global ids, a range of ``num_experts``): row i
+    of every stacked parameter is global expert ``global_expert_ids[i]``.
     """
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, act: str):
+    def __init__(
+        self, num_experts: int, hidden_size: int, intermediate_size: int, act: str, local_experts: range | None = None
+    ):
         super().__init__()
         self.act = act
-        E, D, Fi = num_experts, hidden_size, intermediate_size
+        self.num_global_experts = num_experts
+        self.global_expert_ids = range(num_experts) if local_experts is None else local_experts
+        E, D, Fi = len(self.global_expert_ids), hidden_size, intermediate_size
         if act == "swiglu":
             self.gate_proj = nn.Parameter(torch.empty(E, Fi, D))
             self.up_proj = nn.Parameter(torch.empty(E, Fi, D))
@@ -79,16 +92,26 @@ class StackedExperts(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Xavier-uniform per expert (as DiT initialises every nn.Linear), zero biases."""
+        """Xavier-uniform per expert (as DiT initialises every nn.Linear), zero biases.
+
+        A rank holding a slice draws all experts and keeps its own, so the same seed gives the same global experts
+        at every expert-parallel size (and different experts on different EP ranks).
+        """
+        ids = self.global_expert_ids
         for name, p in self.named_parameters():
             if p.is_meta:
                 continue
             if name.endswith("bias"):
                 nn.init.zeros_(p)
-            else:
-                fan_out, fan_in = p.shape[1], p.shape[2]
-                bound = math.sqrt(6.0 / (fan_in + fan_out))
+                continue
+            fan_out, fan_in = p.shape[1], p.shape[2]
+            bound = math.sqrt(6.0 / (fan_in + fan_out))
+            if len(ids) == self.num_global_experts:
                 nn.init.uniform_(p, -bound, bound)
+            else:
+                every_expert = nn.init.uniform_(p.new_empty(self.num_global_experts, *p.shape[1:]), -bound, bound)
+                with torch.no_grad():
+                    p.copy_(every_expert[ids.start : ids.stop])
 
     def forward(self, ops, x_TD: torch.Tensor, weights_TK: torch.Tensor, plan) -> torch.Tensor:
         if self.act == "swiglu":
@@ -97,11 +120,25 @@ class StackedExperts(nn.Module):
 
 
 class MoEFeedForward(nn.Module):
-    def __init__(self, hidden_size: int, cfg: MoEConfig):
+    """Router + routed experts + shared expert. ``ep_group``: split the routed experts over this process group."""
+
+    def __init__(self, hidden_size: int, cfg: MoEConfig, ep_group: ProcessGroup | None = None):
         super().__init__()
         self.cfg = cfg
+        self.expert_shard = expert_shard(cfg.num_experts, ep_group)  # all experts, no group, when ep_group is None
+        if ep_group is not None and cfg.capacity_factor is not None:
+            raise ConfigError(
+                f"capacity_factor={cfg.capacity_factor} is not supported with expert parallelism yet; "
+                "use the dropless default (capacity_factor=None)"
+            )
         self.router = nn.Linear(hidden_size, cfg.num_experts, bias=False)  # kaiming-uniform(a=sqrt(5)) default
-        self.experts = StackedExperts(cfg.num_experts, hidden_size, int(cfg.mlp_ratio * hidden_size), cfg.expert_act)
+        self.experts = StackedExperts(
+            cfg.num_experts,
+            hidden_size,
+            int(cfg.mlp_ratio * hidden_size),
+            cfg.expert_act,
+            local_experts=self.expert_shard.global_expert_ids,
+        )
         shared = int(cfg.shared_expert_ratio * hidden_size)
         self.shared_expert = SwiGLU(hidden_size, shared) if shared > 0 else None
 
@@ -121,8 +158,13 @@ class MoEFeedForward(nn.Module):
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
 
         ops = select_backend(cfg.backend, x_TD.device)
-        plan = ops.routing_plan(experts_TK, cfg.num_experts, self.capacity(B * L))
-        out_TD = self.experts(ops, x_TD, weights_TK.to(x_TD.dtype), plan)
+        if self.expert_shard.group is None:
+            plan = ops.routing_plan(experts_TK, cfg.num_experts, self.capacity(B * L))
+            out_TD = self.experts(ops, x_TD, weights_TK.to(x_TD.dtype), plan)
+        else:
+            out_TD, plan = expert_parallel_experts(
+                ops, self.experts, x_TD, weights_TK.to(x_TD.dtype), experts_TK, self.expert_shard
+            )
         if self.shared_expert is not None:
             out_TD = out_TD + self.shared_expert(x_TD)
 
