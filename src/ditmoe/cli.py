@@ -91,11 +91,39 @@ def _human(n: int) -> str:
 
 
 def cmd_prepare(args) -> int:
-    from ditmoe.data.digits import prepare_digits
+    if args.dataset == "digits":
+        from ditmoe.data.digits import prepare_digits
 
-    manifest = prepare_digits(Path(args.out), image_size=args.image_size, seed=args.seed)
-    counts = {k: v["count"] for k, v in manifest["splits"].items()}
-    print(f"wrote digits shards to {args.out}: {counts}")
+        manifest = prepare_digits(Path(args.out), image_size=args.image_size or 16, seed=args.seed)
+        counts = {k: v["count"] for k, v in manifest["splits"].items()}
+        print(f"wrote digits shards to {args.out}: {counts}")
+        return 0
+    from ditmoe.data.prepare_images import prepare_images
+
+    if args.src is None:
+        raise ValueError("prepare images needs --src DIR (a folder with one sub-folder per class)")
+    if args.latents and args.vae is None:
+        raise ValueError("prepare images --latents needs --vae DIR (a diffusers AutoencoderKL directory)")
+    manifest = prepare_images(
+        Path(args.src),
+        Path(args.out),
+        image_size=args.image_size or 256,
+        shard_size=args.shard_size,
+        shard_bytes=args.shard_bytes,
+        workers=args.workers,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        image_format=args.image_format,
+        class_index_path=Path(args.class_index) if args.class_index else None,
+        latents=args.latents,
+        vae_dir=Path(args.vae) if args.vae else None,
+        device=args.device,
+        batch_size=args.batch_size,
+        scaling_factor=args.scaling_factor,
+    )
+    counts = {k: (v["count"], len(v["shards"])) for k, v in manifest["splits"].items()}
+    print(f"wrote {manifest['format']} shards of {manifest['num_classes']} classes to {args.out} "
+          f"(samples, shards per split: {counts}; {len(manifest['skipped'])} unreadable files skipped)")
     return 0
 
 
@@ -134,9 +162,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("prepare", help="write a dataset as webdataset shards")
-    p.add_argument("dataset", choices=["digits"], help="digits: scikit-learn's embedded 8x8 digits")
+    p.add_argument("dataset", choices=["digits", "images"],
+                   help="digits: scikit-learn's embedded 8x8 digits; images: a class-per-folder tree (--src)")
     p.add_argument("--out", required=True)
-    p.add_argument("--image-size", type=int, default=16)
+    p.add_argument("--src", help="images: root folder with one sub-folder of images per class")
+    p.add_argument("--image-size", type=int, help="digits: 8/16/32/64 (default 16); images: 256 or 512 (default 256)")
+    p.add_argument("--shard-size", type=int, help="images: samples per shard (default 1000)")
+    p.add_argument("--shard-bytes", type=int, help="images: start a new shard after about this many bytes")
+    p.add_argument("--workers", type=int, default=0, help="images: decoding/cropping processes (0: in-process)")
+    p.add_argument("--val-fraction", type=float, default=0.0, help="images: stratified val split (default none)")
+    p.add_argument("--image-format", choices=["jpg", "png"], default="jpg", help="images: stored encoding")
+    p.add_argument("--class-index", help="images: an existing classes.json to reuse (name -> id)")
+    p.add_argument("--latents", action="store_true", help="images: store SD-VAE latents instead of pixels")
+    p.add_argument("--vae", help="images --latents: a diffusers AutoencoderKL directory (e.g. sd-vae-ft-ema)")
+    p.add_argument("--device", default="auto", help="images --latents: auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--batch-size", type=int, default=32, help="images --latents: images per VAE batch")
+    p.add_argument("--scaling-factor", type=float, help="images --latents: override the VAE's scaling factor")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_prepare)
 

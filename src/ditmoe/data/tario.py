@@ -1,0 +1,102 @@
+"""Fault-tolerant tar shard reading: URL resolution (paths, braces, `pipe:`) and samples that skip bad data.
+
+Every problem is logged once as a warning and counted in a `Counter` under a reason:
+`missing_shard`, `bad_shard` (unreadable or truncated tar; the samples before the damage are kept),
+`duplicate_key`; the loader adds `undecodable`, `bad_shape` and `bad_label`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tarfile
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import webdataset as wds
+from webdataset.shardlists import expand_urls
+
+logger = logging.getLogger(__name__)
+
+SKIP_REASONS = ("missing_shard", "bad_shard", "duplicate_key", "undecodable", "bad_shape", "bad_label")
+
+
+def is_remote(url: str) -> bool:
+    """True for `pipe:` commands and scheme URLs (http://, s3://, ...), which are not checked on disk."""
+    return url.startswith("pipe:") or "://" in url
+
+
+def resolve_urls(data_dir: Path, names: str | Iterable[str]) -> list[str]:
+    """Shard names (brace patterns, `::`-joined lists, relative or absolute paths, pipe:/scheme URLs) -> URLs.
+
+    Relative paths are taken relative to data_dir.
+    """
+    patterns = [names] if isinstance(names, str) else list(names)
+    urls = []
+    for pattern in patterns:
+        for url in expand_urls(str(pattern)):
+            urls.append(url if is_remote(url) or os.path.isabs(url) else str(Path(data_dir) / url))
+    return urls
+
+
+def missing_local(urls: list[str]) -> list[str]:
+    """The local (non-remote) URLs that are not files."""
+    return [url for url in urls if not is_remote(url) and not os.path.isfile(url)]
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """webdataset naming: 'dir/key.ext.more' -> ('dir/key', 'ext.more')."""
+    directory, _, base = name.rpartition("/")
+    key, _, ext = base.partition(".")
+    return (f"{directory}/{key}" if directory else key), ext
+
+
+def iter_shard(url: str, skipped: Counter) -> Iterator[dict]:
+    """Samples {"__key__", "__url__", ext: bytes} of one tar, in order; a sample is emitted only once complete.
+
+    A missing or unreadable shard yields nothing; a truncated one yields the samples before the damage.
+    """
+    try:
+        stream = wds.gopen(url, "rb")
+    except (OSError, ValueError) as e:
+        skipped["missing_shard"] += 1
+        logger.warning("skipping shard %s: cannot open it (%s)", url, e)
+        return
+    sample: dict = {}
+    try:
+        with stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, ext = split_member_name(member.name)
+                if not ext:
+                    continue
+                data = tar.extractfile(member).read()
+                if sample and key != sample["__key__"]:
+                    yield sample
+                    sample = {}
+                if not sample:
+                    sample = {"__key__": key, "__url__": url}
+                if ext in sample:
+                    raise ValueError(f"member {member.name} repeats field {ext!r} of key {key!r}")
+                sample[ext] = data
+    except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+        skipped["bad_shard"] += 1
+        logger.warning("shard %s is damaged (%s: %s); keeping the samples before the damage", url, type(e).__name__, e)
+        return
+    if sample:
+        yield sample
+
+
+def iter_unique(urls: Iterable[str], skipped: Counter) -> Iterator[dict]:
+    """Samples of the shards in order, skipping (and counting) keys already seen in this pass."""
+    seen: set[str] = set()
+    for url in urls:
+        for sample in iter_shard(url, skipped):
+            if sample["__key__"] in seen:
+                skipped["duplicate_key"] += 1
+                logger.warning("skipping sample %r of %s: duplicate key", sample["__key__"], url)
+                continue
+            seen.add(sample["__key__"])
+            yield sample

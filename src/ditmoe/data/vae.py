@@ -1,0 +1,51 @@
+"""The Stable Diffusion VAE (diffusers AutoencoderKL) as a batched image -> latent encoder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DEFAULT_SCALING_FACTOR = 0.18215  # SD-VAE (sd-vae-ft-ema / ft-mse)
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> cuda when available else cpu; anything else as torch.device."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@dataclass
+class LatentEncoder:
+    """A loaded VAE: `encode` maps uint8 [B, H, W, 3] images to scaled latents [B, 4, H/f, W/f] (posterior mean)."""
+
+    vae: torch.nn.Module
+    device: torch.device
+    scaling_factor: float
+    downsample: int
+
+    @torch.no_grad()
+    def encode(self, images_BHWC: np.ndarray) -> np.ndarray:
+        """uint8 [B, H, W, 3] -> float32 [B, C, H/f, W/f] = posterior mean * scaling_factor."""
+        x = torch.from_numpy(np.ascontiguousarray(images_BHWC)).to(self.device)
+        x = x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+        dtype = next(self.vae.parameters()).dtype
+        latents = self.vae.encode(x.to(dtype)).latent_dist.mean * self.scaling_factor
+        return latents.float().cpu().numpy()
+
+
+def load_vae(vae_dir: Path, device: str = "auto", scaling_factor: float | None = None) -> LatentEncoder:
+    """AutoencoderKL.from_pretrained(vae_dir) in eval mode on device; FileNotFoundError naming a missing dir."""
+    from diffusers import AutoencoderKL  # imported here: only `prepare --latents` needs diffusers
+
+    vae_dir = Path(vae_dir)
+    if not (vae_dir / "config.json").is_file():
+        raise FileNotFoundError(f"VAE directory {vae_dir} has no config.json (expected a diffusers AutoencoderKL)")
+    dev = resolve_device(device)
+    vae = AutoencoderKL.from_pretrained(str(vae_dir)).to(dev).eval()
+    factor = scaling_factor if scaling_factor is not None else getattr(vae.config, "scaling_factor", None)
+    downsample = 2 ** (len(vae.config.block_out_channels) - 1)
+    return LatentEncoder(vae, dev, float(factor or DEFAULT_SCALING_FACTOR), downsample)

@@ -1,0 +1,348 @@
+"""Data at scale: class-folder trees -> image / VAE-latent shards, bad data, equal rank steps, exact resume."""
+
+import io
+import json
+import shutil
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from ditmoe.cli import main
+from ditmoe.data.imagefolder import center_crop_arr
+from ditmoe.data.prepare_images import prepare_images
+from ditmoe.data.shard_writer import file_sha256
+from ditmoe.data.shards import load_split_tensors, make_loader, read_manifest
+
+CLASSES = ("eel", "cat", "dog")  # created unsorted: ids follow the sorted names
+PER_CLASS = 7
+SIZE = 16
+
+
+def make_image(rng: np.random.Generator, cid: int, width: int, height: int) -> Image.Image:
+    """A noisy image whose mean color tells its class."""
+    base = np.zeros(3)
+    base[cid] = 200
+    array = np.clip(base + rng.integers(0, 50, (height, width, 3)), 0, 255).astype(np.uint8)
+    return Image.fromarray(array)
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> Path:
+    """3 class folders x 7 images of odd sizes (png, jpg, grayscale), one corrupt file, one non-image."""
+    root = tmp_path_factory.mktemp("tree") / "imagenet"
+    rng = np.random.default_rng(0)
+    for name in CLASSES:
+        cid = sorted(CLASSES).index(name)
+        (root / name).mkdir(parents=True)
+        for i in range(PER_CLASS):
+            image = make_image(rng, cid, 17 + 13 * i, 23 + 7 * i)
+            image.save(root / name / f"img{i}.{'png' if i % 2 else 'jpg'}")
+    (root / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    (root / "dog" / "README.txt").write_text("not an image")
+    return root
+
+
+@pytest.fixture(scope="module")
+def pixels(tree, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pixels") / "shards"
+    prepare_images(tree, out, image_size=SIZE, shard_size=8, workers=2, image_format="png", progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory) -> Path:
+    """A tiny random AutoencoderKL (one downsampling: latents are [4, S/2, S/2])."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
+                        norm_num_groups=32, sample_size=SIZE)
+    path = tmp_path_factory.mktemp("vae") / "tiny-vae"
+    vae.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def latents(tree, vae_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("latents") / "shards"
+    prepare_images(tree, out, image_size=SIZE, shard_size=8, latents=True, vae_dir=vae_dir, device="cpu",
+                   batch_size=8, progress=False)
+    return out
+
+
+def raw_samples(data_dir: Path) -> list[dict]:
+    urls = [str(data_dir / n) for n in read_manifest(data_dir)["splits"]["train"]["shards"]]
+    return list(wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()))
+
+
+def all_keys(loader) -> list[str]:
+    return [key for _, _, keys in loader for key in keys]
+
+
+def test_center_crop_is_adm():
+    rng = np.random.default_rng(1)
+    image = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    expected = image.resize((32, 32), Image.BOX).resize((16, 16), Image.BOX)  # two halvings, no bicubic step
+    assert np.array_equal(center_crop_arr(image, 16), np.asarray(expected))
+    wide = np.zeros((50, 150, 3), np.uint8)
+    wide[:, 50:100] = 255  # white centre square, black sides
+    crop = center_crop_arr(Image.fromarray(wide), 20)  # 150x50 -> bicubic to 60x20 -> centre 20 columns
+    assert crop.shape == (20, 20, 3) and crop[:, 2:-2].min() > 240
+
+
+def test_image_manifest_and_class_index(pixels, tree):
+    manifest = read_manifest(pixels)
+    assert json.loads((pixels / "classes.json").read_text()) == {"cat": 0, "dog": 1, "eel": 2}
+    assert manifest["classes"] == ["cat", "dog", "eel"] and manifest["num_classes"] == 3
+    assert (manifest["format"], manifest["channels"], manifest["image_size"]) == ("image", 3, SIZE)
+    train = manifest["splits"]["train"]
+    assert train["count"] == 3 * PER_CLASS and manifest["per_class"]["train"] == {c: PER_CLASS for c in CLASSES}
+    assert [r["count"] for r in train["shard_info"]] == [8, 8, 5] and train["shards"][0] == "train-000000.tar"
+    assert all(file_sha256(pixels / r["name"]) == r["sha256"] for r in train["shard_info"])
+    assert [Path(s["path"]).name for s in manifest["skipped"]] == ["broken.jpg"]
+
+
+def test_image_shards_decode_to_center_crops(pixels):
+    x, y = load_split_tensors(pixels, "train")
+    assert x.shape == (21, 3, SIZE, SIZE) and x.min() >= -1 and x.max() <= 1
+    assert torch.equal(x.mean(dim=(2, 3)).argmax(dim=1), y)  # the dominant color is the class
+    sample = raw_samples(pixels)[0]
+    assert set(sample) >= {"__key__", "png", "cls"} and sample["__key__"].startswith("train_")
+    loader = make_loader(pixels, batch_size=4, seed=0, num_workers=2, shuffle_buffer=10)
+    xb, yb = next(iter(loader))
+    assert xb.shape == (4, 3, SIZE, SIZE) and xb.dtype == torch.float32 and yb.dtype == torch.int64
+
+
+def test_latent_shards(latents, vae_dir, tree):
+    from ditmoe.data.vae import load_vae
+
+    manifest = read_manifest(latents)
+    assert (manifest["format"], manifest["channels"], manifest["image_size"]) == ("latent", 4, SIZE)
+    assert manifest["latent_size"] == SIZE // 2 and manifest["scaling_factor"] == pytest.approx(0.18215)
+    assert manifest["splits"]["train"]["count"] == 21 and manifest["num_classes"] == 3
+    samples = {s["__key__"]: s for s in raw_samples(latents)}
+    assert len(samples) == 21 and all(set(s) >= {"latent.npy", "latent_flip.npy", "cls"} for s in samples.values())
+    latent = np.load(io.BytesIO(samples["train_00000000"]["latent.npy"]))
+    flipped = np.load(io.BytesIO(samples["train_00000000"]["latent_flip.npy"]))
+    assert latent.dtype == np.float16 and latent.shape == (4, SIZE // 2, SIZE // 2)
+    assert not np.array_equal(latent, flipped)
+    # the stored latent is the scaled posterior mean of the center crop (same order as the pixel shards: seed 0)
+    first_path = manifest_first_path(tree)
+    with Image.open(first_path) as image:
+        crop = center_crop_arr(image, SIZE)
+    encoder = load_vae(vae_dir, "cpu")
+    expected = encoder.encode(np.stack([crop, crop[:, ::-1]]))
+    assert np.allclose(latent, expected[0], atol=2e-3) and np.allclose(flipped, expected[1], atol=2e-3)
+    x, y = next(iter(make_loader(latents, batch_size=5, seed=0, num_workers=2, shuffle_buffer=10)))
+    assert x.shape == (5, 4, SIZE // 2, SIZE // 2) and y.shape == (5,)
+
+
+def manifest_first_path(tree: Path) -> Path:
+    """The file written as train_00000000: the first item of the seeded permutation (broken file included)."""
+    from ditmoe.data.imagefolder import class_index, scan_images
+    from ditmoe.data.prepare_images import split_items
+
+    return Path(split_items(scan_images(tree, class_index(tree)), 0.0, 0)["train"][0][0])
+
+
+def test_cli_prepare_images_with_val_and_byte_shards(tree, tmp_path, capsys):
+    out = tmp_path / "cli"
+    assert main(["prepare", "images", "--src", str(tree), "--out", str(out), "--image-size", str(SIZE),
+                 "--shard-bytes", "3000", "--val-fraction", "0.3", "--workers", "2"]) == 0
+    manifest = read_manifest(out)
+    assert manifest["image_format"] == "jpg" and len(manifest["splits"]["train"]["shards"]) > 1
+    assert manifest["splits"]["train"]["count"] + manifest["splits"]["val"]["count"] == 21
+    assert all(manifest["per_class"]["val"][c] == 2 for c in CLASSES)
+    assert load_split_tensors(out, "val")[0].shape == (6, 3, SIZE, SIZE)
+    assert "wrote image shards of 3 classes" in capsys.readouterr().out
+    assert main(["prepare", "images", "--out", str(tmp_path / "x")]) == 2  # no --src: clear error
+    assert main(["prepare", "images", "--src", str(tree), "--out", str(tmp_path / "y"), "--latents"]) == 2
+
+
+def write_shard(path: Path, samples: list[dict]) -> None:
+    with wds.TarWriter(str(path)) as writer:
+        for sample in samples:
+            writer.write(sample)
+
+
+def png(size: int, color: int = 128) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), (color, 0, 0)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def damaged(pixels, tmp_path) -> Path:
+    """The pixel shards with one truncated, one duplicated, one missing, and one shard of bad samples."""
+    out = tmp_path / "damaged"
+    shutil.copytree(pixels, out)
+    manifest = read_manifest(out)
+    names = manifest["splits"]["train"]["shards"]  # 8, 8, 5 samples
+    data = (out / names[0]).read_bytes()
+    (out / names[0]).write_bytes(data[: len(data) * 5 // 8])  # truncated mid-sample
+    shutil.copy(out / names[1], out / "copy-000000.tar")  # 8 duplicate keys
+    (out / names[2]).unlink()  # missing
+    write_shard(out / "bad-000000.tar", [
+        {"__key__": "bad_undecodable", "png": b"\x89PNG garbage", "cls": "1"},
+        {"__key__": "bad_label", "png": png(SIZE), "cls": "7"},
+        {"__key__": "bad_shape", "png": png(SIZE + 3), "cls": "1"},
+        {"__key__": "good_extra", "png": png(SIZE), "cls": "2"},
+    ])
+    manifest["splits"]["train"]["shards"] = names + ["copy-000000.tar", "bad-000000.tar"]
+    manifest["splits"]["train"]["count"] = 21 + 8 + 4
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+def truncated_keep(path: Path) -> int:
+    """Samples of a truncated shard whose members (cls and png) were read in full before the damage."""
+    fields: Counter = Counter()
+    try:
+        with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+            for member in tar:
+                tar.extractfile(member).read()
+                fields[member.name.split(".")[0]] += 1
+    except tarfile.TarError:
+        pass
+    return sum(1 for n in fields.values() if n == 2)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_fault13_bad_data_skipped_and_counted(damaged, num_workers, caplog):
+    loader = make_loader(damaged, batch_size=4, seed=0, num_workers=num_workers, epochs=1, drop_last=False,
+                         return_keys=True)
+    batches = list(loader)
+    keys = [k for _, _, ks in batches for k in ks]
+    assert len(keys) == len(set(keys))  # duplicates never reach the model
+    assert all(x.shape[1:] == (3, SIZE, SIZE) for x, _, _ in batches)
+    assert all(((y >= 0) & (y < 3)).all() for _, y, _ in batches)
+    skipped = loader.skipped
+    assert skipped["missing_shard"] == 1 and skipped["bad_shard"] == 1 and skipped["duplicate_key"] == 8
+    assert skipped["undecodable"] == 1 and skipped["bad_label"] == 1 and skipped["bad_shape"] == 1
+    assert loader.skipped_labels == 1
+    assert "good_extra" in keys and len(keys) == 8 + 1 + truncated_keep(damaged / "train-000000.tar")
+
+
+@pytest.mark.timeout(60)
+def test_fault13_training_mode_and_latent_shapes(damaged, latents, tmp_path):
+    loaders = [make_loader(damaged, batch_size=4, seed=1, rank=r, world_size=2, num_workers=2, epochs=2)
+               for r in range(2)]
+    counts = [sum(1 for _ in loader) for loader in loaders]
+    assert counts[0] == counts[1] > 0
+    bad = tmp_path / "bad-latents"
+    shutil.copytree(latents, bad)
+    manifest = read_manifest(bad)
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros((4, SIZE, SIZE), np.float16))  # pixel-sized: wrong shape
+    write_shard(bad / "odd.tar", [{"__key__": "wrong", "latent.npy": buffer.getvalue(), "cls": "0"}])
+    manifest["splits"]["train"]["shards"].append("odd.tar")
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    loader = make_loader(bad, batch_size=4, seed=0, epochs=1, drop_last=False, return_keys=True)
+    assert "wrong" not in all_keys(loader) and loader.skipped["bad_shape"] == 1
+
+
+@pytest.mark.timeout(60)
+def test_nothing_readable_is_a_clear_error(pixels, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(pixels, broken)
+    names = read_manifest(broken)["splits"]["train"]["shards"]
+    for name in names:
+        (broken / name).write_bytes(b"this is no tar file" * 10)
+    for kwargs in ({"epochs": 1, "drop_last": False}, {"num_workers": 2}, {"resampled": True}):
+        with pytest.raises(RuntimeError, match="no readable sample.*train-000000.tar"):
+            next(iter(make_loader(broken, batch_size=4, seed=0, **kwargs)))
+    for name in names:
+        (broken / name).unlink()
+    with pytest.raises(FileNotFoundError, match="train-000002.tar"):
+        make_loader(broken, batch_size=4, seed=0)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_fault14_three_shards_two_ranks_same_steps(pixels, num_workers):
+    assert len(read_manifest(pixels)["splits"]["train"]["shards"]) == 3  # 8, 8, 5 samples
+    for epochs in (1, 3):
+        loaders = [make_loader(pixels, batch_size=2, seed=5, rank=r, world_size=2, num_workers=num_workers,
+                               epochs=epochs, shuffle_buffer=8, return_keys=True) for r in range(2)]
+        keys = [all_keys(loader) for loader in loaders]
+        consumers = 2 * max(num_workers, 1)
+        per_rank = epochs * (21 // consumers) // 2 * 2 * max(num_workers, 1)
+        assert len(keys[0]) == len(keys[1]) == per_rank
+        if epochs == 1:
+            # a rank with the short share wraps around it: repeats, never more than twice in an epoch
+            assert all(max(Counter(k).values()) <= 2 for k in keys) and len(set(keys[0]) | set(keys[1])) >= 13
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("stop", [3, 7, 12])  # odd, within the 2nd epoch, later
+def test_fault7_mid_epoch_resume_continues_keys_exactly(pixels, stop):
+    def loader(rank: int, state=None):
+        return make_loader(pixels, batch_size=2, seed=3, rank=rank, world_size=2, num_workers=2, epochs=4,
+                           shuffle_buffer=6, return_keys=True, state=state)
+
+    for rank in range(2):
+        full = [keys for _, _, keys in loader(rank)]
+        first = loader(rank)
+        head = []
+        for _, _, keys in first:
+            head.append(keys)
+            if len(head) == stop:
+                break
+        state = json.loads(json.dumps(first.state_dict()))  # as a checkpoint stores it
+        tail = [keys for _, _, keys in loader(rank, state)]
+        assert head + tail == full, f"rank {rank}: resume at batch {stop} diverged"
+    with pytest.raises(ValueError, match="world_size"):
+        make_loader(pixels, batch_size=2, seed=3, rank=0, world_size=4, num_workers=2, state=state)
+
+
+@pytest.mark.timeout(60)
+def test_resume_without_workers_and_resampled(pixels):
+    for kwargs in ({"num_workers": 0}, {"num_workers": 2, "resampled": True}):
+        def run(state=None, n=9, kwargs=kwargs):
+            loader = make_loader(pixels, batch_size=3, seed=0, return_keys=True, state=state, **kwargs)
+            out = []
+            for _, _, keys in loader:
+                out.append(keys)
+                if len(out) == n:
+                    return out, loader.state_dict()
+
+        full, _ = run(n=9)
+        head, state = run(n=4)
+        tail, _ = run(state=state, n=5)
+        assert head + tail == full
+
+
+@pytest.mark.timeout(60)
+def test_brace_and_pipe_urls(pixels):
+    reference = sorted(all_keys(make_loader(pixels, batch_size=4, seed=0, epochs=1, drop_last=False,
+                                            return_keys=True)))
+    braces = make_loader(pixels, batch_size=4, seed=0, epochs=1, drop_last=False, return_keys=True,
+                         shards="train-{000000..000002}.tar")
+    assert sorted(all_keys(braces)) == reference
+    pipes = [f"pipe:cat {pixels / name}" for name in read_manifest(pixels)["splits"]["train"]["shards"]]
+    piped = make_loader(pixels, batch_size=4, seed=0, epochs=1, drop_last=False, return_keys=True, shards=pipes)
+    assert sorted(all_keys(piped)) == reference
+    missing = make_loader(pixels, batch_size=4, seed=0, epochs=1, drop_last=False, return_keys=True,
+                          shards=pipes + ["pipe:cat /nonexistent.tar"], num_samples=21)
+    assert sorted(all_keys(missing)) == reference and sum(missing.skipped.values()) == 1
+    with pytest.raises(ValueError, match="num_samples"):
+        make_loader(pixels, batch_size=4, seed=0, shards=["pipe:cat /elsewhere/x.tar"])
+
+
+@pytest.mark.timeout(60)
+def test_latent_loader_is_deterministic_per_rank(latents):
+    def keys(rank: int) -> list:
+        return all_keys(make_loader(latents, batch_size=2, seed=9, rank=rank, world_size=2, num_workers=2,
+                                    epochs=2, shuffle_buffer=5, return_keys=True))
+
+    a, b = keys(0), keys(1)
+    assert a == keys(0) and len(a) == len(b) and not set(a[:5]) & set(b[:5])
+    assert Counter(a + b).most_common(1)[0][1] <= 2 * 2  # 2 epochs: at most a few repeats of any key
