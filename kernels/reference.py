@@ -124,7 +124,7 @@ def unpermute(y_RD: torch.Tensor, weights_TK: torch.Tensor, plan: RoutingPlan) -
     """Weighted sum of each token's K expert outputs, accumulated in fp32, in the dtype of y. [T, D]."""
     T, K = weights_TK.shape
     y_flat = torch.empty_like(y_RD).index_copy(0, plan.sorted_flat_R, y_RD)  # back to flat order (inverse perm)
-    out = (y_flat.view(T, K, -1).float() * weights_TK.float().unsqueeze(-1)).sum(1)
+    out = (y_flat.view(T, K, y_RD.shape[-1]).float() * weights_TK.float().unsqueeze(-1)).sum(1)
     return out.to(y_RD.dtype)
 
 

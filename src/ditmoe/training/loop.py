@@ -85,7 +85,7 @@ def train(cfg: TrainConfig, *, device: str | None = None, progress: bool = True)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = EMA(model, cfg.ema_decay, warmup=cfg.ema_warmup)
     gen = torch.Generator().manual_seed(cfg.seed + 1)  # timesteps, noise, label dropout
-    step, batches_done, wandb_id = 0, 0, None
+    step, data_state, wandb_id = 0, None, None
 
     found = ckpt_io.newest_valid(ckpt_root) if ckpt_root.exists() else None
     if found is not None and not cfg.resume:
@@ -96,7 +96,7 @@ def train(cfg: TrainConfig, *, device: str | None = None, progress: bool = True)
         ema.load_state_dict(ckpt_io.load_file(found, "ema"))
         opt.load_state_dict(ckpt_io.load_file(found, "optimizer"))
         state = ckpt_io.load_file(found, "trainer")
-        step, batches_done, wandb_id = state["step"], state["batches_done"], state.get("wandb_id")
+        step, data_state, wandb_id = state["step"], state["data"], state.get("wandb_id")
         gen.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         tqdm.write(f"resumed from {found} at step {step}")
@@ -109,10 +109,10 @@ def train(cfg: TrainConfig, *, device: str | None = None, progress: bool = True)
         config={"train": cfg.to_dict(), "model": mcfg.to_dict()},
         resume_id=wandb_id,
     )
-    loader = make_loader(cfg.data, "train", batch_size=cfg.batch_size, seed=cfg.seed, num_workers=cfg.num_workers)
-    batches = iter(loader)
-    for _ in range(batches_done):  # resume the data stream where it stopped
-        next(batches)
+    loader = make_loader(
+        cfg.data, "train", batch_size=cfg.batch_size, seed=cfg.seed, num_workers=cfg.num_workers, state=data_state
+    )
+    batches = iter(loader)  # continues where the checkpoint's data position left off
 
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else contextlib.nullcontext()
     routing = RoutingAccumulator()
@@ -122,7 +122,6 @@ def train(cfg: TrainConfig, *, device: str | None = None, progress: bool = True)
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc="train", dynamic_ncols=True)
     while step < cfg.steps:
         x0, y = next(batches)
-        batches_done += 1
         x0, y = x0.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
         for g in opt.param_groups:
             g["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
@@ -150,6 +149,7 @@ def train(cfg: TrainConfig, *, device: str | None = None, progress: bool = True)
                 "grad_norm": float(grad_norm),
                 "lr": opt.param_groups[0]["lr"],
                 "images_per_s": window_images / elapsed,
+                **{f"data/skipped_{reason}": n for reason, n in loader.skipped.items()},
             }
             logger.log(step, scalars, routing)
             bar.set_postfix(loss=f"{scalars['loss']:.4f}")
@@ -159,7 +159,7 @@ def train(cfg: TrainConfig, *, device: str | None = None, progress: bool = True)
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             trainer_state = {
                 "step": step,
-                "batches_done": batches_done,
+                "data": loader.state_dict(),
                 "generator": gen.get_state(),
                 "torch_rng": torch.get_rng_state(),
                 "wandb_id": logger.wandb_id,
