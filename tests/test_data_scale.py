@@ -61,9 +61,15 @@ def vae_dir(tmp_path_factory) -> Path:
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
-    vae = AutoencoderKL(block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
-                        norm_num_groups=32, sample_size=SIZE)
+    vae = AutoencoderKL(
+        block_out_channels=(32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=SIZE,
+    )
     path = tmp_path_factory.mktemp("vae") / "tiny-vae"
     vae.save_pretrained(path)
     return path
@@ -72,8 +78,17 @@ def vae_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def latents(tree, vae_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("latents") / "shards"
-    prepare_images(tree, out, image_size=SIZE, shard_size=8, latents=True, vae_dir=vae_dir, device="cpu",
-                   batch_size=8, progress=False)
+    prepare_images(
+        tree,
+        out,
+        image_size=SIZE,
+        shard_size=8,
+        latents=True,
+        vae_dir=vae_dir,
+        device="cpu",
+        batch_size=8,
+        progress=False,
+    )
     return out
 
 
@@ -154,8 +169,27 @@ def manifest_first_path(tree: Path) -> Path:
 
 def test_cli_prepare_images_with_val_and_byte_shards(tree, tmp_path, capsys):
     out = tmp_path / "cli"
-    assert main(["prepare", "images", "--src", str(tree), "--out", str(out), "--image-size", str(SIZE),
-                 "--shard-bytes", "3000", "--val-fraction", "0.3", "--workers", "2"]) == 0
+    assert (
+        main(
+            [
+                "prepare",
+                "images",
+                "--src",
+                str(tree),
+                "--out",
+                str(out),
+                "--image-size",
+                str(SIZE),
+                "--shard-bytes",
+                "3000",
+                "--val-fraction",
+                "0.3",
+                "--workers",
+                "2",
+            ]
+        )
+        == 0
+    )
     manifest = read_manifest(out)
     assert manifest["image_format"] == "jpg" and len(manifest["splits"]["train"]["shards"]) > 1
     assert manifest["splits"]["train"]["count"] + manifest["splits"]["val"]["count"] == 21
@@ -189,12 +223,15 @@ def damaged(pixels, tmp_path) -> Path:
     (out / names[0]).write_bytes(data[: len(data) * 5 // 8])  # truncated mid-sample
     shutil.copy(out / names[1], out / "copy-000000.tar")  # 8 duplicate keys
     (out / names[2]).unlink()  # missing
-    write_shard(out / "bad-000000.tar", [
-        {"__key__": "bad_undecodable", "png": b"\x89PNG garbage", "cls": "1"},
-        {"__key__": "bad_label", "png": png(SIZE), "cls": "7"},
-        {"__key__": "bad_shape", "png": png(SIZE + 3), "cls": "1"},
-        {"__key__": "good_extra", "png": png(SIZE), "cls": "2"},
-    ])
+    write_shard(
+        out / "bad-000000.tar",
+        [
+            {"__key__": "bad_undecodable", "png": b"\x89PNG garbage", "cls": "1"},
+            {"__key__": "bad_label", "png": png(SIZE), "cls": "7"},
+            {"__key__": "bad_shape", "png": png(SIZE + 3), "cls": "1"},
+            {"__key__": "good_extra", "png": png(SIZE), "cls": "2"},
+        ],
+    )
     manifest["splits"]["train"]["shards"] = names + ["copy-000000.tar", "bad-000000.tar"]
     manifest["splits"]["train"]["count"] = 21 + 8 + 4
     (out / "manifest.json").write_text(json.dumps(manifest))
@@ -217,8 +254,9 @@ def truncated_keep(path: Path) -> int:
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_fault13_bad_data_skipped_and_counted(damaged, num_workers, caplog):
-    loader = make_loader(damaged, batch_size=4, seed=0, num_workers=num_workers, epochs=1, drop_last=False,
-                         return_keys=True)
+    loader = make_loader(
+        damaged, batch_size=4, seed=0, num_workers=num_workers, epochs=1, drop_last=False, return_keys=True
+    )
     batches = list(loader)
     keys = [k for _, _, ks in batches for k in ks]
     assert len(keys) == len(set(keys))  # duplicates never reach the model
@@ -233,8 +271,9 @@ def test_fault13_bad_data_skipped_and_counted(damaged, num_workers, caplog):
 
 @pytest.mark.timeout(60)
 def test_fault13_training_mode_and_latent_shapes(damaged, latents, tmp_path):
-    loaders = [make_loader(damaged, batch_size=4, seed=1, rank=r, world_size=2, num_workers=2, epochs=2)
-               for r in range(2)]
+    loaders = [
+        make_loader(damaged, batch_size=4, seed=1, rank=r, world_size=2, num_workers=2, epochs=2) for r in range(2)
+    ]
     counts = [sum(1 for _ in loader) for loader in loaders]
     assert counts[0] == counts[1] > 0
     bad = tmp_path / "bad-latents"
@@ -270,8 +309,20 @@ def test_nothing_readable_is_a_clear_error(pixels, tmp_path):
 def test_fault14_three_shards_two_ranks_same_steps(pixels, num_workers):
     assert len(read_manifest(pixels)["splits"]["train"]["shards"]) == 3  # 8, 8, 5 samples
     for epochs in (1, 3):
-        loaders = [make_loader(pixels, batch_size=2, seed=5, rank=r, world_size=2, num_workers=num_workers,
-                               epochs=epochs, shuffle_buffer=8, return_keys=True) for r in range(2)]
+        loaders = [
+            make_loader(
+                pixels,
+                batch_size=2,
+                seed=5,
+                rank=r,
+                world_size=2,
+                num_workers=num_workers,
+                epochs=epochs,
+                shuffle_buffer=8,
+                return_keys=True,
+            )
+            for r in range(2)
+        ]
         keys = [all_keys(loader) for loader in loaders]
         consumers = 2 * max(num_workers, 1)
         per_rank = epochs * (21 // consumers) // 2 * 2 * max(num_workers, 1)
@@ -285,8 +336,18 @@ def test_fault14_three_shards_two_ranks_same_steps(pixels, num_workers):
 @pytest.mark.parametrize("stop", [3, 7, 12])  # odd, within the 2nd epoch, later
 def test_fault7_mid_epoch_resume_continues_keys_exactly(pixels, stop):
     def loader(rank: int, state=None):
-        return make_loader(pixels, batch_size=2, seed=3, rank=rank, world_size=2, num_workers=2, epochs=4,
-                           shuffle_buffer=6, return_keys=True, state=state)
+        return make_loader(
+            pixels,
+            batch_size=2,
+            seed=3,
+            rank=rank,
+            world_size=2,
+            num_workers=2,
+            epochs=4,
+            shuffle_buffer=6,
+            return_keys=True,
+            state=state,
+        )
 
     for rank in range(2):
         full = [keys for _, _, keys in loader(rank)]
@@ -306,6 +367,7 @@ def test_fault7_mid_epoch_resume_continues_keys_exactly(pixels, stop):
 @pytest.mark.timeout(60)
 def test_resume_without_workers_and_resampled(pixels):
     for kwargs in ({"num_workers": 0}, {"num_workers": 2, "resampled": True}):
+
         def run(state=None, n=9, kwargs=kwargs):
             loader = make_loader(pixels, batch_size=3, seed=0, return_keys=True, state=state, **kwargs)
             out = []
@@ -322,16 +384,24 @@ def test_resume_without_workers_and_resampled(pixels):
 
 @pytest.mark.timeout(60)
 def test_brace_and_pipe_urls(pixels):
-    reference = sorted(all_keys(make_loader(pixels, batch_size=4, seed=0, epochs=1, drop_last=False,
-                                            return_keys=True)))
-    braces = make_loader(pixels, batch_size=4, seed=0, epochs=1, drop_last=False, return_keys=True,
-                         shards="train-{000000..000002}.tar")
+    reference = sorted(all_keys(make_loader(pixels, batch_size=4, seed=0, epochs=1, drop_last=False, return_keys=True)))
+    braces = make_loader(
+        pixels, batch_size=4, seed=0, epochs=1, drop_last=False, return_keys=True, shards="train-{000000..000002}.tar"
+    )
     assert sorted(all_keys(braces)) == reference
     pipes = [f"pipe:cat {pixels / name}" for name in read_manifest(pixels)["splits"]["train"]["shards"]]
     piped = make_loader(pixels, batch_size=4, seed=0, epochs=1, drop_last=False, return_keys=True, shards=pipes)
     assert sorted(all_keys(piped)) == reference
-    missing = make_loader(pixels, batch_size=4, seed=0, epochs=1, drop_last=False, return_keys=True,
-                          shards=pipes + ["pipe:cat /nonexistent.tar"], num_samples=21)
+    missing = make_loader(
+        pixels,
+        batch_size=4,
+        seed=0,
+        epochs=1,
+        drop_last=False,
+        return_keys=True,
+        shards=pipes + ["pipe:cat /nonexistent.tar"],
+        num_samples=21,
+    )
     assert sorted(all_keys(missing)) == reference and sum(missing.skipped.values()) == 1
     with pytest.raises(ValueError, match="num_samples"):
         make_loader(pixels, batch_size=4, seed=0, shards=["pipe:cat /elsewhere/x.tar"])
@@ -340,9 +410,39 @@ def test_brace_and_pipe_urls(pixels):
 @pytest.mark.timeout(60)
 def test_latent_loader_is_deterministic_per_rank(latents):
     def keys(rank: int) -> list:
-        return all_keys(make_loader(latents, batch_size=2, seed=9, rank=rank, world_size=2, num_workers=2,
-                                    epochs=2, shuffle_buffer=5, return_keys=True))
+        return all_keys(
+            make_loader(
+                latents,
+                batch_size=2,
+                seed=9,
+                rank=rank,
+                world_size=2,
+                num_workers=2,
+                epochs=2,
+                shuffle_buffer=5,
+                return_keys=True,
+            )
+        )
 
     a, b = keys(0), keys(1)
     assert a == keys(0) and len(a) == len(b) and not set(a[:5]) & set(b[:5])
     assert Counter(a + b).most_common(1)[0][1] <= 2 * 2  # 2 epochs: at most a few repeats of any key
+
+
+@pytest.mark.parametrize("kind", ["pixels", "latents"])
+def test_train_a_few_steps_from_prepared_shards(kind, request, tmp_path):
+    from ditmoe.training.config import train_config
+    from ditmoe.training.loop import train
+
+    data = request.getfixturevalue(kind)
+    manifest = read_manifest(data)
+    cfg = train_config("digits-smoke", data=str(data), out=str(tmp_path / "run"), steps=2, batch_size=4)
+    result = train(cfg, progress=False)
+    assert result.step == 2 and all(np.isfinite(result.losses))
+    saved = json.loads((tmp_path / "run" / "checkpoints" / "step_00000002" / "config.json").read_text())["model"]
+    expected = manifest["latent_size"] if kind == "latents" else SIZE
+    assert (saved["input_size"], saved["in_channels"], saved["num_classes"]) == (
+        expected,
+        4 if kind == "latents" else 3,
+        3,
+    )

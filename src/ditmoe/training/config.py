@@ -96,8 +96,10 @@ def train_config(preset: str | None = None, **overrides) -> TrainConfig:
 def model_config_for_data(cfg: TrainConfig, manifest: dict) -> ModelConfig:
     """The preset's model shaped for the dataset: pixels (channels, size) or VAE latents, and its classes."""
     opts = dict(cfg.model_opts)
-    if manifest.get("format") == "latent":
-        kwargs = dict(image_size=manifest["image_size"], latent=True, in_channels=manifest.get("channels", 4))
+    if manifest.get("format") == "latent":  # the model sees the stored latents, whatever the VAE's downsampling
+        size, channels = manifest["latent_size"], manifest.get("channels", 4)
     else:
-        kwargs = dict(image_size=manifest["image_size"], latent=False, in_channels=manifest["channels"])
-    return model_config(cfg.model, num_classes=manifest["num_classes"], **kwargs, **opts)
+        size, channels = manifest["image_size"], manifest["channels"]
+    return model_config(
+        cfg.model, image_size=size, latent=False, in_channels=channels, num_classes=manifest["num_classes"], **opts
+    )
