@@ -14,6 +14,7 @@ from ditmoe.training import checkpoint as ckpt_io
 from ditmoe.training.config import train_config
 from ditmoe.training.ema import EMA
 from ditmoe.training.loop import train
+from ditmoe.training.run_state import load_global_state
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +41,8 @@ def test_resume_reproduces_the_uninterrupted_loss_sequence(digits, tmp_path, dif
     first = [json.loads(line)["loss"] for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
     assert len(full.losses) == 6 and len(resumed.losses) == 3
     assert first[:3] + resumed.losses == full.losses  # bitwise: same floats
-    a = ckpt_io.load_file(ckpt_io.newest_valid(tmp_path / "full" / "checkpoints"), "model")
-    b = ckpt_io.load_file(ckpt_io.newest_valid(tmp_path / "split" / "checkpoints"), "model")
+    a = load_global_state(ckpt_io.newest_valid(tmp_path / "full" / "checkpoints"), "model")
+    b = load_global_state(ckpt_io.newest_valid(tmp_path / "split" / "checkpoints"), "model")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -61,13 +62,13 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(digits, tmp_path):
     train(smoke(digits, tmp_path / "run", steps=4, ckpt_every=2), progress=False)
     root = tmp_path / "run" / "checkpoints"
     newest = ckpt_io.step_dir(root, 4)
-    with open(newest / "model.pt", "r+b") as f:  # flip bytes in the middle of the file
+    with open(newest / "model-experts-0of1.pt", "r+b") as f:  # flip bytes in the middle of the file
         f.seek(200)
         f.write(b"\x00\xff\x00\xff")
     (root / "latest").write_text("garbage")
     warnings = []
     assert ckpt_io.newest_valid(root, warn=warnings.append) == ckpt_io.step_dir(root, 2)
-    assert "model.pt" in warnings[0]
+    assert "model-experts-0of1.pt" in warnings[0]
     resumed = train(smoke(digits, tmp_path / "run", steps=5, ckpt_every=2, resume=True), progress=False)
     assert resumed.step == 5 and len(resumed.losses) == 3  # steps 3, 4, 5
 
@@ -86,7 +87,7 @@ def test_interrupted_save_is_never_loaded(digits, tmp_path):
 def test_checkpoints_exist_but_none_intact_is_an_error(digits, tmp_path):
     train(smoke(digits, tmp_path / "run", steps=2, ckpt_every=2), progress=False)
     root = tmp_path / "run" / "checkpoints"
-    (ckpt_io.step_dir(root, 2) / "ema.pt").write_bytes(b"truncated")
+    (ckpt_io.step_dir(root, 2) / "ema-dense.pt").write_bytes(b"truncated")
     with pytest.raises(ckpt_io.CheckpointError, match="none is complete"):
         train(smoke(digits, tmp_path / "run", steps=4, resume=True), progress=False)
 
@@ -102,7 +103,8 @@ def test_metrics_carry_per_layer_utilisation(digits, tmp_path):
     record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     shares = [record[f"moe/layer0/expert{e}"] for e in range(4)]
     assert sum(shares) == pytest.approx(1.0) and record["moe/max_imbalance"] >= 1.0
-    for key in ("loss", "diffusion_loss", "balance_loss", "images_per_s", "moe/router_entropy"):
+    logged = ("loss", "diffusion_loss", "balance_loss", "perf/images_per_s", "mem/peak_rss_gib", "moe/router_entropy")
+    for key in logged:
         assert key in record
 
 
@@ -137,7 +139,7 @@ def test_ema_warmup_and_update():
 def test_bf16_autocast_training_runs_and_learns_in_fp32_master_weights(digits, tmp_path):
     result = train(smoke(digits, tmp_path / "run", steps=3, precision="bf16", log_every=1), progress=False)
     assert len(result.losses) == 3 and all(math.isfinite(v) for v in result.losses)
-    state = ckpt_io.load_file(ckpt_io.newest_valid(tmp_path / "run" / "checkpoints"), "model")
+    state = load_global_state(ckpt_io.newest_valid(tmp_path / "run" / "checkpoints"), "model")
     assert state["blocks.0.moe.experts.gate_proj"].dtype == torch.float32
 
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
 from ditmoe.config import ConfigError
 from ditmoe.training.checkpoint import CheckpointError
+from ditmoe.training.config import TrainingAborted
 
 
 def _parse_value(text: str):
@@ -64,8 +66,28 @@ def cmd_train(args) -> int:
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "model_opts"}
     values["model_opts"] = _model_opts(args.model_opt) or None
     cfg = train_config(args.preset, **values)
-    result = train(cfg)
-    print(f"trained to step {result.step}; checkpoints in {Path(cfg.out) / 'checkpoints'}")
+    try:
+        result = train(cfg)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    say = print if os.environ.get("RANK", "0") == "0" else (lambda *a: None)
+    if result.stopped_by_signal:
+        from ditmoe.training.signals import EXIT_REQUEUE
+
+        say(f"stopped by a signal at step {result.step}; checkpoint saved, exit {EXIT_REQUEUE} (requeue)")
+        return EXIT_REQUEUE
+    say(f"trained to step {result.step}; checkpoints in {Path(cfg.out) / 'checkpoints'}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from ditmoe.training.export import export_safetensors
+
+    out = export_safetensors(args.ckpt, args.out, ema=not args.no_ema)
+    print(f"wrote {out} ({'raw' if args.no_ema else 'EMA'} weights, every expert, one file)")
     return 0
 
 
@@ -146,7 +168,7 @@ def cmd_sample(args) -> int:
 def cmd_demo(args) -> int:
     from ditmoe.demo import print_report, run_demo
 
-    report = run_demo(Path(args.out), steps=args.steps, cfg_scale=args.cfg_scale)
+    report = run_demo(Path(args.out), steps=args.steps, cfg_scale=args.cfg_scale, ranks=args.ranks)
     print_report(report, Path(args.out))
     return 0
 
@@ -181,9 +203,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_prepare)
 
-    p = sub.add_parser("train", help="train a DiT-MoE (single process)")
+    p = sub.add_parser("train", help="train a DiT-MoE (one process; under a launcher see python -m ditmoe.train)")
     _add_train_args(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="consolidate a checkpoint (any EP size) into one .safetensors file")
+    p.add_argument("ckpt", help="a checkpoint directory, or a run directory (newest checkpoint)")
+    p.add_argument("--out", required=True, help="e.g. model.safetensors")
+    p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("sample", help="class-conditional samples from a checkpoint as a PNG grid (one row per class)")
     p.add_argument("--ckpt", required=True, help="a checkpoint directory, or a run directory (newest checkpoint)")
@@ -202,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/digits-demo")
     p.add_argument("--steps", type=int, help="training steps (default: the digits-demo preset)")
     p.add_argument("--cfg-scale", type=float, default=1.5)
+    p.add_argument("--ranks", type=int, default=2, help="CPU training ranks, experts split over them (1: no launcher)")
     p.set_defaults(func=cmd_demo)
     return parser
 
@@ -213,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError, CheckpointError) as e:
         print(f"ditmoe {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except TrainingAborted as e:
+        print(f"ditmoe {args.command}: aborted: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

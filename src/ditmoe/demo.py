@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -19,9 +22,22 @@ from ditmoe.evaluation.digits_judge import (
     save_judge,
     train_judge,
 )
+from ditmoe.parallel.launch import free_port
 from ditmoe.sampling.sample import generate, load_sampler, save_grid
 from ditmoe.training.config import train_config
 from ditmoe.training.loop import train
+
+
+def launch_training(ranks: int, argv: list[str]) -> None:
+    """``deepspeed --num_gpus ranks --module ditmoe.train argv`` (CPU ranks here), one torch thread per rank."""
+    cores = os.cpu_count() or 1
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // ranks))}
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks)]
+    cmd += ["--master_port", str(free_port()), "--module", "ditmoe.train", *argv]
+    print("$ " + " ".join(["deepspeed", *cmd[3:]]), flush=True)
+    rc = subprocess.run(cmd, env=env).returncode
+    if rc != 0:
+        raise RuntimeError(f"distributed training exited with code {rc}: {' '.join(cmd)}")
 
 
 def run_demo(
@@ -32,10 +48,13 @@ def run_demo(
     cfg_scale: float = 1.5,
     sampling_steps: str | int | None = None,
     seed: int = 0,
+    ranks: int = 2,
 ) -> dict:
     """Run (or finish) the demo under ``out``; re-running resumes training and reuses the data and judge.
 
-    ``sampling_steps`` None takes the diffusion's default (50 Euler steps for rectified flow, DDPM 250).
+    ``ranks`` > 1 trains with the DeepSpeed launcher on that many CPU ranks, the experts split over them
+    (expert parallelism); 1 trains in this process. ``sampling_steps`` None takes the diffusion's default
+    (50 Euler steps for rectified flow, DDPM 250).
     """
     out = Path(out)
     t0 = time.perf_counter()
@@ -44,7 +63,11 @@ def run_demo(
         prepare_digits(data, image_size=16, seed=seed)
 
     cfg = train_config("digits-demo", data=str(data), out=str(out / "run"), steps=steps, seed=seed, resume=True)
-    train(cfg)
+    if ranks > 1:
+        launch_training(ranks, ["--preset", "digits-demo", "--data", str(data), "--out", cfg.out, "--steps",
+                                str(cfg.steps), "--seed", str(seed), "--ep-size", str(ranks), "--resume"])
+    else:
+        train(cfg)
 
     sampler = load_sampler(out / "run")
     labels = [c for c in range(sampler.model.cfg.num_classes) for _ in range(per_class)]
@@ -76,6 +99,7 @@ def run_demo(
         "sampling": f"{cfg.diffusion}, {sampling_steps or 'default'} steps",
         "train_steps": cfg.steps,
         "model": cfg.model,
+        "ranks": ranks,
         "wall_s": round(time.perf_counter() - t0, 1),
     }
     (out / "demo_report.json").write_text(json.dumps(report, indent=2))
@@ -83,7 +107,8 @@ def run_demo(
 
 
 def print_report(report: dict, out: Path) -> None:
-    print(f"\nDiT-MoE digits demo ({report['model']}, {report['train_steps']} steps, {report['wall_s']} s)")
+    where = f"{report['ranks']} ranks, expert-parallel" if report["ranks"] > 1 else "1 process"
+    print(f"\nDiT-MoE digits demo ({report['model']}, {report['train_steps']} steps on {where}, {report['wall_s']} s)")
     print(f"  judge CNN held-out accuracy     {report['judge_heldout_accuracy']:.1%}")
     print(
         f"  samples labelled as their class {report['sample_class_accuracy']:.1%}  "

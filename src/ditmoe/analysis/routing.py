@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from ditmoe.models.moe import RoutingStats
 
@@ -35,6 +36,27 @@ class RoutingAccumulator:
     @property
     def steps(self) -> int:
         return self._steps
+
+    def all_reduce(self, group=None) -> None:
+        """Make the sums describe the whole ``group``'s batches, in place; a no-op without torch.distributed.
+
+        Kept-token counts and dropped pairs are summed (each rank counts its own tokens' choices per *global*
+        expert, so the sum over the data-parallel world is the global load); the entropy sums are averaged over
+        the ranks. A collective: every rank of ``group`` calls it, after the same number of ``add`` calls (at
+        least one), and once per window (a second call would count the other ranks' tokens again).
+        """
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        if self._tokens_LE is None:
+            raise RuntimeError("RoutingAccumulator.all_reduce before any add()")
+        tokens = self._tokens_LE
+        dropped = torch.as_tensor(self._dropped, dtype=tokens.dtype, device=tokens.device).reshape(1)
+        counts = torch.cat([tokens.reshape(-1), dropped])  # one collective for all integer sums
+        dist.all_reduce(counts, group=group)
+        self._tokens_LE = counts[:-1].view_as(tokens)
+        self._dropped = counts[-1]
+        dist.all_reduce(self._entropy_L, group=group)
+        self._entropy_L /= dist.get_world_size(group)
 
     def load_fractions(self) -> np.ndarray:
         """[layers, experts] share of kept routed pairs per expert."""

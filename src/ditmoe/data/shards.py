@@ -14,7 +14,7 @@ import json
 import logging
 import random
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import count, islice
 from pathlib import Path
@@ -289,9 +289,10 @@ class ShardLoader:
     its next pass continues with exactly the batches the old one would have produced next.
     """
 
-    def __init__(self, stream: ShardStream, num_workers: int, return_keys: bool = False):
+    def __init__(self, stream: ShardStream, num_workers: int, return_keys: bool = False, worker_init_fn=None):
         self.stream = stream
         self.num_workers = num_workers
+        self.worker_init_fn = worker_init_fn
         self.return_keys = return_keys
         self.skipped: Counter = Counter()
         self.batches = 0
@@ -335,7 +336,9 @@ class ShardLoader:
         if self.num_workers == 0:
             batches = iter(stream)
         else:
-            batches = DataLoader(stream, batch_size=None, num_workers=self.num_workers)
+            batches = DataLoader(
+                stream, batch_size=None, num_workers=self.num_workers, worker_init_fn=self.worker_init_fn
+            )
         yielded = 0
         for inputs, labels, keys, skipped, logical, position in batches:
             self.skipped.update(skipped)
@@ -367,6 +370,7 @@ def make_loader(
     num_samples: int | None = None,
     state: dict | None = None,
     return_keys: bool = False,
+    worker_init_fn: Callable[[int], None] | None = None,
 ) -> ShardLoader:
     """Batches of a split for this rank: infinite and reshuffled per epoch by default; `epochs=1` for one pass.
 
@@ -378,7 +382,7 @@ def make_loader(
     drop_last=False (evaluation): every readable sample exactly once; ranks may differ by a batch or so.
     resampled=True: consumers draw shards with replacement (endless; an epoch is nominal).
     shards: URLs overriding the manifest's list (braces, `pipe:`); num_samples: their sample count.
-    state: a `state_dict()` to resume from; return_keys: yield (x, y, keys).
+    state: a `state_dict()` to resume from; return_keys: yield (x, y, keys); worker_init_fn: run in each worker.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -408,7 +412,7 @@ def make_loader(
         resampled=resampled,
         shape=expected_shape(manifest),
     )
-    loader = ShardLoader(stream, num_workers, return_keys)
+    loader = ShardLoader(stream, num_workers, return_keys, worker_init_fn)
     if state is not None:
         loader.load_state_dict(state)
     return loader

@@ -245,16 +245,20 @@ class GaussianDiffusion:
 
     # ------------------------------------------------------------------ training
     def training_inputs(
-        self, x0: torch.Tensor, *, generator: torch.Generator | None = None
+        self, x0: torch.Tensor, *, generator: torch.Generator | None = None, rows: tuple[int, int] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, DDPMContext]:
         """Draw t ~ U{0..T-1} then noise ~ N(0, I) (in that order, from ``generator``).
 
+        ``rows=(first, total)``: draw for a global batch of ``total`` and keep this rank's rows ``first:first+B``,
+        so a run's randomness does not depend on how the batch is split over ranks.
         Returns (x_t [B,C,H,W], t_model [B] int64 original timesteps for the model, context for ``loss``).
         """
         B = x0.shape[0]
+        first, total = rows or (0, B)
+        keep = slice(first, first + B)
         device = generator.device if generator is not None else x0.device
-        t = torch.randint(0, self.num_timesteps, (B,), generator=generator, device=device).to(x0.device)
-        noise = randn(x0.shape, dtype=x0.dtype, device=x0.device, generator=generator)
+        t = torch.randint(0, self.num_timesteps, (total,), generator=generator, device=device)[keep].to(x0.device)
+        noise = randn((total, *x0.shape[1:]), dtype=x0.dtype, device=x0.device, generator=generator)[keep]
         x_t = self.q_sample(x0, t, noise)
         return x_t, self.model_time(t), DDPMContext(x0=x0, noise=noise, x_t=x_t, t=t)
 

@@ -58,16 +58,19 @@ class RectifiedFlow:
         return pred[:, :C]
 
     def training_inputs(
-        self, x0: torch.Tensor, *, generator: torch.Generator | None = None
+        self, x0: torch.Tensor, *, generator: torch.Generator | None = None, rows: tuple[int, int] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, FlowContext]:
         """Draw t = sigmoid(z), z ~ N(0,1) [B], then noise ~ N(0, I) (in that order, from ``generator``).
 
+        ``rows=(first, total)``: draw for a global batch of ``total`` and keep rows ``first:first+B`` (see DDPM).
         Returns (x_t [B,C,H,W], t [B] in (0,1) for the model as is, context for ``loss``).
         """
         B = x0.shape[0]
+        first, total = rows or (0, B)
+        keep = slice(first, first + B)
         dtype = compute_dtype(x0.dtype)
-        t = torch.sigmoid(randn((B,), dtype=dtype, device=x0.device, generator=generator))
-        noise = randn(x0.shape, dtype=x0.dtype, device=x0.device, generator=generator)
+        t = torch.sigmoid(randn((total,), dtype=dtype, device=x0.device, generator=generator))[keep]
+        noise = randn((total, *x0.shape[1:]), dtype=x0.dtype, device=x0.device, generator=generator)[keep]
         t_b = t.reshape(-1, *([1] * (x0.ndim - 1)))
         x_t = ((1.0 - t_b) * x0.to(dtype) + t_b * noise.to(dtype)).to(x0.dtype)
         return x_t, t, FlowContext(x0=x0, noise=noise, x_t=x_t, t=t)

@@ -31,3 +31,47 @@ def local_state_dict(model: nn.Module, global_state: dict[str, torch.Tensor]) ->
             raise ValueError(f"{key}: holds {value.shape[0]} experts, this rank needs global experts {ids}")
         out[key] = value if ids is None else value[ids.start : ids.stop]
     return out
+
+
+# Checkpoint rows: {state-dict key: {global expert id: [...] tensor}}, one entry per expert, cloned out of the stack
+# so that saving one expert never writes the whole stacked storage.
+ExpertRows = dict[str, dict[int, torch.Tensor]]
+
+
+def split_expert_rows(
+    state: dict[str, torch.Tensor], slices: dict[str, range]
+) -> tuple[dict[str, torch.Tensor], ExpertRows]:
+    """(replicated entries, expert rows by global id) of a rank's state dict; ``slices`` from ``expert_slices``."""
+    dense = {k: v for k, v in state.items() if k not in slices}
+    rows: ExpertRows = {}
+    for key, ids in slices.items():
+        if key in state:
+            rows[key] = {gid: state[key][i].detach().clone() for i, gid in enumerate(ids)}
+    return dense, rows
+
+
+def merge_expert_rows(parts: list[ExpertRows]) -> ExpertRows:
+    """Rows from several files (e.g. one per EP rank) into one mapping; an expert id present twice is an error."""
+    merged: ExpertRows = {}
+    for part in parts:
+        for key, rows in part.items():
+            into = merged.setdefault(key, {})
+            twice = into.keys() & rows.keys()
+            if twice:
+                raise ValueError(f"{key}: experts {sorted(twice)} saved more than once")
+            into.update(rows)
+    return merged
+
+
+def stack_expert_rows(rows: ExpertRows, wanted: dict[str, range] | None = None) -> dict[str, torch.Tensor]:
+    """Stacked ``[len(ids), ...]`` tensors for the ids ``wanted`` per key (all saved ids, 0..E-1, when None)."""
+    out = {}
+    for key, by_id in rows.items():
+        if wanted is not None and key not in wanted:
+            raise ValueError(f"{key}: saved as routed experts, but the model has no such expert parameter")
+        ids = wanted[key] if wanted is not None else range(len(by_id))
+        missing = [i for i in ids if i not in by_id]
+        if missing:
+            raise ValueError(f"{key}: experts {missing[:8]} are not in the checkpoint (it holds {len(by_id)})")
+        out[key] = torch.stack([by_id[i] for i in ids])
+    return out

@@ -8,6 +8,7 @@ per-rank return values (anything ``torch.save`` can store). ``fn`` must be impor
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import socket
 import tempfile
 import time
@@ -35,6 +36,9 @@ def _rank_main(
 ):
     torch.set_num_threads(threads)
     out = Path(out_dir)
+    # What a launcher (torchrun, deepspeed) would export, for code that reads the environment.
+    env = {"RANK": rank, "WORLD_SIZE": world_size, "LOCAL_RANK": rank, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+    os.environ.update({k: str(v) for k, v in env.items()})
     try:
         dist.init_process_group(
             "gloo",

@@ -13,6 +13,8 @@ from ditmoe.config import ModelConfig
 from ditmoe.diffusion import Diffusion, create_diffusion, guided_model_fn
 from ditmoe.models.dit import DiTMoE
 from ditmoe.training import checkpoint as ckpt_io
+from ditmoe.training.export import load_exported
+from ditmoe.training.run_state import load_weights
 
 
 @dataclass
@@ -24,16 +26,18 @@ class Sampler:
 
 
 def load_sampler(path: Path | str, *, ema: bool = True, device: str | None = None) -> Sampler:
-    """Model (EMA weights by default) and diffusion rebuilt from a checkpoint or run directory."""
-    ckpt = ckpt_io.resolve(Path(path))
-    saved = ckpt_io.load_config(ckpt)
-    model = DiTMoE(ModelConfig.from_dict(saved["model"]))
-    weights = ckpt_io.load_file(ckpt, "ema" if ema else "model")
-    model.load_state_dict(weights, strict=not ema)  # EMA holds every float tensor; strictness checked below
-    if ema:
-        missing = {k for k, v in model.state_dict().items() if v.is_floating_point()} - weights.keys()
-        if missing:
-            raise ckpt_io.CheckpointError(f"EMA weights in {ckpt} lack {sorted(missing)[:3]}")
+    """Model (EMA weights by default) and diffusion from a checkpoint, a run directory or an exported file."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        weights, saved = load_exported(path)
+        model = DiTMoE(ModelConfig.from_dict(saved["model"]))
+        model.load_state_dict(weights, strict=saved["weights"] == "model")
+        ckpt = path
+    else:
+        ckpt = ckpt_io.resolve(path)
+        saved = ckpt_io.load_config(ckpt)
+        model = DiTMoE(ModelConfig.from_dict(saved["model"]))
+        load_weights(ckpt, "ema" if ema else "model", model)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(dev).eval()
     diffusion = create_diffusion(saved["train"]["diffusion"], learn_sigma=model.cfg.learn_sigma)

@@ -1,11 +1,12 @@
-"""Atomic checkpoints: a directory per step, committed by a checksum manifest written last.
+"""Atomic multi-rank checkpoints: a directory per step, committed by a checksum manifest written last.
 
-    run/checkpoints/step_00001000/{model,ema,optimizer,trainer}.pt, config.json, COMMITTED.json
+    run/checkpoints/step_00001000/<files of every rank>.pt, config.json, COMMITTED.json
     run/checkpoints/latest                  -> "step_00001000"
 
-A step directory is written under a temporary name and renamed into place only after every file is fsynced;
-``COMMITTED.json`` (sha256 of each file) is the commit marker. Loading takes the newest committed directory whose
-checksums verify, so a crash mid-save or a damaged ``latest`` never yields a partial or silent fresh start.
+Every rank writes its files into one temporary directory; rank 0 renames it into place only after all ranks report
+their files written and fsynced. ``COMMITTED.json`` (sha256 of each file) is the commit marker. Loading takes the
+newest committed directory whose checksums verify, so a crash mid-save, a failed rank or a damaged ``latest`` never
+yields a partial checkpoint or a silent fresh start. What the files hold is the training loop's business.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import shutil
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 MARKER = "COMMITTED.json"
 PREFIX = "step_"
@@ -30,31 +32,64 @@ def step_dir(root: Path, step: int) -> Path:
     return root / f"{PREFIX}{step:08d}"
 
 
-def save_checkpoint(root: Path, step: int, tensors: dict[str, object], config: dict, keep_last: int) -> Path:
-    """Write ``tensors`` (name -> torch-saveable object) and ``config`` as checkpoint ``step``; prune old ones."""
-    root.mkdir(parents=True, exist_ok=True)
+def save_checkpoint(root: Path, step: int, files: dict[str, object], config: dict, keep_last: int) -> Path:
+    """Write this rank's ``files`` (name -> torch-saveable object) into checkpoint ``step``; every rank calls this.
+
+    Rank 0 also writes ``config``. The checkpoint is committed (marker, rename, ``latest``, pruning to ``keep_last``)
+    only after every rank reports its files written and fsynced; if any rank fails (disk full, ...) all ranks
+    raise ``CheckpointError`` naming the failures and nothing is committed.
+    """
+    rank = _rank()
     final = step_dir(root, step)
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        for name, obj in tensors.items():
-            torch.save(obj, tmp / f"{name}.pt")
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        digests = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
-        for f in tmp.iterdir():
-            _fsync(f)
-        _write_atomic(tmp / MARKER, json.dumps({"step": step, "sha256": digests}, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-    except BaseException:
+    tmp = root / f".tmp-{final.name}"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        tmp.mkdir()
+    _barrier()
+    try:
+        written = []
+        for name, obj in files.items():
+            torch.save(obj, tmp / f"{name}.pt")
+            written.append(tmp / f"{name}.pt")
+        if rank == 0:
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+            written.append(tmp / "config.json")
+        for f in written:
+            _fsync(f)
+        mine = (True, {f.name: _sha256(f) for f in written})
+    except Exception as e:  # reported to every rank below, so that all of them stop the same way
+        mine = (False, f"rank {rank}: {type(e).__name__}: {e}")
+    results = _all_gather(mine)
+    failures = [msg for ok, msg in results if not ok]
+    if failures:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _barrier()
+        raise CheckpointError(f"checkpoint {final} was not saved (nothing committed): {'; '.join(failures)}")
+    error = None
+    if rank == 0:
+        try:
+            digests = {name: d for _, part in results for name, d in part.items()}
+            _commit(root, tmp, final, step, digests, keep_last)
+        except Exception as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            error = f"rank 0 could not commit {final}: {type(e).__name__}: {e}"
+    error = _broadcast(error)
+    if error:
+        raise CheckpointError(error)
+    return final
+
+
+def _commit(root: Path, tmp: Path, final: Path, step: int, digests: dict[str, str], keep_last: int) -> None:
+    _write_atomic(tmp / MARKER, json.dumps({"step": step, "sha256": dict(sorted(digests.items()))}, indent=2))
+    if final.exists():
+        (final / MARKER).unlink(missing_ok=True)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
     _write_atomic(root / "latest", final.name)
     _prune(root, keep_last)
-    return final
 
 
 def committed_steps(root: Path) -> list[Path]:
@@ -95,8 +130,23 @@ def newest_valid(root: Path, warn=print) -> Path | None:
     return None
 
 
-def load_file(ckpt: Path, name: str) -> object:
-    return torch.load(ckpt / f"{name}.pt", map_location="cpu", weights_only=True)
+def agree_on_newest(root: Path) -> Path | None:
+    """``newest_valid`` decided by rank 0 (it verifies the checksums) and shared, so every rank loads the same one."""
+    found: Path | str | None = None
+    if _rank() == 0:
+        try:
+            found = newest_valid(root) if root.exists() else None
+        except CheckpointError as e:
+            found = f"error: {e}"
+    found = _broadcast(found)
+    if isinstance(found, str):
+        raise CheckpointError(found.removeprefix("error: "))
+    return found
+
+
+def load_file(ckpt: Path, name: str, trusted: bool = False) -> object:
+    """``trusted``: the file holds Python objects (DeepSpeed's optimizer state); only for our own checkpoints."""
+    return torch.load(ckpt / f"{name}.pt", map_location="cpu", weights_only=not trusted)
 
 
 def load_config(ckpt: Path) -> dict:
@@ -120,10 +170,37 @@ def resolve(path: Path) -> Path:
 
 
 def _prune(root: Path, keep_last: int) -> None:
+    for stale in root.glob(".tmp-*"):  # left by a run killed mid-save
+        shutil.rmtree(stale, ignore_errors=True)
     for old in committed_steps(root)[:-keep_last] if keep_last > 0 else []:
         # Remove the marker first: an interrupted prune leaves an uncommitted directory, never a bad commit.
         (old / MARKER).unlink()
         shutil.rmtree(old)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _all_gather(obj: object) -> list:
+    if not dist.is_initialized():
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _broadcast(obj: object) -> object:
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _sha256(path: Path) -> str:

@@ -9,6 +9,10 @@ from typing import Literal
 from ditmoe.config import ConfigError, ModelConfig, model_config
 
 
+class TrainingAborted(RuntimeError):
+    """The run stopped itself: too many consecutive non-finite steps."""
+
+
 @dataclass
 class TrainConfig:
     data: str = "data/digits"  # shard directory holding manifest.json
@@ -17,14 +21,15 @@ class TrainConfig:
     model_opts: dict = field(default_factory=dict)  # ModelConfig overrides; nested "moe" dict for MoEConfig
     diffusion: Literal["ddpm", "rf"] = "ddpm"
     steps: int = 400_000
-    batch_size: int = 256
+    batch_size: int = 256  # global: summed over ranks and gradient-accumulation steps
+    grad_accum: int = 1
     lr: float = 1e-4
     weight_decay: float = 0.0
     warmup_steps: int = 0
     ema_decay: float = 0.9999
     ema_warmup: bool = False  # decay min(ema_decay, (1+step)/(10+step)); for short runs
     grad_clip: float = 0.0  # 0 = no clipping (official)
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # fp16 needs DeepSpeed (loss scaling)
     seed: int = 0
     log_every: int = 100
     ckpt_every: int = 5000
@@ -33,21 +38,37 @@ class TrainConfig:
     wandb: bool = False
     wandb_project: str = "ditmoe"
     resume: bool = False
+    init_from: str = ""  # checkpoint whose model and EMA weights start a fresh run (any EP size / world size)
+    ep_size: int = 1  # expert parallelism: ranks a layer's experts are split over
+    deepspeed_config: str = ""  # DeepSpeed JSON (ds_configs/); default under a launcher: ZeRO-2 in `precision`
+    max_skipped_steps: int = 10  # consecutive non-finite steps before the run aborts
+    peak_tflops: float = 0.0  # per device, for MFU; 0: from the table of known devices
 
     def validate(self) -> None:
-        for name in ("steps", "batch_size", "log_every", "ckpt_every"):
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every", "ep_size", "max_skipped_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if self.diffusion not in ("ddpm", "rf"):
             raise ConfigError(f"diffusion must be 'ddpm' or 'rf', got {self.diffusion!r}")
-        if self.precision not in ("fp32", "bf16"):
-            raise ConfigError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"precision must be 'fp32', 'bf16' or 'fp16', got {self.precision!r}")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        if self.grad_clip < 0 or self.warmup_steps < 0 or self.weight_decay < 0:
-            raise ConfigError("grad_clip, warmup_steps and weight_decay must be >= 0")
+        if self.grad_clip < 0 or self.warmup_steps < 0 or self.weight_decay < 0 or self.peak_tflops < 0:
+            raise ConfigError("grad_clip, warmup_steps, weight_decay and peak_tflops must be >= 0")
+        if self.resume and self.init_from:
+            raise ConfigError("--resume continues this run's own checkpoints; --init-from starts a new run: pick one")
+
+    def micro_batch(self, world_size: int) -> int:
+        """Samples per rank per forward; ConfigError unless the global batch splits evenly."""
+        per = world_size * self.grad_accum
+        if self.batch_size % per:
+            raise ConfigError(
+                f"batch_size={self.batch_size} does not split over {world_size} ranks x grad_accum={self.grad_accum}"
+            )
+        return self.batch_size // per
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

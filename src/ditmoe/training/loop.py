@@ -1,35 +1,46 @@
-"""Single-process training loop: data -> diffusion loss + MoE balance loss -> AdamW -> EMA, logs, checkpoints.
+"""The training loop: data -> diffusion loss + MoE balance loss -> optimizer step -> EMA, logs, checkpoints.
 
-Engine-agnostic on purpose: the step (``train_step``) only needs a model, an optimizer and a diffusion process,
-so the DeepSpeed entry can reuse it with its own engine.
+One loop for one process (plain torch) and for many (the DeepSpeed engine, expert parallelism), started by
+``ditmoe train`` or by a launcher (``deepspeed``, ``torchrun``, ``srun``) around ``python -m ditmoe.train``.
+The global batch and its noise do not depend on how it is split over ranks, so a run's losses do not depend on
+the expert-parallel size.
 """
 
 from __future__ import annotations
 
-import contextlib
-import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
+from ditmoe.analysis.model_size import model_size
 from ditmoe.analysis.routing import RoutingAccumulator
 from ditmoe.config import ConfigError, ModelConfig
 from ditmoe.data.shards import make_loader, read_manifest
 from ditmoe.diffusion import create_diffusion
 from ditmoe.models.dit import DiTMoE
+from ditmoe.parallel.distributed import DistContext, init_distributed, launched_world_size, single_process
+from ditmoe.parallel.expert_state import expert_slices
 from ditmoe.training import checkpoint as ckpt_io
-from ditmoe.training.config import TrainConfig, model_config_for_data
+from ditmoe.training import run_state
+from ditmoe.training.config import TrainConfig, TrainingAborted, model_config_for_data
 from ditmoe.training.ema import EMA
 from ditmoe.training.metrics import MetricsLogger
+from ditmoe.training.signals import StopRequest, ignore_stop_signals
+from ditmoe.training.stepper import DeepSpeedStepper, TorchStepper
+from ditmoe.training.telemetry import Throughput, device_peak_flops, peak_memory
 
 
 @dataclass
 class TrainResult:
     out_dir: Path
     step: int
-    losses: list[float] = field(default_factory=list)  # per step of this process, total loss
+    losses: list[float] = field(default_factory=list)  # per step of this process, mean total loss over ranks
+    skipped_steps: int = 0
+    stopped_by_signal: bool = False  # saved after SIGUSR1/SIGTERM; the caller exits with EXIT_REQUEUE
 
 
 @dataclass
@@ -40,24 +51,26 @@ class StepOutput:
     routing: list
 
 
-def drop_labels(y_B: torch.Tensor, p: float, null_class: int, gen: torch.Generator) -> torch.Tensor:
-    """Replace each label by the null class with probability p (classifier-free guidance training)."""
+def drop_labels(
+    y_B: torch.Tensor, p: float, null_class: int, gen: torch.Generator, rows: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """Replace each label by the null class with probability p; ``rows=(first, total)`` as in training_inputs."""
     if p <= 0:
         return y_B
-    drop = torch.rand(y_B.shape, generator=gen) < p
+    first, total = rows or (0, y_B.shape[0])
+    drop = (torch.rand((total,), generator=gen) < p)[first : first + y_B.shape[0]]
     return torch.where(drop.to(y_B.device), torch.full_like(y_B, null_class), y_B)
 
 
-def train_step(model: DiTMoE, diffusion, x0, y, gen: torch.Generator, autocast) -> StepOutput:
-    """Forward and backward of one batch (the optimizer step is the caller's)."""
-    cfg = model.cfg
-    y = drop_labels(y, cfg.class_dropout_prob, model.null_class, gen)
-    x_t, t_model, ctx = diffusion.training_inputs(x0, generator=gen)
-    with autocast:
-        out = model(x_t, t_model, y)
+def train_step(stepper, diffusion, x0, y, gen: torch.Generator, rows: tuple[int, int] | None = None) -> StepOutput:
+    """Forward and backward of one (micro) batch; the optimizer step is the caller's."""
+    model = stepper.module
+    y = drop_labels(y, model.cfg.class_dropout_prob, model.null_class, gen, rows)
+    x_t, t_model, ctx = diffusion.training_inputs(x0, generator=gen, rows=rows)
+    out = stepper.forward(x_t, t_model, y)
     diff_loss = diffusion.loss(out.prediction.float(), ctx)["loss"].mean()
     loss = diff_loss + out.aux_loss
-    loss.backward()
+    stepper.backward(loss)
     return StepOutput(loss.detach(), diff_loss.detach(), out.aux_loss.detach(), out.routing)
 
 
@@ -70,113 +83,222 @@ def check_same_model(saved: dict, current: ModelConfig, where: Path) -> None:
         )
 
 
-def train(cfg: TrainConfig, *, device: str | None = None, progress: bool = True) -> TrainResult:
+def check_same_topology(saved: dict, ctx: DistContext, where: Path) -> None:
+    now = run_state.topology(ctx)
+    if saved != now:
+        raise ConfigError(
+            f"checkpoint {where} was saved by {saved} and this run is {now}: its optimizer state resumes only at the "
+            "same world size and ep_size. To go on from its weights with a fresh optimizer, start a new run with "
+            f"--init-from {where} (weights load at any world size and ep_size)"
+        )
+
+
+def uses_deepspeed(cfg: TrainConfig) -> bool:
+    return bool(cfg.deepspeed_config) or launched_world_size() > 1 or dist.is_initialized()
+
+
+def deepspeed_config(cfg: TrainConfig, ctx: DistContext) -> dict:
+    from ditmoe.parallel.ds_config import load_ds_config, resolve_ds_config
+
+    if cfg.deepspeed_config:
+        ds, source = load_ds_config(cfg.deepspeed_config), cfg.deepspeed_config
+    else:
+        zero = {"stage": 2, "contiguous_gradients": True, "reduce_scatter": True, "overlap_comm": False}
+        ds = {"zero_optimization": zero, "bf16": {"enabled": cfg.precision == "bf16"}, "steps_per_print": 1 << 30}
+        ds["fp16"] = {"enabled": cfg.precision == "fp16", "loss_scale": 0}
+        source = "the default DeepSpeed config (ZeRO-2)"
+    return resolve_ds_config(
+        ds,
+        micro_batch=cfg.micro_batch(ctx.world_size),
+        world_size=ctx.world_size,
+        ep_size=cfg.ep_size,
+        grad_accum=cfg.grad_accum,
+        precision=cfg.precision,
+        grad_clip=cfg.grad_clip,
+        source=source,
+    )
+
+
+def train(
+    cfg: TrainConfig, *, device: str | None = None, progress: bool = True, batches: Iterator | None = None
+) -> TrainResult:
+    """Train (or resume) ``cfg``. ``batches``: this rank's (x, y) micro-batches instead of the shard loader."""
     cfg.validate()
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out_dir = Path(cfg.out)
     ckpt_root = out_dir / "checkpoints"
     manifest = read_manifest(cfg.data)
     mcfg = model_config_for_data(cfg, manifest)
+    use_ds = uses_deepspeed(cfg)
+    if use_ds:
+        ctx = init_distributed(cfg.ep_size, mcfg.moe.num_experts)
+    else:
+        if cfg.ep_size > 1 or cfg.precision == "fp16":
+            raise ConfigError(
+                f"ep_size={cfg.ep_size} / precision={cfg.precision!r} need the DeepSpeed path: run under a launcher "
+                "(deepspeed, torchrun, srun) or pass --deepspeed-config"
+            )
+        ctx = single_process(device)
+    micro = cfg.micro_batch(ctx.world_size)
+    is_main = ctx.rank == 0
 
-    torch.manual_seed(cfg.seed)
-    model = DiTMoE(mcfg).to(dev)
+    torch.manual_seed(cfg.seed)  # every rank draws the same global init, then keeps its experts
+    model = DiTMoE(mcfg, ep_group=ctx.groups.ep_group).to(ctx.device)
     diffusion = create_diffusion(cfg.diffusion, learn_sigma=mcfg.learn_sigma)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    ema = EMA(model, cfg.ema_decay, warmup=cfg.ema_warmup)
-    gen = torch.Generator().manual_seed(cfg.seed + 1)  # timesteps, noise, label dropout
-    step, data_state, wandb_id = 0, None, None
+    gen = torch.Generator().manual_seed(cfg.seed + 1)  # timesteps, noise, label dropout of the global batch
+    step, data_state, wandb_id, skipped_total = 0, None, None, 0
 
-    found = ckpt_io.newest_valid(ckpt_root) if ckpt_root.exists() else None
+    found = ckpt_io.agree_on_newest(ckpt_root)
     if found is not None and not cfg.resume:
         raise ConfigError(f"{ckpt_root} already holds checkpoints; pass --resume to continue or choose another --out")
+    source = found or (ckpt_io.resolve(Path(cfg.init_from)) if cfg.init_from else None)
+    if source is not None:
+        saved = ckpt_io.load_config(source)
+        check_same_model(saved["model"], mcfg, source)
+        if found is not None:
+            check_same_topology(saved.get("topology", {}), ctx, found)
+        run_state.load_weights(source, "model", model, ctx)
+    ema = EMA(model, cfg.ema_decay, warmup=cfg.ema_warmup)
+    if source is not None:
+        ema.load_state_dict(run_state.load_state(source, "ema", expert_slices(model), ctx))
+    stepper = DeepSpeedStepper(model, cfg, deepspeed_config(cfg, ctx), ctx.group_name) if use_ds else TorchStepper(
+        model, cfg
+    )
     if found is not None:
-        check_same_model(ckpt_io.load_config(found)["model"], mcfg, found)
-        model.load_state_dict(ckpt_io.load_file(found, "model"))
-        ema.load_state_dict(ckpt_io.load_file(found, "ema"))
-        opt.load_state_dict(ckpt_io.load_file(found, "optimizer"))
-        state = ckpt_io.load_file(found, "trainer")
+        stepper.load_state_dict(ckpt_io.load_file(found, f"optimizer-rank{ctx.rank}", trusted=True))
+        state = ckpt_io.load_file(found, f"trainer-rank{ctx.rank}")
         step, data_state, wandb_id = state["step"], state["data"], state.get("wandb_id")
+        skipped_total = state.get("skipped_steps", 0)
         gen.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
-        tqdm.write(f"resumed from {found} at step {step}")
+        if is_main:
+            tqdm.write(f"resumed from {found} at step {step}")
 
     logger = MetricsLogger(
         out_dir,
-        use_wandb=cfg.wandb,
+        use_wandb=cfg.wandb and is_main,
         project=cfg.wandb_project,
         run_name=out_dir.name,
-        config={"train": cfg.to_dict(), "model": mcfg.to_dict()},
+        config={"train": cfg.to_dict(), "model": mcfg.to_dict(), "topology": run_state.topology(ctx)},
         resume_id=wandb_id,
+        enabled=is_main,
     )
-    loader = make_loader(
-        cfg.data, "train", batch_size=cfg.batch_size, seed=cfg.seed, num_workers=cfg.num_workers, state=data_state
-    )
-    batches = iter(loader)  # continues where the checkpoint's data position left off
+    loader = None
+    if batches is None:
+        loader = make_loader(
+            cfg.data,
+            "train",
+            batch_size=micro,
+            seed=cfg.seed,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            num_workers=cfg.num_workers,
+            state=data_state,
+            worker_init_fn=ignore_stop_signals,
+        )
+        batches = iter(loader)  # continues where the checkpoint's data position left off
 
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else contextlib.nullcontext()
+    size = model_size(mcfg)
+    peak = device_peak_flops(ctx.device, cfg.precision, cfg.peak_tflops or None)
+    throughput = Throughput()
     routing = RoutingAccumulator()
-    result = TrainResult(out_dir, step)
-    window_loss, window_diff, window_aux, window_start, window_images = [], [], [], time.perf_counter(), 0
-    model.train()
-    bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc="train", dynamic_ncols=True)
-    while step < cfg.steps:
-        x0, y = next(batches)
-        x0, y = x0.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-        for g in opt.param_groups:
-            g["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
-        opt.zero_grad(set_to_none=True)
-        out = train_step(model, diffusion, x0, y, gen, autocast)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        opt.step()
-        ema.update(model, step)
-        step += 1
-        bar.update(1)
-        routing.add(out.routing)
-        window_loss.append(out.loss)
-        window_diff.append(out.diffusion_loss)
-        window_aux.append(out.aux_loss)
-        window_images += x0.shape[0]
+    stop = StopRequest()
+    result = TrainResult(out_dir, step, skipped_steps=skipped_total)
+    window: list[torch.Tensor] = []  # [3] per step: total, diffusion, aux loss
+    consecutive_skips, grad_norm = 0, float("nan")
+    config_json = {"train": cfg.to_dict(), "model": mcfg.to_dict(), "data": manifest}
+    config_json["topology"] = run_state.topology(ctx)
 
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            losses = torch.stack(window_loss).tolist()
-            result.losses.extend(losses)
-            elapsed = time.perf_counter() - window_start
-            scalars = {
-                "loss": sum(losses) / len(losses),
-                "diffusion_loss": torch.stack(window_diff).mean().item(),
-                "balance_loss": torch.stack(window_aux).mean().item(),
-                "grad_norm": float(grad_norm),
-                "lr": opt.param_groups[0]["lr"],
-                "images_per_s": window_images / elapsed,
-                **{f"data/skipped_{reason}": n for reason, n in loader.skipped.items()},
-            }
-            logger.log(step, scalars, routing)
-            bar.set_postfix(loss=f"{scalars['loss']:.4f}")
-            routing.reset()
-            window_loss, window_diff, window_aux, window_start, window_images = [], [], [], time.perf_counter(), 0
+    def save() -> None:
+        trainer_state = {
+            "step": step,
+            "data": None if loader is None else loader.state_dict(),
+            "generator": gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "wandb_id": logger.wandb_id,
+            "skipped_steps": result.skipped_steps,
+        }
+        slices = expert_slices(stepper.module)
+        files = {
+            **run_state.weight_files(ctx, "model", stepper.module.state_dict(), slices),
+            **run_state.weight_files(ctx, "ema", ema.state_dict(), slices),
+            f"optimizer-rank{ctx.rank}": stepper.state_dict(),
+            f"trainer-rank{ctx.rank}": trainer_state,
+        }
+        ckpt_io.save_checkpoint(ckpt_root, step, files, config_json, keep_last=cfg.keep_last)
 
-        if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            trainer_state = {
-                "step": step,
-                "data": loader.state_dict(),
-                "generator": gen.get_state(),
-                "torch_rng": torch.get_rng_state(),
-                "wandb_id": logger.wandb_id,
-            }
-            ckpt_io.save_checkpoint(
-                ckpt_root,
-                step,
-                {
-                    "model": model.state_dict(),
-                    "ema": ema.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "trainer": trainer_state,
-                },
-                {"train": cfg.to_dict(), "model": mcfg.to_dict(), "data": manifest},
-                keep_last=cfg.keep_last,
-            )
-    bar.close()
-    logger.close()
+    stepper.module.train()
+    throughput.start()
+    bar = tqdm(total=cfg.steps, initial=step, disable=not (progress and is_main), desc="train", dynamic_ncols=True)
+    try:
+        while step < cfg.steps:
+            stepper.set_lr(cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr)
+            for accum in range(cfg.grad_accum):
+                x0, y = next(batches)
+                x0, y = x0.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
+                first = (accum * ctx.world_size + ctx.rank) * micro
+                out = train_step(stepper, diffusion, x0, y, gen, rows=(first, cfg.batch_size))
+                routing.add(out.routing)
+                window.append(torch.stack([out.loss, out.diffusion_loss, out.aux_loss]) / cfg.grad_accum)
+            applied = stepper.step()
+            grad_norm = applied.grad_norm
+            if applied.applied:
+                ema.update(stepper.module, step)
+                consecutive_skips = 0
+            else:
+                result.skipped_steps += 1
+                consecutive_skips += 1
+                if is_main:
+                    tqdm.write(f"step {step + 1}: non-finite loss or gradient on some rank; every rank skipped it")
+                if consecutive_skips >= cfg.max_skipped_steps:
+                    raise TrainingAborted(
+                        f"{consecutive_skips} consecutive steps had non-finite losses or gradients (last: step "
+                        f"{step + 1}); stopping. Lower the learning rate or check the data; the last good checkpoint "
+                        f"is in {ckpt_root}"
+                    )
+            step += 1
+            throughput.add(cfg.batch_size // ctx.world_size)
+            bar.update(1)
+
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                losses_S3 = _mean_over_ranks(torch.stack(window).view(-1, cfg.grad_accum, 3).sum(1))
+                result.losses.extend(losses_S3[:, 0].tolist())
+                routing.all_reduce()
+                scalars = {
+                    "loss": losses_S3[:, 0].mean().item(),
+                    "diffusion_loss": losses_S3[:, 1].mean().item(),
+                    "balance_loss": losses_S3[:, 2].mean().item(),
+                    "grad_norm": grad_norm,
+                    "lr": cfg.lr * min(1.0, step / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr,
+                    "skipped_steps": result.skipped_steps,
+                    **throughput.summary(ctx.world_size, mcfg.num_tokens, size.train_flops, peak),
+                    **peak_memory(ctx.device),
+                    **({} if loader is None else {f"data/skipped_{r}": n for r, n in loader.skipped.items()}),
+                }
+                logger.log(step, scalars, routing)
+                bar.set_postfix(loss=f"{scalars['loss']:.4f}")
+                routing.reset()
+                window = []
+                throughput.start()
+
+            stop_now = stop.agreed(ctx.device)
+            if step % cfg.ckpt_every == 0 or step == cfg.steps or stop_now:
+                save()
+            if stop_now:
+                result.stopped_by_signal = True
+                if is_main:
+                    tqdm.write(f"stop requested (signal): saved step {step}; exit to be requeued")
+                break
+    finally:
+        stop.restore()
+        bar.close()
+        logger.close()
     result.step = step
     return result
+
+
+def _mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= dist.get_world_size()
+    return x

@@ -15,11 +15,26 @@ from ditmoe.analysis.routing import RoutingAccumulator
 class MetricsLogger:
     """One call per log interval: a console line, a JSON line in ``metrics.jsonl``, and wandb when enabled."""
 
-    def __init__(self, out_dir: Path, *, use_wandb: bool, project: str, run_name: str, config: dict, resume_id=None):
+    def __init__(
+        self,
+        out_dir: Path,
+        *,
+        use_wandb: bool,
+        project: str,
+        run_name: str,
+        config: dict,
+        resume_id=None,
+        enabled: bool = True,
+    ):
+        """``enabled=False`` (ranks other than 0): ``log`` does nothing."""
         self.out_dir = Path(out_dir)
+        self.enabled = enabled
+        self.wandb_run = None
+        self.jsonl = None
+        if not enabled:
+            return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl = open(self.out_dir / "metrics.jsonl", "a")  # noqa: SIM115 (closed in close())
-        self.wandb_run = None
         if use_wandb:
             import wandb
 
@@ -34,6 +49,8 @@ class MetricsLogger:
         return None if self.wandb_run is None else self.wandb_run.id
 
     def log(self, step: int, scalars: dict, routing: RoutingAccumulator | None = None) -> None:
+        if not self.enabled:
+            return
         record = {"step": step, **scalars}
         if routing is not None:
             record.update(routing.summary())
@@ -51,7 +68,8 @@ class MetricsLogger:
             self.wandb_run.log(payload, step=step)
 
     def close(self) -> None:
-        self.jsonl.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()
 

@@ -1,0 +1,103 @@
+"""Joining the process group under any launcher, and the expert-parallel groups DeepSpeed keeps.
+
+Launchers and what they set:
+    deepspeed --num_gpus N --module ditmoe.train    RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT
+    torchrun --nproc-per-node N -m ditmoe.train     the same
+    srun python -m ditmoe.train                     SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID (mapped here)
+A process started by none of them is a world of one.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from ditmoe.parallel.groups import ExpertParallelGroups, check_expert_parallel_size
+from ditmoe.parallel.launch import free_port
+
+DEFAULT_PORT = 29500
+
+
+def slurm_to_torch_env(env: dict[str, str]) -> dict[str, str]:
+    """The torch.distributed variables an ``srun`` task lacks, derived from SLURM's (nothing when not under srun)."""
+    if "SLURM_PROCID" not in env or "RANK" in env or int(env.get("SLURM_NTASKS", "1")) < 2:
+        return {}
+    out = {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_NTASKS"], "LOCAL_RANK": env.get("SLURM_LOCALID", "0")}
+    if "MASTER_ADDR" not in env:
+        out["MASTER_ADDR"] = env.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1")
+    if "MASTER_PORT" not in env:  # one port per job, so two jobs sharing a node do not collide
+        out["MASTER_PORT"] = str(DEFAULT_PORT + int(env.get("SLURM_JOB_ID", "0")) % 1000)
+    return out
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process stands: its rank in the world, its device, and its expert-parallel groups."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    groups: ExpertParallelGroups
+    group_name: str  # DeepSpeed's name for the expert groups, tagged on expert parameters ("ep_size_2")
+
+    @property
+    def ep_rank(self) -> int:
+        return self.rank % self.groups.ep_size
+
+    @property
+    def expert_dp_rank(self) -> int:
+        return self.rank // self.groups.ep_size
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1 or dist.is_initialized()
+
+    def __deepcopy__(self, memo: dict) -> DistContext:
+        return self
+
+
+def single_process(device: str | None = None) -> DistContext:
+    """A world of one without a process group (plain torch training)."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return DistContext(0, 1, 0, dev, ExpertParallelGroups(1, None, None), group_name="")
+
+
+def launched_world_size(env: dict[str, str] | None = None) -> int:
+    env = dict(os.environ if env is None else env)
+    env.update(slurm_to_torch_env(env))
+    return int(env.get("WORLD_SIZE", "1"))
+
+
+def init_distributed(ep_size: int, num_experts: int, *, timeout_s: float = 1800.0) -> DistContext:
+    """Join the world set up by the launcher (or the one a caller already initialised) and build DeepSpeed's EP groups.
+
+    gloo on CPU, nccl on CUDA. Raises ``ConfigError`` when ``ep_size`` does not divide the experts or the world.
+    """
+    import deepspeed
+    from deepspeed.utils import groups as ds_groups
+
+    os.environ.update(slurm_to_torch_env(dict(os.environ)))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    world = dist.get_world_size() if dist.is_initialized() else launched_world_size()
+    check_expert_parallel_size(ep_size, num_experts, world)
+    if not dist.is_initialized() and "MASTER_ADDR" not in os.environ:  # a world of one: no launcher
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    deepspeed.init_distributed(
+        dist_backend="nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s)
+    )
+    name = f"ep_size_{ep_size}"
+    ds_groups._create_expert_and_data_parallel(ep_size)
+    ep_group = ds_groups._get_expert_parallel_group(name) if ep_size > 1 else None
+    groups = ExpertParallelGroups(ep_size, ep_group, ds_groups._get_expert_data_parallel_group(name))
+    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device, groups, name)

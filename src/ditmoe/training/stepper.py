@@ -1,0 +1,112 @@
+"""Forward, backward and optimizer step of one batch: plain torch for one process, the DeepSpeed engine otherwise.
+
+Both steppers skip a step whose gradients are not finite on any rank, the same way on every rank: the torch one
+checks the gradient norm, ZeRO-1/2 all-reduce their overflow flag over the whole world. A skipped step leaves the
+parameters and the optimizer state untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ditmoe.training.config import TrainConfig
+
+
+@dataclass
+class StepResult:
+    applied: bool  # False: gradients were not finite on some rank and every rank skipped the update
+    grad_norm: float  # global gradient norm before clipping (inf / nan when skipped)
+
+
+class TorchStepper:
+    """AdamW on one process; ``precision="bf16"`` runs the forward under autocast with fp32 weights."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig):
+        self.module = model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.grad_clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        self.grad_accum = cfg.grad_accum
+        device_type = next(model.parameters()).device.type
+        bf16 = cfg.precision == "bf16"
+        self.autocast = torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+    def forward(self, *inputs):
+        with self.autocast:
+            return self.module(*inputs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.grad_accum if self.grad_accum > 1 else loss).backward()
+
+    def step(self) -> StepResult:
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        applied = bool(torch.isfinite(norm))
+        if applied:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(applied, float(norm))
+
+    def set_lr(self, lr: float) -> None:
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)
+
+
+class DeepSpeedStepper:
+    """The DeepSpeed engine (ZeRO-1/2, expert parameters reduced over their expert-data-parallel group).
+
+    Build it after the model's weights are loaded: ZeRO copies them into its fp32 master partitions here.
+    """
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, ds_config: dict, group_name: str):
+        from ditmoe.parallel.engine import create_engine, optimizer_param_groups, tag_expert_parameters
+
+        tag_expert_parameters(model, group_name)
+        groups = optimizer_param_groups(model, cfg.weight_decay)
+        offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+        if offload == "cpu":  # DeepSpeed refuses torch's AdamW with an offloaded optimizer
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer = DeepSpeedCPUAdam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, adamw_mode=True)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+        self.engine = create_engine(model, optimizer, ds_config)
+        self.module = self.engine.module
+
+    def forward(self, *inputs):
+        return self.engine(*inputs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Scaled by 1/grad_accum inside; between accumulation boundaries DeepSpeed's step only counts."""
+        self.engine.backward(loss)
+        if not self.engine.is_gradient_accumulation_boundary():
+            self.engine.step()
+
+    def step(self) -> StepResult:
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return StepResult(bool(self.engine.was_step_applied()), float("nan") if norm is None else float(norm))
+
+    def set_lr(self, lr: float) -> None:
+        for g in self.engine.optimizer.param_groups:
+            g["lr"] = lr
+
+    def state_dict(self) -> dict:
+        return self.engine.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        """This rank's partition, saved by the same rank of a run with the same topology."""
+        import torch.distributed as dist
+
+        parts: list = [None] * dist.get_world_size()
+        parts[dist.get_rank()] = state
+        self.engine.optimizer.load_state_dict(parts, load_from_fp32_weights=True)

@@ -1,0 +1,148 @@
+"""The training loop on several gloo ranks (DeepSpeed engine, expert parallelism) and under real launchers.
+
+Every multi-rank run is a subprocess per rank with a deadline (``run_local_ranks``), so a hang fails.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ditmoe.data.digits import prepare_digits
+from ditmoe.data.shards import load_split_tensors
+from ditmoe.parallel.distributed import slurm_to_torch_env
+from ditmoe.parallel.launch import free_port, run_local_ranks
+from ditmoe.sampling.sample import generate, load_sampler
+from ditmoe.training import checkpoint as ckpt_io
+from ditmoe.training.export import export_safetensors
+from ditmoe.training.run_state import load_global_state
+
+GLOBAL_BATCH = 8
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    out = tmp_path_factory.mktemp("digits")
+    prepare_digits(out, image_size=16, shard_size=400)
+    return out
+
+
+def global_batch_slices(data: str, rank: int, world: int, seed: int = 0):
+    """The same global batches whatever the world size; rank r gets rows r*micro .. (r+1)*micro - 1."""
+    x, y = load_split_tensors(Path(data), "train")
+    gen = torch.Generator().manual_seed(seed)
+    micro = GLOBAL_BATCH // world
+    while True:
+        idx = torch.randint(0, len(y), (GLOBAL_BATCH,), generator=gen)[rank * micro : (rank + 1) * micro]
+        yield x[idx], y[idx]
+
+
+def train_rank(rank: int, world: int, data: str, out: str, ep_size: int, steps: int) -> list[float]:
+    from ditmoe.training.config import train_config
+    from ditmoe.training.loop import train
+
+    cfg = train_config(
+        "digits-smoke",
+        data=data,
+        out=out,
+        steps=steps,
+        batch_size=GLOBAL_BATCH,
+        ep_size=ep_size,
+        grad_clip=1.0,  # the clipping norm must be the global one, experts included
+        log_every=1,
+        ckpt_every=steps,
+        # per-image balance loss: its mean over ranks equals its mean over the global batch (the official
+        # per-batch loss is computed per rank, as in the official DDP training, so it depends on the split)
+        model_opts={"moe": {"balance_loss_type": "sequence"}},
+    )
+    return train(cfg, progress=False, batches=global_batch_slices(data, rank, world)).losses
+
+
+@pytest.fixture(scope="module")
+def runs(digits, tmp_path_factory):
+    """EP=1 on 1 rank, EP=2 on 2 ranks, EP=2 on 4 ranks (expert data parallelism 2): 3 steps each."""
+    root = tmp_path_factory.mktemp("ep_runs")
+    out = {}
+    for world, ep in [(1, 1), (2, 2), (4, 2)]:
+        run_dir = root / f"world{world}_ep{ep}"
+        losses = run_local_ranks(train_rank, world, timeout_s=240, args=(str(digits), str(run_dir), ep, 3))
+        out[(world, ep)] = (run_dir, losses)
+    return out
+
+
+def test_expert_parallel_training_equals_single_rank(runs):
+    base_dir, base_losses = runs[(1, 1)]
+    base = {kind: load_global_state(ckpt_io.newest_valid(base_dir / "checkpoints"), kind) for kind in ("model", "ema")}
+    for (world, ep), (run_dir, losses) in runs.items():
+        assert all(rank_losses == losses[0] for rank_losses in losses), "ranks must log the same (global) losses"
+        assert losses[0] == pytest.approx(base_losses[0], rel=1e-5, abs=1e-6), (world, ep)
+        ckpt = ckpt_io.newest_valid(run_dir / "checkpoints")
+        for kind in ("model", "ema"):
+            state = load_global_state(ckpt, kind)
+            assert state.keys() == base[kind].keys()
+            for key, value in state.items():
+                torch.testing.assert_close(value, base[kind][key], rtol=1e-5, atol=1e-6, msg=f"{world}/{ep} {key}")
+    # the run changed the weights, so equality above is not the equality of two initial states
+    init = load_global_state(ckpt_io.newest_valid(base_dir / "checkpoints"), "model")
+    assert any(not torch.equal(v, base["ema"][k]) for k, v in init.items() if k in base["ema"])
+
+
+def test_export_then_single_process_sampling_equals_the_multi_rank_checkpoint(runs, tmp_path):
+    run_dir, _ = runs[(4, 2)]
+    exported = export_safetensors(run_dir, tmp_path / "model.safetensors", ema=True)
+    from_ckpt = generate(load_sampler(run_dir), [0, 3, 7], cfg_scale=1.5, steps=4, seed=1, progress=False)
+    from_file = generate(load_sampler(exported), [0, 3, 7], cfg_scale=1.5, steps=4, seed=1, progress=False)
+    assert torch.equal(from_ckpt, from_file)
+    raw = export_safetensors(run_dir, tmp_path / "raw.safetensors", ema=False)
+    raw_samples = generate(load_sampler(raw), [0, 3, 7], cfg_scale=1.5, steps=4, seed=1, progress=False)
+    assert not torch.equal(raw_samples, from_file)  # --no-ema exports other weights
+
+
+def test_export_cli(runs, tmp_path, capsys):
+    from ditmoe.cli import main
+
+    run_dir, _ = runs[(2, 2)]
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "m.safetensors")]) == 0
+    assert (tmp_path / "m.safetensors").is_file()
+    assert main(["export", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "nowhere" in capsys.readouterr().err
+
+
+def test_srun_environment_maps_to_torch_variables():
+    env = {"SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "1234",
+           "SLURM_LAUNCH_NODE_IPADDR": "10.0.0.5"}
+    assert slurm_to_torch_env(env) == {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1",
+                                       "MASTER_ADDR": "10.0.0.5", "MASTER_PORT": str(29500 + 234)}
+    assert slurm_to_torch_env({**env, "RANK": "3"}) == {}  # a launcher already set them
+    assert slurm_to_torch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) == {}  # one task: no process group
+
+
+def _launch(cmd: list[str], digits: Path, out: Path, extra: list[str] = ()) -> subprocess.CompletedProcess:
+    args = ["--preset", "digits-smoke", "--data", str(digits), "--out", str(out), "--ep-size", "2", "--steps", "2",
+            *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*cmd, *args], env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
+def test_launchers_run_the_training_module_on_two_ranks(digits, tmp_path, launcher):
+    if launcher == "deepspeed":
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+               "--module", "ditmoe.train"]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+               str(free_port()), "-m", "ditmoe.train"]
+    proc = _launch(cmd, digits, tmp_path / "run")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ckpt = ckpt_io.newest_valid(tmp_path / "run" / "checkpoints")
+    assert ckpt.name == "step_00000002"
+    assert {f.name for f in ckpt.glob("*-experts-*")} == {f"{k}-experts-{r}of2.pt" for k in ("model", "ema")
+                                                           for r in (0, 1)}
+    assert ckpt_io.load_config(ckpt)["topology"] == {"world_size": 2, "ep_size": 2}
+    shutil.rmtree(tmp_path / "run")
