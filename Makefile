@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast bench lint clean
+.PHONY: install demo test bench bench-train lint clean
 
 install: $(STAMP)
 
@@ -24,6 +24,11 @@ test: install
 bench: install
 	$(BIN)/python bench/bench_moe_cpu.py
 	$(BIN)/python bench/bench_kernels.py
+	$(BIN)/python bench/bench_train.py
+
+# whole training steps: S/2 and XL/2-8E2A on CUDA (triton, torch, naive backends); a tiny model on CPU
+bench-train: install
+	$(BIN)/python bench/bench_train.py
 
 lint: install
 	$(BIN)/ruff check .

@@ -1,7 +1,13 @@
 """MoE dispatch kernels. ``reference`` is pure torch (CPU path, test oracle); Triton kernels live beside it.
 
 Installed as the package ``ditmoe_kernels`` (see pyproject.toml). ``select_backend`` picks the implementation the
-MoE layer calls; the environment variable ``DITMOE_MOE_BACKEND`` (``torch`` or ``triton``) overrides the config.
+MoE layer calls; the environment variable ``DITMOE_MOE_BACKEND`` (``torch``, ``triton`` or ``naive``) overrides the
+config. Backends:
+    torch   ``reference``: grouped GEMMs over expert-sorted rows, pure torch (any device)
+    triton  ``triton_ops``: fused Triton kernels (CUDA)
+    naive   ``naive``: the official DiT-MoE per-expert loop over boolean masks (any device), a baseline to compare
+            against; same routing plan, results equal to ``torch``
+    auto    triton on CUDA where available, torch elsewhere
 """
 
 from __future__ import annotations
@@ -13,9 +19,9 @@ from types import ModuleType
 
 import torch
 
-from ditmoe_kernels import reference
+from ditmoe_kernels import naive, reference
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "naive")
 
 
 def resolve_backend(requested: str, device: torch.device) -> str:
@@ -30,8 +36,11 @@ def resolve_backend(requested: str, device: torch.device) -> str:
 
 def select_backend(requested: str, device: torch.device) -> ModuleType:
     """The module providing ``routing_plan``, ``swiglu_experts`` and ``gelu_experts`` for this device."""
-    if resolve_backend(requested, device) == "torch":
+    choice = resolve_backend(requested, device)
+    if choice == "torch":
         return reference
+    if choice == "naive":
+        return naive
     ops = _triton_ops()
     if ops is None:
         raise RuntimeError("MoE backend 'triton' requested but the Triton kernels are not available")

@@ -42,7 +42,8 @@ class MoEConfig:
     balance_loss_type: Literal["expert", "sequence"] = "expert"
     router_z_loss: float = 0.0
     capacity_factor: float | None = None  # None = dropless
-    backend: Literal["auto", "torch", "triton"] = "auto"  # auto: triton on CUDA, torch reference on CPU
+    # auto: triton on CUDA, torch reference on CPU; naive: the official per-expert loop (a baseline)
+    backend: Literal["auto", "torch", "triton", "naive"] = "auto"
 
     def validate(self) -> None:
         if self.num_experts < 1:
@@ -63,8 +64,8 @@ class MoEConfig:
             raise ConfigError(f"expert_act must be 'swiglu' or 'gelu', got {self.expert_act!r}")
         if self.balance_loss_type not in ("expert", "sequence"):
             raise ConfigError(f"balance_loss_type must be 'expert' or 'sequence', got {self.balance_loss_type!r}")
-        if self.backend not in ("auto", "torch", "triton"):
-            raise ConfigError(f"moe backend must be 'auto', 'torch' or 'triton', got {self.backend!r}")
+        if self.backend not in ("auto", "torch", "triton", "naive"):
+            raise ConfigError(f"moe backend must be 'auto', 'torch', 'triton' or 'naive', got {self.backend!r}")
 
 
 @dataclass(frozen=True)

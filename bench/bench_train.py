@@ -1,0 +1,274 @@
+"""Single-device training throughput of a whole DiT-MoE step, per model preset and MoE backend.
+
+One step = forward (bf16 autocast on CUDA), diffusion loss + balance loss, backward, AdamW step, on random latents
+and labels: what ``ditmoe.training.loop.train_step`` and ``TorchStepper.step`` do (no grad clipping: the default).
+
+    python bench/bench_train.py                          # CUDA: S/2 and XL/2-8E2A at 256px; triton, torch, naive
+    python bench/bench_train.py --models DiT-MoE-XL/2-8E2A --batch 16 --backends triton,naive --iters 20
+    python bench/bench_train.py --tiny                   # the CPU configuration (also on CUDA: a smoke test)
+
+Backends (``DITMOE_MOE_BACKEND`` and the config's ``moe.backend`` are both set per case):
+    triton  ours: fused Triton grouped GEMMs (CUDA only)
+    torch   the pure-torch reference: grouped GEMMs over expert-sorted rows
+    naive   the official DiT-MoE training loop: every token repeated K times, one expert at a time on a boolean mask
+On CPU (no CUDA) it runs DiT-MoE-micro/4-4E2A at 16px, 1 channel, batch 16, backends torch and naive, in fp32: a
+check that the script works, not a measurement of anything that matters; triton and the S/XL shapes are skipped.
+
+FLOP arithmetic (``ditmoe.analysis.model_size.model_size(cfg).train_flops``, FLOPs per image, forward + backward;
+one multiply-accumulate = 2 FLOPs, backward = 2x forward, so train = 3 x 2 x forward MACs). Per image, L tokens
+(256 for /2 at 256px: 32x32x4 latents in 2x2 patches), D width, E experts, K active, F = 4D routed, F_s = 2D shared:
+    per block   adaLN 6 D^2 + L (4 D^2 qkv/proj + D E router + K 3 D F routed SwiGLU + 3 D F_s shared) + 2 L^2 D attn
+    S/2-8E2A    D=384, 12 blocks:  1.34 GMAC per block, 16.0 GMAC forward -> 0.096 TFLOP per image trained
+                (batch 64: 6.2 TFLOP per step)
+    XL/2-8E2A   D=1152, 28 blocks: 11.7 GMAC per block, 328 GMAC forward  -> 1.97 TFLOP per image trained
+                (batch 32: 63 TFLOP per step)
+Only activated experts count (K of E per token), so every backend does the same FLOPs:
+    TFLOP/s = images/s x train_flops / 1e12       MFU = TFLOP/s / peak (datasheet dense bf16, telemetry.PEAK_TFLOPS)
+Timing: ``--warmup`` untimed steps, then ``--iters`` steps each between ``torch.cuda.synchronize()`` calls; the median
+step time gives images/s. Peak memory: the CUDA allocator's peak of the case (reset before it), or on CPU the
+process's peak RSS (reset per case where /proc/self/clear_refs allows). Writes
+bench/results/<device-slug>-<YYYY-MM-DD>-train.json and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from ditmoe.analysis.model_size import model_size
+from ditmoe.config import model_config
+from ditmoe.diffusion import create_diffusion
+from ditmoe.models.dit import DiTMoE
+from ditmoe.training.telemetry import device_peak_flops, peak_memory
+from ditmoe_kernels import select_backend
+
+CUDA = torch.cuda.is_available()
+DEV = torch.device("cuda" if CUDA else "cpu")
+DEFAULT_BATCH = {"S": 64, "XL": 32}  # by preset size; others 32 on CUDA, 16 in the tiny configuration
+
+ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+ap.add_argument("--models", help="comma list of presets (default: S/2 and XL/2-8E2A on CUDA, micro/4-4E2A on CPU)")
+ap.add_argument("--backends", help="comma list of triton, torch, naive (default: all that can run here)")
+ap.add_argument("--batch", help="images per step: one number for every model, or a comma list, one per model")
+ap.add_argument("--image-size", type=int, help="pixels (default 256 on CUDA: 32x32x4 latents; 16 tiny)")
+ap.add_argument("--dtype", choices=["bf16", "fp32"], help="autocast dtype (default bf16 on CUDA, fp32 on CPU)")
+ap.add_argument("--warmup", type=int, help="untimed steps (default 3; 2 on CPU)")
+ap.add_argument("--iters", type=int, help="timed steps (default 10)")
+ap.add_argument("--tiny", action="store_true", help="the CPU configuration: micro/4-4E2A at 16px, 1 channel")
+ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+args = ap.parse_args()
+
+TINY = args.tiny or not CUDA
+models = (
+    args.models.split(",")
+    if args.models
+    else (["DiT-MoE-micro/4-4E2A"] if TINY else ["DiT-MoE-S/2-8E2A", "DiT-MoE-XL/2-8E2A"])
+)
+backends = args.backends.split(",") if args.backends else ["triton", "torch", "naive"]
+if set(backends) - {"triton", "torch", "naive"}:
+    ap.error(f"--backends: expected a comma list of triton, torch, naive; got {args.backends!r}")
+image_size = args.image_size or (16 if TINY else 256)
+dtype = args.dtype or ("bf16" if CUDA else "fp32")
+warmup = args.warmup if args.warmup is not None else (3 if CUDA else 2)
+iters = args.iters if args.iters is not None else 10
+skipped: list[str] = []
+if not CUDA:
+    if not args.models:
+        skipped.append(
+            "DiT-MoE-S/2-8E2A, DiT-MoE-XL/2-8E2A at 256px: no CUDA device (ran DiT-MoE-micro/4-4E2A at 16px)"
+        )
+    if not args.dtype:
+        skipped.append("bf16 autocast: no CUDA device (CPU runs fp32)")
+
+
+def batch_of(i: int, name: str) -> int:
+    if args.batch:
+        values = [int(b) for b in args.batch.split(",")]
+        return values[i] if len(values) > 1 else values[0]
+    if TINY:
+        return 16
+    return DEFAULT_BATCH.get(re.match(r"DiT-MoE-([A-Za-z]+)/", name)[1], 32)
+
+
+def build_config(name: str, backend: str):
+    moe = {"backend": backend}
+    if TINY:
+        return model_config(name, image_size=image_size, latent=False, in_channels=1, num_classes=10, moe=moe)
+    return model_config(name, image_size=image_size, moe=moe)
+
+
+def backend_unavailable(backend: str) -> str | None:
+    if backend == "triton" and not CUDA:
+        return "no CUDA device (the Triton interpreter checks correctness, not speed)"
+    try:
+        select_backend(backend, DEV)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def reset_peak_memory() -> None:
+    if CUDA:
+        torch.cuda.reset_peak_memory_stats(DEV)
+        return
+    with contextlib.suppress(OSError):  # peak RSS (VmHWM, which getrusage reports) back to the current RSS
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def run_case(name: str, backend: str, batch: int) -> dict:
+    cfg = build_config(name, backend)
+    module = select_backend(cfg.moe.backend, DEV).__name__
+    torch.manual_seed(0)
+    model = DiTMoE(cfg).to(DEV)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)  # the training defaults
+    diffusion = create_diffusion("ddpm", learn_sigma=cfg.learn_sigma)
+    autocast = torch.autocast(DEV.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+    gen = torch.Generator(DEV).manual_seed(0)
+    x0 = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, device=DEV, generator=gen)
+    y = torch.randint(0, cfg.num_classes, (batch,), device=DEV, generator=gen)
+
+    def step() -> None:
+        x_t, t_model, ctx = diffusion.training_inputs(x0, generator=gen)
+        with autocast:
+            out = model(x_t, t_model, y)
+        loss = diffusion.loss(out.prediction.float(), ctx)["loss"].mean() + out.aux_loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    reset_peak_memory()
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(iters):
+        sync()
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    mem = peak_memory(DEV)
+    step_s = statistics.median(times)
+    size = model_size(cfg)
+    images_per_s = batch / step_s
+    tflops = images_per_s * size.train_flops / 1e12
+    peak = device_peak_flops(
+        DEV, dtype if dtype == "bf16" else ("tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32")
+    )
+    return {
+        "status": "ok",
+        "module": module,
+        "step_s": step_s,
+        "step_s_all": [round(t, 5) for t in times],
+        "images_per_s": images_per_s,
+        "tokens_per_s": images_per_s * cfg.num_tokens,
+        "tflops": tflops,
+        "mfu": tflops * 1e12 / peak if peak else None,
+        "peak_mem_gib": mem.get("mem/peak_allocated_gib", mem.get("mem/peak_rss_gib")),
+        "memory": mem,
+        "train_flops_per_image": size.train_flops,
+        "params": size.total_params,
+        "activated_params": size.activated_params,
+        "tokens_per_image": cfg.num_tokens,
+    }
+
+
+def device_name() -> str:  # as bench/bench_kernels.py
+    if CUDA:
+        return torch.cuda.get_device_name()
+    return platform.processor() or platform.machine() or "cpu"
+
+
+rows: list[dict] = []
+T0 = time.time()
+for i, name in enumerate(models):
+    batch = batch_of(i, name)
+    for backend in backends:
+        row = {"model": name, "backend": backend, "batch": batch, "image_size": image_size, "dtype": dtype}
+        os.environ["DITMOE_MOE_BACKEND"] = backend  # wins over the config; both say the same
+        why = backend_unavailable(backend)
+        if why:
+            skipped.append(f"{backend} backend: {why}")
+            continue
+        try:
+            row.update(run_case(name, backend, batch))
+        except torch.cuda.OutOfMemoryError:
+            row["status"] = "oom"
+        except Exception as exc:
+            traceback.print_exc()
+            row.update(
+                status="error", error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            )
+        gc.collect()  # the failed case's tensors went with its frame; give their memory back before the next
+        if CUDA:
+            torch.cuda.empty_cache()
+        rows.append(row)
+        rate = f"{row['images_per_s']:.1f} images/s" if row["status"] == "ok" else row["status"]
+        print(f"[{time.time() - T0:6.1f}s] {name} {backend} batch {batch}: {rate}", flush=True)
+os.environ.pop("DITMOE_MOE_BACKEND", None)
+skipped = list(dict.fromkeys(skipped))
+
+for r in rows:  # speedup vs the official loop of the same model and batch
+    base = next((b for b in rows if b["model"] == r["model"] and b["backend"] == "naive" and b["status"] == "ok"), None)
+    if r["status"] == "ok" and base:
+        r["speedup_vs_naive"] = r["images_per_s"] / base["images_per_s"]
+
+mem_col = "peak alloc GiB" if CUDA else "peak RSS GiB"
+print(f"\nDiT-MoE training step, {device_name()}, {dtype}, {image_size}px, median of {iters} steps after {warmup}\n")
+print(f"| model | backend | batch | images/s | tokens/s | TFLOP/s | MFU | {mem_col} | vs naive |")
+print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+for r in rows:
+    if r["status"] != "ok":
+        print(f"| {r['model']} | {r['backend']} | {r['batch']} | {r['status']} | | | | | |")
+        continue
+    mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
+    vs = f"{r['speedup_vs_naive']:.2f}x" if "speedup_vs_naive" in r else "-"
+    print(
+        f"| {r['model']} | {r['backend']} | {r['batch']} | {r['images_per_s']:,.1f} | {r['tokens_per_s']:,.0f} | "
+        f"{r['tflops']:.4g} | {mfu} | {r['peak_mem_gib']:.2f} | {vs} |"
+    )
+for s in skipped:
+    print(f"skipped {s}")
+
+try:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+except OSError:
+    commit = ""
+slug = re.sub(r"[^a-z0-9]+", "-", device_name().lower()).strip("-")
+out = Path(args.out) / f"{slug}-{datetime.date.today().isoformat()}-train.json"
+out.parent.mkdir(parents=True, exist_ok=True)
+meta = {
+    "device": device_name(),
+    "torch": torch.__version__,
+    "triton": getattr(sys.modules.get("triton"), "__version__", None),
+    "cuda": torch.version.cuda,
+    "threads": torch.get_num_threads(),
+    "dtype": dtype,
+    "image_size": image_size,
+    "tiny": TINY,
+    "warmup": warmup,
+    "iters": iters,
+    "commit": commit,
+    "elapsed_s": round(time.time() - T0, 1),
+}
+out.write_text(json.dumps({"meta": meta, "rows": rows, "skipped": skipped}, indent=1))
+print(f"wrote {out}")
