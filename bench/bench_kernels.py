@@ -619,11 +619,8 @@ def sweep(kinds):
             if over_budget():
                 skip(f"sweep {kind} {c}", "over the time budget")
                 continue
-            ops.CONFIG_OVERRIDES[real] = dict(zip(keys, c, strict=True))
-            try:
+            with ops.tile_overrides(**{real: dict(zip(keys, c, strict=True))}):
                 r = attempt("XL", f"sweep {op}", f"{kind} {c}", fn, flops=fl, nbytes=nbytes)
-            finally:
-                ops.CONFIG_OVERRIDES.pop(real, None)
             if r and (best is None or r["ms"] < best["ms"]):
                 best = r
         if best:

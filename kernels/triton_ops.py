@@ -24,17 +24,21 @@ Design (see /work/shared/notes/kernels.md):
   up dW share their B tiles (``dw_dual``); an expert with no rows writes zeros. Bias gradients are fp32 row sums.
 - fp32/bf16/fp16 inputs, fp32 accumulation. fp32 matmuls follow ``torch.backends.cuda.matmul.allow_tf32``.
 
-Tile configs are fixed per (kind, dtype) so results never depend on batch composition; ``CONFIG_OVERRIDES`` lets a
-benchmark try others (``bench/bench_kernels.py --sweep`` covers every GEMM kind, forward and backward). Under
-``TRITON_INTERPRET=1`` (CPU tests) tiles are small and dot operands are upcast to fp32 (the 3.9 interpreter
-multiplies bf16 bit patterns as integers); products of bf16/fp16 values are exact in fp32, so this matches the
-GPU's fp32-accumulating MMA up to summation order.
+Tile configs are fixed per (kind, dtype) so results never depend on batch composition; ``tile_overrides`` lets a
+benchmark try others inside a ``with`` block (``bench/bench_kernels.py --sweep`` covers every GEMM kind, forward and
+backward). Under ``TRITON_INTERPRET=1`` (CPU tests) tiles are small and dot operands are upcast to fp32 (the 3.9
+interpreter multiplies bf16 bit patterns as integers); products of bf16/fp16 values are exact in fp32, so this
+matches the GPU's fp32-accumulating MMA up to summation order.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 import torch
 import triton
@@ -52,13 +56,27 @@ __all__ = [
     "unpermute",
     "swiglu_experts",
     "gelu_experts",
-    "CONFIG_OVERRIDES",
+    "tile_overrides",
 ]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
-# kind -> dict of tile parameters that replace the defaults of ``_config`` (for benchmarks and tests).
-CONFIG_OVERRIDES: dict[str, dict] = {}
+# kind -> tile parameters replacing the defaults of ``_config``; set only inside ``tile_overrides`` blocks.
+_TILE_OVERRIDES: ContextVar[Mapping[str, Mapping]] = ContextVar("ditmoe_tile_overrides", default=MappingProxyType({}))
+
+
+@contextlib.contextmanager
+def tile_overrides(**kinds: dict) -> Iterator[None]:
+    """Replace the tile configs of some kinds inside the block, e.g. ``tile_overrides(route={"BLOCK": 16})``."""
+    token = _TILE_OVERRIDES.set(MappingProxyType({**_TILE_OVERRIDES.get(), **kinds}))
+    try:
+        yield
+    finally:
+        _TILE_OVERRIDES.reset(token)
+
+
+def _overridden(kind: str) -> Mapping:
+    return _TILE_OVERRIDES.get().get(kind, {})
 
 EPI_NONE, EPI_GELU, EPI_GELU_BWD, EPI_SWIGLU_BWD = 0, 1, 2, 3
 # Down dX of the SwiGLU experts: plain grouped GEMM for dH + elementwise SwiGLU backward (True), or the GEMM with
@@ -116,7 +134,7 @@ def _config(kind: str, dtype: torch.dtype) -> dict:
             "ew": dict(BLOCK=2048, num_warps=8),
             "route": dict(BLOCK=0),
         }[kind]
-    cfg = {**cfg, **CONFIG_OVERRIDES.get(kind, {})}
+    cfg = {**cfg, **_overridden(kind)}
     if INTERPRET:
         cfg.pop("num_warps", None)
         cfg.pop("num_stages", None)
@@ -490,7 +508,7 @@ def _gather_kernel(
 
 def _rows_cfg(dtype, D):
     cfg = _config("rows", dtype)
-    if "BD" not in CONFIG_OVERRIDES.get("rows", {}):
+    if "BD" not in _overridden("rows"):
         cfg["BD"] = min(cfg["BD"], triton.next_power_of_2(max(D, 16)))
     return cfg
 
@@ -1035,7 +1053,7 @@ def _gmm(
     kind = "gmm_epi" if epi != EPI_NONE else ("gmm" if transpose_w else "gmm_dx")
     cfg = _config(kind, a.dtype)
     BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
-    if N % BN and N % (BN // 2) == 0 and BN >= 256 and "BN" not in CONFIG_OVERRIDES.get(kind, {}):
+    if N % BN and N % (BN // 2) == 0 and BN >= 256 and "BN" not in _overridden(kind):
         BN //= 2  # e.g. D = 1152 = 4.5 x 256: half-width tiles waste nothing
     tab, nmb = meta.table(BM)
     upcast, prec = _prec(a.dtype)

@@ -17,8 +17,6 @@ Routing metadata and permutes are compared exactly.
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
@@ -49,18 +47,6 @@ def _exact_fp32_matmuls():
     torch.backends.cuda.matmul.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32 = old
-
-
-@contextlib.contextmanager
-def overrides(**kinds):
-    """Temporarily replace tile configs, e.g. ``overrides(route={"BLOCK": 16})``."""
-    old = dict(ops.CONFIG_OVERRIDES)
-    ops.CONFIG_OVERRIDES.update(kinds)
-    try:
-        yield
-    finally:
-        ops.CONFIG_OVERRIDES.clear()
-        ops.CONFIG_OVERRIDES.update(old)
 
 
 def _nerr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -156,7 +142,7 @@ PLAN_CASES = [
 @pytest.mark.parametrize("T,K,E,cap,empty,block", PLAN_CASES)
 def test_routing_plan_matches_reference(T, K, E, cap, empty, block):
     ex = make_experts(T, K, E, seed=T * 7 + E, empty=empty, skew=0.3)
-    with overrides(route={"BLOCK": block} if block else {}):
+    with ops.tile_overrides(route={"BLOCK": block} if block else {}):
         plan = ops.routing_plan(ex, E, cap)
     want = ref.routing_plan(ex, E, cap)
     assert isinstance(plan, ref.RoutingPlan) and plan.top_k == K
@@ -406,7 +392,7 @@ if given is not None:
         cap = data.draw(st.one_of(st.none(), st.integers(0, T * K)), label="capacity")
         block = data.draw(st.sampled_from([0, 16, 64]), label="routing block")
         ex = make_experts(T, K, E, seed=data.draw(st.integers(0, 10**6), label="seed"), skew=1.0)
-        with overrides(route={"BLOCK": block}):
+        with ops.tile_overrides(route={"BLOCK": block}):
             plan = ops.routing_plan(ex, E, cap)
         want = ref.routing_plan(ex, E, cap)
         for field in ("sorted_flat_R", "counts_E", "offsets_E1", "dropped"):

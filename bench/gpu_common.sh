@@ -1,0 +1,79 @@
+# Sourced by bench/gpu_check.sh and bench/gpu_final.sh (GPU machines): the shared set-up and helpers.
+#   NAME    the calling script's name, for log lines
+# After sourcing: REPO, PY, LOGDIR (= $OUT when set, else bench/results), say, run_test_shards, collect_results.
+set -u
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+REPO=$(pwd)
+START=$(date +%s)
+say() { echo "[$NAME $(($(date +%s) - START))s] $*"; }
+PY=${PYTHON:-python}
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+LOGDIR=${OUT:-$REPO/bench/results}
+mkdir -p "$LOGDIR"
+unset TRITON_INTERPRET
+STAMP=$(mktemp)
+
+say "environment"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -2
+timeout 30 "$PY" - <<'PYEOF' 2>&1 | tee "$LOGDIR/env.log"
+import logging, sys, warnings
+warnings.filterwarnings("ignore")
+logging.disable(logging.WARNING)
+import torch
+print("python", sys.version.split()[0], "| torch", torch.__version__, "| cuda", torch.version.cuda,
+      "| device", torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+for m in ("triton", "pytest", "hypothesis", "megatron.core", "deepspeed"):
+    try:
+        mod = __import__(m)
+        print(f"{m} {getattr(mod, '__version__', 'ok')}")
+    except Exception as e:
+        print(f"{m} missing ({type(e).__name__})")
+PYEOF
+
+# ditmoe / ditmoe_kernels without installing: a PYTHONPATH shim (the package layout maps kernels/ -> ditmoe_kernels)
+if ! "$PY" -c "import ditmoe, ditmoe_kernels" >/dev/null 2>&1; then
+    SHIM=$(mktemp -d)
+    ln -s "$REPO/kernels" "$SHIM/ditmoe_kernels"
+    export PYTHONPATH="$SHIM:$REPO/src:${PYTHONPATH:-}"
+    say "using a PYTHONPATH shim for ditmoe / ditmoe_kernels"
+fi
+# megatron-core for the peer rows: a carried .whl/megatron_core-*.whl (pure-python parts) on PYTHONPATH
+if ! "$PY" -c "import megatron.core" >/dev/null 2>&1; then
+    for w in "$REPO"/.whl/megatron_core-*.whl; do
+        [ -f "$w" ] && export PYTHONPATH="$w:$PYTHONPATH"
+    done
+fi
+"$PY" -c "import ditmoe_kernels.triton_ops as o; print('ditmoe_kernels.triton_ops from', o.__file__)" || exit 1
+
+# run_test_shards SECONDS "k-expr" ...: CUDA kernel tests, one shard per -k expression, in parallel (Triton compiles
+# overlap), each capped at SECONDS.
+run_test_shards() {
+    local limit=$1
+    shift
+    if ! "$PY" -c "import pytest" >/dev/null 2>&1; then
+        say "pytest is not installed: skipping the tests (the benchmark still checks ours vs reference)"
+        return
+    fi
+    say "kernel tests on CUDA ($# shards in parallel, $limit s limit)"
+    local shards=("$@") pids=() i rc
+    for i in "${!shards[@]}"; do
+        timeout "$limit" "$PY" -m pytest tests/test_kernels.py -q -rs -p no:cacheprovider -k "${shards[$i]}" \
+            >"$LOGDIR/tests_$i.log" 2>&1 &
+        pids+=($!)
+    done
+    for i in "${!shards[@]}"; do
+        wait "${pids[$i]}"
+        rc=$?
+        say "shard $i ('${shards[$i]}') exit $rc$([ $rc = 124 ] && echo ' (timed out)')"
+        grep -E "^(FAILED|ERROR)|passed|failed|error" "$LOGDIR/tests_$i.log" | tail -n 8
+    done
+}
+
+# collect_results: copy the JSON results written during this run into $OUT (what the device tool brings back).
+collect_results() {
+    if [ -n "${OUT:-}" ]; then
+        find bench/results -maxdepth 1 -name '*.json' -newer "$STAMP" -exec cp {} "$OUT/" \;
+    fi
+    rm -f "$STAMP"
+    say "done; logs in $LOGDIR"
+}
