@@ -130,15 +130,37 @@ def _launch(cmd: list[str], digits: Path, out: Path, extra: list[str] = ()) -> s
     return subprocess.run([*cmd, *args], env=env, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
+def _srun_like(digits: Path, out: Path) -> subprocess.CompletedProcess:
+    """Two tasks with only the variables srun sets (SLURM_PROCID, ...), as `srun -n 2 python -m ditmoe.train`."""
+    slurm = {"SLURM_NTASKS": "2", "SLURM_JOB_ID": str(free_port()), "SLURM_LAUNCH_NODE_IPADDR": "127.0.0.1"}
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    args = ["--preset", "digits-smoke", "--data", str(digits), "--out", str(out), "--ep-size", "2", "--steps", "2"]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "ditmoe.train", *args],
+            env={**base, **slurm, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r), "OMP_NUM_THREADS": "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(2)
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    return subprocess.CompletedProcess("srun", max(p.returncode for p in procs), "\n".join(outputs), "")
+
+
+@pytest.mark.parametrize("launcher", ["deepspeed", "torchrun", "srun-environment"])
 def test_launchers_run_the_training_module_on_two_ranks(digits, tmp_path, launcher):
     if launcher == "deepspeed":
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
                "--module", "ditmoe.train"]
-    else:
+        proc = _launch(cmd, digits, tmp_path / "run")
+    elif launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
                str(free_port()), "-m", "ditmoe.train"]
-    proc = _launch(cmd, digits, tmp_path / "run")
+        proc = _launch(cmd, digits, tmp_path / "run")
+    else:
+        proc = _srun_like(digits, tmp_path / "run")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ckpt = ckpt_io.newest_valid(tmp_path / "run" / "checkpoints")
     assert ckpt.name == "step_00000002"

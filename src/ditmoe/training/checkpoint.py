@@ -89,7 +89,10 @@ def _commit(root: Path, tmp: Path, final: Path, step: int, digests: dict[str, st
     os.replace(tmp, final)
     _fsync_dir(root)
     _write_atomic(root / "latest", final.name)
-    _prune(root, keep_last)
+    try:
+        _prune(root, keep_last)
+    except OSError as e:  # the new checkpoint is committed: a failed cleanup must not fail the save
+        print(f"warning: checkpoint {final} saved, but removing old checkpoints failed: {e}")
 
 
 def committed_steps(root: Path) -> list[Path]:
@@ -170,9 +173,15 @@ def resolve(path: Path) -> Path:
 
 
 def _prune(root: Path, keep_last: int) -> None:
+    committed = committed_steps(root)
+    newest = int(committed[-1].name[len(PREFIX) :]) if committed else -1
     for stale in root.glob(".tmp-*"):  # left by a run killed mid-save
         shutil.rmtree(stale, ignore_errors=True)
-    for old in committed_steps(root)[:-keep_last] if keep_last > 0 else []:
+    for d in root.glob(f"{PREFIX}*"):  # uncommitted and older than a commit: left by an interrupted prune
+        number = d.name[len(PREFIX) :]
+        if d.is_dir() and number.isdigit() and int(number) < newest and not (d / MARKER).exists():
+            shutil.rmtree(d, ignore_errors=True)
+    for old in committed[:-keep_last] if keep_last > 0 else []:
         # Remove the marker first: an interrupted prune leaves an uncommitted directory, never a bad commit.
         (old / MARKER).unlink()
         shutil.rmtree(old)

@@ -86,10 +86,12 @@ def check_same_model(saved: dict, current: ModelConfig, where: Path) -> None:
 def check_same_topology(saved: dict, ctx: DistContext, where: Path) -> None:
     now = run_state.topology(ctx)
     if saved != now:
+        said = ", ".join(f"{k}={saved.get(k)}" for k in now)
+        this = ", ".join(f"{k}={v}" for k, v in now.items())
         raise ConfigError(
-            f"checkpoint {where} was saved by {saved} and this run is {now}: its optimizer state resumes only at the "
-            "same world size and ep_size. To go on from its weights with a fresh optimizer, start a new run with "
-            f"--init-from {where} (weights load at any world size and ep_size)"
+            f"checkpoint {where} was saved with {said} and this run has {this}: its optimizer state resumes only "
+            "at the same world size and ep_size. To go on from its weights with a fresh optimizer, start a new run "
+            f"with --init-from {where} (weights load at any world size and ep_size)"
         )
 
 

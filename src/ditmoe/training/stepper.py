@@ -81,9 +81,14 @@ class DeepSpeedStepper:
             optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
         self.engine = create_engine(model, optimizer, ds_config)
         self.module = self.engine.module
+        # DeepSpeed keeps bf16/fp16 weights; autocast brings the fp32 inputs and embeddings to them
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+        device_type = next(self.module.parameters()).device.type
+        self.autocast = torch.autocast(device_type, dtype=dtype) if dtype else contextlib.nullcontext()
 
     def forward(self, *inputs):
-        return self.engine(*inputs)
+        with self.autocast:
+            return self.engine(*inputs)
 
     def backward(self, loss: torch.Tensor) -> None:
         """Scaled by 1/grad_accum inside; between accumulation boundaries DeepSpeed's step only counts."""
