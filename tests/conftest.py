@@ -1,4 +1,4 @@
-"""Shared test setup.
+"""Shared test setup: the Triton interpreter on CPU, and the digits dataset the training tests share.
 
 Kernel tests run Triton on CPU through its interpreter when no GPU is present; ``TRITON_INTERPRET`` must be set
 before Triton is first imported, so it is set here (it changes nothing for code that does not use Triton).
@@ -6,7 +6,18 @@ before Triton is first imported, so it is set here (it changes nothing for code 
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory):
+    """16x16 digits as shards of 400 samples (train + val), prepared once per session."""
+    from ditmoe.data.digits import prepare_digits
+
+    out = tmp_path_factory.mktemp("digits")
+    prepare_digits(out, image_size=16, shard_size=400)
+    return out

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from ditmoe.data.digits import prepare_digits
 from ditmoe.data.shards import load_split_tensors
 from ditmoe.parallel.distributed import slurm_to_torch_env
 from ditmoe.parallel.launch import free_port, run_local_ranks
@@ -24,13 +23,6 @@ from ditmoe.training.export import export_safetensors
 from ditmoe.training.run_state import load_global_state
 
 GLOBAL_BATCH = 8
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    out = tmp_path_factory.mktemp("digits")
-    prepare_digits(out, image_size=16, shard_size=400)
-    return out
 
 
 def global_batch_slices(data: str, rank: int, world: int, seed: int = 0):

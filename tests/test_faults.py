@@ -35,7 +35,6 @@ import pytest
 import torch
 
 from ditmoe.config import ModelConfig
-from ditmoe.data.digits import prepare_digits
 from ditmoe.models.dit import DiTMoE
 from ditmoe.parallel.launch import RankFailure, run_local_ranks
 from ditmoe.training import checkpoint as ckpt_io
@@ -43,13 +42,6 @@ from ditmoe.training.run_state import expert_files, load_global_state, load_rows
 
 STEP = ckpt_io.step_dir
 LAUNCH_TIMEOUT_S = 150
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    out = tmp_path_factory.mktemp("digits")
-    prepare_digits(out, image_size=16, shard_size=400)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -189,15 +181,19 @@ def _launch1(rank: int, world: int, data: str, root: str) -> None:
         train(_cfg(data, root / "crash", steps=6, ckpt_every=2), progress=False)
 
 
-@pytest.fixture(scope="module")
-def launch1(digits, tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults")
+def _launch_ending_in_failure(fn, name: str, digits, root) -> dict:
+    """Run ``fn`` on 2 ranks; it saves its results to ``{name}-rank{r}.pt`` and then fails on purpose."""
     t0 = time.monotonic()
     with pytest.raises(RankFailure) as failure:
-        run_local_ranks(_launch1, 2, timeout_s=LAUNCH_TIMEOUT_S, args=(str(digits), str(root)))
+        run_local_ranks(fn, 2, timeout_s=LAUNCH_TIMEOUT_S, args=(str(digits), str(root)))
     elapsed = time.monotonic() - t0
-    results = [torch.load(root / f"launch1-rank{r}.pt", weights_only=False) for r in range(2)]
+    results = [torch.load(root / f"{name}-rank{r}.pt", weights_only=False) for r in range(2)]
     return {"root": root, "results": results, "failure": str(failure.value), "elapsed": elapsed}
+
+
+@pytest.fixture(scope="module")
+def launch1(digits, tmp_path_factory):
+    return _launch_ending_in_failure(_launch1, "launch1", digits, tmp_path_factory.mktemp("faults"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -358,13 +354,7 @@ def _launch3(rank: int, world: int, data: str, root: str) -> None:
 
 @pytest.fixture(scope="module")
 def launch3(digits, tmp_path_factory):
-    root = tmp_path_factory.mktemp("prune")
-    t0 = time.monotonic()
-    with pytest.raises(RankFailure) as failure:
-        run_local_ranks(_launch3, 2, timeout_s=LAUNCH_TIMEOUT_S, args=(str(digits), str(root)))
-    elapsed = time.monotonic() - t0
-    results = [torch.load(root / f"launch3-rank{r}.pt", weights_only=False) for r in range(2)]
-    return {"root": root, "results": results, "failure": str(failure.value), "elapsed": elapsed}
+    return _launch_ending_in_failure(_launch3, "launch3", digits, tmp_path_factory.mktemp("prune"))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -9,19 +9,11 @@ import torch
 
 from ditmoe.cli import main
 from ditmoe.config import ConfigError
-from ditmoe.data.digits import prepare_digits
 from ditmoe.training import checkpoint as ckpt_io
 from ditmoe.training.config import train_config
 from ditmoe.training.ema import EMA
 from ditmoe.training.loop import train
 from ditmoe.training.run_state import load_global_state
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    out = tmp_path_factory.mktemp("digits")
-    prepare_digits(out, image_size=16, shard_size=400)
-    return out
 
 
 def smoke(digits, out, **kw):
