@@ -53,10 +53,6 @@ class DistContext:
     def expert_dp_rank(self) -> int:
         return self.rank // self.groups.ep_size
 
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1 or dist.is_initialized()
-
     def __deepcopy__(self, memo: dict) -> DistContext:
         return self
 

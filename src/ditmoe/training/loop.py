@@ -58,7 +58,7 @@ def drop_labels(
     if p <= 0:
         return y_B
     first, total = rows or (0, y_B.shape[0])
-    drop = (torch.rand((total,), generator=gen) < p)[first : first + y_B.shape[0]]
+    drop = (torch.rand((total,), generator=gen, device=gen.device) < p)[first : first + y_B.shape[0]]
     return torch.where(drop.to(y_B.device), torch.full_like(y_B, null_class), y_B)
 
 
@@ -146,7 +146,8 @@ def train(
     torch.manual_seed(cfg.seed)  # every rank draws the same global init, then keeps its experts
     model = DiTMoE(mcfg, ep_group=ctx.groups.ep_group).to(ctx.device)
     diffusion = create_diffusion(cfg.diffusion, learn_sigma=mcfg.learn_sigma)
-    gen = torch.Generator().manual_seed(cfg.seed + 1)  # timesteps, noise, label dropout of the global batch
+    # timesteps, noise and label dropout of the whole global batch, drawn on every rank where the model runs
+    gen = torch.Generator(device=ctx.device).manual_seed(cfg.seed + 1)
     step, data_state, wandb_id, skipped_total = 0, None, None, 0
 
     found = ckpt_io.agree_on_newest(ckpt_root)
