@@ -107,6 +107,10 @@ def test_metrics_carry_per_layer_utilisation(digits, tmp_path):
         (["--data", "/nonexistent/digits"], "/nonexistent/digits"),
         (["--steps", "0"], "steps must be >= 1, got 0"),
         (["--model-opt", "moe.top_k=9"], "top_k=9"),
+        (["--ep-size", "2"], "ep_size=2 needs several ranks or DeepSpeed"),
+        (["--precision", "fp16"], "precision='fp16' needs several ranks or DeepSpeed"),
+        (["--resume", "--init-from", "x"], "pick one"),
+        (["--batch-size", "8", "--grad-accum", "3"], "batch_size=8 does not split over 1 ranks x grad_accum=3"),
     ],
 )
 def test_train_cli_bad_input_is_one_clear_line(digits, tmp_path, capsys, argv, needle):

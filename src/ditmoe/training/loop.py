@@ -134,10 +134,12 @@ def train(
     if use_ds:
         ctx = init_distributed(cfg.ep_size, mcfg.moe.num_experts)
     else:
-        if cfg.ep_size > 1 or cfg.precision == "fp16":
+        needs = [f for f, bad in (("ep_size", cfg.ep_size > 1), ("precision", cfg.precision == "fp16")) if bad]
+        if needs:
+            values = ", ".join(f"{f}={getattr(cfg, f)!r}" for f in needs)
             raise ConfigError(
-                f"ep_size={cfg.ep_size} / precision={cfg.precision!r} need the DeepSpeed path: run under a launcher "
-                "(deepspeed, torchrun, srun) or pass --deepspeed-config"
+                f"{values} needs several ranks or DeepSpeed: run under a launcher (deepspeed --module ditmoe.train, "
+                "torchrun -m ditmoe.train, srun) or pass --deepspeed-config"
             )
         ctx = single_process(device)
     micro = cfg.micro_batch(ctx.world_size)
