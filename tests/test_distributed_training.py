@@ -100,8 +100,11 @@ def test_export_cli(runs, tmp_path, capsys):
     from ditmoe.cli import main
 
     run_dir, _ = runs[(2, 2)]
-    assert main(["export", str(run_dir), "--out", str(tmp_path / "m.safetensors")]) == 0
-    assert (tmp_path / "m.safetensors").is_file()
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "m.safetensors"), "--ema"]) == 0
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "raw.safetensors"), "--no-ema"]) == 0
+    assert "raw weights" in capsys.readouterr().out
+    ema, raw = load_sampler(tmp_path / "m.safetensors").model, load_sampler(tmp_path / "raw.safetensors").model
+    assert not torch.equal(ema.blocks[0].moe.experts.gate_proj, raw.blocks[0].moe.experts.gate_proj)
     assert main(["export", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.safetensors")]) == 2
     assert "nowhere" in capsys.readouterr().err
 

@@ -86,8 +86,8 @@ def cmd_train(args) -> int:
 def cmd_export(args) -> int:
     from ditmoe.training.export import export_safetensors
 
-    out = export_safetensors(args.ckpt, args.out, ema=not args.no_ema)
-    print(f"wrote {out} ({'raw' if args.no_ema else 'EMA'} weights, every expert, one file)")
+    out = export_safetensors(args.ckpt, args.out, ema=args.ema)
+    print(f"wrote {out} ({'EMA' if args.ema else 'raw'} weights, every expert, one file)")
     return 0
 
 
@@ -210,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="consolidate a checkpoint (any EP size) into one .safetensors file")
     p.add_argument("ckpt", help="a checkpoint directory, or a run directory (newest checkpoint)")
     p.add_argument("--out", required=True, help="e.g. model.safetensors")
-    p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                   help="export the EMA weights (default) or, with --no-ema, the raw ones")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("sample", help="class-conditional samples from a checkpoint as a PNG grid (one row per class)")
