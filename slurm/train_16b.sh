@@ -1,8 +1,9 @@
 #!/bin/bash
 # DiT-MoE-G/2-16E2A (16.5B) on ImageNet-256 latents: 4 nodes x 8 GPUs, experts split 8 ways, ZeRO-2 bf16.
-#   sbatch slurm/train_16b.sh                 (DATA, OUT, NODES... may be overridden in the environment)
-# Two minutes before the time limit SLURM sends SIGUSR1 to this script, which passes it to the trainer; the
-# trainer saves, exits 75, and the job requeues itself and resumes from that checkpoint.
+#   sbatch slurm/train_16b.sh            (from the repository root; the variables below may be set in the environment,
+#                                         and sbatch options on its command line override the #SBATCH lines)
+# Two minutes before the time limit SLURM sends SIGUSR1 to this script, which passes it to the trainer's tasks;
+# they save, exit 75, and the script requeues the job, which resumes from that checkpoint.
 #SBATCH --job-name=ditmoe-g2-16e2a
 #SBATCH --nodes=4
 #SBATCH --ntasks-per-node=8
@@ -15,28 +16,44 @@
 #SBATCH --output=slurm-%x-%j.out
 set -euo pipefail
 
+PRESET=${PRESET:-imagenet256-XL-8E2A}
+MODEL=${MODEL:-DiT-MoE-G/2-16E2A}
 DATA=${DATA:-data/imagenet256-latents}
 OUT=${OUT:-runs/g2-16e2a}
 BATCH=${BATCH:-1024}   # global; 32 per GPU on 32 GPUs
 ACCUM=${ACCUM:-1}
+EP=${EP:-8}
+PRECISION=${PRECISION:-bf16}
+DS_CONFIG=${DS_CONFIG:-ds_configs/g2_16e2a.json}
+PYTHON=${PYTHON:-python}
+EXTRA=${EXTRA:-}       # more trainer flags, e.g. "--steps 700000 --wandb"
 
 export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export MASTER_PORT=${MASTER_PORT:-$((29500 + SLURM_JOB_ID % 1000))}
 export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}
+echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST: $MODEL, EP=$EP, batch $BATCH"
 
-srun --kill-on-bad-exit=1 python -m ditmoe.train \
-    --preset imagenet256-XL-8E2A --model DiT-MoE-G/2-16E2A --data "$DATA" --out "$OUT" \
-    --batch-size "$BATCH" --grad-accum "$ACCUM" --ep-size 8 --precision bf16 \
-    --deepspeed-config ds_configs/g2_16e2a.json --resume &
+# shellcheck disable=SC2086
+srun --kill-on-bad-exit=1 "$PYTHON" -m ditmoe.train \
+    --preset "$PRESET" --model "$MODEL" --data "$DATA" --out "$OUT" --batch-size "$BATCH" --grad-accum "$ACCUM" \
+    --ep-size "$EP" --precision "$PRECISION" --deepspeed-config "$DS_CONFIG" --resume $EXTRA &
 TRAINER=$!
-# The batch script gets the signal (B:); forward it to every task, then wait for the trainer to save.
+# SLURM signals this batch shell (B:); pass the request on to every task of the job, then wait for them to save.
 trap 'echo "SIGUSR1: asking the trainer to save"; scancel --signal=USR1 "$SLURM_JOB_ID"' USR1
 set +e
-wait "$TRAINER"; rc=$?
-while [ "$rc" -gt 128 ] && kill -0 "$TRAINER" 2>/dev/null; do wait "$TRAINER"; rc=$?; done  # woken by the trap
+wait "$TRAINER"
+rc=$?
+while [ "$rc" -gt 128 ] && kill -0 "$TRAINER" 2>/dev/null; do  # wait returned early because the trap ran
+    wait "$TRAINER"
+    rc=$?
+done
 set -e
-if [ "$rc" -eq 75 ]; then
-    echo "checkpoint saved on request; requeueing job $SLURM_JOB_ID"
+# 75: saved on request. srun --kill-on-bad-exit may kill the other tasks as the first exits with 75, and then
+# reports their SIGTERM instead, so the trainer's REQUEUE file in the run directory counts as well.
+if [ "$rc" -eq 75 ] || [ -f "$OUT/REQUEUE" ]; then
+    echo "checkpoint saved on request (step $(cat "$OUT/REQUEUE" 2>/dev/null)); requeueing job $SLURM_JOB_ID"
+    rm -f "$OUT/REQUEUE"
     scontrol requeue "$SLURM_JOB_ID"
+    exit 0
 fi
 exit "$rc"

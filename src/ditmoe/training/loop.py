@@ -29,7 +29,7 @@ from ditmoe.training import run_state
 from ditmoe.training.config import TrainConfig, TrainingAborted, model_config_for_data
 from ditmoe.training.ema import EMA
 from ditmoe.training.metrics import MetricsLogger
-from ditmoe.training.signals import StopRequest, ignore_stop_signals
+from ditmoe.training.signals import REQUEUE_MARKER, StopRequest, ignore_stop_signals
 from ditmoe.training.stepper import DeepSpeedStepper, TorchStepper
 from ditmoe.training.telemetry import Throughput, device_peak_flops, peak_memory
 
@@ -152,6 +152,8 @@ def train(
     gen = torch.Generator(device=ctx.device).manual_seed(cfg.seed + 1)
     step, data_state, wandb_id, skipped_total = 0, None, None, 0
 
+    if is_main:
+        (out_dir / REQUEUE_MARKER).unlink(missing_ok=True)  # this run is the requeued one
     found = ckpt_io.agree_on_newest(ckpt_root)
     if found is not None and not cfg.resume:
         raise ConfigError(f"{ckpt_root} already holds checkpoints; pass --resume to continue or choose another --out")
@@ -291,6 +293,7 @@ def train(
             if stop_now:
                 result.stopped_by_signal = True
                 if is_main:
+                    (out_dir / REQUEUE_MARKER).write_text(f"{step}\n")
                     tqdm.write(f"stop requested (signal): saved step {step}; exit to be requeued")
                 break
     finally:

@@ -2,7 +2,7 @@
 
 Saving inside a signal handler can deadlock a collective (Lightning#21406), so the handler does nothing else.
 SLURM: ``#SBATCH --signal=B:USR1@120`` asks for a checkpoint two minutes before the time limit; the job script
-requeues when the trainer exits with ``EXIT_REQUEUE``.
+(slurm/train_16b.sh) requeues when the trainer exits with ``EXIT_REQUEUE`` or leaves ``REQUEUE_MARKER``.
 """
 
 from __future__ import annotations
@@ -13,6 +13,9 @@ import torch
 import torch.distributed as dist
 
 EXIT_REQUEUE = 75  # sysexits EX_TEMPFAIL: "saved; run me again"
+# Written into the run directory beside the exit code: a launcher that kills the other tasks when one exits non-zero
+# (srun --kill-on-bad-exit) reports their SIGTERM, not 75, so job scripts look for this file too.
+REQUEUE_MARKER = "REQUEUE"
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 

@@ -1,0 +1,98 @@
+"""slurm/train_16b.sh on a real (one-node) SLURM cluster: srun tasks train with EP=2, a SIGUSR1 to the batch shell
+makes them save and exit 75, the script requeues the job, and the requeued job resumes and finishes.
+
+Needs a running cluster (``.ci/slurm_up.sh`` starts one as root). Skipped with the reason when there is none,
+except where ``DITMOE_REQUIRE_SLURM=1`` (CI), where a missing cluster fails.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ditmoe.training import checkpoint as ckpt_io
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 1200
+
+
+def _cluster_problem() -> str | None:
+    if shutil.which("sbatch") is None:
+        return "sbatch is not installed (run .ci/slurm_up.sh as root for a one-node cluster)"
+    probe = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=30)
+    if probe.returncode != 0 or not re.search(r"idle|mixed|alloc", probe.stdout):
+        return f"no usable SLURM node (sinfo: {probe.stdout.strip() or probe.stderr.strip()})"
+    return None
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    problem = _cluster_problem()
+    if problem and os.environ.get("DITMOE_REQUIRE_SLURM") == "1":
+        pytest.fail(f"DITMOE_REQUIRE_SLURM=1 but {problem}")
+    if problem:
+        pytest.skip(problem)
+
+
+def _job_field(job: str, field: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, timeout=30).stdout
+    match = re.search(rf"\b{field}=(\S+)", out)
+    return match.group(1) if match else ""
+
+
+def _wait(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(1)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def test_sigusr1_saves_requeues_and_the_requeued_job_finishes(cluster, digits, tmp_path):
+    out = tmp_path / "run"
+    env = {
+        **os.environ,
+        "PRESET": "digits-smoke",
+        "MODEL": "DiT-MoE-micro/4-4E2A",
+        "DATA": str(digits),
+        "OUT": str(out),
+        "BATCH": "8",
+        "EP": "2",
+        "PRECISION": "fp32",
+        "DS_CONFIG": "ds_configs/zero1_fp32.json",
+        "PYTHON": sys.executable,
+        "EXTRA": f"--steps {STEPS} --ckpt-every 100 --log-every 100 --keep-last 20",
+    }
+    log = tmp_path / "job.out"
+    submit = ["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0",
+              "--time=15", f"--output={log}", "slurm/train_16b.sh"]
+    job = subprocess.run(submit, cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=True)
+    job_id = job.stdout.strip().split(";")[0]
+    try:
+        _wait(lambda: ckpt_io.committed_steps(out / "checkpoints"), 240, "the first checkpoint")
+        subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True, timeout=30)  # as at the time limit
+        _wait(lambda: _job_field(job_id, "Restarts") == "1", 240, "the job to be requeued")
+        # SLURM makes a requeued job eligible only two minutes later; not needed here
+        _wait(lambda: _job_field(job_id, "JobState") == "PENDING", 120, "the job to be pending again")
+        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True, timeout=30)
+        _wait(lambda: _job_field(job_id, "JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 420,
+              "the requeued job to finish")
+    finally:
+        subprocess.run(["scancel", job_id], timeout=30)
+    text = log.read_text(errors="replace")
+    assert _job_field(job_id, "JobState") == "COMPLETED", text[-3000:]
+    stopped = re.search(r"saved step (\d+); exit to be requeued", text)
+    assert stopped, text[-3000:]
+    assert f"resumed from {out / 'checkpoints' / ckpt_io.step_dir(Path(), int(stopped.group(1))).name}" in text
+    assert f"trained to step {STEPS}" in text
+    assert ckpt_io.newest_valid(out / "checkpoints").name == ckpt_io.step_dir(Path(), STEPS).name
+    assert not (out / "REQUEUE").exists()
