@@ -183,3 +183,18 @@ def test_zero2_optimizer_offload_bf16_trains_and_resumes_exactly(digits, tmp_pat
     run_local_ranks(offload_rank, 2, timeout_s=240, args=(str(digits), str(tmp_path / "split"), 2, False))
     resumed = run_local_ranks(offload_rank, 2, timeout_s=240, args=(str(digits), str(tmp_path / "split"), 4, True))
     assert resumed[0] == full[2:]
+
+
+def test_init_from_starts_a_single_process_run_from_expert_parallel_weights(runs, digits, tmp_path):
+    from ditmoe.training.config import train_config
+    from ditmoe.training.loop import train
+
+    source = ckpt_io.newest_valid(runs[(2, 2)][0] / "checkpoints")
+    cfg = train_config("digits-smoke", data=str(digits), out=str(tmp_path / "new"), steps=1, lr=1e-12,
+                       init_from=str(source), ckpt_every=1, model_opts={"moe": {"balance_loss_type": "sequence"}})
+    train(cfg, progress=False)
+    ckpt = ckpt_io.newest_valid(tmp_path / "new" / "checkpoints")
+    assert ckpt.name == "step_00000001"  # a new run: its own step count, a fresh optimizer
+    before, after = load_global_state(source, "model"), load_global_state(ckpt, "model")
+    for key, value in before.items():
+        torch.testing.assert_close(after[key], value, rtol=0, atol=1e-9, msg=key)  # lr 1e-12: one step moves nothing

@@ -99,6 +99,18 @@ def uses_deepspeed(cfg: TrainConfig) -> bool:
     return bool(cfg.deepspeed_config) or launched_world_size() > 1 or dist.is_initialized()
 
 
+def single_process_context(cfg: TrainConfig, device: str | None) -> DistContext:
+    """A world of one for plain torch training; ConfigError for what only the DeepSpeed path can do."""
+    needs = [f for f, bad in (("ep_size", cfg.ep_size > 1), ("precision", cfg.precision == "fp16")) if bad]
+    if needs:
+        values = ", ".join(f"{f}={getattr(cfg, f)!r}" for f in needs)
+        raise ConfigError(
+            f"{values} needs several ranks or DeepSpeed: run under a launcher (deepspeed --module ditmoe.train, "
+            "torchrun -m ditmoe.train, srun) or pass --deepspeed-config"
+        )
+    return single_process(device)
+
+
 def deepspeed_config(cfg: TrainConfig, ctx: DistContext) -> dict:
     from ditmoe.parallel.ds_config import load_ds_config, resolve_ds_config
 
@@ -121,6 +133,24 @@ def deepspeed_config(cfg: TrainConfig, ctx: DistContext) -> dict:
     )
 
 
+def restore_weights(model: DiTMoE, cfg: TrainConfig, ctx: DistContext, found: Path | None) -> EMA:
+    """Model and EMA weights from the run's newest checkpoint ``found``, else from ``--init-from`` (any topology).
+
+    Returns the EMA (fresh when there is nothing to load). The optimizer's state is the stepper's business.
+    """
+    source = found or (ckpt_io.resolve(Path(cfg.init_from)) if cfg.init_from else None)
+    if source is not None:
+        saved = ckpt_io.load_config(source)
+        check_same_model(saved["model"], model.cfg, source)
+        if found is not None:
+            check_same_topology(saved.get("topology", {}), ctx, found)
+        run_state.load_weights(source, "model", model, ctx)
+    ema = EMA(model, cfg.ema_decay, warmup=cfg.ema_warmup)
+    if source is not None:
+        ema.load_state_dict(run_state.load_state(source, "ema", expert_slices(model), ctx))
+    return ema
+
+
 def train(
     cfg: TrainConfig, *, device: str | None = None, progress: bool = True, batches: Iterator | None = None
 ) -> TrainResult:
@@ -131,17 +161,7 @@ def train(
     manifest = read_manifest(cfg.data)
     mcfg = model_config_for_data(cfg, manifest)
     use_ds = uses_deepspeed(cfg)
-    if use_ds:
-        ctx = init_distributed(cfg.ep_size, mcfg.moe.num_experts)
-    else:
-        needs = [f for f, bad in (("ep_size", cfg.ep_size > 1), ("precision", cfg.precision == "fp16")) if bad]
-        if needs:
-            values = ", ".join(f"{f}={getattr(cfg, f)!r}" for f in needs)
-            raise ConfigError(
-                f"{values} needs several ranks or DeepSpeed: run under a launcher (deepspeed --module ditmoe.train, "
-                "torchrun -m ditmoe.train, srun) or pass --deepspeed-config"
-            )
-        ctx = single_process(device)
+    ctx = init_distributed(cfg.ep_size, mcfg.moe.num_experts) if use_ds else single_process_context(cfg, device)
     micro = cfg.micro_batch(ctx.world_size)
     is_main = ctx.rank == 0
 
@@ -157,16 +177,7 @@ def train(
     found = ckpt_io.agree_on_newest(ckpt_root)
     if found is not None and not cfg.resume:
         raise ConfigError(f"{ckpt_root} already holds checkpoints; pass --resume to continue or choose another --out")
-    source = found or (ckpt_io.resolve(Path(cfg.init_from)) if cfg.init_from else None)
-    if source is not None:
-        saved = ckpt_io.load_config(source)
-        check_same_model(saved["model"], mcfg, source)
-        if found is not None:
-            check_same_topology(saved.get("topology", {}), ctx, found)
-        run_state.load_weights(source, "model", model, ctx)
-    ema = EMA(model, cfg.ema_decay, warmup=cfg.ema_warmup)
-    if source is not None:
-        ema.load_state_dict(run_state.load_state(source, "ema", expert_slices(model), ctx))
+    ema = restore_weights(model, cfg, ctx, found)
     stepper = DeepSpeedStepper(model, cfg, deepspeed_config(cfg, ctx), ctx.group_name) if use_ds else TorchStepper(
         model, cfg
     )
