@@ -31,8 +31,9 @@ from ditmoe.training.loop import train
 def launch_training(ranks: int, argv: list[str]) -> None:
     """``deepspeed --num_gpus ranks --module ditmoe.train argv`` (CPU ranks here), one torch thread per rank."""
     cores = os.cpu_count() or 1
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // ranks))}
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks)]
+    # one torch thread per core; DeepSpeed's deprecated-collective FutureWarnings are noise here
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // ranks)), "PYTHONWARNINGS": "ignore::FutureWarning"}
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--log_level", "warning"]
     cmd += ["--master_port", str(free_port()), "--module", "ditmoe.train", *argv]
     print("$ " + " ".join(["deepspeed", *cmd[3:]]), flush=True)
     rc = subprocess.run(cmd, env=env).returncode
