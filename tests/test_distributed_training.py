@@ -125,9 +125,24 @@ def _launch(cmd: list[str], digits: Path, out: Path, extra: list[str] = ()) -> s
     return subprocess.run([*cmd, *args], env=env, capture_output=True, text=True, timeout=300)
 
 
+def _job_id_with_free_port() -> int:
+    """A SLURM job id whose derived MASTER_PORT (29500 + id % 1000) is free now."""
+    import socket
+
+    for job_id in range(100, 1000):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", 29500 + job_id))
+            except OSError:
+                continue
+        return job_id
+    raise RuntimeError("no free port in 29600-30499")
+
+
 def _srun_like(digits: Path, out: Path) -> subprocess.CompletedProcess:
     """Two tasks with only the variables srun sets (SLURM_PROCID, ...), as `srun -n 2 python -m ditmoe.train`."""
-    slurm = {"SLURM_NTASKS": "2", "SLURM_JOB_ID": str(free_port()), "SLURM_LAUNCH_NODE_IPADDR": "127.0.0.1"}
+    job_id = _job_id_with_free_port()
+    slurm = {"SLURM_NTASKS": "2", "SLURM_JOB_ID": str(job_id), "SLURM_LAUNCH_NODE_IPADDR": "127.0.0.1"}
     base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
     args = ["--preset", "digits-smoke", "--data", str(digits), "--out", str(out), "--ep-size", "2", "--steps", "2"]
     procs = [
