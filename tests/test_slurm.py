@@ -47,14 +47,15 @@ def _job_field(job: str, field: str) -> str:
     return match.group(1) if match else ""
 
 
-def _wait(predicate, timeout_s: float, what: str):
+def _wait(predicate, timeout_s: float, what: str, log: Path | None = None):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(1)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+    tail = log.read_text(errors="replace")[-3000:] if log is not None and log.exists() else "(no job output)"
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}; job output ends:\n{tail}")
 
 
 def test_sigusr1_saves_requeues_and_the_requeued_job_finishes(cluster, digits, tmp_path):
@@ -78,14 +79,14 @@ def test_sigusr1_saves_requeues_and_the_requeued_job_finishes(cluster, digits, t
     job = subprocess.run(submit, cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=True)
     job_id = job.stdout.strip().split(";")[0]
     try:
-        _wait(lambda: ckpt_io.committed_steps(out / "checkpoints"), 240, "the first checkpoint")
+        _wait(lambda: ckpt_io.committed_steps(out / "checkpoints"), 240, "the first checkpoint", log)
         subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True, timeout=30)  # as at the time limit
-        _wait(lambda: _job_field(job_id, "Restarts") == "1", 240, "the job to be requeued")
+        _wait(lambda: _job_field(job_id, "Restarts") == "1", 240, "the job to be requeued", log)
         # SLURM makes a requeued job eligible only two minutes later; not needed here
-        _wait(lambda: _job_field(job_id, "JobState") == "PENDING", 120, "the job to be pending again")
+        _wait(lambda: _job_field(job_id, "JobState") == "PENDING", 120, "the job to be pending again", log)
         subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True, timeout=30)
         _wait(lambda: _job_field(job_id, "JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 420,
-              "the requeued job to finish")
+              "the requeued job to finish", log)
     finally:
         subprocess.run(["scancel", job_id], timeout=30)
     text = log.read_text(errors="replace")

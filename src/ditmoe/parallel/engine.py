@@ -20,25 +20,18 @@ class ExpertAwareEngine(DeepSpeedEngine):
 
     def _configure_distributed_model(self, model: nn.Module) -> None:
         super()._configure_distributed_model(model)
-        tagged = [p for p in self.module.parameters() if getattr(p, "allreduce", True) is False]
-        if tagged:
+        if any(getattr(p, "allreduce", True) is False for p in self.module.parameters()):
             self.has_moe_layers = True
-            self.num_experts = sorted({m.num_global_experts for m in self.module.modules() if _holds_experts(m)})
+            experts = {getattr(m, "num_global_experts", None) for m in self.module.modules()} - {None}
+            self.num_experts = sorted(experts)
 
 
-def _holds_experts(module: nn.Module) -> bool:
-    return hasattr(module, "num_global_experts")
-
-
-def tag_expert_parameters(model: nn.Module, group_name: str) -> int:
+def tag_expert_parameters(model: nn.Module, group_name: str) -> None:
     """Mark every ``is_expert`` parameter for reduction over DeepSpeed's expert-data-parallel group ``group_name``."""
-    count = 0
     for p in model.parameters():
         if getattr(p, "is_expert", False):
             p.allreduce = False
             p.group_name = group_name
-            count += 1
-    return count
 
 
 def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -191,12 +191,13 @@ def train(
         if is_main:
             tqdm.write(f"resumed from {found} at step {step}")
 
+    run_config = {"train": cfg.to_dict(), "model": mcfg.to_dict(), "topology": run_state.topology(ctx)}
     logger = MetricsLogger(
         out_dir,
         use_wandb=cfg.wandb and is_main,
         project=cfg.wandb_project,
         run_name=out_dir.name,
-        config={"train": cfg.to_dict(), "model": mcfg.to_dict(), "topology": run_state.topology(ctx)},
+        config=run_config,
         resume_id=wandb_id,
         enabled=is_main,
     )
@@ -223,8 +224,6 @@ def train(
     result = TrainResult(out_dir, step, skipped_steps=skipped_total)
     window: list[torch.Tensor] = []  # [3] per step: total, diffusion, aux loss
     consecutive_skips, grad_norm = 0, float("nan")
-    config_json = {"train": cfg.to_dict(), "model": mcfg.to_dict(), "data": manifest}
-    config_json["topology"] = run_state.topology(ctx)
 
     def save() -> None:
         trainer_state = {
@@ -242,7 +241,7 @@ def train(
             f"optimizer-rank{ctx.rank}": stepper.state_dict(),
             f"trainer-rank{ctx.rank}": trainer_state,
         }
-        ckpt_io.save_checkpoint(ckpt_root, step, files, config_json, keep_last=cfg.keep_last)
+        ckpt_io.save_checkpoint(ckpt_root, step, files, {**run_config, "data": manifest}, keep_last=cfg.keep_last)
 
     stepper.module.train()
     throughput.start()
