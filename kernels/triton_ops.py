@@ -12,16 +12,20 @@ Design (see /work/shared/notes/kernels.md):
   are not. The sentinel group's blocks write zeros (dropped rows), unused blocks exit at once.
 - The first expert GEMM gathers its A rows through the permutation (an int32 token table ``sorted_flat // K``
   computed once per plan): no permuted copy of x.
-- SwiGLU / GELU run in the epilogue of the first GEMM, which also stores the pre-activations. The dX GEMM of the
-  second weight (dH = dy W2) runs the activation's backward in its epilogue and re-materialises the activation
-  h from the saved pre-activations (h is not kept from the forward), so the dW of the second weight is a plain
-  K-reduction dy^T h: no elementwise work inside any GEMM main loop, where it would stall the pipelining. Epilogue
-  GEMMs use their own 128x128 tiles (``gmm_epi``) so the accumulator and the extra tiles stay in registers.
+- SwiGLU / GELU run in the epilogue of the first GEMM, which also stores the pre-activations. Backward
+  re-materialises the activation h from the saved pre-activations (h is not kept from the forward), so the dW of
+  the second weight is a plain K-reduction dy^T h: no elementwise work inside any GEMM main loop, where it would
+  stall the pipelining. SwiGLU: dH = dy W2 is a plain grouped GEMM and one elementwise pass writes h and
+  [dgate | dup] side by side in one [R, 2F] buffer (fusing that pass into dH's epilogue ran 0.75 vs 0.54 ms at XL,
+  run 2). GELU: the dX GEMM of the second weight runs the backward in its own 128x128-tile epilogue (``gmm_epi``).
   The combine is a gather with fp32 accumulation that also yields the routing-weight gradient in backward.
   No atomics anywhere: bitwise deterministic.
 - dW: one program per (expert, O-tile, I-tile) walks the expert's rows in a counted loop of [BR, BO] x [BR, BI]
-  row-contiguous tiles (A enters tl.dot through tl.trans), fp32 accumulate, largest experts first; the gate and
-  up dW share their B tiles (``dw_dual``); an expert with no rows writes zeros. Bias gradients are fp32 row sums.
+  row-contiguous tiles (A enters tl.dot through tl.trans), fp32 accumulate, largest experts first; an expert with
+  no rows writes zeros. Bias gradients are fp32 row sums. The gate and up dW are one K-reduction over the
+  [dgate | dup] buffer (O = 2F, the output split in the store) against the permuted x: a single accumulator and
+  no gathered rows, the shape of the down dW that ran at 0.95 of dense (the dual-accumulator kernel over
+  gathered x reached 0.47, run 3).
 - fp32/bf16/fp16 inputs, fp32 accumulation. fp32 matmuls follow ``torch.backends.cuda.matmul.allow_tf32``.
 
 Tile configs are fixed per (kind, dtype) so results never depend on batch composition; ``tile_overrides`` lets a
@@ -78,19 +82,16 @@ def tile_overrides(**kinds: dict) -> Iterator[None]:
 def _overridden(kind: str) -> Mapping:
     return _TILE_OVERRIDES.get().get(kind, {})
 
-EPI_NONE, EPI_GELU, EPI_GELU_BWD, EPI_SWIGLU_BWD = 0, 1, 2, 3
-# Down dX of the SwiGLU experts: plain grouped GEMM for dH + elementwise SwiGLU backward (True), or the GEMM with
-# the backward fused in its epilogue (False; run 2: 0.84 ms at XL vs 0.26 ms for the plain GEMM in torch).
-SWIGLU_BWD_SPLIT = True
+
+EPI_NONE, EPI_GELU, EPI_GELU_BWD = 0, 1, 2
 
 
 def _config(kind: str, dtype: torch.dtype) -> dict:
     """Fixed tile configuration for one kernel kind: ``gmm`` (single-accumulator grouped GEMM without epilogue:
     forward), ``gmm_dx`` (the same for dX GEMMs, B = W[e] untransposed: one- and two-term dX, dH), ``gmm_epi``
-    (the same with an activation epilogue: GELU forward, SwiGLU / GELU backward, which load and store several
-    extra tiles), ``swiglu`` (dual-accumulator gate/up GEMM), ``dw`` (per-expert K-reduction), ``dw_dual`` (the
-    same with two A operands: gate/up dW), ``rows`` (permute/combine), ``ew`` (elementwise SwiGLU backward),
-    ``route`` (routing metadata)."""
+    (the same with a GELU epilogue, forward or backward, which loads and stores extra tiles), ``swiglu``
+    (dual-accumulator gate/up GEMM), ``dw`` (per-expert K-reduction: every weight gradient), ``rows``
+    (permute/combine), ``ew`` (elementwise SwiGLU backward, [BR, BC] tiles), ``route`` (routing metadata)."""
     if INTERPRET:
         cfg = {
             "gmm": dict(BM=16, BN=32, BK=32, GROUP_M=4),
@@ -98,9 +99,8 @@ def _config(kind: str, dtype: torch.dtype) -> dict:
             "gmm_epi": dict(BM=16, BN=32, BK=32, GROUP_M=4),
             "swiglu": dict(BM=16, BN=32, BK=32, GROUP_M=4),
             "dw": dict(BO=32, BI=32, BR=16, GROUP_M=4),
-            "dw_dual": dict(BO=32, BI=32, BR=16, GROUP_M=4),
             "rows": dict(BT=16, BD=64),
-            "ew": dict(BLOCK=256),
+            "ew": dict(BR=4, BC=64),
             "route": dict(BLOCK=0),
         }[kind]
     elif dtype == torch.float32:
@@ -110,28 +110,24 @@ def _config(kind: str, dtype: torch.dtype) -> dict:
             "gmm_epi": dict(BM=64, BN=64, BK=32, GROUP_M=8, num_warps=4, num_stages=3),
             "swiglu": dict(BM=64, BN=64, BK=32, GROUP_M=8, num_warps=4, num_stages=3),
             "dw": dict(BO=64, BI=64, BR=32, GROUP_M=8, num_warps=4, num_stages=3),
-            "dw_dual": dict(BO=64, BI=64, BR=32, GROUP_M=8, num_warps=4, num_stages=3),
             "rows": dict(BT=8, BD=128, num_warps=4),
-            "ew": dict(BLOCK=1024, num_warps=4),
+            "ew": dict(BR=2, BC=512, num_warps=4),
             "route": dict(BLOCK=0),
         }[kind]
     else:
         # bf16/fp16 on sm90. gmm / swiglu: best of the H200 sweep (bench/results/nvidia-h200-2026-11-26.json).
         # gmm_epi: 128x128 so the fp32 accumulator plus the epilogue's extra tiles fit in registers (a 128x256
         # accumulator with two loaded and two stored tiles spilled: down dX ran at 0.11 of dense).
-        # dw / dw_dual: plain tl.dot K-reductions (no activation recompute in the loop any more).
-        # gmm_dx (dX GEMMs without epilogue), gmm_epi, dw, dw_dual, rows: winners of the run-2 sweep at XL
-        # (bench/results/nvidia-h200-2026-11-26-run2: gate/up dX 689, down dX 230, down dW 665, gate/up dW 373
-        # TFLOP/s; unpermute 2489 GB/s).
+        # gmm_dx, gmm_epi, dw, rows: winners of the run-2 sweep at XL (bench/results/nvidia-h200-2026-11-26-run2:
+        # gate/up dX 689, down dW 665 TFLOP/s; unpermute 2489 GB/s). ew: 2048 elements per program as in run 3.
         cfg = {
             "gmm": dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3),
             "gmm_dx": dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4),
             "gmm_epi": dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4),
             "swiglu": dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3),
             "dw": dict(BO=128, BI=128, BR=32, GROUP_M=8, num_warps=4, num_stages=4),
-            "dw_dual": dict(BO=64, BI=128, BR=64, GROUP_M=8, num_warps=4, num_stages=3),
             "rows": dict(BT=16, BD=256, num_warps=8),
-            "ew": dict(BLOCK=2048, num_warps=8),
+            "ew": dict(BR=4, BC=512, num_warps=8),
             "route": dict(BLOCK=0),
         }[kind]
     cfg = {**cfg, **_overridden(kind)}
@@ -648,6 +644,29 @@ def _tile(pid, num_m, N, BN: tl.constexpr, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _group_block(tab_ptr, NMB, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's output tile of a grouped GEMM: group ``e`` (-1: unused block, E: dropped rows), its row
+    indices (int64) and N offsets, with their masks, read from the block table."""
+    pid_m, pid_n = _tile(tl.program_id(0), NMB, N, BN, GROUP_M)
+    e = tl.load(tab_ptr + pid_m)
+    rs = tl.load(tab_ptr + NMB + pid_m)
+    re = tl.load(tab_ptr + 2 * NMB + pid_m)
+    rows = (rs + tl.arange(0, BM)).to(tl.int64)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    return e, rows, rows < re, offs_n, offs_n < N
+
+
+@triton.jit
+def _a_rows(tok_ptr, rows, rmask, GATHER: tl.constexpr):
+    """The A rows a block reads: its own rows, or (GATHER) the tokens they were permuted from."""
+    if GATHER:  # noqa: SIM108 (constexpr branches)
+        a_rows = tl.load(tok_ptr + rows, mask=rmask, other=0).to(tl.int64)
+    else:
+        a_rows = rows
+    return a_rows
+
+
+@triton.jit
 def _mainloop(
     acc,
     a_ptr,
@@ -694,9 +713,7 @@ def _gmm_kernel(
     tab_ptr,
     c_ptr,
     c2_ptr,
-    c3_ptr,
     x0_ptr,
-    x1_ptr,
     N,
     Kdim,
     NMB,
@@ -717,14 +734,11 @@ def _gmm_kernel(
     s_cn,
     s_x0r,
     s_x0n,
-    s_x1r,
-    s_x1n,
     GATHER: tl.constexpr,
     TWO_TERMS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     EPI: tl.constexpr,
     HAS_C2: tl.constexpr,
-    HAS_C3: tl.constexpr,
     UPCAST: tl.constexpr,
     PREC: tl.constexpr,
     EVEN_K: tl.constexpr,
@@ -736,40 +750,26 @@ def _gmm_kernel(
     """C[rows of group e] = A[rows] @ B[e] (+ A2[rows] @ B2[e]) (+ bias[e]) with an epilogue.
 
     B[e] is addressed as a [Kdim, N] matrix through strides, so the forward (B = W[e]^T) and dX (B = W[e]) share
-    this kernel. GATHER: A row r is token ``tok[r]`` of A (A is x itself, never permuted). C, C2, C3 share strides.
-    EPI_GELU: C = gelu(z), C2 = z.  EPI_GELU_BWD: X0 = z, C = acc * gelu'(z), C3 = gelu(z) (the activation the
-    forward produced, for the dW of the second weight).  EPI_SWIGLU_BWD: with acc = dH, X0 = gate and X1 = up
-    pre-activations, C = dgate, C2 = dup, C3 = silu(gate) * up.
+    this kernel. GATHER: A row r is token ``tok[r]`` of A (A is x itself, never permuted). C and C2 share strides.
+    EPI_GELU: C = gelu(z), C2 = z.  EPI_GELU_BWD: X0 = z, C = acc * gelu'(z), C2 = gelu(z) (the activation the
+    forward produced, for the dW of the second weight).
     """
-    pid_m, pid_n = _tile(tl.program_id(0), NMB, N, BN, GROUP_M)
-    e = tl.load(tab_ptr + pid_m)
+    e, rows, rmask, offs_n, nmask = _group_block(tab_ptr, NMB, N, BM, BN, GROUP_M)
     if e < 0:
         return
-    rs = tl.load(tab_ptr + NMB + pid_m)
-    re = tl.load(tab_ptr + 2 * NMB + pid_m)
-    rows = (rs + tl.arange(0, BM)).to(tl.int64)
-    rmask = rows < re
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    nmask = offs_n < N
     cmask = rmask[:, None] & nmask[None, :]
     c_off = rows[:, None] * s_cr + offs_n[None, :] * s_cn
     if e == NUM_E:  # dropped rows: zeros
         tl.store(c_ptr + c_off, tl.zeros([BM, BN], c_ptr.dtype.element_ty), mask=cmask)
         if HAS_C2:
             tl.store(c2_ptr + c_off, tl.zeros([BM, BN], c2_ptr.dtype.element_ty), mask=cmask)
-        if HAS_C3:
-            tl.store(c3_ptr + c_off, tl.zeros([BM, BN], c3_ptr.dtype.element_ty), mask=cmask)
         return
     e64 = e.to(tl.int64)
-    if GATHER:  # noqa: SIM108
-        a_rows = tl.load(tok_ptr + rows, mask=rmask, other=0).to(tl.int64)
-    else:
-        a_rows = rows
     acc = tl.zeros([BM, BN], tl.float32)
     acc = _mainloop(
         acc,
         a_ptr,
-        a_rows,
+        _a_rows(tok_ptr, rows, rmask, GATHER),
         s_ar,
         s_ak,
         b_ptr + e64 * s_be,
@@ -813,16 +813,8 @@ def _gmm_kernel(
         tl.store(c_ptr + c_off, _to(_gelu_tanh(z.to(tl.float32)), c_ptr.dtype.element_ty), mask=cmask)
     if EPI == 2:
         z = tl.load(x0_ptr + rows[:, None] * s_x0r + offs_n[None, :] * s_x0n, mask=cmask, other=0.0).to(tl.float32)
-        tl.store(c3_ptr + c_off, _to(_gelu_tanh(z), c3_ptr.dtype.element_ty), mask=cmask)
+        tl.store(c2_ptr + c_off, _to(_gelu_tanh(z), c2_ptr.dtype.element_ty), mask=cmask)
         tl.store(c_ptr + c_off, _to(acc * _gelu_tanh_grad(z), c_ptr.dtype.element_ty), mask=cmask)
-    if EPI == 3:
-        g = tl.load(x0_ptr + rows[:, None] * s_x0r + offs_n[None, :] * s_x0n, mask=cmask, other=0.0).to(tl.float32)
-        u = tl.load(x1_ptr + rows[:, None] * s_x1r + offs_n[None, :] * s_x1n, mask=cmask, other=0.0).to(tl.float32)
-        s = _sigmoid(g)
-        silu = g * s
-        tl.store(c3_ptr + c_off, _to(silu * u, c3_ptr.dtype.element_ty), mask=cmask)
-        tl.store(c2_ptr + c_off, _to(acc * silu, c2_ptr.dtype.element_ty), mask=cmask)
-        tl.store(c_ptr + c_off, _to(acc * u * (s + silu * (1.0 - s)), c_ptr.dtype.element_ty), mask=cmask)
 
 
 @triton.jit
@@ -861,16 +853,9 @@ def _gmm_swiglu_kernel(
     """G = A Wg^T, U = A Wu^T in one pass over A (gathered through the permutation); H = silu(G) * U.
     G and U are stored (rounded to the output dtype) for backward; H is computed from the rounded values so the
     backward can recompute it bit for bit."""
-    pid_m, pid_n = _tile(tl.program_id(0), NMB, N, BN, GROUP_M)
-    e = tl.load(tab_ptr + pid_m)
+    e, rows, rmask, offs_n, nmask = _group_block(tab_ptr, NMB, N, BM, BN, GROUP_M)
     if e < 0:
         return
-    rs = tl.load(tab_ptr + NMB + pid_m)
-    re = tl.load(tab_ptr + 2 * NMB + pid_m)
-    rows = (rs + tl.arange(0, BM)).to(tl.int64)
-    rmask = rows < re
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    nmask = offs_n < N
     cmask = rmask[:, None] & nmask[None, :]
     o = rows[:, None] * s_r + offs_n[None, :] * s_n
     if e == NUM_E:
@@ -880,12 +865,8 @@ def _gmm_swiglu_kernel(
         tl.store(u_ptr + o, zero, mask=cmask)
         return
     e64 = e.to(tl.int64)
-    if GATHER:  # noqa: SIM108
-        a_rows = tl.load(tok_ptr + rows, mask=rmask, other=0).to(tl.int64)
-    else:
-        a_rows = rows
     offs_k = tl.arange(0, BK)
-    a_ptrs = a_ptr + a_rows[:, None] * s_ar + offs_k[None, :] * s_ak
+    a_ptrs = a_ptr + _a_rows(tok_ptr, rows, rmask, GATHER)[:, None] * s_ar + offs_k[None, :] * s_ak
     bg_ptrs = bg_ptr + e64 * s_bge + offs_k[:, None] * s_bgk + offs_n[None, :] * s_bgn
     bu_ptrs = bu_ptr + e64 * s_bue + offs_k[:, None] * s_buk + offs_n[None, :] * s_bun
     acc_g = tl.zeros([BM, BN], tl.float32)
@@ -916,20 +897,17 @@ def _gmm_swiglu_kernel(
 @triton.jit
 def _gmm_dw_kernel(
     a_ptr,
-    a2_ptr,
     b_ptr,
-    tok_ptr,
     offs_ptr,
     order_ptr,
     dw_ptr,
     dw2_ptr,
     db_ptr,
     O,
+    O1,
     I,
     s_ar,
     s_ao,
-    s_a2r,
-    s_a2o,
     s_br,
     s_bi,
     s_we,
@@ -937,8 +915,7 @@ def _gmm_dw_kernel(
     s_wi,
     s_dbe,
     s_dbo,
-    DUAL_A: tl.constexpr,
-    GATHER_B: tl.constexpr,
+    SPLIT: tl.constexpr,
     HAS_DB: tl.constexpr,
     UPCAST: tl.constexpr,
     PREC: tl.constexpr,
@@ -947,9 +924,9 @@ def _gmm_dw_kernel(
     BR: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """dW[e] = A[rows e]^T @ B[rows e] ([O, I]) as a K-reduction over the expert's rows (DUAL_A: also
-    dW2[e] = A2^T B, sharing the B tiles; dW2 has dW's strides); HAS_DB: db[e] = sum of A's rows.
-    GATHER_B: B row r is token ``tok[r]``. Empty experts write zeros.
+    """dW[e] = A[rows e]^T @ B[rows e] ([O, I]) as a K-reduction over the expert's rows; HAS_DB: db[e] = sum of
+    A's rows. SPLIT: result rows o >= O1 go to row o - O1 of dW2 (same strides), the rest to dW. Empty experts
+    write zeros.
 
     The loop is a plain counted loop over [BR, BO] / [BR, BI] tiles whose pointers advance by BR rows: every
     load is row-contiguous (coalesced, 16-byte vectors) and feeds tl.dot directly (A through tl.trans), so the
@@ -965,37 +942,28 @@ def _gmm_dw_kernel(
     im = offs_i < I
     rows = (start + offs_r).to(tl.int64)
     a_ptrs = a_ptr + rows[:, None] * s_ar + offs_o[None, :] * s_ao
-    a2_ptrs = a2_ptr + rows[:, None] * s_a2r + offs_o[None, :] * s_a2o
-    if GATHER_B:  # noqa: SIM108
-        tok_ptrs = tok_ptr + rows
-    else:
-        b_ptrs = b_ptr + rows[:, None] * s_br + offs_i[None, :] * s_bi
+    b_ptrs = b_ptr + rows[:, None] * s_br + offs_i[None, :] * s_bi
     acc = tl.zeros([BO, BI], tl.float32)
-    acc2 = tl.zeros([BO, BI], tl.float32)
     dbacc = tl.zeros([BO], tl.float32)
     for it in range(0, tl.cdiv(n_rows, BR)):
         rm = offs_r < n_rows - it * BR
         a = tl.load(a_ptrs, mask=rm[:, None] & om[None, :], other=0.0)
-        if GATHER_B:
-            tok = tl.load(tok_ptrs, mask=rm, other=0).to(tl.int64)
-            b = tl.load(b_ptr + tok[:, None] * s_br + offs_i[None, :] * s_bi, mask=rm[:, None] & im[None, :], other=0.0)
-            tok_ptrs += BR
-        else:
-            b = tl.load(b_ptrs, mask=rm[:, None] & im[None, :], other=0.0)
-            b_ptrs += BR * s_br
+        b = tl.load(b_ptrs, mask=rm[:, None] & im[None, :], other=0.0)
         acc = _mma(tl.trans(a), b, acc, UPCAST, PREC)
-        if DUAL_A:
-            a2 = tl.load(a2_ptrs, mask=rm[:, None] & om[None, :], other=0.0)
-            acc2 = _mma(tl.trans(a2), b, acc2, UPCAST, PREC)
-            a2_ptrs += BR * s_a2r
         if HAS_DB:
             dbacc += tl.sum(a.to(tl.float32), 0)
         a_ptrs += BR * s_ar
+        b_ptrs += BR * s_br
     wmask = om[:, None] & im[None, :]
-    w_off = e * s_we + offs_o[:, None] * s_wo + offs_i[None, :] * s_wi
-    tl.store(dw_ptr + w_off, _to(acc, dw_ptr.dtype.element_ty), mask=wmask)
-    if DUAL_A:
-        tl.store(dw2_ptr + w_off, _to(acc2, dw2_ptr.dtype.element_ty), mask=wmask)
+    dw = _to(acc, dw_ptr.dtype.element_ty)
+    if SPLIT:
+        first = offs_o < O1
+        o_local = tl.where(first, offs_o, offs_o - O1)
+        w_off = e * s_we + o_local[:, None] * s_wo + offs_i[None, :] * s_wi
+        tl.store(dw_ptr + w_off, dw, mask=wmask & first[:, None])
+        tl.store(dw2_ptr + w_off, dw, mask=wmask & ~first[:, None])
+    else:
+        tl.store(dw_ptr + e * s_we + offs_o[:, None] * s_wo + offs_i[None, :] * s_wi, dw, mask=wmask)
     if HAS_DB:
         tl.store(
             db_ptr + e * s_dbe + offs_o * s_dbo,
@@ -1020,15 +988,13 @@ def _gmm(
     a2=None,
     w2=None,
     x0=None,
-    x1=None,
     out_dtype=None,
 ):
     """Grouped GEMM over the plan's expert groups.
 
     transpose_w=True (forward): C = A @ W[e]^T, W [E, N, Kdim]. False (dX): C = A @ W[e], W [E, Kdim, N].
     gather: A is [T, Kdim] and row r reads token ``sorted_flat[r] // K``. Returns C, [R, N] (rows of dropped
-    pairs are zero), or a tuple for the epilogues with several outputs: EPI_GELU (h, z), EPI_GELU_BWD (dz, h),
-    EPI_SWIGLU_BWD (dgate, dup, h).
+    pairs are zero), or for the GELU epilogues a pair: EPI_GELU (h, z), EPI_GELU_BWD (dz, h).
     """
     E = w.shape[0]
     if transpose_w:
@@ -1042,12 +1008,9 @@ def _gmm(
     dtype = out_dtype or a.dtype
     R = meta.R
     c = torch.empty(R, N, dtype=dtype, device=a.device)
-    has_c2 = epi in (EPI_GELU, EPI_SWIGLU_BWD)
-    has_c3 = epi in (EPI_GELU_BWD, EPI_SWIGLU_BWD)
+    has_c2 = epi != EPI_NONE
     c2 = torch.empty_like(c) if has_c2 else c
-    c3 = torch.empty_like(c) if has_c3 else c
-    outs = (c, *((c2,) if has_c2 else ()), *((c3,) if has_c3 else ()))
-    result = outs if len(outs) > 1 else c
+    result = (c, c2) if has_c2 else c
     if R == 0 or N == 0:
         return result
     kind = "gmm_epi" if epi != EPI_NONE else ("gmm" if transpose_w else "gmm_dx")
@@ -1069,9 +1032,7 @@ def _gmm(
         tab,
         c,
         c2,
-        c3,
         x0 if x0 is not None else dummy,
-        x1 if x1 is not None else dummy,
         N,
         Kdim,
         nmb,
@@ -1092,14 +1053,11 @@ def _gmm(
         c.stride(1),
         _s(x0, 0),
         _s(x0, 1),
-        _s(x1, 0),
-        _s(x1, 1),
         gather,
         a2 is not None,
         bias is not None,
         epi,
         has_c2,
-        has_c3,
         upcast,
         prec,
         Kdim % BK == 0,
@@ -1113,40 +1071,37 @@ def _gmm(
 
 
 @triton.jit
-def _swiglu_bwd_kernel(dh_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, h_ptr, n, BLOCK: tl.constexpr):
-    """Elementwise SwiGLU backward over contiguous [R, F] tensors: with dH, gate and up pre-activations,
-    dgate = dH * u * silu'(g), dup = dH * silu(g), h = silu(g) * u (fp32 math, the epilogue's formulas)."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = offs < n
-    dh = tl.load(dh_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + offs, mask=m, other=0.0).to(tl.float32)
+def _swiglu_bwd_kernel(dh_ptr, g_ptr, u_ptr, dgu_ptr, h_ptr, R, F, s_r, s_gur, BR: tl.constexpr, BC: tl.constexpr):
+    """Elementwise SwiGLU backward on [BR, BC] tiles: with dH, gate and up pre-activations ([R, F], row stride
+    s_r), dgate = dH * u * silu'(g) into columns [0, F) of dGU ([R, 2F], row stride s_gur), dup = dH * silu(g)
+    into columns [F, 2F), and h = silu(g) * u (fp32 math)."""
+    r = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)
+    c = tl.program_id(1) * BC + tl.arange(0, BC)
+    m = (r < R)[:, None] & (c < F)[None, :]
+    off = r[:, None] * s_r + c[None, :]
+    dh = tl.load(dh_ptr + off, mask=m, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + off, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + off, mask=m, other=0.0).to(tl.float32)
     s = _sigmoid(g)
     silu = g * s
-    tl.store(h_ptr + offs, _to(silu * u, h_ptr.dtype.element_ty), mask=m)
-    tl.store(du_ptr + offs, _to(dh * silu, du_ptr.dtype.element_ty), mask=m)
-    tl.store(dg_ptr + offs, _to(dh * u * (s + silu * (1.0 - s)), dg_ptr.dtype.element_ty), mask=m)
+    tl.store(h_ptr + off, _to(silu * u, h_ptr.dtype.element_ty), mask=m)
+    gu_off = r[:, None] * s_gur + c[None, :]
+    tl.store(dgu_ptr + gu_off, _to(dh * u * (s + silu * (1.0 - s)), dgu_ptr.dtype.element_ty), mask=m)
+    tl.store(dgu_ptr + gu_off + F, _to(dh * silu, dgu_ptr.dtype.element_ty), mask=m)
 
 
 def _swiglu_bwd(dh, g, u):
-    """(dgate, dup, h) from dH = dy W_down and the saved pre-activations: the second half of the split down dX
-    (a plain grouped GEMM for dH, then this light elementwise pass). Rows of dropped pairs have dH = g = u = 0
-    and come out zero."""
+    """(dGU [R, 2F] = [dgate | dup], h [R, F]) from dH = dy W_down and the saved pre-activations ([R, F] each):
+    one elementwise pass after the plain dH GEMM. Rows of dropped pairs have dH = g = u = 0 and come out zero."""
     dh, g, u = dh.contiguous(), g.contiguous(), u.contiguous()
-    dg, du, h = torch.empty_like(dh), torch.empty_like(dh), torch.empty_like(dh)
-    n = dh.numel()
-    if n:
+    R, F = dh.shape
+    dgu = torch.empty(R, 2 * F, dtype=dh.dtype, device=dh.device)
+    h = torch.empty_like(dh)
+    if dh.numel():
         cfg = _config("ew", dh.dtype)
-        _swiglu_bwd_kernel[(triton.cdiv(n, cfg["BLOCK"]),)](dh, g, u, dg, du, h, n, cfg["BLOCK"], **_launch_opts(cfg))
-    return dg, du, h
-
-
-def _down_dx_swiglu(dy, w_down, g, u, meta: _Meta):
-    """Down-projection dX with the SwiGLU backward: (dgate, dup, h). SWIGLU_BWD_SPLIT (default): plain dX GEMM
-    on the ``gmm_dx`` tile + elementwise pass; else the GEMM with the backward in its epilogue (``gmm_epi``)."""
-    if SWIGLU_BWD_SPLIT:
-        return _swiglu_bwd(_gmm(dy, w_down, meta, transpose_w=False), g, u)
-    return _gmm(dy, w_down, meta, transpose_w=False, epi=EPI_SWIGLU_BWD, x0=g, x1=u)
+        grid = (triton.cdiv(R, cfg["BR"]), triton.cdiv(F, cfg["BC"]))
+        _swiglu_bwd_kernel[grid](dh, g, u, dgu, h, R, F, F, 2 * F, cfg["BR"], cfg["BC"], **_launch_opts(cfg))
+    return dgu, h
 
 
 def _gmm_swiglu(x_TD, w_gate, w_up, meta: _Meta):
@@ -1197,35 +1152,36 @@ def _gmm_swiglu(x_TD, w_gate, w_up, meta: _Meta):
     return h, g, u
 
 
-def _gmm_dw(a, b, meta: _Meta, *, a2=None, gather_b: bool = False, with_db: bool = False, dtype=None):
-    """dW[e] = A[rows e]^T @ B[rows e] for every expert: [E, O, I] (+ dW2 from A2, + db [E, O])."""
+def _gmm_dw(a, b, meta: _Meta, *, split: int | None = None, with_db: bool = False, dtype=None) -> list:
+    """dW[e] = A[rows e]^T @ B[rows e] for every expert: [E, O, I] (+ db [E, O]). ``split`` = O / 2: the two
+    halves of the result's rows come back as two tensors (the gate and up dW from one K-reduction over [dg | du])."""
     E = meta.E
     O, I = a.shape[1], b.shape[1]
+    if split is not None and 2 * split != O:
+        raise ValueError(f"split={split} must be half of the {O} columns of A")
+    O1 = O if split is None else split
     dtype = dtype or a.dtype
-    dw = torch.empty(E, O, I, dtype=dtype, device=a.device)
-    dw2 = torch.empty_like(dw) if a2 is not None else dw
+    dw = torch.empty(E, O1, I, dtype=dtype, device=a.device)
+    dw2 = torch.empty(E, O - O1, I, dtype=dtype, device=a.device) if split is not None else dw
     db = torch.empty(E, O, dtype=dtype, device=a.device) if with_db else dw
     if E > 0 and O > 0 and I > 0:
-        cfg = _config("dw" if a2 is None else "dw_dual", a.dtype)
+        cfg = _config("dw", a.dtype)
         BO, BI = cfg["BO"], cfg["BI"]
         upcast, prec = _prec(a.dtype)
         grid = (triton.cdiv(O, BO) * triton.cdiv(I, BI), E)
         _gmm_dw_kernel[grid](
             a,
-            a2 if a2 is not None else a,
             b,
-            meta.tok() if gather_b else meta.offsets,
             meta.offsets,
             meta.order(),
             dw,
             dw2,
             db,
             O,
+            O1,
             I,
             a.stride(0),
             a.stride(1),
-            _s(a2, 0),
-            _s(a2, 1),
             b.stride(0),
             b.stride(1),
             dw.stride(0),
@@ -1233,8 +1189,7 @@ def _gmm_dw(a, b, meta: _Meta, *, a2=None, gather_b: bool = False, with_db: bool
             dw.stride(2),
             db.stride(0) if with_db else 0,
             db.stride(1) if with_db else 0,
-            a2 is not None,
-            gather_b,
+            split is not None,
             with_db,
             upcast,
             prec,
@@ -1248,7 +1203,7 @@ def _gmm_dw(a, b, meta: _Meta, *, a2=None, gather_b: bool = False, with_db: bool
         for t in (dw, dw2, db):
             t.zero_()
     out = [dw]
-    if a2 is not None:
+    if split is not None:
         out.append(dw2)
     if with_db:
         out.append(db)
@@ -1320,17 +1275,18 @@ class _SwigluExperts(torch.autograd.Function):
     def backward(ctx, dout_TD):
         x_TD, w_TK, w_gate, w_up, w_down, g, u, y = ctx.saved_tensors
         meta = ctx.meta
+        F = g.shape[1]
         dy, dw_TK = _scatter(dout_TD.to(y.dtype), meta, w_TK, y)
-        # dH = dy W_down, then the SwiGLU backward makes dgate/dup and re-materialises h = silu(g) * u (not kept
-        # from the forward: only g and u are saved), so the down dW is a plain K-reduction dy^T h.
-        dg, du, h = _down_dx_swiglu(dy, w_down, g, u, meta)
+        # dH = dy W_down, then the SwiGLU backward makes [dgate | dup] and re-materialises h = silu(g) * u (not
+        # kept from the forward: only g and u are saved), so the down dW is a plain K-reduction dy^T h.
+        dgu, h = _swiglu_bwd(_gmm(dy, w_down, meta, transpose_w=False), g, u)
         dw_down = _gmm_dw(dy, h, meta)[0] if ctx.needs_input_grad[4] else None
         del h
         dw_gate = dw_up = dx = None
         if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
-            dw_gate, dw_up = _gmm_dw(dg, x_TD, meta, a2=du, gather_b=True)
+            dw_gate, dw_up = _gmm_dw(dgu, _scatter(x_TD, meta), meta, split=F)
         if ctx.needs_input_grad[0]:
-            dx_RD = _gmm(dg, w_gate, meta, transpose_w=False, a2=du, w2=w_up)
+            dx_RD = _gmm(dgu[:, :F], w_gate, meta, transpose_w=False, a2=dgu[:, F:], w2=w_up)
             dx = _gather(dx_RD, meta)
         return dx, dw_TK.to(w_TK.dtype), dw_gate, dw_up, dw_down, None
 
@@ -1352,7 +1308,7 @@ class _GeluExperts(torch.autograd.Function):
         dz, h = _gmm(dy, w2, meta, transpose_w=False, epi=EPI_GELU_BWD, x0=z)  # h = gelu(z) re-materialised
         dw2, db2 = _gmm_dw(dy, h, meta, with_db=True)
         del h
-        dw1, db1 = _gmm_dw(dz, x_TD, meta, gather_b=True, with_db=True)
+        dw1, db1 = _gmm_dw(dz, _scatter(x_TD, meta), meta, with_db=True)
         dx = _gather(_gmm(dz, w1, meta, transpose_w=False), meta) if ctx.needs_input_grad[0] else None
         return dx, dw_TK.to(w_TK.dtype), dw1, db1, dw2, db2, None
 

@@ -327,35 +327,36 @@ def test_experts_low_precision(case, act, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("cap", [None, 9])
-def test_swiglu_bwd_split_matches_fused(cap, dtype):
-    """Down dX with the SwiGLU backward: plain dX GEMM + elementwise pass (default) vs the fused epilogue."""
-    T, K, E, D, F = 37, 2, 5, 40, 72
-    ex = make_experts(T, K, E, seed=7, empty=(3,), skew=0.2)
-    plan = ops.routing_plan(ex, E, cap)
+def test_swiglu_bwd_pass(dtype):
+    """The elementwise SwiGLU backward writes [dgate | dup] side by side and re-materialises h, with the torch
+    formulas in fp32 rounded once to the dtype; zero rows (dropped pairs) stay zero."""
+    R, F = 37, 72  # neither a multiple of the [BR, BC] tile
+    dh = randn(R, F, seed=1, dtype=dtype)
+    g, u = randn(R, F, seed=2, dtype=dtype, scale=3.0), randn(R, F, seed=3, dtype=dtype)
+    dh[-5:], g[-5:], u[-5:] = 0, 0, 0
+    dgu, h = ops._swiglu_bwd(dh, g, u)
+    assert dgu.shape == (R, 2 * F) and h.shape == (R, F) and dgu.dtype == h.dtype == dtype
+    d, gf, uf = dh.float(), g.float(), u.float()
+    s = torch.sigmoid(gf)
+    want_dg = d * uf * (s + gf * s * (1 - s))
+    for name, got, want in [("h", h, gf * s * uf), ("dgate", dgu[:, :F], want_dg), ("dup", dgu[:, F:], d * gf * s)]:
+        assert_near(got, want.to(dtype), dtype, name)
+    assert torch.count_nonzero(dgu[-5:]) == 0 and torch.count_nonzero(h[-5:]) == 0
+
+
+def test_dw_split_halves():
+    """One K-reduction over [A1 | A2] split in the store equals the two separate dW, bit for bit."""
+    T, K, E, O, I = 29, 2, 5, 40, 24
+    plan = ops.routing_plan(make_experts(T, K, E, seed=3, empty=(2,)), E)
     meta = ops._meta(plan)
-    R = T * K
-    dy = randn(R, D, seed=1, dtype=dtype)
-    w = randn(E, D, F, seed=2, dtype=dtype, scale=D**-0.5)
-    g, u = randn(R, F, seed=3, dtype=dtype, scale=2.0), randn(R, F, seed=4, dtype=dtype)
-    kept = torch.zeros(R, dtype=torch.bool, device=DEVICE)
-    kept[: int(plan.offsets_E1[E])] = True
-    g[~kept] = 0  # as the forward leaves them: dropped rows have zero pre-activations
-    u[~kept] = 0
-    fused = ops._gmm(dy, w, meta, transpose_w=False, epi=ops.EPI_SWIGLU_BWD, x0=g, x1=u)
-    split = ops._swiglu_bwd(ops._gmm(dy, w, meta, transpose_w=False), g, u)
-    assert torch.equal(split[2], fused[2]), "h"  # same formula on the same inputs
-    for name, a, b in zip(["dgate", "dup"], split[:2], fused[:2], strict=True):
-        assert a.dtype == b.dtype == dtype
-        assert_near(a, b, dtype, name)  # bf16: split rounds dH to bf16 first (as the torch reference does)
-        assert torch.count_nonzero(a[~kept]) == 0, f"{name} of dropped rows"
-    assert torch.equal(ops._down_dx_swiglu(dy, w, g, u, meta)[0], split[0])
-
-
-def test_experts_fp32_swiglu_fused_epilogue(monkeypatch):
-    """The fused-epilogue down dX (SWIGLU_BWD_SPLIT = False) still trains correctly end to end."""
-    monkeypatch.setattr(ops, "SWIGLU_BWD_SPLIT", False)
-    check_experts(*EXPERT_CASES[5], "swiglu", torch.float32)
+    a = randn(T * K, 2 * O, seed=4, dtype=torch.float32)
+    b = randn(T * K, I, seed=5, dtype=torch.float32)
+    first, second = ops._gmm_dw(a, b, meta, split=O)
+    assert torch.equal(first, ops._gmm_dw(a[:, :O].contiguous(), b, meta)[0])
+    assert torch.equal(second, ops._gmm_dw(a[:, O:].contiguous(), b, meta)[0])
+    assert torch.count_nonzero(first[2]) == 0 and torch.count_nonzero(second[2]) == 0
+    with pytest.raises(ValueError, match="split=7"):
+        ops._gmm_dw(a, b, meta, split=7)
 
 
 @pytest.mark.parametrize("act", ["swiglu", "gelu"])
