@@ -1,0 +1,201 @@
+"""What the compiler makes of our MoE kernels for a Hopper GPU, on any machine (no GPU needed).
+
+    python bench/inspect_kernels.py                  # XL shapes, bf16, sm_90a
+    python bench/inspect_kernels.py --shape G --dump /tmp/ir   # also write each kernel's TTGIR and PTX
+
+The layer's forward and backward run once with every kernel launch intercepted (nothing executes); each launch is
+compiled ahead of time for sm_90 with the argument specialisation the JIT would apply on a GPU (16-byte divisible
+pointers and integers, integers equal to 1 as constants). Per kernel it reports what decides its speed before any
+timing: registers per thread and spilled bytes (from ptxas), shared memory, wgmma instructions, asynchronous copies
+(software pipelining: cp.async or TMA), whether the main loop is pipelined, and 16-byte vector loads. A static check
+between GPU sessions; it times nothing. The installed Triton compiles (GPU hosts may run another version).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU, not the interpreter
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from ditmoe_kernels import triton_ops as ops  # noqa: E402
+
+SHAPES = {"S": (384, 1536, 8), "XL": (1152, 4608, 8), "G": (1408, 5632, 16)}  # D, F, E
+PTR_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int32: "*i32"}
+PTR_TYPES[torch.int64] = "*i64"
+
+ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+ap.add_argument("--shape", default="XL", choices=sorted(SHAPES))
+ap.add_argument("--tokens", type=int, default=8192)
+ap.add_argument("--top-k", type=int, default=2)
+ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
+ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
+ap.add_argument("--dump", help="folder for each kernel's TTGIR and PTX")
+args = ap.parse_args()
+
+
+class Recorder:
+    """Stands in for a JIT kernel: ``kernel[grid](*args, **opts)`` records the launch instead of running it."""
+
+    def __init__(self, name: str, fn: triton.runtime.jit.JITFunction, launches: list, label: list):
+        self.name, self.fn, self.launches, self.label = name, fn, launches, label
+
+    def __getitem__(self, grid):
+        def launch(*a, **kw):
+            self.launches.append((self.label[0], self.name, self.fn, a, kw))
+
+        return launch
+
+
+def specialise(fn, a: tuple) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) for ASTSource, as the JIT specialises these argument values on a GPU."""
+    sig, const, attrs = {}, {}, {}
+    for i, (p, v) in enumerate(zip(fn.params, a, strict=True)):
+        if p.is_constexpr or v is None:
+            sig[p.name], const[p.name] = "constexpr", v
+        elif isinstance(v, torch.Tensor):
+            sig[p.name] = PTR_TYPES[v.dtype]
+            if v.data_ptr() % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(v, bool):
+            sig[p.name] = "i1"
+        elif isinstance(v, int):
+            if v == 1:
+                sig[p.name], const[p.name] = "constexpr", 1
+                continue
+            sig[p.name] = "i32" if -(2**31) <= v < 2**31 else "i64"
+            if v % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(v, float):
+            sig[p.name] = "fp32"
+        else:
+            raise TypeError(f"{fn.__name__}: argument {p.name}={v!r} of unknown kind")
+    return sig, const, attrs
+
+
+def ptxas_report(ptx: str) -> dict:
+    """Registers, spill bytes and shared memory from ``ptxas -v`` on the kernel's PTX."""
+    ptxas = triton.knobs.nvidia.ptxas_blackwell if args.arch >= 90 else triton.knobs.nvidia.ptxas
+    arch = f"sm_{args.arch}a" if args.arch >= 90 else f"sm_{args.arch}"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        proc = subprocess.run(
+            [ptxas.path, "-v", "--regAllocOptLevel=2", f"--gpu-name={arch}", src, "-o", src + ".o"],
+            capture_output=True,
+            text=True,
+        )
+    log = proc.stderr
+    num = lambda pat: int(m.group(1)) if (m := re.search(pat, log)) else None  # noqa: E731
+    return {
+        "regs": num(r"Used (\d+) registers"),
+        "spill_st": num(r"(\d+) bytes spill stores"),
+        "spill_ld": num(r"(\d+) bytes spill loads"),
+    }
+
+
+def record_layer() -> list:
+    """Run the SwiGLU and GELU experts' forward and backward pieces once at the shape, recording every launch."""
+    launches, label = [], [""]
+    for name, obj in list(vars(ops).items()):
+        if isinstance(obj, triton.runtime.jit.JITFunction) and name.endswith("_kernel"):
+            setattr(ops, name, Recorder(name, obj, launches, label))
+    ops._check_device = lambda t: None  # CPU tensors stand in for CUDA ones: only shapes, strides, dtypes matter
+    D, F, E = SHAPES[args.shape]
+    T, K = args.tokens, args.top_k
+    R = T * K
+    dt = torch.bfloat16 if args.dtype == "bf16" else torch.float16
+    empty = lambda *s: torch.empty(*s, dtype=dt)  # noqa: E731
+    x, Wg, Wu, Wd, probs, dy = empty(T, D), empty(E, F, D), empty(E, F, D), empty(E, D, F), empty(T, K), empty(R, D)
+    experts = torch.arange(T * K).reshape(T, K) % E
+
+    def step(name, fn, *a, **kw):
+        label[0] = name
+        return fn(*a, **kw)
+
+    plan = step("routing", ops.routing_plan, experts, E)
+    meta = ops._meta(plan)
+    meta.counts = torch.full((E,), R // E, dtype=torch.int64)  # argsort of the dW order needs real counts
+    h, g, u = step("gate/up fwd", ops._gmm_swiglu, x, Wg, Wu, meta)
+    y = step("down fwd", ops._gmm, h, Wd, meta, transpose_w=True)
+    step("unpermute", ops._gather, y, meta, probs)
+    step("unpermute bwd", ops._scatter, x, meta, probs, y)
+    dh = step("down dX: dH", ops._gmm, dy, Wd, meta, transpose_w=False)
+    dgu, hb = step("swiglu bwd pass", ops._swiglu_bwd, dh, g, u)
+    step("down dW", ops._gmm_dw, dy, hb, meta)
+    xp = step("permute", ops._scatter, x, meta)
+    step("gate/up dW", ops._gmm_dw, dgu, xp, meta, split=F)
+    step("gate/up dX", ops._gmm, dgu[:, :F], Wg, meta, transpose_w=False, a2=dgu[:, F:], w2=Wu)
+    step("gelu fc1 fwd", ops._gmm, x, Wg, meta, transpose_w=True, gather=True, bias=empty(E, F), epi=ops.EPI_GELU)
+    step("gelu fc2 dX", ops._gmm, dy, Wd, meta, transpose_w=False, epi=ops.EPI_GELU_BWD, x0=g)
+    step("gelu dW+db", ops._gmm_dw, dy, hb, meta, with_db=True)
+    return launches
+
+
+def inspect(fn, a, kw, dump_name):
+    sig, const, attrs = specialise(fn, a)
+    src = ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
+    opts = {k: kw[k] for k in ("num_warps", "num_stages") if k in kw}
+    k = triton.compile(src, target=GPUTarget("cuda", args.arch, 32), options=opts)
+    ptx, ttgir = k.asm["ptx"], k.asm["ttgir"]
+    if args.dump:
+        os.makedirs(args.dump, exist_ok=True)
+        for ext, text in (("ttgir", ttgir), ("ptx", ptx)):
+            with open(os.path.join(args.dump, f"{dump_name}.{ext}"), "w") as f:
+                f.write(text)
+    pipelined = "async_copy_global_to_local" in ttgir or "async_tma_copy" in ttgir or "async_tma" in ttgir
+    return {
+        **ptxas_report(ptx),
+        "smem_kib": k.metadata.shared / 1024,
+        "wgmma": ptx.count("wgmma.mma_async"),
+        "mma": ptx.count("mma.sync"),
+        "async_copies": len(re.findall(r"cp\.async\.c[ag]|cp\.async\.bulk", ptx)),
+        "pipelined": pipelined,
+        "v4_loads": len(re.findall(r"ld\.global(\.[a-z0-9]+)*\.v4", ptx)),
+        "tiles": "x".join(str(const[n]) for n in ("BM", "BN", "BK", "BO", "BI", "BR", "BT", "BD", "BC") if n in const),
+        **opts,
+    }
+
+
+def main():
+    start = time.time()
+    print(
+        f"triton {triton.__version__}, sm_{args.arch}, {args.shape} {args.dtype}, {args.tokens} tokens, "
+        f"top-{args.top_k}",
+        file=sys.stderr,
+    )
+    rows, seen = [], {}
+    for label, name, fn, a, kw in record_layer():
+        key = (name, tuple(repr(v) if not isinstance(v, torch.Tensor) else v.dtype for v in a), str(kw))
+        if key in seen:
+            continue
+        seen[key] = True
+        r = inspect(fn, a, kw, f"{len(rows):02d}-{name}")
+        rows.append((label, name, r))
+        print(f"[{time.time() - start:5.1f}s] compiled {label}: {name}", file=sys.stderr)
+    print(
+        "\n| op | kernel | tile | warps | stages | regs | spill st/ld B | smem KiB | wgmma | async copies | pipelined "
+        "| v4 loads |"
+    )
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|")
+    for label, name, r in rows:
+        print(
+            f"| {label} | {name} | {r['tiles']} | {r.get('num_warps', '')} | {r.get('num_stages', '')} | {r['regs']} "
+            f"| {r['spill_st']}/{r['spill_ld']} | {r['smem_kib']:.0f} | {r['wgmma']} | {r['async_copies']} "
+            f"| {'yes' if r['pipelined'] else 'no'} | {r['v4_loads']} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
