@@ -2,13 +2,16 @@
 
     python bench/inspect_kernels.py                  # XL shapes, bf16, sm_90a
     python bench/inspect_kernels.py --shape G --dump /tmp/ir   # also write each kernel's TTGIR and PTX
+    python bench/inspect_kernels.py --set swiglu.TMA=1 --set gmm.BN=128   # try other tile settings
+    python bench/inspect_kernels.py --check          # exit 1 unless every GEMM uses wgmma and is pipelined
 
 The layer's forward and backward run once with every kernel launch intercepted (nothing executes); each launch is
-compiled ahead of time for sm_90 with the argument specialisation the JIT would apply on a GPU (16-byte divisible
-pointers and integers, integers equal to 1 as constants). Per kernel it reports what decides its speed before any
-timing: registers per thread and spilled bytes (from ptxas), shared memory, wgmma instructions, asynchronous copies
-(software pipelining: cp.async or TMA), whether the main loop is pipelined, and 16-byte vector loads. A static check
-between GPU sessions; it times nothing. The installed Triton compiles (GPU hosts may run another version).
+compiled ahead of time for sm_90 with the argument specialisation the JIT applies on a GPU (Triton's own
+specialisation function: 16-byte divisible pointers and integers, integers equal to 1 as constants). Per kernel it
+reports what decides its speed before any timing: registers per thread and spilled bytes (from ptxas), shared
+memory, wgmma instructions, asynchronous copies (cp.async and TMA loads in the PTX), whether the main loop is
+software-pipelined, and 16-byte vector loads. A static check between GPU sessions; it times nothing. The
+installed Triton compiles (GPU hosts may run another version).
 """
 
 from __future__ import annotations
@@ -25,14 +28,15 @@ os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU, not the interpr
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+from triton._C.libtriton import native_specialize_impl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.nvidia.compiler import CUDABackend  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
+from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 
 from ditmoe_kernels import triton_ops as ops  # noqa: E402
 
 SHAPES = {"S": (384, 1536, 8), "XL": (1152, 4608, 8), "G": (1408, 5632, 16)}  # D, F, E
-PTR_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int32: "*i32"}
-PTR_TYPES[torch.int64] = "*i64"
 
 ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 ap.add_argument("--shape", default="XL", choices=sorted(SHAPES))
@@ -41,7 +45,20 @@ ap.add_argument("--top-k", type=int, default=2)
 ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
 ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
 ap.add_argument("--dump", help="folder for each kernel's TTGIR and PTX")
+ap.add_argument("--check", action="store_true", help="exit 1 unless every GEMM kernel uses wgmma and is pipelined")
+ap.add_argument("--set", action="append", default=[], metavar="KIND.KEY=INT", help="override one tile setting")
 args = ap.parse_args()
+
+
+def overrides() -> dict:
+    """``--set`` values as ``tile_overrides`` keyword arguments: {kind: {key: int}}."""
+    out: dict = {}
+    for item in args.set:
+        m = re.fullmatch(r"(\w+)\.(\w+)=(-?\d+)", item)
+        if not m:
+            ap.error(f"--set {item!r}: expected KIND.KEY=INT, e.g. swiglu.TMA=1")
+        out.setdefault(m.group(1), {})[m.group(2)] = int(m.group(3))
+    return out
 
 
 class Recorder:
@@ -58,28 +75,18 @@ class Recorder:
 
 
 def specialise(fn, a: tuple) -> tuple[dict, dict, dict]:
-    """(signature, constexprs, attrs) for ASTSource, as the JIT specialises these argument values on a GPU."""
+    """(signature, constexprs, attrs) for ASTSource, from Triton's own specialisation of these argument values."""
     sig, const, attrs = {}, {}, {}
     for i, (p, v) in enumerate(zip(fn.params, a, strict=True)):
-        if p.is_constexpr or v is None:
+        if p.is_constexpr:
             sig[p.name], const[p.name] = "constexpr", v
-        elif isinstance(v, torch.Tensor):
-            sig[p.name] = PTR_TYPES[v.dtype]
-            if v.data_ptr() % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-        elif isinstance(v, bool):
-            sig[p.name] = "i1"
-        elif isinstance(v, int):
-            if v == 1:
-                sig[p.name], const[p.name] = "constexpr", 1
-                continue
-            sig[p.name] = "i32" if -(2**31) <= v < 2**31 else "i64"
-            if v % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-        elif isinstance(v, float):
-            sig[p.name] = "fp32"
-        else:
-            raise TypeError(f"{fn.__name__}: argument {p.name}={v!r} of unknown kind")
+            continue
+        ty, key = native_specialize_impl(CUDABackend, v, False, True, True)
+        sig[p.name] = ty
+        if ty == "constexpr":
+            const[p.name] = key
+        elif isinstance(key, str) and CUDABackend.parse_attr(key):
+            attrs[(i,)] = CUDABackend.parse_attr(key)
     return sig, const, attrs
 
 
@@ -160,12 +167,31 @@ def inspect(fn, a, kw, dump_name):
         "smem_kib": k.metadata.shared / 1024,
         "wgmma": ptx.count("wgmma.mma_async"),
         "mma": ptx.count("mma.sync"),
-        "async_copies": len(re.findall(r"cp\.async\.c[ag]|cp\.async\.bulk", ptx)),
+        "cp_async": len(re.findall(r"cp\.async\.c[ag]", ptx)),
+        "tma": ptx.count("cp.async.bulk.tensor"),
         "pipelined": pipelined,
         "v4_loads": len(re.findall(r"ld\.global(\.[a-z0-9]+)*\.v4", ptx)),
         "tiles": "x".join(str(const[n]) for n in ("BM", "BN", "BK", "BO", "BI", "BR", "BT", "BD", "BC") if n in const),
         **opts,
     }
+
+
+def arg_key(v) -> str:
+    """What of an argument decides the compiled kernel: dtypes and block shapes, not tensor contents."""
+    if isinstance(v, torch.Tensor):
+        return str(v.dtype)
+    if isinstance(v, TensorDescriptor):
+        return f"desc{v.block_shape}{v.base.dtype}"
+    return repr(v)
+
+
+def problems(rows) -> list[str]:
+    """GEMM kernels that do not use wgmma or whose main loop is not software-pipelined."""
+    return [
+        f"{label}: {name} {'has no wgmma' if not r['wgmma'] else 'is not pipelined'}"
+        for label, name, r in rows
+        if "gmm" in name and not (r["wgmma"] and r["pipelined"])
+    ]
 
 
 def main():
@@ -176,8 +202,10 @@ def main():
         file=sys.stderr,
     )
     rows, seen = [], {}
-    for label, name, fn, a, kw in record_layer():
-        key = (name, tuple(repr(v) if not isinstance(v, torch.Tensor) else v.dtype for v in a), str(kw))
+    with ops.tile_overrides(**overrides()):
+        launches = record_layer()
+    for label, name, fn, a, kw in launches:
+        key = (name, tuple(arg_key(v) for v in a), str(kw))
         if key in seen:
             continue
         seen[key] = True
@@ -185,16 +213,18 @@ def main():
         rows.append((label, name, r))
         print(f"[{time.time() - start:5.1f}s] compiled {label}: {name}", file=sys.stderr)
     print(
-        "\n| op | kernel | tile | warps | stages | regs | spill st/ld B | smem KiB | wgmma | async copies | pipelined "
-        "| v4 loads |"
+        "\n| op | kernel | tile | warps | stages | regs | spill st/ld B | smem KiB | wgmma | cp.async | TMA loads "
+        "| pipelined | v4 loads |"
     )
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|")
     for label, name, r in rows:
         print(
             f"| {label} | {name} | {r['tiles']} | {r.get('num_warps', '')} | {r.get('num_stages', '')} | {r['regs']} "
-            f"| {r['spill_st']}/{r['spill_ld']} | {r['smem_kib']:.0f} | {r['wgmma']} | {r['async_copies']} "
+            f"| {r['spill_st']}/{r['spill_ld']} | {r['smem_kib']:.0f} | {r['wgmma']} | {r['cp_async']} | {r['tma']} "
             f"| {'yes' if r['pipelined'] else 'no'} | {r['v4_loads']} |"
         )
+    if args.check and (bad := problems(rows)):
+        sys.exit("check failed:\n" + "\n".join(bad))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,11 @@ Design (see /work/shared/notes/kernels.md):
   no gathered rows, the shape of the down dW that ran at 0.95 of dense (the dual-accumulator kernel over
   gathered x reached 0.47, run 3).
 - fp32/bf16/fp16 inputs, fp32 accumulation. fp32 matmuls follow ``torch.backends.cuda.matmul.allow_tf32``.
+- TMA (tile key ``TMA`` of the GEMM kinds, off until a GPU sweep measures it): weight tiles, and A tiles where A is
+  not gathered, load through host-made tensor descriptors over 2-D views ([E, X, Y] -> [E*X, Y]). A tile that runs
+  past its group reads another group's rows or columns, which only reach outputs that are never stored; the dX
+  weights use TMA only when Kdim is a multiple of BK, where that would reach the accumulator. Tensors TMA cannot
+  address (strided, misaligned) take the pointer loads. ``bench/inspect_kernels.py`` shows the sm_90 code.
 
 Tile configs are fixed per (kind, dtype) so results never depend on batch composition; ``tile_overrides`` lets a
 benchmark try others inside a ``with`` block (``bench/bench_kernels.py --sweep`` covers every GEMM kind, forward and
@@ -47,6 +52,7 @@ from types import MappingProxyType
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ditmoe_kernels import reference
 from ditmoe_kernels.reference import RoutingPlan
@@ -91,7 +97,8 @@ def _config(kind: str, dtype: torch.dtype) -> dict:
     forward), ``gmm_dx`` (the same for dX GEMMs, B = W[e] untransposed: one- and two-term dX, dH), ``gmm_epi``
     (the same with a GELU epilogue, forward or backward, which loads and stores extra tiles), ``swiglu``
     (dual-accumulator gate/up GEMM), ``dw`` (per-expert K-reduction: every weight gradient), ``rows``
-    (permute/combine), ``ew`` (elementwise SwiGLU backward, [BR, BC] tiles), ``route`` (routing metadata)."""
+    (permute/combine), ``ew`` (elementwise SwiGLU backward, [BR, BC] tiles), ``route`` (routing metadata).
+    ``TMA`` = 1 in a GEMM kind's config loads its tiles through tensor descriptors (see the module docstring)."""
     if INTERPRET:
         cfg = {
             "gmm": dict(BM=16, BN=32, BK=32, GROUP_M=4),
@@ -645,15 +652,16 @@ def _tile(pid, num_m, N, BN: tl.constexpr, GROUP_M: tl.constexpr):
 
 @triton.jit
 def _group_block(tab_ptr, NMB, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
-    """This program's output tile of a grouped GEMM: group ``e`` (-1: unused block, E: dropped rows), its row
-    indices (int64) and N offsets, with their masks, read from the block table."""
+    """This program's output tile of a grouped GEMM: group ``e`` (-1: unused block, E: dropped rows), its first row
+    and column, its row indices (int64) and N offsets, with their masks, read from the block table."""
     pid_m, pid_n = _tile(tl.program_id(0), NMB, N, BN, GROUP_M)
     e = tl.load(tab_ptr + pid_m)
     rs = tl.load(tab_ptr + NMB + pid_m)
     re = tl.load(tab_ptr + 2 * NMB + pid_m)
     rows = (rs + tl.arange(0, BM)).to(tl.int64)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    return e, rows, rows < re, offs_n, offs_n < N
+    n0 = pid_n * BN
+    offs_n = n0 + tl.arange(0, BN)
+    return e, rs, n0, rows, rows < re, offs_n, offs_n < N
 
 
 @triton.jit
@@ -670,32 +678,52 @@ def _a_rows(tok_ptr, rows, rmask, GATHER: tl.constexpr):
 def _mainloop(
     acc,
     a_ptr,
+    a_desc,
     a_rows,
+    a_row0,
     s_ar,
     s_ak,
     b_ptr,
+    b_desc,
+    b_row0,
+    n0,
     s_bk,
     s_bn,
     offs_n,
     nmask,
     rmask,
     Kdim,
+    TMA_A: tl.constexpr,
+    TMA_B: tl.constexpr,
+    B_T: tl.constexpr,
     UPCAST: tl.constexpr,
     PREC: tl.constexpr,
     EVEN_K: tl.constexpr,
     BK: tl.constexpr,
 ):
+    """acc += A[a_rows, :] @ B over Kdim. TMA_A: A tiles come through the 2-D descriptor ``a_desc`` from row
+    ``a_row0`` (rows past the block's group are other groups' rows: their outputs are never stored). TMA_B: B tiles
+    through ``b_desc`` over the weights as one 2-D matrix, from row ``b_row0`` (the expert's first row); B_T: that
+    matrix is [E*N, Kdim] (the forward's W, transposed in the dot), else [E*Kdim, N] (dX; needs EVEN_K)."""
     offs_k = tl.arange(0, BK)
     a_ptrs = a_ptr + a_rows[:, None] * s_ar + offs_k[None, :] * s_ak
     b_ptrs = b_ptr + offs_k[:, None] * s_bk + offs_n[None, :] * s_bn
     for k0 in range(0, Kdim, BK):
-        if EVEN_K:
+        if TMA_A:
+            a = a_desc.load([a_row0, k0])
+        elif EVEN_K:
             a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
+        else:
+            a = tl.load(a_ptrs, mask=rmask[:, None] & (offs_k < Kdim - k0)[None, :], other=0.0)
+        if TMA_B:
+            if B_T:  # noqa: SIM108 (constexpr branches)
+                b = tl.trans(b_desc.load([b_row0 + n0, k0]))
+            else:
+                b = b_desc.load([b_row0 + k0, n0])
+        elif EVEN_K:
             b = tl.load(b_ptrs, mask=nmask[None, :], other=0.0)
         else:
-            km = offs_k < Kdim - k0
-            a = tl.load(a_ptrs, mask=rmask[:, None] & km[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=km[:, None] & nmask[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=(offs_k < Kdim - k0)[:, None] & nmask[None, :], other=0.0)
         acc = _mma(a, b, acc, UPCAST, PREC)
         a_ptrs += BK * s_ak
         b_ptrs += BK * s_bk
@@ -709,6 +737,10 @@ def _gmm_kernel(
     b_ptr,
     a2_ptr,
     b2_ptr,
+    a_desc,
+    b_desc,
+    a2_desc,
+    b2_desc,
     bias_ptr,
     tab_ptr,
     c_ptr,
@@ -739,6 +771,9 @@ def _gmm_kernel(
     HAS_BIAS: tl.constexpr,
     EPI: tl.constexpr,
     HAS_C2: tl.constexpr,
+    TMA_A: tl.constexpr,
+    TMA_B: tl.constexpr,
+    B_T: tl.constexpr,
     UPCAST: tl.constexpr,
     PREC: tl.constexpr,
     EVEN_K: tl.constexpr,
@@ -754,7 +789,7 @@ def _gmm_kernel(
     EPI_GELU: C = gelu(z), C2 = z.  EPI_GELU_BWD: X0 = z, C = acc * gelu'(z), C2 = gelu(z) (the activation the
     forward produced, for the dW of the second weight).
     """
-    e, rows, rmask, offs_n, nmask = _group_block(tab_ptr, NMB, N, BM, BN, GROUP_M)
+    e, rs, n0, rows, rmask, offs_n, nmask = _group_block(tab_ptr, NMB, N, BM, BN, GROUP_M)
     if e < 0:
         return
     cmask = rmask[:, None] & nmask[None, :]
@@ -765,20 +800,29 @@ def _gmm_kernel(
             tl.store(c2_ptr + c_off, tl.zeros([BM, BN], c2_ptr.dtype.element_ty), mask=cmask)
         return
     e64 = e.to(tl.int64)
+    b_row0 = e * (N if B_T else Kdim)
     acc = tl.zeros([BM, BN], tl.float32)
     acc = _mainloop(
         acc,
         a_ptr,
+        a_desc,
         _a_rows(tok_ptr, rows, rmask, GATHER),
+        rs,
         s_ar,
         s_ak,
         b_ptr + e64 * s_be,
+        b_desc,
+        b_row0,
+        n0,
         s_bk,
         s_bn,
         offs_n,
         nmask,
         rmask,
         Kdim,
+        TMA_A and not GATHER,
+        TMA_B,
+        B_T,
         UPCAST,
         PREC,
         EVEN_K,
@@ -788,16 +832,24 @@ def _gmm_kernel(
         acc = _mainloop(
             acc,
             a2_ptr,
+            a2_desc,
             rows,
+            rs,
             s_a2r,
             s_a2k,
             b2_ptr + e64 * s_b2e,
+            b2_desc,
+            b_row0,
+            n0,
             s_b2k,
             s_b2n,
             offs_n,
             nmask,
             rmask,
             Kdim,
+            TMA_A,
+            TMA_B,
+            B_T,
             UPCAST,
             PREC,
             EVEN_K,
@@ -823,6 +875,8 @@ def _gmm_swiglu_kernel(
     tok_ptr,
     bg_ptr,
     bu_ptr,
+    bg_desc,
+    bu_desc,
     tab_ptr,
     h_ptr,
     g_ptr,
@@ -842,6 +896,7 @@ def _gmm_swiglu_kernel(
     s_r,
     s_n,
     GATHER: tl.constexpr,
+    TMA_B: tl.constexpr,
     UPCAST: tl.constexpr,
     PREC: tl.constexpr,
     EVEN_K: tl.constexpr,
@@ -852,8 +907,8 @@ def _gmm_swiglu_kernel(
 ):
     """G = A Wg^T, U = A Wu^T in one pass over A (gathered through the permutation); H = silu(G) * U.
     G and U are stored (rounded to the output dtype) for backward; H is computed from the rounded values so the
-    backward can recompute it bit for bit."""
-    e, rows, rmask, offs_n, nmask = _group_block(tab_ptr, NMB, N, BM, BN, GROUP_M)
+    backward can recompute it bit for bit. TMA_B: weight tiles through descriptors over W as [E*N, Kdim]."""
+    e, rs, n0, rows, rmask, offs_n, nmask = _group_block(tab_ptr, NMB, N, BM, BN, GROUP_M)
     if e < 0:
         return
     cmask = rmask[:, None] & nmask[None, :]
@@ -871,14 +926,20 @@ def _gmm_swiglu_kernel(
     bu_ptrs = bu_ptr + e64 * s_bue + offs_k[:, None] * s_buk + offs_n[None, :] * s_bun
     acc_g = tl.zeros([BM, BN], tl.float32)
     acc_u = tl.zeros([BM, BN], tl.float32)
+    b_row = e * N + n0
     for k0 in range(0, Kdim, BK):
+        km = offs_k < Kdim - k0
         if EVEN_K:
             a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
+        else:
+            a = tl.load(a_ptrs, mask=rmask[:, None] & km[None, :], other=0.0)
+        if TMA_B:
+            bg = tl.trans(bg_desc.load([b_row, k0]))
+            bu = tl.trans(bu_desc.load([b_row, k0]))
+        elif EVEN_K:
             bg = tl.load(bg_ptrs, mask=nmask[None, :], other=0.0)
             bu = tl.load(bu_ptrs, mask=nmask[None, :], other=0.0)
         else:
-            km = offs_k < Kdim - k0
-            a = tl.load(a_ptrs, mask=rmask[:, None] & km[None, :], other=0.0)
             bg = tl.load(bg_ptrs, mask=km[:, None] & nmask[None, :], other=0.0)
             bu = tl.load(bu_ptrs, mask=km[:, None] & nmask[None, :], other=0.0)
         acc_g = _mma(a, bg, acc_g, UPCAST, PREC)
@@ -976,6 +1037,25 @@ def _s(t, i):
     return t.stride(i) if t is not None else 0
 
 
+def _tma_desc(t: torch.Tensor, block: list[int]) -> TensorDescriptor | None:
+    """A TMA descriptor over ``t`` as one 2-D matrix ([E, X, Y] -> [E*X, Y]) loading ``block`` tiles, or None where
+    TMA cannot address it: rows that do not flatten, a last stride other than 1, a base or row stride not 16-byte
+    aligned, or no elements."""
+    if t.dim() == 3:
+        if t.stride(0) != t.shape[1] * t.stride(1):
+            return None
+        t = t.flatten(0, 1)
+    if t.numel() == 0 or t.stride(1) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
+        return None
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), block)
+
+
+def _tma_descs(pairs: list) -> list | None:
+    """Descriptors for every (tensor, block) pair, or None unless all of them can be made."""
+    descs = [_tma_desc(t, block) for t, block in pairs]
+    return None if any(d is None for d in descs) else descs
+
+
 def _gmm(
     a,
     w,
@@ -1021,6 +1101,14 @@ def _gmm(
     tab, nmb = meta.table(BM)
     upcast, prec = _prec(a.dtype)
     dummy = c
+    b_descs = a_descs = None
+    if cfg.get("TMA") and (transpose_w or Kdim % BK == 0):  # dX tiles must not run into the next expert's rows
+        b_block = [BN, BK] if transpose_w else [BK, BN]
+        b_descs = _tma_descs([(t, b_block) for t in (w, w2) if t is not None])
+    if cfg.get("TMA") and not gather:
+        a_descs = _tma_descs([(t, [BM, BK]) for t in (a, a2) if t is not None])
+    a_desc, a2_desc = (a_descs + [a])[:2] if a_descs else (a, a)  # tensors stand in where unused
+    b_desc, b2_desc = (b_descs + [w])[:2] if b_descs else (w, w)
     grid = (nmb * triton.cdiv(N, BN),)
     _gmm_kernel[grid](
         a,
@@ -1028,6 +1116,10 @@ def _gmm(
         w,
         a2 if a2 is not None else dummy,
         w2 if w2 is not None else dummy,
+        a_desc,
+        b_desc,
+        a2_desc,
+        b2_desc,
         bias if bias is not None else dummy,
         tab,
         c,
@@ -1058,6 +1150,9 @@ def _gmm(
         bias is not None,
         epi,
         has_c2,
+        a_descs is not None,
+        b_descs is not None,
+        transpose_w,
         upcast,
         prec,
         Kdim % BK == 0,
@@ -1116,11 +1211,13 @@ def _gmm_swiglu(x_TD, w_gate, w_up, meta: _Meta):
     BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
     tab, nmb = meta.table(BM)
     upcast, prec = _prec(x_TD.dtype)
+    b_descs = _tma_descs([(w_gate, [BN, BK]), (w_up, [BN, BK])]) if cfg.get("TMA") else None
     _gmm_swiglu_kernel[(nmb * triton.cdiv(N, BN),)](
         x_TD,
         meta.tok(),
         w_gate,
         w_up,
+        *(b_descs or [w_gate, w_up]),
         tab,
         h,
         g,
@@ -1140,6 +1237,7 @@ def _gmm_swiglu(x_TD, w_gate, w_up, meta: _Meta):
         h.stride(0),
         h.stride(1),
         True,
+        b_descs is not None,
         upcast,
         prec,
         Kdim % BK == 0,

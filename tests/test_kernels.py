@@ -359,6 +359,39 @@ def test_dw_split_halves():
         ops._gmm_dw(a, b, meta, split=7)
 
 
+TMA_ON = {kind: {"TMA": 1} for kind in ("gmm", "gmm_dx", "gmm_epi", "swiglu")}
+TMA_CASES = [
+    (37, 2, 5, 64, 96, 9, (3,)),  # widths multiples of BK (the dX weights go through TMA too), drops, empty expert
+    (37, 2, 5, 40, 72, None, ()),  # widths not multiples of BK: forward weights and A rows only
+    (40, 2, 64, 32, 64, None, ()),  # E = 64
+]
+
+
+@pytest.mark.parametrize("act", ["swiglu", "gelu"])
+@pytest.mark.parametrize("case", range(len(TMA_CASES)))
+def test_experts_tma(case, act, monkeypatch):
+    """With TMA on (``tile_overrides``), weight tiles, and A tiles where A is not gathered, come through tensor
+    descriptors; rows past a group and columns past N read other experts' data that is never stored. Equal to the
+    reference like the pointer loads, and every descriptor requested is made (none falls back)."""
+    made = []
+    real = ops._tma_descs
+    monkeypatch.setattr(ops, "_tma_descs", lambda pairs: made.append(real(pairs)) or made[-1])
+    with ops.tile_overrides(**TMA_ON):
+        check_experts(*TMA_CASES[case], act, torch.float32)
+        if case == 0:
+            check_experts(*TMA_CASES[case], act, torch.bfloat16)
+    assert made and all(d is not None for d in made)
+    assert len(made) >= (6 if case == 0 else 4)  # case 0: also the dX weights (Kdim a multiple of BK)
+
+
+def test_tma_falls_back_on_strided_weights():
+    """Weights TMA cannot address (transposed) take the pointer path with TMA on."""
+    with ops.tile_overrides(**TMA_ON):
+        check_experts(*TMA_CASES[1], "swiglu", torch.float32, noncontig=True)
+    w = randn(3, 8, 16, seed=0, dtype=torch.float32).transpose(1, 2)
+    assert ops._tma_desc(w, [8, 8]) is None and ops._tma_desc(w.contiguous(), [8, 8]) is not None
+
+
 @pytest.mark.parametrize("act", ["swiglu", "gelu"])
 def test_experts_noncontiguous(act):
     check_experts(29, 2, 4, 40, 56, None, (), act, torch.float32, noncontig=True)
