@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Short GPU check (H100/H200), about 6 minutes: CUDA kernel tests for the key shards (4 in parallel, 55 s), then the
-# kernel benchmark at XL and G with a tile sweep of every kind (TMA on and off for the GEMMs), then whole training
-# steps (bench_train.py: S/2 and XL/2, our kernels vs the torch reference vs the official loop). Logs and JSON go to
-# $OUT (else bench/results/). megatron-core rows need megatron importable (or a carried .whl/megatron_core-*.whl).
+# kernel benchmark at XL, G and XL with one expert at 2x load, with a tile sweep of every kind (TMA on and off for the
+# GEMMs), then whole training steps (bench_train.py: S/2 and XL/2, our kernels vs the torch reference vs the official
+# loop). Logs and JSON go to $OUT (else bench/results/). megatron-core rows need megatron importable (or a carried
+# .whl/megatron_core-*.whl).
 #
 #   bash bench/gpu_final.sh
 NAME=gpu_final
@@ -15,7 +16,7 @@ run_test_shards 55 \
     "autocast or dit_moe or (experts_fp32 and gelu)"
 
 say "benchmark: XL, G + tile sweeps incl. TMA (150 s limit)"
-timeout 150 "$PY" -W ignore bench/bench_kernels.py --shapes XL,G --reps 15 --budget 130 \
+timeout 150 "$PY" -W ignore bench/bench_kernels.py --shapes XL,G,XL-skew --reps 15 --budget 130 \
     --sweep --sweep-kinds swiglu,gmm,gmm_dx,dw,ew,rows 2>&1 | grep --line-buffered -v "^  warnings.warn" | tee "$LOGDIR/bench.log"
 say "benchmark exit ${PIPESTATUS[0]}"
 say "training throughput: S/2 and XL/2-8E2A, triton vs torch vs naive (90 s limit)"
