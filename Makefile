@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench bench-train lint clean
+.PHONY: install demo test bench bench-train inspect lint clean
 
 install: $(STAMP)
 
@@ -29,6 +29,10 @@ bench: install
 # whole training steps: S/2 and XL/2-8E2A on CUDA (triton, torch, naive backends); a tiny model on CPU
 bench-train: install
 	$(BIN)/python bench/bench_train.py
+
+# what the compiler makes of the kernels for sm_90 (regs, spills, wgmma, pipelining); no GPU needed
+inspect: install
+	$(BIN)/python -W ignore bench/inspect_kernels.py
 
 lint: install
 	$(BIN)/ruff check .
