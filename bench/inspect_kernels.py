@@ -9,9 +9,9 @@ The layer's forward and backward run once with every kernel launch intercepted (
 compiled ahead of time for sm_90 with the argument specialisation the JIT applies on a GPU (Triton's own
 specialisation function: 16-byte divisible pointers and integers, integers equal to 1 as constants). Per kernel it
 reports what decides its speed before any timing: registers per thread and spilled bytes (from ptxas), shared
-memory, wgmma instructions, asynchronous copies (cp.async and TMA loads in the PTX), whether the main loop is
-software-pipelined, and 16-byte vector loads. A static check between GPU sessions; it times nothing. The
-installed Triton compiles (GPU hosts may run another version).
+memory, resident blocks per SM, wgmma instructions, asynchronous copies (cp.async and TMA loads in the PTX),
+whether the main loop is software-pipelined, and 16-byte vector loads. A static check between GPU sessions; it
+times nothing. The installed Triton compiles (GPU hosts may run another version).
 """
 
 from __future__ import annotations
@@ -150,6 +150,15 @@ def record_layer() -> list:
     return launches
 
 
+def blocks_per_sm(regs: int | None, smem_bytes: int, warps: int) -> int | None:
+    """Resident blocks per Hopper SM: 64K registers (allocated per warp in units of 256), 228 KiB shared memory
+    (1 KiB reserved per block), 64 warps and 32 blocks at most."""
+    if regs is None:
+        return None
+    regs_per_warp = -(-regs * 32 // 256) * 256
+    return min(65536 // (regs_per_warp * warps), 233472 // (smem_bytes + 1024), 64 // warps, 32)
+
+
 def inspect(fn, a, kw, dump_name):
     sig, const, attrs = specialise(fn, a)
     src = ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
@@ -162,9 +171,11 @@ def inspect(fn, a, kw, dump_name):
             with open(os.path.join(args.dump, f"{dump_name}.{ext}"), "w") as f:
                 f.write(text)
     pipelined = "async_copy_global_to_local" in ttgir or "async_tma_copy" in ttgir or "async_tma" in ttgir
+    report = ptxas_report(ptx)
     return {
-        **ptxas_report(ptx),
+        **report,
         "smem_kib": k.metadata.shared / 1024,
+        "blocks": blocks_per_sm(report["regs"], k.metadata.shared, k.metadata.num_warps),
         "wgmma": ptx.count("wgmma.mma_async"),
         "mma": ptx.count("mma.sync"),
         "cp_async": len(re.findall(r"cp\.async\.c[ag]", ptx)),
@@ -213,14 +224,15 @@ def main():
         rows.append((label, name, r))
         print(f"[{time.time() - start:5.1f}s] compiled {label}: {name}", file=sys.stderr)
     print(
-        "\n| op | kernel | tile | warps | stages | regs | spill st/ld B | smem KiB | wgmma | cp.async | TMA loads "
-        "| pipelined | v4 loads |"
+        "\n| op | kernel | tile | warps | stages | regs | spill st/ld B | smem KiB | blocks/SM | wgmma | cp.async "
+        "| TMA loads | pipelined | v4 loads |"
     )
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|")
     for label, name, r in rows:
         print(
             f"| {label} | {name} | {r['tiles']} | {r.get('num_warps', '')} | {r.get('num_stages', '')} | {r['regs']} "
-            f"| {r['spill_st']}/{r['spill_ld']} | {r['smem_kib']:.0f} | {r['wgmma']} | {r['cp_async']} | {r['tma']} "
+            f"| {r['spill_st']}/{r['spill_ld']} | {r['smem_kib']:.0f} | {r['blocks']} | {r['wgmma']} | {r['cp_async']} "
+            f"| {r['tma']} "
             f"| {'yes' if r['pipelined'] else 'no'} | {r['v4_loads']} |"
         )
     if args.check and (bad := problems(rows)):

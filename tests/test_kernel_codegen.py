@@ -34,9 +34,9 @@ def test_gemm_kernels_compile_pipelined_for_sm90(tma):
     rows = {}
     for line in proc.stdout.splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]
-        if len(cells) == 13 and cells[1].startswith("_gmm"):
+        if len(cells) == 14 and cells[1].startswith("_gmm"):
             rows[cells[0]] = cells
     assert {"gate/up fwd", "down fwd", "down dX: dH", "gate/up dX", "down dW", "gate/up dW"} <= set(rows), rows
-    tma_loads = {op: int(cells[10]) for op, cells in rows.items()}
+    tma_loads = {op: int(cells[11]) for op, cells in rows.items()}
     for op in ("gate/up fwd", "down fwd", "down dX: dH", "gate/up dX"):  # weights through descriptors iff TMA is on
         assert (tma_loads[op] > 0) == tma, (op, tma_loads[op])
