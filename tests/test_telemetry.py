@@ -106,6 +106,22 @@ def test_throughput_arithmetic():
     assert tp.summary(1, 1, 1.0, None)["perf/images_per_s"] == pytest.approx(20.0)
 
 
+def test_throughput_leaves_paused_time_out():
+    clock = _FakeClock()
+    tp = Throughput(clock=clock)
+    tp.add(10)
+    clock.t += 1.0
+    with tp.paused():  # e.g. a checkpoint write
+        clock.t += 30.0
+    tp.add(10)
+    clock.t += 1.0
+    assert tp.summary(1, 1, 1.0, None)["perf/images_per_s"] == pytest.approx(10.0)  # 20 images / 2 s
+    tp.start()  # a new window forgets the pause
+    tp.add(5)
+    clock.t += 0.5
+    assert tp.summary(1, 1, 1.0, None)["perf/images_per_s"] == pytest.approx(10.0)
+
+
 def test_peak_memory_cpu():
     mem = peak_memory(torch.device("cpu"))
     assert set(mem) == {"mem/peak_rss_gib"}

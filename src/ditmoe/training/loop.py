@@ -244,6 +244,7 @@ def train(
         ckpt_io.save_checkpoint(ckpt_root, step, files, {**run_config, "data": manifest}, keep_last=cfg.keep_last)
 
     stepper.module.train()
+    first_step = step
     throughput.start()
     bar = tqdm(total=cfg.steps, initial=step, disable=not (progress and is_main), desc="train", dynamic_ncols=True)
     try:
@@ -273,7 +274,10 @@ def train(
                         f"is in {ckpt_root}"
                     )
             step += 1
-            throughput.add(cfg.batch_size // ctx.world_size)
+            if step == first_step + 1:  # this process's first step: kernel compilation, caches, loader start-up
+                throughput.start()
+            else:
+                throughput.add(cfg.batch_size // ctx.world_size)
             bar.update(1)
 
             if step % cfg.log_every == 0 or step == cfg.steps:
@@ -299,7 +303,8 @@ def train(
 
             stop_now = stop.agreed(ctx.device)
             if step % cfg.ckpt_every == 0 or step == cfg.steps or stop_now:
-                save()
+                with throughput.paused():
+                    save()
             if stop_now:
                 result.stopped_by_signal = True
                 if is_main:

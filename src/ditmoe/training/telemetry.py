@@ -5,10 +5,11 @@ Expert load across ranks is gathered by ``RoutingAccumulator.all_reduce`` (``dit
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -82,7 +83,8 @@ class Throughput:
     """Images and wall time of one log window on this rank: ``start()``, ``add(batch)`` per step, ``summary(...)``.
 
     Call ``summary`` after a host sync (e.g. ``loss.item()``) so the time includes the queued GPU work, then
-    ``start()`` for the next window. ``clock`` is injectable for tests.
+    ``start()`` for the next window. Work that is not training (checkpoint writes) runs inside ``paused()`` and
+    does not count. ``clock`` is injectable for tests.
     """
 
     def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
@@ -92,6 +94,16 @@ class Throughput:
     def start(self) -> None:
         self._t0 = self._clock()
         self._images = 0
+        self._paused_s = 0.0
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Leave the time spent inside the block out of the window."""
+        t = self._clock()
+        try:
+            yield
+        finally:
+            self._paused_s += self._clock() - t
 
     def add(self, images: int) -> None:
         """Images this rank trained on in one step (its local batch)."""
@@ -116,7 +128,7 @@ class Throughput:
         parallelism a device computes other ranks' tokens in its experts, but the world's total is the same, so
         the per-device average holds.
         """
-        elapsed = self._clock() - self._t0
+        elapsed = self._clock() - self._t0 - self._paused_s
         if self._images == 0 or elapsed <= 0:
             return {}
         local_images_per_s = self._images / elapsed
