@@ -618,6 +618,7 @@ def sweep(kinds):
         "ew": [("swiglu bwd pass", None, 6 * R * F_ * el, lambda: ops._swiglu_bwd(dh, g, u))],
         "rows": [("unpermute", None, (R * D + T * D) * el, lambda: ops._gather(dy, meta, probs))],
     }
+    winners = {}
     for kind in kinds:
         if kind not in SWEEP:
             skip(f"sweep {kind}", f"unknown kind (known: {', '.join(SWEEP)})")
@@ -638,7 +639,38 @@ def sweep(kinds):
         if best:
             ops_timed = " + ".join(op for op, *_ in work[kind])
             log(f"best {kind}: {best[1]} {best[0]:.4f} ms ({ops_timed}; default now: {ops._config(kind, DTYPE)})")
+            if best[1] != configs[0]:
+                winners[kind] = dict(zip(keys, best[1], strict=True))
         write_results()
+    if winners and not over_budget():
+        layer_with_tiles(shape, winners, x, probs, Wg, Wu, Wd, ex, E)
+        write_results()
+
+
+def layer_with_tiles(shape, tiles, x, probs, Wg, Wu, Wd, experts_TK, E):
+    """The whole layer forward+backward with the tiles in use and with the sweep's winners, on the same inputs:
+    the layer-level gain of adopting them, and their largest output/gradient difference (a wrong winner shows)."""
+    T, D = x.shape
+    R, F_ = T * experts_TK.shape[1], Wg.shape[1]
+    params = [t.detach().clone().requires_grad_() for t in (x, probs, Wg, Wu, Wd)]
+    grad_out = torch.randn_like(x)
+
+    def run():
+        out = ops.swiglu_experts(params[0], params[1], ops.routing_plan(experts_TK, E), *params[2:])
+        return [out, *torch.autograd.grad(out, params, grad_out)]
+
+    now = attempt(shape, "layer fwd+bwd", "triton (tiles now)", run, flops=18 * R * D * F_)
+    want = run()
+    with ops.tile_overrides(**tiles):
+        won = attempt(shape, "layer fwd+bwd", "triton (sweep winners)", run, flops=18 * R * D * F_)
+        got = run()
+    diff = max(
+        float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30))
+        for a, b in zip(got, want, strict=True)
+    )
+    if now and won:
+        won["vs_tiles_now"] = round(now["ms"] / won["ms"], 3)
+        log(f"sweep winners {tiles}: layer {now['ms']:.4f} -> {won['ms']:.4f} ms; max normalised difference {diff:.2e}")
 
 
 def device_name() -> str:
