@@ -37,8 +37,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 from ditmoe_kernels import triton_ops as ops  # noqa: E402
 
 SHAPES = {"S": (384, 1536, 8), "XL": (1152, 4608, 8), "G": (1408, 5632, 16)}  # D, F, E
-GEMM_KINDS = ("gmm", "gmm_dx", "gmm_epi", "swiglu")
-KINDS = (*GEMM_KINDS, "dw", "rows", "ew", "route")
+KINDS = ("gmm", "gmm_dx", "gmm_epi", "swiglu", "dw", "rows", "ew", "route")
 
 ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 ap.add_argument("--shape", default="XL", choices=sorted(SHAPES))
@@ -64,8 +63,6 @@ def overrides() -> dict:
             known = set(ops._config(kind, torch.bfloat16)) | {"num_warps", "num_stages"}
         except KeyError:
             ap.error(f"--set {item!r}: unknown kernel kind {kind!r} (known: {', '.join(KINDS)})")
-        if kind in GEMM_KINDS:
-            known.add("TMA")
         if key not in known:
             ap.error(f"--set {item!r}: {kind} has no setting {key!r} (known: {', '.join(sorted(known))})")
         out.setdefault(kind, {})[key] = int(m.group(3))

@@ -127,11 +127,12 @@ def _config(kind: str, dtype: torch.dtype) -> dict:
         # accumulator with two loaded and two stored tiles spilled: down dX ran at 0.11 of dense).
         # gmm_dx, gmm_epi, dw, rows: winners of the run-2 sweep at XL (bench/results/nvidia-h200-2026-11-26-run2:
         # gate/up dX 689, down dW 665 TFLOP/s; unpermute 2489 GB/s). ew: 2048 elements per program as in run 3.
+        # TMA: off until bench/gpu_final.sh's sweep has timed it.
         cfg = {
-            "gmm": dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3),
-            "gmm_dx": dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4),
-            "gmm_epi": dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4),
-            "swiglu": dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3),
+            "gmm": dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=0),
+            "gmm_dx": dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4, TMA=0),
+            "gmm_epi": dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4, TMA=0),
+            "swiglu": dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=0),
             "dw": dict(BO=128, BI=128, BR=32, GROUP_M=8, num_warps=4, num_stages=4),
             "rows": dict(BT=16, BD=256, num_warps=8),
             "ew": dict(BR=4, BC=512, num_warps=8),
