@@ -18,7 +18,7 @@ run_test_shards 55 \
 
 say "benchmark: XL, G + tile sweeps incl. TMA (150 s limit)"
 timeout 150 "$PY" -W ignore bench/bench_kernels.py --shapes XL,G,XL-skew --reps 15 --budget 130 \
-    --sweep --sweep-kinds swiglu,gmm,gmm_dx,dw,ew,rows,gmm_epi 2>&1 | grep --line-buffered -v "^  warnings.warn" | tee "$LOGDIR/bench.log"
+    --sweep --sweep-kinds swiglu,gmm_dx,dw,gmm,ew,rows,gmm_epi 2>&1 | grep --line-buffered -v "^  warnings.warn" | tee "$LOGDIR/bench.log"
 say "benchmark exit ${PIPESTATUS[0]}"
 say "training throughput: S/2 and XL/2-8E2A, triton vs torch vs naive (90 s limit)"
 timeout 90 "$PY" -W ignore bench/bench_train.py 2>&1 | tee "$LOGDIR/bench_train.log"
