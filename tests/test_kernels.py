@@ -384,12 +384,17 @@ def test_experts_tma(case, act, monkeypatch):
     assert len(made) >= (6 if case == 0 else 4)  # case 0: also the dX weights (Kdim a multiple of BK)
 
 
-def test_tma_falls_back_on_strided_weights():
-    """Weights TMA cannot address (transposed) take the pointer path with TMA on."""
+def test_tma_falls_back_where_tma_cannot_address():
+    """Tensors TMA cannot address take the pointer path with TMA on: transposed weights, rows whose stride is not
+    16-byte aligned (D = 18 fp32: 72 bytes), a base off 16-byte alignment."""
     with ops.tile_overrides(**TMA_ON):
         check_experts(*TMA_CASES[1], "swiglu", torch.float32, noncontig=True)
-    w = randn(3, 8, 16, seed=0, dtype=torch.float32).transpose(1, 2)
-    assert ops._tma_desc(w, [8, 8]) is None and ops._tma_desc(w.contiguous(), [8, 8]) is not None
+        check_experts(29, 2, 4, 18, 40, None, (), "gelu", torch.float32)
+    w = randn(3, 8, 16, seed=0, dtype=torch.float32)
+    assert ops._tma_desc(w, [8, 8]) is not None
+    assert ops._tma_desc(w.transpose(1, 2), [8, 8]) is None
+    assert ops._tma_desc(randn(8, 18, seed=1, dtype=torch.float32), [8, 8]) is None
+    assert ops._tma_desc(randn(8, 20, seed=1, dtype=torch.float32)[:, 1:17], [8, 8]) is None  # base + 4 bytes
 
 
 @pytest.mark.parametrize("act", ["swiglu", "gelu"])
