@@ -50,8 +50,8 @@ ap.add_argument("--warmup", type=int, default=3)
 ap.add_argument("--sweep", action="store_true", help="try a few tile configs per kernel kind at XL")
 ap.add_argument(
     "--sweep-kinds",
-    default="swiglu,gmm,gmm_dx,dw,ew,rows",
-    help="comma list of kinds for --sweep (backward: gmm_dx dw ew)",
+    default="swiglu,gmm_dx,dw,gmm,ew,rows,gmm_epi",
+    help="comma list of kinds for --sweep (backward: gmm_dx dw ew; GELU experts: gmm_epi)",
 )
 ap.add_argument("--budget", type=float, default=300.0, help="seconds; later sections are skipped past it")
 ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
