@@ -249,7 +249,8 @@ def train(
     bar = tqdm(total=cfg.steps, initial=step, disable=not (progress and is_main), desc="train", dynamic_ncols=True)
     try:
         while step < cfg.steps:
-            stepper.set_lr(cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr)
+            lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+            stepper.set_lr(lr)
             for accum in range(cfg.grad_accum):
                 x0, y = next(batches)
                 x0, y = x0.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
@@ -289,7 +290,7 @@ def train(
                     "diffusion_loss": losses_S3[:, 1].mean().item(),
                     "balance_loss": losses_S3[:, 2].mean().item(),
                     "grad_norm": grad_norm,
-                    "lr": cfg.lr * min(1.0, step / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr,
+                    "lr": lr,
                     "skipped_steps": result.skipped_steps,
                     **throughput.summary(ctx.world_size, mcfg.num_tokens, size.train_flops, peak),
                     **peak_memory(ctx.device),

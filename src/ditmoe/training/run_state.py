@@ -55,7 +55,7 @@ def load_rows(ckpt: Path, kind: str, only: Path | None = None) -> ExpertRows:
     files = [only] if only is not None else expert_files(ckpt, kind)
     if not files:
         raise ckpt_io.CheckpointError(f"checkpoint {ckpt} holds no {kind} expert files")
-    return merge_expert_rows([torch.load(f, map_location="cpu", weights_only=True) for f in files])
+    return merge_expert_rows([ckpt_io.load_file(ckpt, f.stem) for f in files])
 
 
 def load_state(
