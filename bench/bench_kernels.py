@@ -206,6 +206,15 @@ else:
     skip("deepspeed MoEGEMM", "CUDA only")
 
 
+def first_gemm(x_TD, W, meta, kind, **kw):
+    """The expert layer's first GEMM as the layer runs it: gather-fused, or x permuted first (tile key GATHER = 0,
+    the permute then counts here; in the layer the backward reuses the copy)."""
+    a, gather = ops._expert_input(x_TD, meta, kind)
+    if kind == "swiglu":
+        return ops._gmm_swiglu(a, *W, meta, gather=gather)
+    return ops._gmm(a, W, meta, transpose_w=True, gather=gather, **kw)
+
+
 def naive_layer(x_TD, experts_TK, w_TK, Wg, Wu, Wd):
     """The official DiT-MoE algorithm: repeat each token k times, loop over experts with boolean masks."""
     T, D = x_TD.shape
@@ -332,12 +341,13 @@ def run_shape(name: str):
             meta = ops._meta(plan)
             attempt(shape, "routing", "triton", lambda: ops.routing_plan(experts_TK, E))
             attempt(shape, "permute", "triton", lambda: ops._scatter(x, meta), **vs_copy())
-            h, g, u = ops._gmm_swiglu(x, Wg, Wu, meta)
+            h, g, u = first_gemm(x, (Wg, Wu), meta, "swiglu")
+            fused = "gather" if ops._config("swiglu", DTYPE).get("GATHER", 1) else "permute first"
             attempt(
                 shape,
                 "gate/up fwd",
-                "triton (gather+swiglu)",
-                lambda: ops._gmm_swiglu(x, Wg, Wu, meta),
+                f"triton ({fused}+swiglu)",
+                lambda: first_gemm(x, (Wg, Wu), meta, "swiglu"),
                 **vs_dense("gate/up fwd"),
             )
             attempt(
@@ -559,10 +569,18 @@ SWEEP = {
     # through tensor descriptors. From bench/inspect_kernels.py (sm_90): TMA cuts registers (gate/up dX 174 -> 107,
     # dH 124 -> 98), so with 3 stages (96 KiB) two blocks fit on an SM where the pointer-load tiles fit one. The
     # SwiGLU GEMM at 128x128 needs 185-223 registers (one block per SM, tensor cores idle in its heavy epilogue);
-    # at 128x64 it needs 128, and two blocks fit.
+    # at 128x64 it needs 128, and two blocks fit. GATHER = 0 permutes x first (timed here with the permute; in the
+    # layer the backward then skips its own): A tiles through TMA too, 101 registers at 128x64.
     "swiglu": (
-        GEMM_KEYS,
-        [(128, 128, 64, 8, 3, 0), (128, 128, 64, 8, 3, 1), (128, 64, 64, 8, 3, 0), (128, 64, 64, 8, 3, 1)],
+        (*GEMM_KEYS, "GATHER"),
+        [
+            (128, 128, 64, 8, 3, 0, 1),
+            (128, 128, 64, 8, 3, 1, 1),
+            (128, 64, 64, 8, 3, 0, 1),
+            (128, 64, 64, 8, 3, 1, 1),
+            (128, 128, 64, 8, 3, 1, 0),
+            (128, 64, 64, 8, 3, 1, 0),
+        ],
     ),
     "gmm": (
         GEMM_KEYS,
@@ -574,7 +592,10 @@ SWEEP = {
     ),
     # GELU experts (upcycled dense DiT): at 128x128 the backward epilogue spills (255 registers); 128x64 does not
     # and fits two blocks per SM.
-    "gmm_epi": (GEMM_KEYS, [(128, 128, 64, 8, 4, 0), (128, 64, 64, 8, 4, 0), (128, 64, 64, 8, 4, 1)]),
+    "gmm_epi": (
+        (*GEMM_KEYS, "GATHER"),
+        [(128, 128, 64, 8, 4, 0, 1), (128, 64, 64, 8, 4, 0, 1), (128, 64, 64, 8, 4, 1, 1), (128, 64, 64, 8, 4, 1, 0)],
+    ),
     "dw": (
         ("BO", "BI", "BR", "num_warps", "num_stages"),
         [(128, 128, 32, 4, 4), (128, 128, 32, 4, 5), (128, 256, 32, 8, 4), (128, 128, 64, 8, 4)],
@@ -601,7 +622,7 @@ def sweep(kinds):
     probs = torch.rand(T, K, device=DEV, dtype=DTYPE)
     plan = ops.routing_plan(ex, E)
     meta = ops._meta(plan)
-    h, g, u = ops._gmm_swiglu(x, Wg, Wu, meta)
+    h, g, u = first_gemm(x, (Wg, Wu), meta, "swiglu")
     dy = torch.randn(T * K, D, device=DEV, dtype=DTYPE)
     dh = ops._gmm(dy, Wd, meta, transpose_w=False)
     dgu, hb = ops._swiglu_bwd(dh, g, u)
@@ -609,7 +630,7 @@ def sweep(kinds):
     R = T * K
     el = x.element_size()
     work = {  # kind: [(op, flops, bytes, fn)]
-        "swiglu": [("gate/up fwd", 4 * R * D * F_, None, lambda: ops._gmm_swiglu(x, Wg, Wu, meta))],
+        "swiglu": [("gate/up fwd", 4 * R * D * F_, None, lambda: first_gemm(x, (Wg, Wu), meta, "swiglu"))],
         "gmm": [("down fwd", 2 * R * D * F_, None, lambda: ops._gmm(h, Wd, meta, transpose_w=True))],
         "gmm_dx": [
             (
@@ -629,7 +650,7 @@ def sweep(kinds):
                 "gelu fc1 fwd",
                 2 * R * D * F_,
                 None,
-                lambda: ops._gmm(x, Wg, meta, transpose_w=True, gather=True, bias=b1, epi=ops.EPI_GELU),
+                lambda: first_gemm(x, Wg, meta, "gmm_epi", bias=b1, epi=ops.EPI_GELU),
             ),
             (
                 "gelu fc2 dX",

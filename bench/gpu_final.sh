@@ -14,7 +14,7 @@ run_test_shards 55 \
     "low_precision or ((grouped_mm or permute) and not property)" \
     "experts_fp32 and swiglu" \
     "autocast or dit_moe or (experts_fp32 and gelu)" \
-    "tma"
+    "tma or permute_first"
 
 say "benchmark: XL, G + tile sweeps incl. TMA (150 s limit)"
 timeout 150 "$PY" -W ignore bench/bench_kernels.py --shapes XL,G,XL-skew --reps 15 --budget 130 \

@@ -142,7 +142,8 @@ def record_layer() -> list:
     plan = step("routing", ops.routing_plan, experts, E)
     meta = ops._meta(plan)
     meta.counts = torch.full((E,), R // E, dtype=torch.int64)  # argsort of the dW order needs real counts
-    h, g, u = step("gate/up fwd", ops._gmm_swiglu, x, Wg, Wu, meta)
+    a, gather = step("permute", ops._expert_input, x, meta, "swiglu")  # launches only with swiglu.GATHER=0
+    h, g, u = step("gate/up fwd", ops._gmm_swiglu, a, Wg, Wu, meta, gather=gather)
     y = step("down fwd", ops._gmm, h, Wd, meta, transpose_w=True)
     step("unpermute", ops._gather, y, meta, probs)
     step("unpermute bwd", ops._scatter, x, meta, probs, y)
@@ -152,7 +153,8 @@ def record_layer() -> list:
     xp = step("permute", ops._scatter, x, meta)
     step("gate/up dW", ops._gmm_dw, dgu, xp, meta, split=F)
     step("gate/up dX", ops._gmm, dgu[:, :F], Wg, meta, transpose_w=False, a2=dgu[:, F:], w2=Wu)
-    step("gelu fc1 fwd", ops._gmm, x, Wg, meta, transpose_w=True, gather=True, bias=empty(E, F), epi=ops.EPI_GELU)
+    a, gather = step("permute", ops._expert_input, x, meta, "gmm_epi")
+    step("gelu fc1 fwd", ops._gmm, a, Wg, meta, transpose_w=True, gather=gather, bias=empty(E, F), epi=ops.EPI_GELU)
     step("gelu fc2 dX", ops._gmm, dy, Wd, meta, transpose_w=False, epi=ops.EPI_GELU_BWD, x0=g)
     step("gelu dW+db", ops._gmm_dw, dy, hb, meta, with_db=True)
     return launches

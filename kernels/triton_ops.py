@@ -11,7 +11,10 @@ Design (see /work/shared/notes/kernels.md):
   table computed on device gives each M-block one group (expert) and its row range: indices are padded, tensors
   are not. The sentinel group's blocks write zeros (dropped rows), unused blocks exit at once.
 - The first expert GEMM gathers its A rows through the permutation (an int32 token table ``sorted_flat // K``
-  computed once per plan): no permuted copy of x.
+  computed once per plan): no permuted copy of x. Tile key ``GATHER`` = 0 (kinds ``swiglu``, ``gmm_epi``) permutes
+  x first instead: the GEMM's A tiles can then load through TMA, and the backward reuses the copy for the first
+  weight's dW, which needs it permuted anyway (so the copy costs no extra pass, only R x D of saved activations
+  in place of T x D). Which is faster is the GPU sweep's question; both give the same bits.
 - SwiGLU / GELU run in the epilogue of the first GEMM, which also stores the pre-activations. Backward
   re-materialises the activation h from the saved pre-activations (h is not kept from the forward), so the dW of
   the second weight is a plain K-reduction dy^T h: no elementwise work inside any GEMM main loop, where it would
@@ -98,7 +101,8 @@ def _config(kind: str, dtype: torch.dtype) -> dict:
     (the same with a GELU epilogue, forward or backward, which loads and stores extra tiles), ``swiglu``
     (dual-accumulator gate/up GEMM), ``dw`` (per-expert K-reduction: every weight gradient), ``rows``
     (permute/combine), ``ew`` (elementwise SwiGLU backward, [BR, BC] tiles), ``route`` (routing metadata).
-    ``TMA`` = 1 in a GEMM kind's config loads its tiles through tensor descriptors (see the module docstring)."""
+    ``TMA`` = 1 in a GEMM kind's config loads its tiles through tensor descriptors; ``GATHER`` (``swiglu``,
+    ``gmm_epi``; 1 where absent) picks gather-fused or permute-first input (see the module docstring)."""
     if INTERPRET:
         cfg = {
             "gmm": dict(BM=16, BN=32, BK=32, GROUP_M=4),
@@ -127,12 +131,12 @@ def _config(kind: str, dtype: torch.dtype) -> dict:
         # accumulator with two loaded and two stored tiles spilled: down dX ran at 0.11 of dense).
         # gmm_dx, gmm_epi, dw, rows: winners of the run-2 sweep at XL (bench/results/nvidia-h200-2026-11-26-run2:
         # gate/up dX 689, down dW 665 TFLOP/s; unpermute 2489 GB/s). ew: 2048 elements per program as in run 3.
-        # TMA: off until bench/gpu_final.sh's sweep has timed it.
+        # TMA, GATHER = 0 (permute first): untimed until bench/gpu_final.sh's sweep has run them.
         cfg = {
             "gmm": dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=0),
             "gmm_dx": dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4, TMA=0),
-            "gmm_epi": dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4, TMA=0),
-            "swiglu": dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=0),
+            "gmm_epi": dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4, TMA=0, GATHER=1),
+            "swiglu": dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=0, GATHER=1),
             "dw": dict(BO=128, BI=128, BR=32, GROUP_M=8, num_warps=4, num_stages=4),
             "rows": dict(BT=16, BD=256, num_warps=8),
             "ew": dict(BR=4, BC=512, num_warps=8),
@@ -876,6 +880,7 @@ def _gmm_swiglu_kernel(
     tok_ptr,
     bg_ptr,
     bu_ptr,
+    a_desc,
     bg_desc,
     bu_desc,
     tab_ptr,
@@ -897,6 +902,7 @@ def _gmm_swiglu_kernel(
     s_r,
     s_n,
     GATHER: tl.constexpr,
+    TMA_A: tl.constexpr,
     TMA_B: tl.constexpr,
     UPCAST: tl.constexpr,
     PREC: tl.constexpr,
@@ -906,9 +912,10 @@ def _gmm_swiglu_kernel(
     BK: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """G = A Wg^T, U = A Wu^T in one pass over A (gathered through the permutation); H = silu(G) * U.
-    G and U are stored (rounded to the output dtype) for backward; H is computed from the rounded values so the
-    backward can recompute it bit for bit. TMA_B: weight tiles through descriptors over W as [E*N, Kdim]."""
+    """G = A Wg^T, U = A Wu^T in one pass over A (GATHER: x read through the permutation, else the permuted copy);
+    H = silu(G) * U. G and U are stored (rounded to the output dtype) for backward; H is computed from the rounded
+    values so the backward can recompute it bit for bit. TMA_A: A tiles through a descriptor over the permuted copy
+    from the block's first row (as in ``_mainloop``); TMA_B: weight tiles through descriptors over W as [E*N, Kdim]."""
     e, rs, n0, rows, rmask, offs_n, nmask = _group_block(tab_ptr, NMB, N, BM, BN, GROUP_M)
     if e < 0:
         return
@@ -930,7 +937,9 @@ def _gmm_swiglu_kernel(
     b_row = e * N + n0
     for k0 in range(0, Kdim, BK):
         km = offs_k < Kdim - k0
-        if EVEN_K:
+        if TMA_A:
+            a = a_desc.load([rs, k0])
+        elif EVEN_K:
             a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
         else:
             a = tl.load(a_ptrs, mask=rmask[:, None] & km[None, :], other=0.0)
@@ -1200,24 +1209,36 @@ def _swiglu_bwd(dh, g, u):
     return dgu, h
 
 
-def _gmm_swiglu(x_TD, w_gate, w_up, meta: _Meta):
-    """h, g, u [R, F] with g/u = gathered x @ W^T per expert and h = silu(g) * u."""
+def _expert_input(x_TD: torch.Tensor, meta: _Meta, kind: str) -> tuple[torch.Tensor, bool]:
+    """A of an expert layer's first GEMM and whether that GEMM gathers it: x itself, read through the permutation
+    (``GATHER`` = 1 in the kind's config: no copy), or a permuted copy [R, D] (0: its A tiles can load through TMA,
+    and the backward reuses the copy for the first weight's dW instead of permuting x again)."""
+    if _config(kind, x_TD.dtype).get("GATHER", 1):
+        return x_TD, True
+    return _scatter(x_TD, meta), False
+
+
+def _gmm_swiglu(a, w_gate, w_up, meta: _Meta, *, gather: bool):
+    """h, g, u [R, F] with g/u = A @ W^T per expert and h = silu(g) * u. gather: A is x [T, D], row r reads token
+    ``sorted_flat[r] // K``; else A is the permuted copy [R, D]."""
     E, N, Kdim = w_gate.shape
     R = meta.R
-    h = torch.empty(R, N, dtype=x_TD.dtype, device=x_TD.device)
+    h = torch.empty(R, N, dtype=a.dtype, device=a.device)
     g, u = torch.empty_like(h), torch.empty_like(h)
     if R == 0 or N == 0:
         return h, g, u
-    cfg = _config("swiglu", x_TD.dtype)
+    cfg = _config("swiglu", a.dtype)
     BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
     tab, nmb = meta.table(BM)
-    upcast, prec = _prec(x_TD.dtype)
+    upcast, prec = _prec(a.dtype)
     b_descs = _tma_descs([(w_gate, [BN, BK]), (w_up, [BN, BK])]) if cfg.get("TMA") else None
+    a_descs = _tma_descs([(a, [BM, BK])]) if cfg.get("TMA") and not gather else None
     _gmm_swiglu_kernel[(nmb * triton.cdiv(N, BN),)](
-        x_TD,
-        meta.tok(),
+        a,
+        meta.tok() if gather else h,
         w_gate,
         w_up,
+        *(a_descs or [a]),
         *(b_descs or [w_gate, w_up]),
         tab,
         h,
@@ -1227,8 +1248,8 @@ def _gmm_swiglu(x_TD, w_gate, w_up, meta: _Meta):
         Kdim,
         nmb,
         E,
-        x_TD.stride(0),
-        x_TD.stride(1),
+        a.stride(0),
+        a.stride(1),
         w_gate.stride(0),
         w_gate.stride(2),
         w_gate.stride(1),
@@ -1237,7 +1258,8 @@ def _gmm_swiglu(x_TD, w_gate, w_up, meta: _Meta):
         w_up.stride(1),
         h.stride(0),
         h.stride(1),
-        True,
+        gather,
+        a_descs is not None,
         b_descs is not None,
         upcast,
         prec,
@@ -1364,15 +1386,16 @@ class _GroupedMM(torch.autograd.Function):
 class _SwigluExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD, weights_TK, w_gate, w_up, w_down, meta):
-        h, g, u = _gmm_swiglu(x_TD, w_gate, w_up, meta)
+        a, ctx.gathered = _expert_input(x_TD, meta, "swiglu")
+        h, g, u = _gmm_swiglu(a, w_gate, w_up, meta, gather=ctx.gathered)
         y = _gmm(h, w_down, meta, transpose_w=True)
         ctx.meta = meta
-        ctx.save_for_backward(x_TD, weights_TK, w_gate, w_up, w_down, g, u, y)
+        ctx.save_for_backward(a, weights_TK, w_gate, w_up, w_down, g, u, y)
         return _gather(y, meta, weights_TK)
 
     @staticmethod
     def backward(ctx, dout_TD):
-        x_TD, w_TK, w_gate, w_up, w_down, g, u, y = ctx.saved_tensors
+        a, w_TK, w_gate, w_up, w_down, g, u, y = ctx.saved_tensors
         meta = ctx.meta
         F = g.shape[1]
         dy, dw_TK = _scatter(dout_TD.to(y.dtype), meta, w_TK, y)
@@ -1383,7 +1406,7 @@ class _SwigluExperts(torch.autograd.Function):
         del h
         dw_gate = dw_up = dx = None
         if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
-            dw_gate, dw_up = _gmm_dw(dgu, _scatter(x_TD, meta), meta, split=F)
+            dw_gate, dw_up = _gmm_dw(dgu, _scatter(a, meta) if ctx.gathered else a, meta, split=F)
         if ctx.needs_input_grad[0]:
             dx_RD = _gmm(dgu[:, :F], w_gate, meta, transpose_w=False, a2=dgu[:, F:], w2=w_up)
             dx = _gather(dx_RD, meta)
@@ -1393,21 +1416,22 @@ class _SwigluExperts(torch.autograd.Function):
 class _GeluExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD, weights_TK, w1, b1, w2, b2, meta):
-        h, z = _gmm(x_TD, w1, meta, transpose_w=True, gather=True, bias=b1, epi=EPI_GELU)
+        a, ctx.gathered = _expert_input(x_TD, meta, "gmm_epi")
+        h, z = _gmm(a, w1, meta, transpose_w=True, gather=ctx.gathered, bias=b1, epi=EPI_GELU)
         y = _gmm(h, w2, meta, transpose_w=True, bias=b2)
         ctx.meta = meta
-        ctx.save_for_backward(x_TD, weights_TK, w1, w2, z, y)
+        ctx.save_for_backward(a, weights_TK, w1, w2, z, y)
         return _gather(y, meta, weights_TK)
 
     @staticmethod
     def backward(ctx, dout_TD):
-        x_TD, w_TK, w1, w2, z, y = ctx.saved_tensors
+        a, w_TK, w1, w2, z, y = ctx.saved_tensors
         meta = ctx.meta
         dy, dw_TK = _scatter(dout_TD.to(y.dtype), meta, w_TK, y)
         dz, h = _gmm(dy, w2, meta, transpose_w=False, epi=EPI_GELU_BWD, x0=z)  # h = gelu(z) re-materialised
         dw2, db2 = _gmm_dw(dy, h, meta, with_db=True)
         del h
-        dw1, db1 = _gmm_dw(dz, _scatter(x_TD, meta), meta, with_db=True)
+        dw1, db1 = _gmm_dw(dz, _scatter(a, meta) if ctx.gathered else a, meta, with_db=True)
         dx = _gather(_gmm(dz, w1, meta, transpose_w=False), meta) if ctx.needs_input_grad[0] else None
         return dx, dw_TK.to(w_TK.dtype), dw1, db1, dw2, db2, None
 

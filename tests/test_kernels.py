@@ -384,6 +384,39 @@ def test_experts_tma(case, act, monkeypatch):
     assert len(made) >= (6 if case == 0 else 4)  # case 0: also the dX weights (Kdim a multiple of BK)
 
 
+def _layer_out_and_grads(act, inputs, plan):
+    out = _experts_fn(ops, act, plan)(*inputs)
+    grads = torch.autograd.grad(out, inputs, randn(*out.shape, seed=9, dtype=out.dtype))
+    return [out, *grads]
+
+
+@pytest.mark.parametrize("act", ["swiglu", "gelu"])
+@pytest.mark.parametrize("tma", [False, True], ids=["pointer-loads", "tma"])
+def test_permute_first_same_bits(act, tma, monkeypatch):
+    """Permuting x before the first expert GEMM (``GATHER`` = 0; with TMA its A tiles come through a descriptor)
+    gives the gather-fused output and every gradient bit for bit, with drops and an empty expert, and costs no
+    extra permute pass: the backward reuses the copy instead of permuting x again."""
+    T, K, E, D, F, cap, empty = TMA_CASES[0]
+    plan = ops.routing_plan(make_experts(T, K, E, seed=5, empty=empty, skew=0.2), E, cap)
+    scatters = []
+    real = ops._scatter
+    monkeypatch.setattr(ops, "_scatter", lambda *a, **kw: scatters.append(len(a) + len(kw)) or real(*a, **kw))
+    tiles = {kind: {"TMA": int(tma)} for kind in ("gmm", "gmm_dx", "gmm_epi", "swiglu")}
+    for dtype in [torch.float32, torch.bfloat16] if tma else [torch.float32]:
+        inputs = _expert_inputs(T, K, E, D, F, act, dtype, False, 0)
+        with ops.tile_overrides(**tiles):
+            scatters.clear()
+            gathered = _layer_out_and_grads(act, inputs, plan)
+            n_gathered = list(scatters)
+        tiles_first = {kind: {**tiles[kind], "GATHER": 0} for kind in tiles}
+        with ops.tile_overrides(**tiles_first):
+            scatters.clear()
+            first = _layer_out_and_grads(act, inputs, plan)
+            assert sorted(scatters) == sorted(n_gathered), (scatters, n_gathered)
+        for name, a, b in zip(["out", *NAMES[act]], first, gathered, strict=True):
+            assert torch.equal(a, b), f"{name} ({dtype}) differs between permute-first and gather-fused"
+
+
 def test_tma_falls_back_where_tma_cannot_address():
     """Tensors TMA cannot address take the pointer path with TMA on: transposed weights, rows whose stride is not
     16-byte aligned (D = 18 fp32: 72 bytes), a base off 16-byte alignment."""
