@@ -441,7 +441,6 @@ def _scatter_kernel(
     dwp_ptr,
     T,
     D,
-    K,
     s_xt,
     s_xd,
     s_or,
@@ -450,20 +449,22 @@ def _scatter_kernel(
     s_wk,
     s_yr,
     s_yd,
+    K: tl.constexpr,
     HAS_W: tl.constexpr,
     BT: tl.constexpr,
     BD: tl.constexpr,
 ):
     """Each [BT, BD] tile of token rows is read once and written to its K permuted rows. HAS_W (the backward of
     the combine): rows are scaled by the routing weight and the tile's share of dw[t, k] = <x[t], y[row(t, k)]>
-    is stored (fp32) to dwp[t, k, tile]; the caller sums the tiles in a fixed order (no atomics)."""
+    is stored (fp32) to dwp[t, k, tile]; the caller sums the tiles in a fixed order (no atomics). K is a constexpr
+    so the loop over it unrolls and the K row-index loads (and HAS_W: the K row loads) are in flight together."""
     t = (tl.program_id(0) * BT + tl.arange(0, BT)).to(tl.int64)
     pid_d = tl.program_id(1)
     d = pid_d * BD + tl.arange(0, BD)
     tm = t < T
     m = tm[:, None] & (d < D)[None, :]
     x = tl.load(x_ptr + t[:, None] * s_xt + d[None, :] * s_xd, mask=m, other=0.0)
-    for k in range(K):
+    for k in tl.static_range(K):
         rows = tl.load(row_ptr + t * K + k, mask=tm, other=0)
         if HAS_W:
             w = tl.load(w_ptr + t * s_wt + k * s_wk, mask=tm, other=0.0).to(tl.float32)
@@ -487,24 +488,26 @@ def _gather_kernel(
     out_ptr,
     T,
     D,
-    K,
     s_yr,
     s_yd,
     s_wt,
     s_wk,
     s_ot,
     s_od,
+    K: tl.constexpr,
     HAS_W: tl.constexpr,
     BT: tl.constexpr,
     BD: tl.constexpr,
 ):
-    """out[t] = sum_k (w[t, k] *) y[row(t, k)], fp32 accumulation in slot order (deterministic, no atomics)."""
+    """out[t] = sum_k (w[t, k] *) y[row(t, k)], fp32 accumulation in slot order (deterministic, no atomics). The
+    loop over the constexpr K unrolls: all K row-index loads, then all K row loads, are in flight together (a
+    runtime loop waited for each k's index, then its row, in turn)."""
     t = (tl.program_id(0) * BT + tl.arange(0, BT)).to(tl.int64)
     d = tl.program_id(1) * BD + tl.arange(0, BD)
     tm = t < T
     m = tm[:, None] & (d < D)[None, :]
     acc = tl.zeros([BT, BD], tl.float32)
-    for k in range(K):
+    for k in tl.static_range(K):
         rows = tl.load(row_ptr + t * K + k, mask=tm, other=0)
         y = tl.load(y_ptr + rows[:, None] * s_yr + d[None, :] * s_yd, mask=m, other=0.0).to(tl.float32)
         if HAS_W:
@@ -542,7 +545,6 @@ def _scatter(x_TD, meta: _Meta, w_TK=None, y_RD=None):
             dwp,
             T,
             D,
-            K,
             x_TD.stride(0),
             x_TD.stride(1),
             out.stride(0),
@@ -551,6 +553,7 @@ def _scatter(x_TD, meta: _Meta, w_TK=None, y_RD=None):
             w_arg.stride(1) if has_w else 0,
             y_arg.stride(0),
             y_arg.stride(1),
+            K,
             has_w,
             cfg["BT"],
             cfg["BD"],
@@ -579,13 +582,13 @@ def _gather(y_RD, meta: _Meta, w_TK=None):
             out,
             T,
             D,
-            K,
             y_RD.stride(0),
             y_RD.stride(1),
             w_arg.stride(0) if has_w else 0,
             w_arg.stride(1) if has_w else 0,
             out.stride(0),
             out.stride(1),
+            K,
             has_w,
             cfg["BT"],
             cfg["BD"],
