@@ -82,8 +82,9 @@ def skip(what: str, why: str) -> None:
         log(f"skipped {msg}")
 
 
-def over_budget() -> bool:
-    return time.time() - T0 > args.budget
+def over_budget(reserve: float = 0.0) -> bool:
+    """Past the --budget, or within ``reserve`` seconds of it."""
+    return time.time() - T0 > args.budget - reserve
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -605,6 +606,9 @@ SWEEP = {
 }
 
 
+LAYER_RESERVE_S = 15.0  # the sweep stops trying tiles this long before the budget: the layer re-time needs it
+
+
 def sweep(kinds):
     """A few tile configs per kernel kind at XL (bf16); prints each time and the best per kind. Under the
     interpreter on CPU it runs a tiny shape: a check of this code, not of speed."""
@@ -670,7 +674,7 @@ def sweep(kinds):
         keys, configs = SWEEP[kind]
         best = None
         for c in configs:
-            if over_budget():
+            if over_budget(reserve=LAYER_RESERVE_S):
                 skip(f"sweep {kind} {c}", "over the time budget")
                 continue
             total = 0.0
