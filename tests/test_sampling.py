@@ -74,5 +74,6 @@ def test_demo_pipeline_end_to_end(tmp_path):
     saved = json.loads((tmp_path / "demo" / "demo_report.json").read_text())
     assert saved == report and report["samples"] == 30
     assert 0.0 <= report["sample_class_accuracy"] <= 1.0 and report["judge_heldout_accuracy"] > 0.9
-    for name in ("samples.png", "expert_utilisation.png", "judge.pt"):
+    pngs = ("samples.png", "expert_utilisation.png", "experts_by_class.png", "experts_by_noise_level.png")
+    for name in (*pngs, "judge.pt"):
         assert (tmp_path / "demo" / name).is_file()

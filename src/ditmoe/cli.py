@@ -1,4 +1,4 @@
-"""The ``ditmoe`` command line: prepare, train, sample, info, demo."""
+"""The ``ditmoe`` command line: prepare, train, export, sample, analyze, info, demo."""
 
 from __future__ import annotations
 
@@ -144,8 +144,10 @@ def cmd_prepare(args) -> int:
         scaling_factor=args.scaling_factor,
     )
     counts = {k: (v["count"], len(v["shards"])) for k, v in manifest["splits"].items()}
-    print(f"wrote {manifest['format']} shards of {manifest['num_classes']} classes to {args.out} "
-          f"(samples, shards per split: {counts}; {len(manifest['skipped'])} unreadable files skipped)")
+    print(
+        f"wrote {manifest['format']} shards of {manifest['num_classes']} classes to {args.out} "
+        f"(samples, shards per split: {counts}; {len(manifest['skipped'])} unreadable files skipped)"
+    )
     return 0
 
 
@@ -162,6 +164,44 @@ def cmd_sample(args) -> int:
     )
     path = save_grid(images, args.out, nrow=args.per_class, upscale=args.upscale)
     print(f"wrote {len(classes)} classes x {args.per_class} samples from {sampler.checkpoint} to {path}")
+    return 0
+
+
+def cmd_analyze(args) -> int:
+    import torch
+
+    from ditmoe.analysis.heatmap import expert_choice_heatmaps
+    from ditmoe.analysis.specialisation import count_expert_choices
+    from ditmoe.data.shards import load_split_tensors
+    from ditmoe.sampling.sample import load_sampler
+
+    if args.max_images < 1:
+        raise ValueError(f"--max-images must be at least 1, got {args.max_images}")
+    sampler = load_sampler(args.ckpt, ema=not args.no_ema)
+    cfg = sampler.model.cfg
+    x, y = load_split_tensors(Path(args.data), args.split)
+    want = (cfg.in_channels, cfg.input_size, cfg.input_size)
+    if tuple(x.shape[1:]) != want:
+        raise ConfigError(
+            f"{args.data} ({args.split}) holds inputs of shape {tuple(x.shape[1:])}; the model in "
+            f"{sampler.checkpoint} takes {want}"
+        )
+    if len(x) > args.max_images:
+        keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(args.seed))[: args.max_images]
+        x, y = x[keep.sort().values], y[keep.sort().values]
+    choices = count_expert_choices(
+        sampler.model, sampler.diffusion, x, y, level_buckets=args.levels, batch_size=args.batch_size, seed=args.seed
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "expert_choices.json").write_text(
+        json.dumps({"checkpoint": str(sampler.checkpoint), "data": args.data, "split": args.split, **choices.to_json()})
+    )
+    plots = expert_choice_heatmaps(choices, out)
+    print(f"routed {choices.images} {args.split} images x {args.levels} noise levels through {sampler.checkpoint}")
+    for layer, (c, e, share, avg) in enumerate(choices.most_specialised()):
+        print(f"  layer {layer:2d}: class {c} sends {share:.0%} of its choices to expert {e} (layer average {avg:.0%})")
+    print(f"wrote {plots[0]}, {plots[1]} and {out / 'expert_choices.json'}")
     return 0
 
 
@@ -184,8 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("prepare", help="write a dataset as webdataset shards")
-    p.add_argument("dataset", choices=["digits", "images"],
-                   help="digits: scikit-learn's embedded 8x8 digits; images: a class-per-folder tree (--src)")
+    p.add_argument(
+        "dataset",
+        choices=["digits", "images"],
+        help="digits: scikit-learn's embedded 8x8 digits; images: a class-per-folder tree (--src)",
+    )
     p.add_argument("--out", required=True)
     p.add_argument("--src", help="images: root folder with one sub-folder of images per class")
     p.add_argument("--image-size", type=int, help="digits: 8/16/32/64 (default 16); images: 256 or 512 (default 256)")
@@ -210,8 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="consolidate a checkpoint (any EP size) into one .safetensors file")
     p.add_argument("ckpt", help="a checkpoint directory, or a run directory (newest checkpoint)")
     p.add_argument("--out", required=True, help="e.g. model.safetensors")
-    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
-                   help="export the EMA weights (default) or, with --no-ema, the raw ones")
+    p.add_argument(
+        "--ema",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="export the EMA weights (default) or, with --no-ema, the raw ones",
+    )
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("sample", help="class-conditional samples from a checkpoint as a PNG grid (one row per class)")
@@ -226,6 +273,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--upscale", type=int, default=1, help="nearest-neighbour upscaling of the grid")
     p.add_argument("--out", default="samples.png")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("analyze", help="expert specialisation of a checkpoint: routing by class and by noise level")
+    p.add_argument("--ckpt", required=True, help="a checkpoint directory, a run directory or an exported file")
+    p.add_argument("--data", required=True, help="a prepared dataset (ditmoe prepare) of the model's input kind")
+    p.add_argument("--split", default="val", help="the dataset split to route (default val)")
+    p.add_argument("--max-images", type=int, default=2000, help="route at most this many images (random subset)")
+    p.add_argument("--levels", type=int, default=10, help="noise-level buckets; each image is routed once per bucket")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="analysis", help="folder for the heatmaps and expert_choices.json")
+    p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("demo", help="prepare digits, train a tiny DiT-MoE, sample, judge and plot (make demo)")
     p.add_argument("--out", default="runs/digits-demo")

@@ -1,4 +1,4 @@
-"""The embedded-digits demo: prepare -> train -> sample with guidance -> judge quality -> plot expert utilisation."""
+"""The embedded-digits demo: prepare -> train -> sample with guidance -> judge quality -> plot what the experts do."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from ditmoe.analysis.heatmap import utilisation_heatmap
-from ditmoe.analysis.routing import measure_utilisation
+from ditmoe.analysis.heatmap import expert_choice_heatmaps, utilisation_heatmap
+from ditmoe.analysis.specialisation import count_expert_choices
 from ditmoe.data.digits import prepare_digits
 from ditmoe.data.shards import load_split_tensors
 from ditmoe.evaluation.digits_judge import (
@@ -78,8 +78,10 @@ def run_demo(
     save_grid(shown, out / "samples.png", nrow=grid_cols, upscale=4)
 
     x_val, y_val = load_split_tensors(data, "val")
-    routing = measure_utilisation(sampler.model, sampler.diffusion, x_val, y_val, seed=seed)
-    utilisation_heatmap(routing.load_fractions(), out / "expert_utilisation.png", "Expert utilisation, held-out digits")
+    choices = count_expert_choices(sampler.model, sampler.diffusion, x_val, y_val, seed=seed)
+    load_LE = choices.shares(choices.by_level_LBE.sum(1))  # all noise levels together
+    utilisation_heatmap(load_LE, out / "expert_utilisation.png", "Expert utilisation, held-out digits")
+    expert_choice_heatmaps(choices, out)
 
     x_train, y_train = load_split_tensors(data, "train")
     judge_path = out / "judge.pt"
@@ -120,3 +122,4 @@ def print_report(report: dict, out: Path) -> None:
         f"(real train digits score {report['real_train_fid_judge_features']:.2f})"
     )
     print(f"  images: {out / 'samples.png'}  {out / 'expert_utilisation.png'}")
+    print(f"  expert specialisation: {out / 'experts_by_class.png'}  {out / 'experts_by_noise_level.png'}")

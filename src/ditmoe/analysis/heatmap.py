@@ -1,4 +1,4 @@
-"""Layers x experts utilisation heatmap (PNG)."""
+"""Heatmaps (PNG): layers x experts utilisation, and expert choice by class and by noise level per layer."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from ditmoe.analysis.specialisation import ExpertChoices  # noqa: E402
 
 
 def utilisation_heatmap(fractions_LE: np.ndarray, path: Path, title: str = "Expert utilisation") -> Path:
@@ -33,3 +35,61 @@ def utilisation_heatmap(fractions_LE: np.ndarray, path: Path, title: str = "Expe
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def choice_heatmaps(shares_LXE: np.ndarray, path: Path, *, row_label: str, row_names: list[str], title: str) -> Path:
+    """One panel per layer: the share of each row's (class's, noise level's) routed tokens per expert, on one colour
+    scale; a column brighter than the rest of its panel is an expert that row leans on."""
+    shares_LXE = np.asarray(shares_LXE, dtype=np.float64)
+    L, X, E = shares_LXE.shape
+    cols = min(L, 4)
+    rows = -(-L // cols)
+    fig, axes = plt.subplots(
+        rows,
+        cols,
+        figsize=(1.2 + cols * (1.2 + 0.3 * E), 0.6 + rows * (0.9 + 0.22 * X)),
+        squeeze=False,
+        sharey=True,
+        layout="constrained",
+    )
+    vmax = max(2.0 / E, float(shares_LXE.max()))
+    step = max(1, X // 12)  # at most ~12 row labels per panel
+    for layer, ax in enumerate(axes.flat):
+        if layer >= L:
+            ax.axis("off")
+            continue
+        im = ax.imshow(shares_LXE[layer], cmap="magma", vmin=0.0, vmax=vmax, aspect="auto", interpolation="nearest")
+        ax.set_title(f"layer {layer}", fontsize=8)
+        ax.set_xticks(range(E), [str(e) for e in range(E)], fontsize=6)
+        ax.set_yticks(range(0, X, step), row_names[::step], fontsize=6)
+        if layer % cols == 0:
+            ax.set_ylabel(row_label, fontsize=7)
+        if layer >= L - cols:
+            ax.set_xlabel("expert", fontsize=7)
+    fig.suptitle(f"{title} (balanced = {1.0 / E:.2f})", fontsize=9)
+    fig.colorbar(im, ax=axes, label="share of routed tokens", shrink=0.8)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def expert_choice_heatmaps(choices: ExpertChoices, out_dir: Path) -> tuple[Path, Path]:
+    """``experts_by_class.png`` and ``experts_by_noise_level.png`` in ``out_dir``."""
+    edges = choices.level_edges
+    by_class = choice_heatmaps(
+        choices.shares(choices.by_class_LCE),
+        Path(out_dir) / "experts_by_class.png",
+        row_label="class",
+        row_names=[str(c) for c in range(choices.by_class_LCE.shape[1])],
+        title="Expert choice by class",
+    )
+    by_level = choice_heatmaps(
+        choices.shares(choices.by_level_LBE),
+        Path(out_dir) / "experts_by_noise_level.png",
+        row_label="noise level",
+        row_names=[f"{lo:.1f}-{hi:.1f}" for lo, hi in zip(edges, edges[1:], strict=False)],
+        title="Expert choice by noise level (0 clean, 1 noise)",
+    )
+    return by_class, by_level

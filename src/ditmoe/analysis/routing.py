@@ -1,4 +1,4 @@
-"""Routing statistics summed over steps or batches, and a measurement pass over held-out data."""
+"""Routing statistics summed over training steps, as loggable numbers."""
 
 from __future__ import annotations
 
@@ -82,16 +82,3 @@ class RoutingAccumulator:
             for e, share in enumerate(row):
                 out[f"moe/layer{layer}/expert{e}"] = float(share)
         return out
-
-
-@torch.no_grad()
-def measure_utilisation(model, diffusion, x_NCHW, y_N, *, batch_size: int = 256, seed: int = 0) -> RoutingAccumulator:
-    """Route noised held-out images (random diffusion times) through ``model``; returns the summed statistics."""
-    gen = torch.Generator().manual_seed(seed)
-    dev = next(model.parameters()).device
-    acc = RoutingAccumulator()
-    for start in range(0, len(x_NCHW), batch_size):
-        x0 = x_NCHW[start : start + batch_size].to(dev)
-        x_t, t_model, _ = diffusion.training_inputs(x0, generator=gen)
-        acc.add(model(x_t, t_model, y_N[start : start + batch_size].to(dev)).routing)
-    return acc

@@ -60,6 +60,12 @@ class Diffusion(Protocol):
         """x0 [B,C,H,W] -> (x_t [B,C,H,W], t_model [B], ctx for ``loss``)."""
         ...
 
+    def noised(
+        self, x0: torch.Tensor, level_B: torch.Tensor, *, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x0 [B,C,H,W] noised at a chosen noise level [B] in [0, 1] (0 clean, 1 pure noise): (x_t, t_model [B])."""
+        ...
+
     def loss(self, pred: torch.Tensor, ctx: Any) -> dict[str, torch.Tensor]:
         """Model prediction [B,C_out,H,W] -> per-sample losses [B]; "loss" is the one to average."""
         ...

@@ -262,6 +262,14 @@ class GaussianDiffusion:
         x_t = self.q_sample(x0, t, noise)
         return x_t, self.model_time(t), DDPMContext(x0=x0, noise=noise, x_t=x_t, t=t)
 
+    def noised(
+        self, x0: torch.Tensor, level_B: torch.Tensor, *, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x0 noised at ``level_B`` in [0, 1] (0: t = 0, 1: t = T - 1; rounded to a step): (x_t, t_model [B])."""
+        t = (level_B.clamp(0, 1) * (self.num_timesteps - 1)).round().long().to(x0.device)
+        noise = randn(x0.shape, dtype=x0.dtype, device=x0.device, generator=generator)
+        return self.q_sample(x0, t, noise), self.model_time(t)
+
     def vb_terms_bpd(
         self,
         model_output: torch.Tensor,

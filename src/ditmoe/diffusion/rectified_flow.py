@@ -75,6 +75,16 @@ class RectifiedFlow:
         x_t = ((1.0 - t_b) * x0.to(dtype) + t_b * noise.to(dtype)).to(x0.dtype)
         return x_t, t, FlowContext(x0=x0, noise=noise, x_t=x_t, t=t)
 
+    def noised(
+        self, x0: torch.Tensor, level_B: torch.Tensor, *, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x0 noised at ``level_B`` in [0, 1] (t itself: 0 data, 1 noise): (x_t, t [B] for the model)."""
+        dtype = compute_dtype(x0.dtype)
+        t = level_B.clamp(0, 1).to(device=x0.device, dtype=dtype)
+        noise = randn(x0.shape, dtype=x0.dtype, device=x0.device, generator=generator)
+        t_b = t.reshape(-1, *([1] * (x0.ndim - 1)))
+        return ((1.0 - t_b) * x0.to(dtype) + t_b * noise.to(dtype)).to(x0.dtype), t
+
     def loss(self, pred: torch.Tensor, ctx: FlowContext) -> dict[str, torch.Tensor]:
         """Per-sample velocity MSE [B] (mean over non-batch dims): {"mse", "loss"} (equal)."""
         v = self._velocity(pred, ctx.x0)

@@ -1,0 +1,124 @@
+"""Expert specialisation analysis: counting routed choices by class and noise level, and ``ditmoe analyze``."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ditmoe.analysis.specialisation import ExpertChoices, count_expert_choices
+from ditmoe.cli import main
+from ditmoe.config import model_config
+from ditmoe.data.digits import prepare_digits
+from ditmoe.diffusion import create_diffusion
+from ditmoe.models.dit import DiTMoE
+from ditmoe.training.config import train_config
+from ditmoe.training.loop import train
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    cfg = model_config("DiT-MoE-micro/2-4E2A", image_size=8, latent=False, num_classes=5)
+    return DiTMoE(cfg).eval()
+
+
+@pytest.mark.parametrize("kind", ["ddpm", "rf"])
+def test_noised_levels_span_clean_to_noise(kind):
+    diffusion = create_diffusion(kind, learn_sigma=False)
+    x0 = torch.randn(3, 2, 4, 4)
+    level = torch.tensor([0.0, 0.5, 1.0])
+    x_t, t = diffusion.noised(x0, level, generator=torch.Generator().manual_seed(0))
+    assert x_t.shape == x0.shape
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    if kind == "ddpm":
+        assert t.tolist() == [0, 500, 999]  # round(level * 999)
+        assert torch.equal(x_t, diffusion.q_sample(x0, t, noise))
+    else:
+        assert t.tolist() == [0.0, 0.5, 1.0]
+        assert torch.equal(x_t[0], x0[0]) and torch.allclose(x_t[2], noise[2])
+
+
+@pytest.mark.parametrize("kind", ["ddpm", "rf"])
+def test_counts_are_the_routers_choices(kind):
+    """One image, one bucket: the counts are exactly the bincount of the experts its tokens chose per layer, under
+    its class; everything else stays zero."""
+    model, diffusion = tiny_model(), create_diffusion(kind, learn_sigma=False)
+    cfg = model.cfg
+    x0, y = torch.randn(1, cfg.in_channels, 8, 8), torch.tensor([3])
+    got = count_expert_choices(model, diffusion, x0, y, level_buckets=1, seed=7, progress=False)
+
+    gen = torch.Generator().manual_seed(7)  # replays the draws: level, then noise
+    level = torch.rand(1, generator=gen, dtype=torch.float64)
+    x_t, t = diffusion.noised(x0, level.float(), generator=gen)
+    with torch.no_grad():
+        routing = model(x_t, t, y).routing
+    E = cfg.moe.num_experts
+    want = np.stack([np.bincount(r.experts_BLK.flatten().numpy(), minlength=E) for r in routing])
+    assert np.array_equal(got.by_class_LCE[:, 3], want)
+    assert got.by_class_LCE[:, [0, 1, 2, 4]].sum() == 0
+    assert np.array_equal(got.by_level_LBE[:, 0], want)
+
+
+def test_count_totals_and_shares():
+    model, diffusion = tiny_model(), create_diffusion("ddpm", learn_sigma=False)
+    cfg = model.cfg
+    N, levels = 11, 4
+    x, y = torch.randn(N, cfg.in_channels, 8, 8), torch.arange(N) % 4  # class 4 never appears
+    got = count_expert_choices(model, diffusion, x, y, level_buckets=levels, batch_size=4, progress=False)
+    L, tokens, K = cfg.depth, cfg.num_tokens, cfg.moe.top_k
+    assert got.by_class_LCE.shape == (L, 5, cfg.moe.num_experts) and got.by_level_LBE.shape[:2] == (L, levels)
+    assert (got.by_level_LBE.sum((1, 2)) == N * levels * tokens * K).all()
+    assert (got.by_level_LBE.sum(2) == N * tokens * K).all()  # every image once per bucket
+    assert np.array_equal(got.by_class_LCE.sum(2)[0], [3 * levels * tokens * K] * 3 + [2 * levels * tokens * K, 0])
+    shares = ExpertChoices.shares(got.by_class_LCE)
+    assert np.allclose(shares[:, :4].sum(-1), 1.0) and (shares[:, 4] == 0).all()
+    assert np.array_equal(got.level_edges, np.linspace(0, 1, levels + 1)) and got.images == N
+    again = count_expert_choices(model, diffusion, x, y, level_buckets=levels, batch_size=4, progress=False)
+    assert np.array_equal(again.by_class_LCE, got.by_class_LCE)  # same seed, same counts
+    assert len(got.most_specialised()) == L
+
+
+def test_count_rejects_bad_input():
+    model, diffusion = tiny_model(), create_diffusion("ddpm", learn_sigma=False)
+    x = torch.randn(2, model.cfg.in_channels, 8, 8)
+    with pytest.raises(ValueError, match=r"\[7\]"):
+        count_expert_choices(model, diffusion, x, torch.tensor([1, 7]), progress=False)
+    with pytest.raises(ValueError, match="level_buckets"):
+        count_expert_choices(model, diffusion, x, torch.tensor([1, 2]), level_buckets=0, progress=False)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("analysis")
+    prepare_digits(root / "data", image_size=16, shard_size=400)
+    train(train_config("digits-smoke", data=str(root / "data"), out=str(root / "run"), steps=2), progress=False)
+    return root
+
+
+def test_analyze_cli_writes_heatmaps_and_counts(run, tmp_path, capsys):
+    out = tmp_path / "ana"
+    argv = ["analyze", "--ckpt", str(run / "run"), "--data", str(run / "data"), "--max-images", "30"]
+    assert main([*argv, "--levels", "3", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "routed 30 val images x 3 noise levels" in text and "layer  0: class" in text
+    saved = json.loads((out / "expert_choices.json").read_text())
+    by_class, by_level = np.array(saved["by_class_LCE"]), np.array(saved["by_level_LBE"])
+    assert by_class.shape[1] == 10 and by_level.shape[1] == 3 and saved["images"] == 30
+    assert (by_class.sum((1, 2)) == by_level.sum((1, 2))).all()
+    for name in ("experts_by_class.png", "experts_by_noise_level.png"):
+        assert Image.open(out / name).size[0] > 300
+
+
+def test_analyze_cli_bad_input_is_one_clear_line(run, tmp_path, capsys):
+    base = ["analyze", "--ckpt", str(run / "run"), "--out", str(tmp_path / "a")]
+    other = tmp_path / "digits8"
+    prepare_digits(other, image_size=8)
+    assert main([*base, "--data", str(other)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "(1, 8, 8)" in err and "(1, 16, 16)" in err and err.count("\n") == 0
+    assert main([*base, "--data", str(run / "data"), "--max-images", "0"]) == 2
+    assert "--max-images must be at least 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()  # nothing written on bad input
