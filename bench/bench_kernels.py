@@ -12,8 +12,8 @@ FLOP arithmetic (R = tokens * top_k permuted rows, D model width, F expert width
 2*M*N*K FLOPs):
     gate/up forward   two GEMMs [R, D] x [D, F]                 4 R D F
     down forward      [R, F] x [F, D]                           2 R D F
-    down dX (dH)      [R, D] x [D, F]                           2 R D F   (+ the SwiGLU backward pass, which
-                                                                          also re-makes h)
+    down dX (dH)      [R, D] x [D, F]                           2 R D F   (+ the SwiGLU backward, which also
+                                                                          re-makes h: a pass, or dH's epilogue)
     gate/up dX        [R, F] x [F, D] twice (summed)            4 R D F
     down dW           per expert [D, R_e] x [R_e, F]            2 R D F
     gate/up dW        per expert [2F, R_e] x [R_e, D]           4 R D F   (one K-reduction over [dgate | dup];
@@ -50,8 +50,8 @@ ap.add_argument("--warmup", type=int, default=3)
 ap.add_argument("--sweep", action="store_true", help="try a few tile configs per kernel kind at XL")
 ap.add_argument(
     "--sweep-kinds",
-    default="swiglu,gmm_dx,dw,gmm,ew,rows,gmm_epi",
-    help="comma list of kinds for --sweep (backward: gmm_dx dw ew; GELU experts: gmm_epi)",
+    default="swiglu,swiglu_bwd,gmm_dx,dw,gmm,ew,rows,gmm_epi",
+    help="comma list of kinds for --sweep (backward: swiglu_bwd gmm_dx dw ew; GELU experts: gmm_epi)",
 )
 ap.add_argument("--budget", type=float, default=300.0, help="seconds; later sections are skipped past it")
 ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -368,11 +368,12 @@ def run_shape(name: str):
                 base_ms=bwd_bytes / (copy_gbps * 1e6),
                 base_name="d2d copy GB/s",
             )
+            fused = ops._config("swiglu_bwd", DTYPE).get("FUSED", 0)
             attempt(
                 shape,
                 "down dX",
-                "triton (dH + swiglu bwd pass)",
-                lambda: ops._swiglu_bwd(ops._gmm(dy, Wd, meta, transpose_w=False), g, u),
+                "triton (dH, swiglu bwd in its epilogue)" if fused else "triton (dH + swiglu bwd pass)",
+                lambda: ops._dh_swiglu_bwd(dy, Wd, g, u, meta),
                 **vs_dense("down dX"),
             )
             dh = ops._gmm(dy, Wd, meta, transpose_w=False)
@@ -601,6 +602,14 @@ SWEEP = {
         ("BO", "BI", "BR", "num_warps", "num_stages"),
         [(128, 128, 32, 4, 4), (128, 128, 32, 4, 5), (128, 256, 32, 8, 4), (128, 128, 64, 8, 4)],
     ),
+    # The SwiGLU backward in dH's epilogue (FUSED = 1) against the plain dH + elementwise pass now in use (FUSED = 0:
+    # the other values then do not apply). Its epilogue works in column quarters: at 128x128 it needs 128 registers
+    # (255 and 700 bytes of spills in one piece, run 2's 0.75 ms), so with TMA and 3 stages two blocks fit per SM;
+    # 128x64 needs 64.
+    "swiglu_bwd": (
+        (*GEMM_KEYS, "FUSED"),
+        [(128, 128, 64, 8, 4, 0, 0), (128, 128, 64, 8, 3, 1, 1), (128, 64, 64, 8, 3, 1, 1), (128, 128, 64, 8, 4, 0, 1)],
+    ),
     "ew": (("BR", "BC", "num_warps"), [(4, 512, 8), (8, 256, 8), (2, 1024, 8), (8, 512, 8)]),
     "rows": (("BT", "BD", "num_warps"), [(16, 256, 8), (16, 128, 4), (8, 256, 4)]),
 }
@@ -663,6 +672,7 @@ def sweep(kinds):
                 lambda: ops._gmm(dy, Wd, meta, transpose_w=False, epi=ops.EPI_GELU_BWD, x0=g),
             ),
         ],
+        "swiglu_bwd": [("down dX", 2 * R * D * F_, None, lambda: ops._dh_swiglu_bwd(dy, Wd, g, u, meta))],
         "ew": [("swiglu bwd pass", None, 6 * R * F_ * el, lambda: ops._swiglu_bwd(dh, g, u))],
         "rows": [("unpermute", None, (R * D + T * D) * el, lambda: ops._gather(dy, meta, probs))],
     }

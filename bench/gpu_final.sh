@@ -14,11 +14,11 @@ run_test_shards 55 \
     "low_precision or ((grouped_mm or permute) and not property)" \
     "experts_fp32 and swiglu" \
     "autocast or dit_moe or (experts_fp32 and gelu)" \
-    "tma or permute_first"
+    "tma or same_bits or fused_swiglu"
 
 say "benchmark: XL, G + tile sweeps incl. TMA (150 s limit)"
 timeout 150 "$PY" -W ignore bench/bench_kernels.py --shapes XL,G,XL-skew --reps 15 --budget 130 \
-    --sweep --sweep-kinds swiglu,gmm_dx,dw,gmm,ew,rows,gmm_epi 2>&1 | grep --line-buffered -v "^  warnings.warn" | tee "$LOGDIR/bench.log"
+    --sweep --sweep-kinds swiglu,swiglu_bwd,gmm_dx,dw,gmm,ew,rows,gmm_epi 2>&1 | grep --line-buffered -v "^  warnings.warn" | tee "$LOGDIR/bench.log"
 say "benchmark exit ${PIPESTATUS[0]}"
 say "training throughput: S/2 and XL/2-8E2A, triton vs torch vs naive (90 s limit)"
 timeout 90 "$PY" -W ignore bench/bench_train.py 2>&1 | tee "$LOGDIR/bench_train.log"

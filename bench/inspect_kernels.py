@@ -37,7 +37,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 from ditmoe_kernels import triton_ops as ops  # noqa: E402
 
 SHAPES = {"S": (384, 1536, 8), "XL": (1152, 4608, 8), "G": (1408, 5632, 16)}  # D, F, E
-KINDS = ("gmm", "gmm_dx", "gmm_epi", "swiglu", "dw", "rows", "ew", "route")
+KINDS = ("gmm", "gmm_dx", "gmm_epi", "swiglu", "swiglu_bwd", "dw", "rows", "ew", "route")
 
 ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 ap.add_argument("--shape", default="XL", choices=sorted(SHAPES))
@@ -147,8 +147,11 @@ def record_layer() -> list:
     y = step("down fwd", ops._gmm, h, Wd, meta, transpose_w=True)
     step("unpermute", ops._gather, y, meta, probs)
     step("unpermute bwd", ops._scatter, x, meta, probs, y)
-    dh = step("down dX: dH", ops._gmm, dy, Wd, meta, transpose_w=False)
-    dgu, hb = step("swiglu bwd pass", ops._swiglu_bwd, dh, g, u)
+    if ops._config("swiglu_bwd", dt).get("FUSED", 0):
+        dgu, hb = step("down dX: dH", ops._dh_swiglu_bwd, dy, Wd, g, u, meta)  # + SwiGLU backward epilogue
+    else:
+        dh = step("down dX: dH", ops._gmm, dy, Wd, meta, transpose_w=False)
+        dgu, hb = step("swiglu bwd pass", ops._swiglu_bwd, dh, g, u)
     step("down dW", ops._gmm_dw, dy, hb, meta)
     xp = step("permute", ops._scatter, x, meta)
     step("gate/up dW", ops._gmm_dw, dgu, xp, meta, split=F)

@@ -19,8 +19,11 @@ Design (see /work/shared/notes/kernels.md):
   re-materialises the activation h from the saved pre-activations (h is not kept from the forward), so the dW of
   the second weight is a plain K-reduction dy^T h: no elementwise work inside any GEMM main loop, where it would
   stall the pipelining. SwiGLU: dH = dy W2 is a plain grouped GEMM and one elementwise pass writes h and
-  [dgate | dup] side by side in one [R, 2F] buffer (fusing that pass into dH's epilogue ran 0.75 vs 0.54 ms at XL,
-  run 2). GELU: the dX GEMM of the second weight runs the backward in its own 128x128-tile epilogue (``gmm_epi``).
+  [dgate | dup] side by side in one [R, 2F] buffer. Fusing that pass into dH's epilogue (kind ``swiglu_bwd``,
+  FUSED = 1) saves writing and re-reading dH. Run 2 timed a fused version at 0.75 vs 0.54 ms (XL): its 128x128
+  epilogue spilled (255 registers) and one block per SM left it unhidden. The epilogue now works in column
+  quarters (128 registers; with TMA and 3 stages two blocks fit per SM); it stays off until the sweep times it.
+  GELU: the dX GEMM of the second weight runs the backward in its own 128x128-tile epilogue (``gmm_epi``).
   The combine is a gather with fp32 accumulation that also yields the routing-weight gradient in backward.
   No atomics anywhere: bitwise deterministic.
 - dW: one program per (expert, O-tile, I-tile) walks the expert's rows in a counted loop of [BR, BO] x [BR, BI]
@@ -92,14 +95,16 @@ def _overridden(kind: str) -> Mapping:
     return _TILE_OVERRIDES.get().get(kind, {})
 
 
-EPI_NONE, EPI_GELU, EPI_GELU_BWD = 0, 1, 2
+EPI_NONE, EPI_GELU, EPI_GELU_BWD, EPI_SWIGLU_BWD = 0, 1, 2, 3
 
 
 def _config(kind: str, dtype: torch.dtype) -> dict:
     """Fixed tile configuration for one kernel kind: ``gmm`` (single-accumulator grouped GEMM without epilogue:
     forward), ``gmm_dx`` (the same for dX GEMMs, B = W[e] untransposed: one- and two-term dX, dH), ``gmm_epi``
     (the same with a GELU epilogue, forward or backward, which loads and stores extra tiles), ``swiglu``
-    (dual-accumulator gate/up GEMM), ``dw`` (per-expert K-reduction: every weight gradient), ``rows``
+    (dual-accumulator gate/up GEMM), ``swiglu_bwd`` (``FUSED`` = 1: the SwiGLU backward runs in the dH GEMM's
+    epilogue, with these tiles; 0: a plain dH on ``gmm_dx`` tiles, then the elementwise pass on ``ew`` tiles),
+    ``dw`` (per-expert K-reduction: every weight gradient), ``rows``
     (permute/combine), ``ew`` (elementwise SwiGLU backward, [BR, BC] tiles), ``route`` (routing metadata).
     ``TMA`` = 1 in a GEMM kind's config loads its tiles through tensor descriptors; ``GATHER`` (``swiglu``,
     ``gmm_epi``; 1 where absent) picks gather-fused or permute-first input (see the module docstring)."""
@@ -109,6 +114,7 @@ def _config(kind: str, dtype: torch.dtype) -> dict:
             "gmm_dx": dict(BM=16, BN=32, BK=32, GROUP_M=4),
             "gmm_epi": dict(BM=16, BN=32, BK=32, GROUP_M=4),
             "swiglu": dict(BM=16, BN=32, BK=32, GROUP_M=4),
+            "swiglu_bwd": dict(BM=16, BN=32, BK=32, GROUP_M=4, FUSED=0),
             "dw": dict(BO=32, BI=32, BR=16, GROUP_M=4),
             "rows": dict(BT=16, BD=64),
             "ew": dict(BR=4, BC=64),
@@ -120,6 +126,7 @@ def _config(kind: str, dtype: torch.dtype) -> dict:
             "gmm_dx": dict(BM=64, BN=64, BK=32, GROUP_M=8, num_warps=4, num_stages=3),
             "gmm_epi": dict(BM=64, BN=64, BK=32, GROUP_M=8, num_warps=4, num_stages=3),
             "swiglu": dict(BM=64, BN=64, BK=32, GROUP_M=8, num_warps=4, num_stages=3),
+            "swiglu_bwd": dict(BM=64, BN=64, BK=32, GROUP_M=8, num_warps=4, num_stages=3, FUSED=0),
             "dw": dict(BO=64, BI=64, BR=32, GROUP_M=8, num_warps=4, num_stages=3),
             "rows": dict(BT=8, BD=128, num_warps=4),
             "ew": dict(BR=2, BC=512, num_warps=4),
@@ -131,12 +138,13 @@ def _config(kind: str, dtype: torch.dtype) -> dict:
         # accumulator with two loaded and two stored tiles spilled: down dX ran at 0.11 of dense).
         # gmm_dx, gmm_epi, dw, rows: winners of the run-2 sweep at XL (bench/results/nvidia-h200-2026-11-26-run2:
         # gate/up dX 689, down dW 665 TFLOP/s; unpermute 2489 GB/s). ew: 2048 elements per program as in run 3.
-        # TMA, GATHER = 0 (permute first): untimed until bench/gpu_final.sh's sweep has run them.
+        # TMA, GATHER = 0 (permute first), swiglu_bwd FUSED = 1: untimed until bench/gpu_final.sh's sweep runs them.
         cfg = {
             "gmm": dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=0),
             "gmm_dx": dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4, TMA=0),
             "gmm_epi": dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4, TMA=0, GATHER=1),
             "swiglu": dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=0, GATHER=1),
+            "swiglu_bwd": dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4, TMA=0, FUSED=0),
             "dw": dict(BO=128, BI=128, BR=32, GROUP_M=8, num_warps=4, num_stages=4),
             "rows": dict(BT=16, BD=256, num_warps=8),
             "ew": dict(BR=4, BC=512, num_warps=8),
@@ -753,7 +761,9 @@ def _gmm_kernel(
     tab_ptr,
     c_ptr,
     c2_ptr,
+    c3_ptr,
     x0_ptr,
+    x1_ptr,
     N,
     Kdim,
     NMB,
@@ -795,7 +805,9 @@ def _gmm_kernel(
     B[e] is addressed as a [Kdim, N] matrix through strides, so the forward (B = W[e]^T) and dX (B = W[e]) share
     this kernel. GATHER: A row r is token ``tok[r]`` of A (A is x itself, never permuted). C and C2 share strides.
     EPI_GELU: C = gelu(z), C2 = z.  EPI_GELU_BWD: X0 = z, C = acc * gelu'(z), C2 = gelu(z) (the activation the
-    forward produced, for the dW of the second weight).
+    forward produced, for the dW of the second weight). EPI_SWIGLU_BWD (acc = dH): X0 = g, X1 = u; C = dgate,
+    C2 = dup, C3 = h = silu(g) * u, the math of ``_swiglu_bwd_kernel`` on dH rounded to C's dtype (the same bits as
+    the separate pass); X0, X1 and C3 share strides.
     """
     e, rs, n0, rows, rmask, offs_n, nmask = _group_block(tab_ptr, NMB, N, BM, BN, GROUP_M)
     if e < 0:
@@ -806,6 +818,9 @@ def _gmm_kernel(
         tl.store(c_ptr + c_off, tl.zeros([BM, BN], c_ptr.dtype.element_ty), mask=cmask)
         if HAS_C2:
             tl.store(c2_ptr + c_off, tl.zeros([BM, BN], c2_ptr.dtype.element_ty), mask=cmask)
+        if EPI == 3:
+            x_off = rows[:, None] * s_x0r + offs_n[None, :] * s_x0n
+            tl.store(c3_ptr + x_off, tl.zeros([BM, BN], c3_ptr.dtype.element_ty), mask=cmask)
         return
     e64 = e.to(tl.int64)
     b_row0 = e * (N if B_T else Kdim)
@@ -875,6 +890,47 @@ def _gmm_kernel(
         z = tl.load(x0_ptr + rows[:, None] * s_x0r + offs_n[None, :] * s_x0n, mask=cmask, other=0.0).to(tl.float32)
         tl.store(c2_ptr + c_off, _to(_gelu_tanh(z), c2_ptr.dtype.element_ty), mask=cmask)
         tl.store(c_ptr + c_off, _to(acc * _gelu_tanh_grad(z), c_ptr.dtype.element_ty), mask=cmask)
+    if EPI == 3:
+        # In column quarters, so that a quarter of the epilogue's loaded and computed tiles is live at a time: at
+        # 128x128 the whole tile at once needed 255 registers and spilled 700 bytes (sm_90), quarters need 128.
+        left, right = _halves(acc)
+        _swiglu_bwd_two(left, rows, rmask, n0, N, c_ptr, c2_ptr, c3_ptr, x0_ptr, x1_ptr, s_cr, s_cn, s_x0r, s_x0n)
+        n1 = n0 + BN // 2
+        _swiglu_bwd_two(right, rows, rmask, n1, N, c_ptr, c2_ptr, c3_ptr, x0_ptr, x1_ptr, s_cr, s_cn, s_x0r, s_x0n)
+
+
+@triton.jit
+def _halves(t):
+    """The left and right column halves of a 2-D tile."""
+    M: tl.constexpr = t.shape[0]
+    W: tl.constexpr = t.shape[1] // 2
+    return tl.split(tl.permute(tl.reshape(t, (M, 2, W)), (0, 2, 1)))
+
+
+@triton.jit
+def _swiglu_bwd_two(acc, rows, rmask, n0, N, c_ptr, c2_ptr, c3_ptr, x0_ptr, x1_ptr, s_cr, s_cn, s_xr, s_xn):
+    """``_swiglu_bwd_tile`` on the two column halves of ``acc`` in turn."""
+    W: tl.constexpr = acc.shape[1] // 2
+    left, right = _halves(acc)
+    _swiglu_bwd_tile(left, rows, rmask, n0, N, c_ptr, c2_ptr, c3_ptr, x0_ptr, x1_ptr, s_cr, s_cn, s_xr, s_xn)
+    _swiglu_bwd_tile(right, rows, rmask, n0 + W, N, c_ptr, c2_ptr, c3_ptr, x0_ptr, x1_ptr, s_cr, s_cn, s_xr, s_xn)
+
+
+@triton.jit
+def _swiglu_bwd_tile(acc, rows, rmask, n0, N, c_ptr, c2_ptr, c3_ptr, x0_ptr, x1_ptr, s_cr, s_cn, s_xr, s_xn):
+    """EPI_SWIGLU_BWD on one [BM, W] tile of dH (fp32) whose columns start at n0: C = dgate, C2 = dup, C3 = h."""
+    offs_n = n0 + tl.arange(0, acc.shape[1])
+    m = rmask[:, None] & (offs_n < N)[None, :]
+    x_off = rows[:, None] * s_xr + offs_n[None, :] * s_xn
+    dh = _to(acc, c_ptr.dtype.element_ty).to(tl.float32)
+    g = tl.load(x0_ptr + x_off, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(x1_ptr + x_off, mask=m, other=0.0).to(tl.float32)
+    sg = _sigmoid(g)
+    silu = g * sg
+    tl.store(c3_ptr + x_off, _to(silu * u, c3_ptr.dtype.element_ty), mask=m)
+    c_off = rows[:, None] * s_cr + offs_n[None, :] * s_cn
+    tl.store(c_ptr + c_off, _to(dh * u * (sg + silu * (1.0 - sg)), c_ptr.dtype.element_ty), mask=m)
+    tl.store(c2_ptr + c_off, _to(dh * silu, c2_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -1081,13 +1137,15 @@ def _gmm(
     a2=None,
     w2=None,
     x0=None,
+    x1=None,
     out_dtype=None,
 ):
     """Grouped GEMM over the plan's expert groups.
 
     transpose_w=True (forward): C = A @ W[e]^T, W [E, N, Kdim]. False (dX): C = A @ W[e], W [E, Kdim, N].
     gather: A is [T, Kdim] and row r reads token ``sorted_flat[r] // K``. Returns C, [R, N] (rows of dropped
-    pairs are zero), or for the GELU epilogues a pair: EPI_GELU (h, z), EPI_GELU_BWD (dz, h).
+    pairs are zero), or for the epilogues a pair: EPI_GELU (h, z), EPI_GELU_BWD (dz, h), EPI_SWIGLU_BWD (dGU, h)
+    with dGU = [dgate | dup] ([R, 2N]) from x0 = g, x1 = u.
     """
     E = w.shape[0]
     if transpose_w:
@@ -1100,13 +1158,19 @@ def _gmm(
         s_b2k, s_b2n = (_s(w2, 1), _s(w2, 2))
     dtype = out_dtype or a.dtype
     R = meta.R
-    c = torch.empty(R, N, dtype=dtype, device=a.device)
+    c3 = None
+    if epi == EPI_SWIGLU_BWD:
+        dgu = torch.empty(R, 2 * N, dtype=dtype, device=a.device)
+        c, c2, c3 = dgu[:, :N], dgu[:, N:], torch.empty_like(x0)
+        result = (dgu, c3)
+    else:
+        c = torch.empty(R, N, dtype=dtype, device=a.device)
+        c2 = torch.empty_like(c) if epi != EPI_NONE else c
+        result = (c, c2) if epi != EPI_NONE else c
     has_c2 = epi != EPI_NONE
-    c2 = torch.empty_like(c) if has_c2 else c
-    result = (c, c2) if has_c2 else c
     if R == 0 or N == 0:
         return result
-    kind = "gmm_epi" if epi != EPI_NONE else ("gmm" if transpose_w else "gmm_dx")
+    kind = {EPI_NONE: "gmm" if transpose_w else "gmm_dx", EPI_SWIGLU_BWD: "swiglu_bwd"}.get(epi, "gmm_epi")
     cfg = _config(kind, a.dtype)
     BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
     if N % BN and N % (BN // 2) == 0 and BN >= 256 and "BN" not in _overridden(kind):
@@ -1137,7 +1201,9 @@ def _gmm(
         tab,
         c,
         c2,
+        c3 if c3 is not None else dummy,
         x0 if x0 is not None else dummy,
+        x1 if x1 is not None else dummy,
         N,
         Kdim,
         nmb,
@@ -1219,6 +1285,16 @@ def _expert_input(x_TD: torch.Tensor, meta: _Meta, kind: str) -> tuple[torch.Ten
     if _config(kind, x_TD.dtype).get("GATHER", 1):
         return x_TD, True
     return _scatter(x_TD, meta), False
+
+
+def _dh_swiglu_bwd(dy, w_down, g, u, meta: _Meta):
+    """(dGU [R, 2F] = [dgate | dup], h [R, F]) from dy and the saved pre-activations: dH = dy W_down in a grouped
+    GEMM whose epilogue runs the SwiGLU backward (``swiglu_bwd`` FUSED = 1), or a plain dH GEMM and then the
+    elementwise pass (0). Both give the same bits."""
+    if _config("swiglu_bwd", dy.dtype).get("FUSED", 0):
+        g, u = g.contiguous(), u.contiguous()
+        return _gmm(dy, w_down, meta, transpose_w=False, epi=EPI_SWIGLU_BWD, x0=g, x1=u)
+    return _swiglu_bwd(_gmm(dy, w_down, meta, transpose_w=False), g, u)
 
 
 def _gmm_swiglu(a, w_gate, w_up, meta: _Meta, *, gather: bool):
@@ -1402,9 +1478,9 @@ class _SwigluExperts(torch.autograd.Function):
         meta = ctx.meta
         F = g.shape[1]
         dy, dw_TK = _scatter(dout_TD.to(y.dtype), meta, w_TK, y)
-        # dH = dy W_down, then the SwiGLU backward makes [dgate | dup] and re-materialises h = silu(g) * u (not
-        # kept from the forward: only g and u are saved), so the down dW is a plain K-reduction dy^T h.
-        dgu, h = _swiglu_bwd(_gmm(dy, w_down, meta, transpose_w=False), g, u)
+        # dH = dy W_down and the SwiGLU backward make [dgate | dup] and re-materialise h = silu(g) * u (not kept
+        # from the forward: only g and u are saved), so the down dW is a plain K-reduction dy^T h.
+        dgu, h = _dh_swiglu_bwd(dy, w_down, g, u, meta)
         dw_down = _gmm_dw(dy, h, meta)[0] if ctx.needs_input_grad[4] else None
         del h
         dw_gate = dw_up = dx = None

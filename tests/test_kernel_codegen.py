@@ -1,6 +1,6 @@
 """The Triton kernels compile for Hopper (sm_90) on any machine, and every grouped GEMM uses wgmma with a
 software-pipelined main loop: ``bench/inspect_kernels.py --check`` for the default tiles, with TMA on, and with TMA on
-and x permuted before the first expert GEMM (``GATHER`` = 0)."""
+plus the other tile options (x permuted before the first expert GEMM, the SwiGLU backward fused into dH)."""
 
 from __future__ import annotations
 
@@ -24,26 +24,31 @@ def _ptxas_available() -> bool:
 
 
 @pytest.mark.skipif(not _ptxas_available(), reason="this Triton build has no NVIDIA backend / bundled ptxas")
-@pytest.mark.parametrize("mode", ["pointer-loads", "tma", "tma-permute-first"])
+@pytest.mark.parametrize("mode", ["pointer-loads", "tma", "tma-options"])
 def test_gemm_kernels_compile_pipelined_for_sm90(mode):
-    tma, permute_first = mode != "pointer-loads", mode == "tma-permute-first"
+    tma, options = mode != "pointer-loads", mode == "tma-options"
     cmd = [sys.executable, "-W", "ignore", str(REPO / "bench" / "inspect_kernels.py"), "--check"]
     if tma:
-        for kind in ("gmm", "gmm_dx", "gmm_epi", "swiglu"):
+        for kind in ("gmm", "gmm_dx", "gmm_epi", "swiglu", "swiglu_bwd"):
             cmd += ["--set", f"{kind}.TMA=1"]
-    if permute_first:
-        cmd += ["--set", "swiglu.GATHER=0", "--set", "gmm_epi.GATHER=0"]
+    if options:
+        cmd += ["--set", "swiglu.GATHER=0", "--set", "gmm_epi.GATHER=0", "--set", "swiglu_bwd.FUSED=1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = {}
+    rows, ops = {}, set()
     for line in proc.stdout.splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]
-        if len(cells) == 14 and cells[1].startswith("_gmm"):
-            rows[cells[0]] = cells
+        if len(cells) == 14:
+            ops.add(cells[0])
+            if cells[1].startswith("_gmm"):
+                rows[cells[0]] = cells
     assert {"gate/up fwd", "down fwd", "down dX: dH", "gate/up dX", "down dW", "gate/up dW"} <= set(rows), rows
     cp_async = {op: int(cells[10]) for op, cells in rows.items()}
     tma_loads = {op: int(cells[11]) for op, cells in rows.items()}
     for op in ("gate/up fwd", "down fwd", "down dX: dH", "gate/up dX"):  # weights through descriptors iff TMA is on
         assert (tma_loads[op] > 0) == tma, (op, tma_loads[op])
     for op in ("gate/up fwd", "gelu fc1 fwd"):  # a gathered A takes pointer loads; a permuted copy goes through TMA
-        assert (cp_async[op] == 0) == permute_first, (op, cp_async[op])
+        assert (cp_async[op] == 0) == options, (op, cp_async[op])
+    assert ("swiglu bwd pass" in ops) != options  # fused: dH's epilogue does the pass's work
+    spills = [int(x) for x in rows["down dX: dH"][6].split("/")]
+    assert spills == [0, 0], rows["down dX: dH"]

@@ -359,7 +359,7 @@ def test_dw_split_halves():
         ops._gmm_dw(a, b, meta, split=7)
 
 
-TMA_ON = {kind: {"TMA": 1} for kind in ("gmm", "gmm_dx", "gmm_epi", "swiglu")}
+TMA_ON = {kind: {"TMA": 1} for kind in ("gmm", "gmm_dx", "gmm_epi", "swiglu", "swiglu_bwd")}
 TMA_CASES = [
     (37, 2, 5, 64, 96, 9, (3,)),  # widths multiples of BK (the dX weights go through TMA too), drops, empty expert
     (37, 2, 5, 40, 72, None, ()),  # widths not multiples of BK: forward weights and A rows only
@@ -390,31 +390,64 @@ def _layer_out_and_grads(act, inputs, plan):
     return [out, *grads]
 
 
-@pytest.mark.parametrize("act", ["swiglu", "gelu"])
+# Tile options that change how the work is done but must not change a bit of the result.
+SAME_BITS = {
+    "permute-first": {"swiglu": {"GATHER": 0}, "gmm_epi": {"GATHER": 0}},
+    "fused-swiglu-bwd": {"swiglu_bwd": {"FUSED": 1}},
+}
+SAME_BITS_CASES = [
+    ("permute-first", "swiglu", 0),
+    ("permute-first", "gelu", 0),
+    ("fused-swiglu-bwd", "swiglu", 0),
+    ("fused-swiglu-bwd", "swiglu", 1),  # F = 72: the last column quarter of a tile is partly outside
+]
+
+
 @pytest.mark.parametrize("tma", [False, True], ids=["pointer-loads", "tma"])
-def test_permute_first_same_bits(act, tma, monkeypatch):
-    """Permuting x before the first expert GEMM (``GATHER`` = 0; with TMA its A tiles come through a descriptor)
-    gives the gather-fused output and every gradient bit for bit, with drops and an empty expert, and costs no
-    extra permute pass: the backward reuses the copy instead of permuting x again."""
-    T, K, E, D, F, cap, empty = TMA_CASES[0]
+@pytest.mark.parametrize("option,act,case", SAME_BITS_CASES)
+def test_tile_options_give_the_same_bits(option, act, case, tma, monkeypatch):
+    """permute-first (``GATHER`` = 0: x is permuted before the first expert GEMM, whose A tiles then come through
+    TMA when it is on) and fused-swiglu-bwd (``swiglu_bwd`` FUSED = 1: the SwiGLU backward in dH's epilogue, in
+    column quarters) give the default path's output and every gradient bit for bit, with drops and an empty
+    expert. Permute-first costs no extra permute pass: the backward reuses the copy instead of permuting x again."""
+    T, K, E, D, F, cap, empty = TMA_CASES[case]
     plan = ops.routing_plan(make_experts(T, K, E, seed=5, empty=empty, skew=0.2), E, cap)
     scatters = []
     real = ops._scatter
     monkeypatch.setattr(ops, "_scatter", lambda *a, **kw: scatters.append(len(a) + len(kw)) or real(*a, **kw))
-    tiles = {kind: {"TMA": int(tma)} for kind in ("gmm", "gmm_dx", "gmm_epi", "swiglu")}
+    tiles = {kind: {"TMA": int(tma)} for kind in ("gmm", "gmm_dx", "gmm_epi", "swiglu", "swiglu_bwd")}
+    changed = {kind: {**tiles.get(kind, {}), **opts} for kind, opts in SAME_BITS[option].items()}
     for dtype in [torch.float32, torch.bfloat16] if tma else [torch.float32]:
         inputs = _expert_inputs(T, K, E, D, F, act, dtype, False, 0)
         with ops.tile_overrides(**tiles):
             scatters.clear()
-            gathered = _layer_out_and_grads(act, inputs, plan)
-            n_gathered = list(scatters)
-        tiles_first = {kind: {**tiles[kind], "GATHER": 0} for kind in tiles}
-        with ops.tile_overrides(**tiles_first):
+            want = _layer_out_and_grads(act, inputs, plan)
+            n_default = sorted(scatters)
+        with ops.tile_overrides(**{**tiles, **changed}):
             scatters.clear()
-            first = _layer_out_and_grads(act, inputs, plan)
-            assert sorted(scatters) == sorted(n_gathered), (scatters, n_gathered)
-        for name, a, b in zip(["out", *NAMES[act]], first, gathered, strict=True):
-            assert torch.equal(a, b), f"{name} ({dtype}) differs between permute-first and gather-fused"
+            got = _layer_out_and_grads(act, inputs, plan)
+            assert sorted(scatters) == n_default, (scatters, n_default)
+        for name, a, b in zip(["out", *NAMES[act]], got, want, strict=True):
+            assert torch.equal(a, b), f"{name} ({dtype}) differs with {option}"
+
+
+def test_fused_swiglu_bwd_writes_what_the_pass_writes():
+    """dH with the SwiGLU backward in its epilogue returns the separate pass's [dgate | dup] and h, bit for bit, and
+    zeros for dropped pairs; 4 x 8-column quarters per interpreter tile, the last one partly past F."""
+    T, K, E, D, F = 29, 2, 4, 24, 44
+    plan = ops.routing_plan(make_experts(T, K, E, seed=2, empty=(1,)), E, 10)  # capacity 10: drops
+    meta = ops._meta(plan)
+    dy = randn(T * K, D, seed=3, dtype=torch.float32)
+    w_down = randn(E, D, F, seed=4, dtype=torch.float32)
+    g, u = randn(T * K, F, seed=5, dtype=torch.float32, scale=3.0), randn(T * K, F, seed=6, dtype=torch.float32)
+    kept = plan.counts_E.sum().item()
+    g[kept:], u[kept:] = 0, 0  # the forward stores zeros for dropped rows
+    want = ops._swiglu_bwd(ops._gmm(dy, w_down, meta, transpose_w=False), g, u)
+    with ops.tile_overrides(swiglu_bwd={"FUSED": 1}):
+        got = ops._dh_swiglu_bwd(dy, w_down, g, u, meta)
+    for name, a, b in zip(["dgu", "h"], got, want, strict=True):
+        assert a.shape == b.shape and torch.equal(a, b), name
+    assert kept < T * K and torch.count_nonzero(got[0][kept:]) == 0 and torch.count_nonzero(got[1][kept:]) == 0
 
 
 def test_tma_falls_back_where_tma_cannot_address():
