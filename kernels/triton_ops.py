@@ -886,17 +886,14 @@ def _gmm_kernel(
         z = _to(acc, c2_ptr.dtype.element_ty)
         tl.store(c2_ptr + c_off, z, mask=cmask)
         tl.store(c_ptr + c_off, _to(_gelu_tanh(z.to(tl.float32)), c_ptr.dtype.element_ty), mask=cmask)
-    if EPI == 2:
-        z = tl.load(x0_ptr + rows[:, None] * s_x0r + offs_n[None, :] * s_x0n, mask=cmask, other=0.0).to(tl.float32)
-        tl.store(c2_ptr + c_off, _to(_gelu_tanh(z), c2_ptr.dtype.element_ty), mask=cmask)
-        tl.store(c_ptr + c_off, _to(acc * _gelu_tanh_grad(z), c_ptr.dtype.element_ty), mask=cmask)
-    if EPI == 3:
-        # In column quarters, so that a quarter of the epilogue's loaded and computed tiles is live at a time: at
-        # 128x128 the whole tile at once needed 255 registers and spilled 700 bytes (sm_90), quarters need 128.
+    if EPI >= 2:
+        # The backward epilogues load and store extra tiles; they work in column quarters so that a quarter of
+        # them is live at a time. At 128x128 (sm_90) the SwiGLU one needed 255 registers and spilled 700 bytes in
+        # one piece, 128 in quarters; the GELU one 255 and 20 bytes of spills, 121 in quarters.
         left, right = _halves(acc)
-        _swiglu_bwd_two(left, rows, rmask, n0, N, c_ptr, c2_ptr, c3_ptr, x0_ptr, x1_ptr, s_cr, s_cn, s_x0r, s_x0n)
+        _epi_two(left, EPI, rows, rmask, n0, N, c_ptr, c2_ptr, c3_ptr, x0_ptr, x1_ptr, s_cr, s_cn, s_x0r, s_x0n)
         n1 = n0 + BN // 2
-        _swiglu_bwd_two(right, rows, rmask, n1, N, c_ptr, c2_ptr, c3_ptr, x0_ptr, x1_ptr, s_cr, s_cn, s_x0r, s_x0n)
+        _epi_two(right, EPI, rows, rmask, n1, N, c_ptr, c2_ptr, c3_ptr, x0_ptr, x1_ptr, s_cr, s_cn, s_x0r, s_x0n)
 
 
 @triton.jit
@@ -908,29 +905,38 @@ def _halves(t):
 
 
 @triton.jit
-def _swiglu_bwd_two(acc, rows, rmask, n0, N, c_ptr, c2_ptr, c3_ptr, x0_ptr, x1_ptr, s_cr, s_cn, s_xr, s_xn):
-    """``_swiglu_bwd_tile`` on the two column halves of ``acc`` in turn."""
+def _epi_two(acc, EPI: tl.constexpr, rows, rmask, n0, N, c_ptr, c2_ptr, c3_ptr, x0_ptr, x1_ptr, s_cr, s_cn, s_xr, s_xn):
+    """``_epi_tile`` on the two column halves of ``acc`` in turn."""
     W: tl.constexpr = acc.shape[1] // 2
     left, right = _halves(acc)
-    _swiglu_bwd_tile(left, rows, rmask, n0, N, c_ptr, c2_ptr, c3_ptr, x0_ptr, x1_ptr, s_cr, s_cn, s_xr, s_xn)
-    _swiglu_bwd_tile(right, rows, rmask, n0 + W, N, c_ptr, c2_ptr, c3_ptr, x0_ptr, x1_ptr, s_cr, s_cn, s_xr, s_xn)
+    _epi_tile(left, EPI, rows, rmask, n0, N, c_ptr, c2_ptr, c3_ptr, x0_ptr, x1_ptr, s_cr, s_cn, s_xr, s_xn)
+    _epi_tile(right, EPI, rows, rmask, n0 + W, N, c_ptr, c2_ptr, c3_ptr, x0_ptr, x1_ptr, s_cr, s_cn, s_xr, s_xn)
 
 
 @triton.jit
-def _swiglu_bwd_tile(acc, rows, rmask, n0, N, c_ptr, c2_ptr, c3_ptr, x0_ptr, x1_ptr, s_cr, s_cn, s_xr, s_xn):
-    """EPI_SWIGLU_BWD on one [BM, W] tile of dH (fp32) whose columns start at n0: C = dgate, C2 = dup, C3 = h."""
+def _epi_tile(
+    acc, EPI: tl.constexpr, rows, rmask, n0, N, c_ptr, c2_ptr, c3_ptr, x0_ptr, x1_ptr, s_cr, s_cn, s_xr, s_xn
+):
+    """A backward epilogue on one [BM, W] fp32 tile whose columns start at n0 (see ``_gmm_kernel``).
+    EPI_GELU_BWD: C = acc * gelu'(z), C2 = gelu(z) from X0 = z. EPI_SWIGLU_BWD: C = dgate, C2 = dup, C3 = h from
+    dH = acc rounded to C's dtype, X0 = g and X1 = u."""
     offs_n = n0 + tl.arange(0, acc.shape[1])
     m = rmask[:, None] & (offs_n < N)[None, :]
     x_off = rows[:, None] * s_xr + offs_n[None, :] * s_xn
-    dh = _to(acc, c_ptr.dtype.element_ty).to(tl.float32)
-    g = tl.load(x0_ptr + x_off, mask=m, other=0.0).to(tl.float32)
-    u = tl.load(x1_ptr + x_off, mask=m, other=0.0).to(tl.float32)
-    sg = _sigmoid(g)
-    silu = g * sg
-    tl.store(c3_ptr + x_off, _to(silu * u, c3_ptr.dtype.element_ty), mask=m)
     c_off = rows[:, None] * s_cr + offs_n[None, :] * s_cn
-    tl.store(c_ptr + c_off, _to(dh * u * (sg + silu * (1.0 - sg)), c_ptr.dtype.element_ty), mask=m)
-    tl.store(c2_ptr + c_off, _to(dh * silu, c2_ptr.dtype.element_ty), mask=m)
+    if EPI == 2:
+        z = tl.load(x0_ptr + x_off, mask=m, other=0.0).to(tl.float32)
+        tl.store(c2_ptr + c_off, _to(_gelu_tanh(z), c2_ptr.dtype.element_ty), mask=m)
+        tl.store(c_ptr + c_off, _to(acc * _gelu_tanh_grad(z), c_ptr.dtype.element_ty), mask=m)
+    if EPI == 3:
+        dh = _to(acc, c_ptr.dtype.element_ty).to(tl.float32)
+        g = tl.load(x0_ptr + x_off, mask=m, other=0.0).to(tl.float32)
+        u = tl.load(x1_ptr + x_off, mask=m, other=0.0).to(tl.float32)
+        sg = _sigmoid(g)
+        silu = g * sg
+        tl.store(c3_ptr + x_off, _to(silu * u, c3_ptr.dtype.element_ty), mask=m)
+        tl.store(c_ptr + c_off, _to(dh * u * (sg + silu * (1.0 - sg)), c_ptr.dtype.element_ty), mask=m)
+        tl.store(c2_ptr + c_off, _to(dh * silu, c2_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
