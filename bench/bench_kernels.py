@@ -584,13 +584,29 @@ SWEEP = {
             (128, 64, 64, 8, 3, 1, 0),
         ],
     ),
+    # PERSIST = 1: one program per SM loops over the used tiles, and with TMA the compiler flattens tile and K loops
+    # into one pipelined loop, so the next tile's loads overlap this tile's epilogue (the two-term gate/up dX keeps
+    # two K loops and is only persistent). Pointer loads need ~170 registers that way; TMA ~110.
     "gmm": (
-        GEMM_KEYS,
-        [(128, 128, 64, 8, 3, 0), (128, 128, 64, 8, 3, 1), (128, 128, 64, 8, 4, 1), (128, 256, 64, 8, 3, 1)],
+        (*GEMM_KEYS, "PERSIST"),
+        [
+            (128, 128, 64, 8, 3, 0, 0),
+            (128, 128, 64, 8, 3, 1, 0),
+            (128, 128, 64, 8, 4, 1, 0),
+            (128, 256, 64, 8, 3, 1, 0),
+            (128, 128, 64, 8, 3, 1, 1),
+            (128, 256, 64, 8, 3, 1, 1),
+        ],
     ),
     "gmm_dx": (
-        GEMM_KEYS,
-        [(128, 128, 64, 8, 4, 0), (128, 128, 64, 8, 4, 1), (128, 128, 64, 8, 3, 1), (128, 256, 64, 8, 3, 1)],
+        (*GEMM_KEYS, "PERSIST"),
+        [
+            (128, 128, 64, 8, 4, 0, 0),
+            (128, 128, 64, 8, 4, 1, 0),
+            (128, 128, 64, 8, 3, 1, 0),
+            (128, 256, 64, 8, 3, 1, 0),
+            (128, 128, 64, 8, 3, 1, 1),
+        ],
     ),
     # GELU experts (upcycled dense DiT): the backward epilogue works in column quarters (121 registers at 128x128, no
     # spills; 102 with TMA); 128x64 fits two blocks per SM.
@@ -607,8 +623,14 @@ SWEEP = {
     # (255 and 700 bytes of spills in one piece, run 2's 0.75 ms), so with TMA and 3 stages two blocks fit per SM;
     # 128x64 needs 64.
     "swiglu_bwd": (
-        (*GEMM_KEYS, "FUSED"),
-        [(128, 128, 64, 8, 4, 0, 0), (128, 128, 64, 8, 3, 1, 1), (128, 64, 64, 8, 3, 1, 1), (128, 128, 64, 8, 4, 0, 1)],
+        (*GEMM_KEYS, "PERSIST", "FUSED"),
+        [
+            (128, 128, 64, 8, 4, 0, 0, 0),
+            (128, 128, 64, 8, 3, 1, 0, 1),
+            (128, 64, 64, 8, 3, 1, 0, 1),
+            (128, 128, 64, 8, 4, 0, 0, 1),
+            (128, 128, 64, 8, 3, 1, 1, 1),
+        ],
     ),
     "ew": (("BR", "BC", "num_warps"), [(4, 512, 8), (8, 256, 8), (2, 1024, 8), (8, 512, 8)]),
     "rows": (("BT", "BD", "num_warps"), [(16, 256, 8), (16, 128, 4), (8, 256, 4)]),

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Short GPU check (H100/H200), about 7 minutes: CUDA kernel tests for the key shards (6 in parallel, 75 s), then the
+# Short GPU check (H100/H200), about 7 minutes: CUDA kernel tests for the key shards (7 in parallel, 75 s), then the
 # kernel benchmark at XL, G and XL with one expert at 2x load, with a tile sweep of every kind (TMA on and off for the
 # GEMMs), then whole training steps (bench_train.py: S/2 and XL/2, our kernels vs the torch reference vs the official
 # loop). Logs and JSON go to $OUT (else bench/results/). megatron-core rows need megatron importable (or a carried
@@ -11,11 +11,12 @@ source "$(dirname "$0")/gpu_common.sh"
 
 run_test_shards 75 \
     "medium_cuda or bitwise or no_host_sync or swiglu_bwd_pass or dw_split" \
-    "low_precision or ((grouped_mm or permute) and not property)" \
+    "low_precision or ((grouped_mm or permute) and not property and not same_bits)" \
     "experts_fp32 and swiglu" \
     "autocast or dit_moe or (experts_fp32 and gelu)" \
     "tma and not same_bits" \
-    "same_bits or fused_swiglu"
+    "same_bits and pointer" \
+    "(same_bits and tma) or fused_swiglu"
 
 say "benchmark: XL, G + tile sweeps incl. TMA (200 s limit)"
 timeout 200 "$PY" -W ignore bench/bench_kernels.py --shapes XL,G,XL-skew --reps 15 --budget 180 \

@@ -9,7 +9,10 @@ Design (see /work/shared/notes/kernels.md):
   the second pass places kept pairs per expert in flat order and dropped pairs in a sentinel group E at the end.
 - Grouped GEMMs launch a static grid over ``cdiv(R, BM) + E + 1`` M-blocks (the upper bound) x N-tiles. A block
   table computed on device gives each M-block one group (expert) and its row range: indices are padded, tensors
-  are not. The sentinel group's blocks write zeros (dropped rows), unused blocks exit at once.
+  are not. The sentinel group's blocks write zeros (dropped rows), unused blocks do no work. Tile key ``PERSIST``
+  (kinds ``gmm``, ``gmm_dx``, ``gmm_epi``, ``swiglu_bwd``) launches PERSIST programs per SM instead, which loop
+  over the used tiles (the table also holds their count); every tile then runs the same K loop, so the compiler
+  flattens tile and K loops into one pipelined loop whose loads for the next tile overlap this tile's epilogue.
 - The first expert GEMM gathers its A rows through the permutation (an int32 token table ``sorted_flat // K``
   computed once per plan): no permuted copy of x. Tile key ``GATHER`` = 0 (kinds ``swiglu``, ``gmm_epi``) permutes
   x first instead: the GEMM's A tiles can then load through TMA, and the backward reuses the copy for the first
@@ -106,7 +109,8 @@ def _config(kind: str, dtype: torch.dtype) -> dict:
     epilogue, with these tiles; 0: a plain dH on ``gmm_dx`` tiles, then the elementwise pass on ``ew`` tiles),
     ``dw`` (per-expert K-reduction: every weight gradient), ``rows``
     (permute/combine), ``ew`` (elementwise SwiGLU backward, [BR, BC] tiles), ``route`` (routing metadata).
-    ``TMA`` = 1 in a GEMM kind's config loads its tiles through tensor descriptors; ``GATHER`` (``swiglu``,
+    ``TMA`` = 1 in a GEMM kind's config loads its tiles through tensor descriptors; ``PERSIST`` > 0 launches that
+    many persistent programs per SM (not ``swiglu``); ``GATHER`` (``swiglu``,
     ``gmm_epi``; 1 where absent) picks gather-fused or permute-first input (see the module docstring)."""
     if INTERPRET:
         cfg = {
@@ -138,13 +142,14 @@ def _config(kind: str, dtype: torch.dtype) -> dict:
         # accumulator with two loaded and two stored tiles spilled: down dX ran at 0.11 of dense).
         # gmm_dx, gmm_epi, dw, rows: winners of the run-2 sweep at XL (bench/results/nvidia-h200-2026-11-26-run2:
         # gate/up dX 689, down dW 665 TFLOP/s; unpermute 2489 GB/s). ew: 2048 elements per program as in run 3.
-        # TMA, GATHER = 0 (permute first), swiglu_bwd FUSED = 1: untimed until bench/gpu_final.sh's sweep runs them.
+        # TMA, PERSIST, GATHER = 0 (permute first), swiglu_bwd FUSED = 1: untimed until bench/gpu_final.sh's sweep
+        # runs them.
         cfg = {
-            "gmm": dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=0),
-            "gmm_dx": dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4, TMA=0),
-            "gmm_epi": dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4, TMA=0, GATHER=1),
+            "gmm": dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=0, PERSIST=0),
+            "gmm_dx": dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4, TMA=0, PERSIST=0),
+            "gmm_epi": dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4, TMA=0, PERSIST=0, GATHER=1),
             "swiglu": dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=0, GATHER=1),
-            "swiglu_bwd": dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4, TMA=0, FUSED=0),
+            "swiglu_bwd": dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4, TMA=0, PERSIST=0, FUSED=0),
             "dw": dict(BO=128, BI=128, BR=32, GROUP_M=8, num_warps=4, num_stages=4),
             "rows": dict(BT=16, BD=256, num_warps=8),
             "ew": dict(BR=4, BC=512, num_warps=8),
@@ -285,8 +290,9 @@ def _route_rank_kernel(
 
 @triton.jit
 def _block_table_kernel(offsets_ptr, tab_ptr, R, NB, NMB, BM: tl.constexpr, NB_PAD: tl.constexpr, CH: tl.constexpr):
-    """M-block -> (group, row start, row end). Groups are the E experts and the sentinel (dropped rows); unused
-    blocks get group -1. One program; reads the offsets on device."""
+    """M-block -> (group, row start, row end), and after the 3 x NMB entries the number of used blocks. Groups are
+    the E experts and the sentinel (dropped rows), in that order; unused blocks come last, with group -1. One
+    program; reads the offsets on device."""
     g = tl.arange(0, NB_PAD)
     gm = g < NB
     start = tl.load(offsets_ptr + g, mask=gm, other=0).to(tl.int32)
@@ -295,6 +301,7 @@ def _block_table_kernel(offsets_ptr, tab_ptr, R, NB, NMB, BM: tl.constexpr, NB_P
     nblk = (cnt + BM - 1) // BM
     cum = tl.cumsum(nblk, 0)
     first = cum - nblk
+    tl.store(tab_ptr + 3 * NMB, tl.sum(nblk, 0))
     for b0 in range(0, NMB, CH):
         b = b0 + tl.arange(0, CH)
         grp = tl.sum((cum[None, :] <= b[:, None]).to(tl.int32), 1)
@@ -403,7 +410,7 @@ class _Meta:
     def table(self, BM: int) -> tuple[torch.Tensor, int]:
         if BM not in self._tables:
             nmb = triton.cdiv(self.R, BM) + self.E + 1
-            tab = torch.empty(3, nmb, dtype=torch.int32, device=self.offsets.device)
+            tab = torch.empty(3 * nmb + 1, dtype=torch.int32, device=self.offsets.device)
             nb = self.E + 1
             _block_table_kernel[(1,)](self.offsets, tab, self.R, nb, nmb, BM, triton.next_power_of_2(nb), 64)
             self._tables[BM] = (tab, nmb)
@@ -667,10 +674,11 @@ def _tile(pid, num_m, N, BN: tl.constexpr, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _group_block(tab_ptr, NMB, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
-    """This program's output tile of a grouped GEMM: group ``e`` (-1: unused block, E: dropped rows), its first row
-    and column, its row indices (int64) and N offsets, with their masks, read from the block table."""
-    pid_m, pid_n = _tile(tl.program_id(0), NMB, N, BN, GROUP_M)
+def _group_block(tile, tab_ptr, NMB, num_m, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """Output tile ``tile`` of a grouped GEMM over the first ``num_m`` of the table's NMB M-blocks: group ``e``
+    (-1: unused block, E: dropped rows), its first row and column, its row indices (int64) and N offsets, with
+    their masks, read from the block table."""
+    pid_m, pid_n = _tile(tile, num_m, N, BN, GROUP_M)
     e = tl.load(tab_ptr + pid_m)
     rs = tl.load(tab_ptr + NMB + pid_m)
     re = tl.load(tab_ptr + 2 * NMB + pid_m)
@@ -788,7 +796,7 @@ def _gmm_kernel(
     TWO_TERMS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     EPI: tl.constexpr,
-    HAS_C2: tl.constexpr,
+    PERSIST: tl.constexpr,
     TMA_A: tl.constexpr,
     TMA_B: tl.constexpr,
     B_T: tl.constexpr,
@@ -809,19 +817,191 @@ def _gmm_kernel(
     C2 = dup, C3 = h = silu(g) * u, the math of ``_swiglu_bwd_kernel`` on dH rounded to C's dtype (the same bits as
     the separate pass); X0, X1 and C3 share strides.
     """
-    e, rs, n0, rows, rmask, offs_n, nmask = _group_block(tab_ptr, NMB, N, BM, BN, GROUP_M)
-    if e < 0:
-        return
+    if PERSIST:
+        # Used blocks only (unused ones come last in the table), so every iteration runs the full K loop: a trip
+        # count that varies by tile stops the compiler from flattening the two loops into one pipelined loop.
+        used = tl.load(tab_ptr + 3 * NMB)
+        for tile in tl.range(tl.program_id(0), used * tl.cdiv(N, BN), tl.num_programs(0), flatten=True):
+            _gmm_tile(
+                tile,
+                used,
+                a_ptr,
+                tok_ptr,
+                b_ptr,
+                a2_ptr,
+                b2_ptr,
+                a_desc,
+                b_desc,
+                a2_desc,
+                b2_desc,
+                bias_ptr,
+                tab_ptr,
+                c_ptr,
+                c2_ptr,
+                c3_ptr,
+                x0_ptr,
+                x1_ptr,
+                N,
+                Kdim,
+                NMB,
+                NUM_E,
+                s_ar,
+                s_ak,
+                s_a2r,
+                s_a2k,
+                s_be,
+                s_bk,
+                s_bn,
+                s_b2e,
+                s_b2k,
+                s_b2n,
+                s_biase,
+                s_biasn,
+                s_cr,
+                s_cn,
+                s_x0r,
+                s_x0n,
+                GATHER,
+                TWO_TERMS,
+                HAS_BIAS,
+                EPI,
+                TMA_A,
+                TMA_B,
+                B_T,
+                UPCAST,
+                PREC,
+                EVEN_K,
+                BM,
+                BN,
+                BK,
+                GROUP_M,
+                True,
+            )
+    else:
+        _gmm_tile(
+            tl.program_id(0),
+            NMB,
+            a_ptr,
+            tok_ptr,
+            b_ptr,
+            a2_ptr,
+            b2_ptr,
+            a_desc,
+            b_desc,
+            a2_desc,
+            b2_desc,
+            bias_ptr,
+            tab_ptr,
+            c_ptr,
+            c2_ptr,
+            c3_ptr,
+            x0_ptr,
+            x1_ptr,
+            N,
+            Kdim,
+            NMB,
+            NUM_E,
+            s_ar,
+            s_ak,
+            s_a2r,
+            s_a2k,
+            s_be,
+            s_bk,
+            s_bn,
+            s_b2e,
+            s_b2k,
+            s_b2n,
+            s_biase,
+            s_biasn,
+            s_cr,
+            s_cn,
+            s_x0r,
+            s_x0n,
+            GATHER,
+            TWO_TERMS,
+            HAS_BIAS,
+            EPI,
+            TMA_A,
+            TMA_B,
+            B_T,
+            UPCAST,
+            PREC,
+            EVEN_K,
+            BM,
+            BN,
+            BK,
+            GROUP_M,
+            False,
+        )
+
+
+@triton.jit
+def _gmm_tile(
+    tile,
+    num_m,
+    a_ptr,
+    tok_ptr,
+    b_ptr,
+    a2_ptr,
+    b2_ptr,
+    a_desc,
+    b_desc,
+    a2_desc,
+    b2_desc,
+    bias_ptr,
+    tab_ptr,
+    c_ptr,
+    c2_ptr,
+    c3_ptr,
+    x0_ptr,
+    x1_ptr,
+    N,
+    Kdim,
+    NMB,
+    NUM_E,
+    s_ar,
+    s_ak,
+    s_a2r,
+    s_a2k,
+    s_be,
+    s_bk,
+    s_bn,
+    s_b2e,
+    s_b2k,
+    s_b2n,
+    s_biase,
+    s_biasn,
+    s_cr,
+    s_cn,
+    s_x0r,
+    s_x0n,
+    GATHER: tl.constexpr,
+    TWO_TERMS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    EPI: tl.constexpr,
+    TMA_A: tl.constexpr,
+    TMA_B: tl.constexpr,
+    B_T: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PREC: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    PERSIST: tl.constexpr,
+):
+    """One output tile of ``_gmm_kernel``, numbered over the table's first ``num_m`` M-blocks. No early exits, so
+    that a persistent loop can flatten over it: an unused block (e = -1) masks every row; the dropped rows' block
+    (e = E) contributes a zero accumulator, so C gets zeros there (its epilogue inputs, the pre-activations of
+    dropped rows, are zeros the forward wrote)."""
+    e, rs, n0, rows, rmask, offs_n, nmask = _group_block(tile, tab_ptr, NMB, num_m, N, BM, BN, GROUP_M)
+    live = (e >= 0) & (e < NUM_E)
+    # PERSIST: a K loop the same length for every tile (see _gmm_kernel); the dropped rows' products are discarded
+    k_len = Kdim if PERSIST else tl.where(live, Kdim, 0)
+    e = tl.where(live, e, 0)  # a valid expert for addressing (the dropped rows' block reads expert 0 only if PERSIST)
     cmask = rmask[:, None] & nmask[None, :]
     c_off = rows[:, None] * s_cr + offs_n[None, :] * s_cn
-    if e == NUM_E:  # dropped rows: zeros
-        tl.store(c_ptr + c_off, tl.zeros([BM, BN], c_ptr.dtype.element_ty), mask=cmask)
-        if HAS_C2:
-            tl.store(c2_ptr + c_off, tl.zeros([BM, BN], c2_ptr.dtype.element_ty), mask=cmask)
-        if EPI == 3:
-            x_off = rows[:, None] * s_x0r + offs_n[None, :] * s_x0n
-            tl.store(c3_ptr + x_off, tl.zeros([BM, BN], c3_ptr.dtype.element_ty), mask=cmask)
-        return
     e64 = e.to(tl.int64)
     b_row0 = e * (N if B_T else Kdim)
     acc = tl.zeros([BM, BN], tl.float32)
@@ -842,7 +1022,7 @@ def _gmm_kernel(
         offs_n,
         nmask,
         rmask,
-        Kdim,
+        k_len,
         TMA_A and not GATHER,
         TMA_B,
         B_T,
@@ -869,7 +1049,7 @@ def _gmm_kernel(
             offs_n,
             nmask,
             rmask,
-            Kdim,
+            k_len,
             TMA_A,
             TMA_B,
             B_T,
@@ -878,8 +1058,11 @@ def _gmm_kernel(
             EVEN_K,
             BK,
         )
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + e64 * s_biase + offs_n * s_biasn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    if PERSIST:
+        acc = tl.where(live, acc, 0.0)
+    if HAS_BIAS:  # not on dropped rows
+        bias = tl.load(bias_ptr + e64 * s_biase + offs_n * s_biasn, mask=nmask, other=0.0).to(tl.float32)
+        acc += tl.where(live, bias, 0.0)[None, :]
     if EPI == 0:
         tl.store(c_ptr + c_off, _to(acc, c_ptr.dtype.element_ty), mask=cmask)
     if EPI == 1:
@@ -981,7 +1164,7 @@ def _gmm_swiglu_kernel(
     H = silu(G) * U. G and U are stored (rounded to the output dtype) for backward; H is computed from the rounded
     values so the backward can recompute it bit for bit. TMA_A: A tiles through a descriptor over the permuted copy
     from the block's first row (as in ``_mainloop``); TMA_B: weight tiles through descriptors over W as [E*N, Kdim]."""
-    e, rs, n0, rows, rmask, offs_n, nmask = _group_block(tab_ptr, NMB, N, BM, BN, GROUP_M)
+    e, rs, n0, rows, rmask, offs_n, nmask = _group_block(tl.program_id(0), tab_ptr, NMB, NMB, N, BM, BN, GROUP_M)
     if e < 0:
         return
     cmask = rmask[:, None] & nmask[None, :]
@@ -1112,6 +1295,13 @@ def _s(t, i):
     return t.stride(i) if t is not None else 0
 
 
+def _persistent_programs(device: torch.device, per_sm: int) -> int:
+    """Programs of a persistent launch: ``per_sm`` per SM (3 under the interpreter, so tiles are shared out)."""
+    if INTERPRET:
+        return 3
+    return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _tma_desc(t: torch.Tensor, block: list[int]) -> TensorDescriptor | None:
     """A TMA descriptor over ``t`` as one 2-D matrix ([E, X, Y] -> [E*X, Y]) loading ``block`` tiles, or None where
     TMA cannot address it: rows that do not flatten, a last stride other than 1, a base or row stride not 16-byte
@@ -1173,7 +1363,6 @@ def _gmm(
         c = torch.empty(R, N, dtype=dtype, device=a.device)
         c2 = torch.empty_like(c) if epi != EPI_NONE else c
         result = (c, c2) if epi != EPI_NONE else c
-    has_c2 = epi != EPI_NONE
     if R == 0 or N == 0:
         return result
     kind = {EPI_NONE: "gmm" if transpose_w else "gmm_dx", EPI_SWIGLU_BWD: "swiglu_bwd"}.get(epi, "gmm_epi")
@@ -1192,7 +1381,9 @@ def _gmm(
         a_descs = _tma_descs([(t, [BM, BK]) for t in (a, a2) if t is not None])
     a_desc, a2_desc = (a_descs + [a])[:2] if a_descs else (a, a)  # tensors stand in where unused
     b_desc, b2_desc = (b_descs + [w])[:2] if b_descs else (w, w)
-    grid = (nmb * triton.cdiv(N, BN),)
+    tiles = nmb * triton.cdiv(N, BN)
+    persist = bool(cfg.get("PERSIST"))
+    grid = (min(tiles, _persistent_programs(a.device, cfg["PERSIST"])) if persist else tiles,)
     _gmm_kernel[grid](
         a,
         meta.tok() if gather else dummy,
@@ -1234,7 +1425,7 @@ def _gmm(
         a2 is not None,
         bias is not None,
         epi,
-        has_c2,
+        persist,
         a_descs is not None,
         b_descs is not None,
         transpose_w,

@@ -1,6 +1,7 @@
 """The Triton kernels compile for Hopper (sm_90) on any machine, and every grouped GEMM uses wgmma with a
 software-pipelined main loop: ``bench/inspect_kernels.py --check`` for the default tiles, with TMA on, and with TMA on
-plus the other tile options (x permuted before the first expert GEMM, the SwiGLU backward fused into dH)."""
+plus the other tile options (x permuted before the first expert GEMM, the SwiGLU backward fused into dH, persistent
+programs)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ def test_gemm_kernels_compile_pipelined_for_sm90(mode):
             cmd += ["--set", f"{kind}.TMA=1"]
     if options:
         cmd += ["--set", "swiglu.GATHER=0", "--set", "gmm_epi.GATHER=0", "--set", "swiglu_bwd.FUSED=1"]
+        for kind in ("gmm", "gmm_dx", "gmm_epi", "swiglu_bwd"):
+            cmd += ["--set", f"{kind}.PERSIST=1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows, ops = {}, set()

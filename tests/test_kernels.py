@@ -394,12 +394,21 @@ def _layer_out_and_grads(act, inputs, plan):
 SAME_BITS = {
     "permute-first": {"swiglu": {"GATHER": 0}, "gmm_epi": {"GATHER": 0}},
     "fused-swiglu-bwd": {"swiglu_bwd": {"FUSED": 1}},
+    "persistent": {
+        "gmm": {"PERSIST": 1},
+        "gmm_dx": {"PERSIST": 1},
+        "gmm_epi": {"PERSIST": 1},
+        "swiglu_bwd": {"PERSIST": 1, "FUSED": 1},
+    },
 }
 SAME_BITS_CASES = [
     ("permute-first", "swiglu", 0),
     ("permute-first", "gelu", 0),
     ("fused-swiglu-bwd", "swiglu", 0),
     ("fused-swiglu-bwd", "swiglu", 1),  # F = 72: the last column quarter of a tile is partly outside
+    ("persistent", "swiglu", 0),  # 3 programs share the tiles out (interpreter), incl. the dropped rows' blocks
+    ("persistent", "swiglu", 2),  # E = 64
+    ("persistent", "gelu", 0),
 ]
 
 
@@ -407,9 +416,10 @@ SAME_BITS_CASES = [
 @pytest.mark.parametrize("option,act,case", SAME_BITS_CASES)
 def test_tile_options_give_the_same_bits(option, act, case, tma, monkeypatch):
     """permute-first (``GATHER`` = 0: x is permuted before the first expert GEMM, whose A tiles then come through
-    TMA when it is on) and fused-swiglu-bwd (``swiglu_bwd`` FUSED = 1: the SwiGLU backward in dH's epilogue, in
-    column quarters) give the default path's output and every gradient bit for bit, with drops and an empty
-    expert. Permute-first costs no extra permute pass: the backward reuses the copy instead of permuting x again."""
+    TMA when it is on), fused-swiglu-bwd (``swiglu_bwd`` FUSED = 1: the SwiGLU backward in dH's epilogue, in
+    column quarters) and persistent (``PERSIST``: a few programs loop over the used tiles) give the default path's
+    output and every gradient bit for bit, with drops and an empty expert. Permute-first costs no extra permute
+    pass: the backward reuses the copy instead of permuting x again."""
     T, K, E, D, F, cap, empty = TMA_CASES[case]
     plan = ops.routing_plan(make_experts(T, K, E, seed=5, empty=empty, skew=0.2), E, cap)
     scatters = []
