@@ -817,70 +817,15 @@ def _gmm_kernel(
     C2 = dup, C3 = h = silu(g) * u, the math of ``_swiglu_bwd_kernel`` on dH rounded to C's dtype (the same bits as
     the separate pass); X0, X1 and C3 share strides.
     """
-    if PERSIST:
-        # Used blocks only (unused ones come last in the table), so every iteration runs the full K loop: a trip
-        # count that varies by tile stops the compiler from flattening the two loops into one pipelined loop.
-        used = tl.load(tab_ptr + 3 * NMB)
-        for tile in tl.range(tl.program_id(0), used * tl.cdiv(N, BN), tl.num_programs(0), flatten=True):
-            _gmm_tile(
-                tile,
-                used,
-                a_ptr,
-                tok_ptr,
-                b_ptr,
-                a2_ptr,
-                b2_ptr,
-                a_desc,
-                b_desc,
-                a2_desc,
-                b2_desc,
-                bias_ptr,
-                tab_ptr,
-                c_ptr,
-                c2_ptr,
-                c3_ptr,
-                x0_ptr,
-                x1_ptr,
-                N,
-                Kdim,
-                NMB,
-                NUM_E,
-                s_ar,
-                s_ak,
-                s_a2r,
-                s_a2k,
-                s_be,
-                s_bk,
-                s_bn,
-                s_b2e,
-                s_b2k,
-                s_b2n,
-                s_biase,
-                s_biasn,
-                s_cr,
-                s_cn,
-                s_x0r,
-                s_x0n,
-                GATHER,
-                TWO_TERMS,
-                HAS_BIAS,
-                EPI,
-                TMA_A,
-                TMA_B,
-                B_T,
-                UPCAST,
-                PREC,
-                EVEN_K,
-                BM,
-                BN,
-                BK,
-                GROUP_M,
-                True,
-            )
-    else:
+    # PERSIST: loop over the used blocks only (unused ones come last in the table), every tile running the full K
+    # loop (a trip count that varies by tile stops the compiler from flattening the two loops into one pipelined
+    # loop). Otherwise one tile per program.
+    num_m = tl.load(tab_ptr + 3 * NMB) if PERSIST else NMB
+    stop = num_m * tl.cdiv(N, BN) if PERSIST else tl.program_id(0) + 1
+    for tile in tl.range(tl.program_id(0), stop, tl.num_programs(0) if PERSIST else 1, flatten=PERSIST):
         _gmm_tile(
-            tl.program_id(0),
-            NMB,
+            tile,
+            num_m,
             a_ptr,
             tok_ptr,
             b_ptr,
@@ -931,7 +876,7 @@ def _gmm_kernel(
             BN,
             BK,
             GROUP_M,
-            False,
+            PERSIST,
         )
 
 
