@@ -82,8 +82,11 @@ def test_sigusr1_saves_requeues_and_the_requeued_job_finishes(cluster, digits, t
         _wait(lambda: ckpt_io.committed_steps(out / "checkpoints"), 240, "the first checkpoint", log)
         subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True, timeout=30)  # as at the time limit
         _wait(lambda: _job_field(job_id, "Restarts") == "1", 240, "the job to be requeued", log)
-        # SLURM makes a requeued job eligible only two minutes later; not needed here
+        # SLURM makes a requeued job eligible only two minutes later; not needed here. But not within the second of
+        # the requeue either: slurmd takes a credential issued in that second for the revoked one of the first run
+        # and kills the job ("Job credential revoked", seen once when the requeue and the release were 0.2 s apart).
         _wait(lambda: _job_field(job_id, "JobState") == "PENDING", 120, "the job to be pending again", log)
+        time.sleep(2)
         subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True, timeout=30)
         _wait(lambda: _job_field(job_id, "JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 420,
               "the requeued job to finish", log)
