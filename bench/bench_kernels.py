@@ -343,11 +343,11 @@ def run_shape(name: str):
             attempt(shape, "routing", "triton", lambda: ops.routing_plan(experts_TK, E))
             attempt(shape, "permute", "triton", lambda: ops._scatter(x, meta), **vs_copy())
             h, g, u = first_gemm(x, (Wg, Wu), meta, "swiglu")
-            fused = "gather" if ops._config("swiglu", DTYPE).get("GATHER", 1) else "permute first"
+            first_input = "gather" if ops._config("swiglu", DTYPE).get("GATHER", 1) else "permute first"
             attempt(
                 shape,
                 "gate/up fwd",
-                f"triton ({fused}+swiglu)",
+                f"triton ({first_input}+swiglu)",
                 lambda: first_gemm(x, (Wg, Wu), meta, "swiglu"),
                 **vs_dense("gate/up fwd"),
             )
@@ -568,8 +568,8 @@ GEMM_KEYS = ("BM", "BN", "BK", "num_warps", "num_stages", "TMA")
 SWEEP = {
     # kind: (tile keys, candidates; the first is what runs now at XL). A kind that serves several ops is timed on
     # each of them and judged by their summed time. TMA = 1: weight tiles (and A tiles where A is not gathered)
-    # through tensor descriptors. From bench/inspect_kernels.py (sm_90): TMA cuts registers (gate/up dX 174 -> 107,
-    # dH 124 -> 98), so with 3 stages (96 KiB) two blocks fit on an SM where the pointer-load tiles fit one. The
+    # through tensor descriptors. From bench/inspect_kernels.py (sm_90): TMA cuts registers (gate/up dX 142 -> 90,
+    # dH 120 -> 90), so with 3 stages (96 KiB) two blocks fit on an SM where the pointer-load tiles fit one. The
     # SwiGLU GEMM at 128x128 needs 185-223 registers (one block per SM, tensor cores idle in its heavy epilogue);
     # at 128x64 it needs 128, and two blocks fit. GATHER = 0 permutes x first (timed here with the permute; in the
     # layer the backward then skips its own): A tiles through TMA too, 101 registers at 128x64.

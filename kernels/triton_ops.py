@@ -107,11 +107,11 @@ def _config(kind: str, dtype: torch.dtype) -> dict:
     (the same with a GELU epilogue, forward or backward, which loads and stores extra tiles), ``swiglu``
     (dual-accumulator gate/up GEMM), ``swiglu_bwd`` (``FUSED`` = 1: the SwiGLU backward runs in the dH GEMM's
     epilogue, with these tiles; 0: a plain dH on ``gmm_dx`` tiles, then the elementwise pass on ``ew`` tiles),
-    ``dw`` (per-expert K-reduction: every weight gradient), ``rows``
-    (permute/combine), ``ew`` (elementwise SwiGLU backward, [BR, BC] tiles), ``route`` (routing metadata).
-    ``TMA`` = 1 in a GEMM kind's config loads its tiles through tensor descriptors; ``PERSIST`` > 0 launches that
-    many persistent programs per SM (not ``swiglu``); ``GATHER`` (``swiglu``,
-    ``gmm_epi``; 1 where absent) picks gather-fused or permute-first input (see the module docstring)."""
+    ``dw`` (per-expert K-reduction: every weight gradient), ``rows`` (permute/combine), ``ew`` (elementwise SwiGLU
+    backward, [BR, BC] tiles), ``route`` (routing metadata). ``TMA`` = 1 in a GEMM kind's config loads its tiles
+    through tensor descriptors; ``PERSIST`` > 0 launches that many persistent programs per SM (not ``swiglu``);
+    ``GATHER`` (``swiglu``, ``gmm_epi``; 1 where absent) picks gather-fused or permute-first input (see the module
+    docstring)."""
     if INTERPRET:
         cfg = {
             "gmm": dict(BM=16, BN=32, BK=32, GROUP_M=4),
@@ -662,6 +662,15 @@ def _gelu_tanh_grad(z):
 
 
 @triton.jit
+def _swiglu_grads(dh, g, u):
+    """fp32 SwiGLU backward from dH and the pre-activations: (h = silu(g) * u, dgate = dH * u * silu'(g),
+    dup = dH * silu(g)). The one formula of the elementwise pass and of dH's fused epilogue: the same bits."""
+    s = _sigmoid(g)
+    silu = g * s
+    return silu * u, dh * u * (s + silu * (1.0 - s)), dh * silu
+
+
+@triton.jit
 def _tile(pid, num_m, N, BN: tl.constexpr, GROUP_M: tl.constexpr):
     """Grouped (L2-friendly) order: GROUP_M M-blocks share each N-tile sweep."""
     num_n = tl.cdiv(N, BN)
@@ -1060,11 +1069,10 @@ def _epi_tile(
         dh = _to(acc, c_ptr.dtype.element_ty).to(tl.float32)
         g = tl.load(x0_ptr + x_off, mask=m, other=0.0).to(tl.float32)
         u = tl.load(x1_ptr + x_off, mask=m, other=0.0).to(tl.float32)
-        sg = _sigmoid(g)
-        silu = g * sg
-        tl.store(c3_ptr + x_off, _to(silu * u, c3_ptr.dtype.element_ty), mask=m)
-        tl.store(c_ptr + c_off, _to(dh * u * (sg + silu * (1.0 - sg)), c_ptr.dtype.element_ty), mask=m)
-        tl.store(c2_ptr + c_off, _to(dh * silu, c2_ptr.dtype.element_ty), mask=m)
+        h, dgate, dup = _swiglu_grads(dh, g, u)
+        tl.store(c3_ptr + x_off, _to(h, c3_ptr.dtype.element_ty), mask=m)
+        tl.store(c_ptr + c_off, _to(dgate, c_ptr.dtype.element_ty), mask=m)
+        tl.store(c2_ptr + c_off, _to(dup, c2_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -1398,12 +1406,11 @@ def _swiglu_bwd_kernel(dh_ptr, g_ptr, u_ptr, dgu_ptr, h_ptr, R, F, s_r, s_gur, B
     dh = tl.load(dh_ptr + off, mask=m, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + off, mask=m, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + off, mask=m, other=0.0).to(tl.float32)
-    s = _sigmoid(g)
-    silu = g * s
-    tl.store(h_ptr + off, _to(silu * u, h_ptr.dtype.element_ty), mask=m)
+    h, dgate, dup = _swiglu_grads(dh, g, u)
+    tl.store(h_ptr + off, _to(h, h_ptr.dtype.element_ty), mask=m)
     gu_off = r[:, None] * s_gur + c[None, :]
-    tl.store(dgu_ptr + gu_off, _to(dh * u * (s + silu * (1.0 - s)), dgu_ptr.dtype.element_ty), mask=m)
-    tl.store(dgu_ptr + gu_off + F, _to(dh * silu, dgu_ptr.dtype.element_ty), mask=m)
+    tl.store(dgu_ptr + gu_off, _to(dgate, dgu_ptr.dtype.element_ty), mask=m)
+    tl.store(dgu_ptr + gu_off + F, _to(dup, dgu_ptr.dtype.element_ty), mask=m)
 
 
 def _swiglu_bwd(dh, g, u):

@@ -187,8 +187,8 @@ def cmd_analyze(args) -> int:
             f"{sampler.checkpoint} takes {want}"
         )
     if len(x) > args.max_images:
-        keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(args.seed))[: args.max_images]
-        x, y = x[keep.sort().values], y[keep.sort().values]
+        keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(args.seed))[: args.max_images].sort()
+        x, y = x[keep.values], y[keep.values]
     choices = count_expert_choices(
         sampler.model, sampler.diffusion, x, y, level_buckets=args.levels, batch_size=args.batch_size, seed=args.seed
     )

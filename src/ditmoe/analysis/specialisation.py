@@ -76,7 +76,8 @@ def count_expert_choices(
     dev = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     edges = np.linspace(0.0, 1.0, level_buckets + 1)
-    by_class = by_level = None
+    by_class = torch.zeros(cfg.depth, C, E, dtype=torch.int64)  # one MoE layer per block
+    by_level = torch.zeros(cfg.depth, level_buckets, E, dtype=torch.int64)
     batches = [(s, min(s + batch_size, len(x_NCHW))) for s in range(0, len(x_NCHW), batch_size)]
     with tqdm(total=len(batches) * level_buckets, disable=not progress, desc="routing", unit="batch") as bar:
         for start, stop in batches:
@@ -89,9 +90,6 @@ def count_expert_choices(
                 per_image = torch.stack(
                     [torch.nn.functional.one_hot(r.experts_BLK.flatten(1), E).sum(1).cpu() for r in routing]
                 )
-                if by_class is None:
-                    by_class = torch.zeros(len(routing), C, E, dtype=torch.int64)
-                    by_level = torch.zeros(len(routing), level_buckets, E, dtype=torch.int64)
                 by_class.index_add_(1, y, per_image)
                 by_level[:, b] += per_image.sum(1)
                 bar.update()

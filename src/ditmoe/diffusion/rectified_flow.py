@@ -71,19 +71,22 @@ class RectifiedFlow:
         dtype = compute_dtype(x0.dtype)
         t = torch.sigmoid(randn((total,), dtype=dtype, device=x0.device, generator=generator))[keep]
         noise = randn((total, *x0.shape[1:]), dtype=x0.dtype, device=x0.device, generator=generator)[keep]
-        t_b = t.reshape(-1, *([1] * (x0.ndim - 1)))
-        x_t = ((1.0 - t_b) * x0.to(dtype) + t_b * noise.to(dtype)).to(x0.dtype)
+        x_t = self._interpolate(x0, noise, t)
         return x_t, t, FlowContext(x0=x0, noise=noise, x_t=x_t, t=t)
 
     def noised(
         self, x0: torch.Tensor, level_B: torch.Tensor, *, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x0 noised at ``level_B`` in [0, 1] (t itself: 0 data, 1 noise): (x_t, t [B] for the model)."""
-        dtype = compute_dtype(x0.dtype)
-        t = level_B.clamp(0, 1).to(device=x0.device, dtype=dtype)
+        t = level_B.clamp(0, 1).to(device=x0.device, dtype=compute_dtype(x0.dtype))
         noise = randn(x0.shape, dtype=x0.dtype, device=x0.device, generator=generator)
-        t_b = t.reshape(-1, *([1] * (x0.ndim - 1)))
-        return ((1.0 - t_b) * x0.to(dtype) + t_b * noise.to(dtype)).to(x0.dtype), t
+        return self._interpolate(x0, noise, t), t
+
+    @staticmethod
+    def _interpolate(x0: torch.Tensor, noise: torch.Tensor, t_B: torch.Tensor) -> torch.Tensor:
+        """x_t = (1 - t) x0 + t noise, in the compute dtype of t, returned in x0's dtype."""
+        t_b = t_B.reshape(-1, *([1] * (x0.ndim - 1)))
+        return ((1.0 - t_b) * x0.to(t_B.dtype) + t_b * noise.to(t_B.dtype)).to(x0.dtype)
 
     def loss(self, pred: torch.Tensor, ctx: FlowContext) -> dict[str, torch.Tensor]:
         """Per-sample velocity MSE [B] (mean over non-batch dims): {"mse", "loss"} (equal)."""
