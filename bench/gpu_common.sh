@@ -55,18 +55,22 @@ run_test_shards() {
         return
     fi
     say "kernel tests on CUDA ($# shards in parallel, $limit s limit)"
-    local shards=("$@") pids=() i rc
+    # The device tool brings back at most 8 files: the shards log to a scratch folder, then into one tests.log.
+    local shards=("$@") pids=() i rc scratch
+    scratch=$(mktemp -d)
     for i in "${!shards[@]}"; do
         timeout "$limit" "$PY" -m pytest tests/test_kernels.py -q -rs -p no:cacheprovider -k "${shards[$i]}" \
-            >"$LOGDIR/tests_$i.log" 2>&1 &
+            >"$scratch/$i.log" 2>&1 &
         pids+=($!)
     done
     for i in "${!shards[@]}"; do
         wait "${pids[$i]}"
         rc=$?
         say "shard $i ('${shards[$i]}') exit $rc$([ $rc = 124 ] && echo ' (timed out)')"
-        grep -E "^(FAILED|ERROR)|passed|failed|error" "$LOGDIR/tests_$i.log" | tail -n 8
+        grep -E "^(FAILED|ERROR)|passed|failed|error" "$scratch/$i.log" | tail -n 8
+        { echo "=== shard $i: -k '${shards[$i]}' (exit $rc)"; cat "$scratch/$i.log"; } >>"$LOGDIR/tests.log"
     done
+    rm -rf "$scratch"
 }
 
 # collect_results: copy the JSON results written during this run into $OUT (what the device tool brings back).
