@@ -576,36 +576,36 @@ SWEEP = {
     "swiglu": (
         (*GEMM_KEYS, "GATHER"),
         [
-            (128, 128, 64, 8, 3, 0, 1),
-            (128, 128, 64, 8, 3, 1, 1),
-            (128, 64, 64, 8, 3, 0, 1),
-            (128, 64, 64, 8, 3, 1, 1),
-            (128, 128, 64, 8, 3, 1, 0),
             (128, 64, 64, 8, 3, 1, 0),
+            (128, 64, 64, 8, 4, 1, 0),
+            (128, 64, 64, 4, 3, 1, 0),
+            (64, 128, 64, 4, 3, 1, 0),
+            (128, 128, 64, 8, 3, 1, 0),
+            (128, 64, 64, 8, 3, 0, 1),
         ],
     ),
     # PERSIST = 1: one program per SM loops over the used tiles, and with TMA the compiler flattens tile and K loops
     # into one pipelined loop, so the next tile's loads overlap this tile's epilogue (the two-term gate/up dX keeps
-    # two K loops and is only persistent). Pointer loads need ~170 registers that way; TMA ~110.
+    # two K loops and is only persistent). Pointer loads need ~170 registers that way; TMA ~110. Run 4 (H100, XL):
+    # 128x256 beat 128x128 with TMA on both the D = 1152 outputs (4.5 tiles wide) and the F = 4608 ones.
     "gmm": (
         (*GEMM_KEYS, "PERSIST"),
         [
-            (128, 128, 64, 8, 3, 0, 0),
-            (128, 128, 64, 8, 3, 1, 0),
-            (128, 128, 64, 8, 4, 1, 0),
-            (128, 256, 64, 8, 3, 1, 0),
-            (128, 128, 64, 8, 3, 1, 1),
             (128, 256, 64, 8, 3, 1, 1),
+            (128, 256, 64, 8, 3, 1, 0),
+            (128, 256, 64, 8, 4, 1, 1),
+            (256, 128, 64, 8, 3, 1, 1),
+            (128, 128, 64, 8, 3, 0, 0),
         ],
     ),
     "gmm_dx": (
         (*GEMM_KEYS, "PERSIST"),
         [
-            (128, 128, 64, 8, 4, 0, 0),
-            (128, 128, 64, 8, 4, 1, 0),
-            (128, 128, 64, 8, 3, 1, 0),
             (128, 256, 64, 8, 3, 1, 0),
-            (128, 128, 64, 8, 3, 1, 1),
+            (128, 256, 64, 8, 4, 1, 0),
+            (128, 256, 64, 8, 3, 1, 1),
+            (256, 128, 64, 8, 3, 1, 0),
+            (128, 128, 64, 8, 4, 0, 0),
         ],
     ),
     # GELU experts (upcycled dense DiT): the backward epilogue works in column quarters (121 registers at 128x128, no
@@ -616,24 +616,23 @@ SWEEP = {
     ),
     "dw": (
         ("BO", "BI", "BR", "num_warps", "num_stages"),
-        [(128, 128, 32, 4, 4), (128, 128, 32, 4, 5), (128, 256, 32, 8, 4), (128, 128, 64, 8, 4)],
+        [(128, 256, 32, 8, 4), (256, 128, 32, 8, 4), (128, 256, 64, 8, 3), (128, 128, 32, 4, 4)],
     ),
-    # The SwiGLU backward in dH's epilogue (FUSED = 1) against the plain dH + elementwise pass now in use (FUSED = 0:
-    # the other values then do not apply). Its epilogue works in column quarters: at 128x128 it needs 128 registers
-    # (255 and 700 bytes of spills in one piece, run 2's 0.75 ms), so with TMA and 3 stages two blocks fit per SM;
-    # 128x64 needs 64.
+    # The SwiGLU backward in dH's epilogue (FUSED = 1) or a plain dH + the elementwise pass (FUSED = 0: the other
+    # values then do not apply). The epilogue works in column quarters: at 128x128 it needs 128 registers (255 and
+    # 700 bytes of spills in one piece, run 2's 0.75 ms), so with TMA and 3 stages two blocks fit per SM; 128x64
+    # needs 64. Run 4 (H100, XL): fused with TMA 0.54 ms, dH + pass 0.64 ms.
     "swiglu_bwd": (
         (*GEMM_KEYS, "PERSIST", "FUSED"),
         [
-            (128, 128, 64, 8, 4, 0, 0, 0),
             (128, 128, 64, 8, 3, 1, 0, 1),
-            (128, 64, 64, 8, 3, 1, 0, 1),
-            (128, 128, 64, 8, 4, 0, 0, 1),
-            (128, 128, 64, 8, 3, 1, 1, 1),
+            (128, 128, 64, 8, 4, 1, 0, 1),
+            (128, 256, 64, 8, 3, 1, 0, 1),
+            (128, 128, 64, 8, 4, 0, 0, 0),
         ],
     ),
-    "ew": (("BR", "BC", "num_warps"), [(4, 512, 8), (8, 256, 8), (2, 1024, 8), (8, 512, 8)]),
-    "rows": (("BT", "BD", "num_warps"), [(16, 256, 8), (16, 128, 4), (8, 256, 4)]),
+    "ew": (("BR", "BC", "num_warps"), [(2, 1024, 8), (4, 512, 8), (8, 256, 8)]),
+    "rows": (("BT", "BD", "num_warps"), [(16, 128, 4), (16, 256, 8), (8, 256, 4)]),
 }
 
 

@@ -17,7 +17,7 @@ Design (see /work/shared/notes/kernels.md):
   computed once per plan): no permuted copy of x. Tile key ``GATHER`` = 0 (kinds ``swiglu``, ``gmm_epi``) permutes
   x first instead: the GEMM's A tiles can then load through TMA, and the backward reuses the copy for the first
   weight's dW, which needs it permuted anyway (so the copy costs no extra pass, only R x D of saved activations
-  in place of T x D). Which is faster is the GPU sweep's question; both give the same bits.
+  in place of T x D). Both give the same bits; bf16 permutes first (run 4, H100, XL: 0.65 ms against 0.77).
 - SwiGLU / GELU run in the epilogue of the first GEMM, which also stores the pre-activations. Backward
   re-materialises the activation h from the saved pre-activations (h is not kept from the forward), so the dW of
   the second weight is a plain K-reduction dy^T h: no elementwise work inside any GEMM main loop, where it would
@@ -25,7 +25,8 @@ Design (see /work/shared/notes/kernels.md):
   [dgate | dup] side by side in one [R, 2F] buffer. Fusing that pass into dH's epilogue (kind ``swiglu_bwd``,
   FUSED = 1) saves writing and re-reading dH. Run 2 timed a fused version at 0.75 vs 0.54 ms (XL): its 128x128
   epilogue spilled (255 registers) and one block per SM left it unhidden. The epilogue now works in column
-  quarters (128 registers; with TMA and 3 stages two blocks fit per SM); it stays off until the sweep times it.
+  quarters (128 registers; with TMA and 3 stages two blocks fit per SM): run 4 timed it at 0.54 ms against
+  0.64 for dH and the pass, so bf16 fuses.
   GELU: the dX GEMM of the second weight runs the backward in its own 128x128-tile epilogue (``gmm_epi``).
   The combine is a gather with fp32 accumulation that also yields the routing-weight gradient in backward.
   No atomics anywhere: bitwise deterministic.
@@ -36,11 +37,12 @@ Design (see /work/shared/notes/kernels.md):
   no gathered rows, the shape of the down dW that ran at 0.95 of dense (the dual-accumulator kernel over
   gathered x reached 0.47, run 3).
 - fp32/bf16/fp16 inputs, fp32 accumulation. fp32 matmuls follow ``torch.backends.cuda.matmul.allow_tf32``.
-- TMA (tile key ``TMA`` of the GEMM kinds, off until a GPU sweep measures it): weight tiles, and A tiles where A is
-  not gathered, load through host-made tensor descriptors over 2-D views ([E, X, Y] -> [E*X, Y]). A tile that runs
-  past its group reads another group's rows or columns, which only reach outputs that are never stored; the dX
-  weights use TMA only when Kdim is a multiple of BK, where that would reach the accumulator. Tensors TMA cannot
-  address (strided, misaligned) take the pointer loads. ``bench/inspect_kernels.py`` shows the sm_90 code.
+- TMA (tile key ``TMA`` of the GEMM kinds; on in bf16 except ``gmm_epi``, from run 4's sweep): weight tiles, and A
+  tiles where A is not gathered, load through host-made tensor descriptors over 2-D views ([E, X, Y] ->
+  [E*X, Y]). A tile that runs past its group reads another group's rows or columns, which only reach outputs that
+  are never stored; the dX weights use TMA only when Kdim is a multiple of BK, where that would reach the
+  accumulator. Tensors TMA cannot address (strided, misaligned) take the pointer loads.
+  ``bench/inspect_kernels.py`` shows the sm_90 code.
 
 Tile configs are fixed per (kind, dtype) so results never depend on batch composition; ``tile_overrides`` lets a
 benchmark try others inside a ``with`` block (``bench/bench_kernels.py --sweep`` covers every GEMM kind, forward and
@@ -52,6 +54,7 @@ matches the GPU's fp32-accumulating MMA up to summation order.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
@@ -92,6 +95,21 @@ def tile_overrides(**kinds: dict) -> Iterator[None]:
         yield
     finally:
         _TILE_OVERRIDES.reset(token)
+
+
+def _tiles_as_in_forward(backward):
+    """Run an autograd backward under the ``tile_overrides`` its forward saw (``ctx.tiles``). Autograd runs CUDA
+    backwards in its own thread, where the caller's context variables are not set."""
+
+    @functools.wraps(backward)
+    def run(ctx, *grads):
+        token = _TILE_OVERRIDES.set(ctx.tiles)
+        try:
+            return backward(ctx, *grads)
+        finally:
+            _TILE_OVERRIDES.reset(token)
+
+    return run
 
 
 def _overridden(kind: str) -> Mapping:
@@ -137,22 +155,19 @@ def _config(kind: str, dtype: torch.dtype) -> dict:
             "route": dict(BLOCK=0),
         }[kind]
     else:
-        # bf16/fp16 on sm90. gmm / swiglu: best of the H200 sweep (bench/results/nvidia-h200-2026-11-26.json).
-        # gmm_epi: 128x128 so the fp32 accumulator plus the epilogue's extra tiles fit in registers (a 128x256
-        # accumulator with two loaded and two stored tiles spilled: down dX ran at 0.11 of dense).
-        # gmm_dx, gmm_epi, dw, rows: winners of the run-2 sweep at XL (bench/results/nvidia-h200-2026-11-26-run2:
-        # gate/up dX 689, down dW 665 TFLOP/s; unpermute 2489 GB/s). ew: 2048 elements per program as in run 3.
-        # TMA, PERSIST, GATHER = 0 (permute first), swiglu_bwd FUSED = 1: untimed until bench/gpu_final.sh's sweep
-        # runs them.
+        # bf16/fp16 on sm90: the winners of run 4's sweep at XL (H100, bench/results/nvidia-h100-2026-11-26-run4),
+        # each against the tiles then in use: gate/up fwd 0.77 -> 0.65 ms (TMA, permute first, 128x64: two blocks
+        # per SM), dH + SwiGLU backward 0.64 -> 0.54 ms (fused), gate/up dX + dH 0.87 -> 0.78 ms, down fwd 0.32 ->
+        # 0.26 ms, dW 0.93 -> 0.84 ms. gmm_epi (GELU experts): 128x128 pointer loads, gather-fused, stay best.
         cfg = {
-            "gmm": dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=0, PERSIST=0),
-            "gmm_dx": dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4, TMA=0, PERSIST=0),
+            "gmm": dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=1, PERSIST=1),
+            "gmm_dx": dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=1, PERSIST=0),
             "gmm_epi": dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4, TMA=0, PERSIST=0, GATHER=1),
-            "swiglu": dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=0, GATHER=1),
-            "swiglu_bwd": dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4, TMA=0, PERSIST=0, FUSED=0),
-            "dw": dict(BO=128, BI=128, BR=32, GROUP_M=8, num_warps=4, num_stages=4),
-            "rows": dict(BT=16, BD=256, num_warps=8),
-            "ew": dict(BR=4, BC=512, num_warps=8),
+            "swiglu": dict(BM=128, BN=64, BK=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=1, GATHER=0),
+            "swiglu_bwd": dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=1, PERSIST=0, FUSED=1),
+            "dw": dict(BO=128, BI=256, BR=32, GROUP_M=8, num_warps=8, num_stages=4),
+            "rows": dict(BT=16, BD=128, num_warps=4),
+            "ew": dict(BR=2, BC=1024, num_warps=8),
             "route": dict(BLOCK=0),
         }[kind]
     cfg = {**cfg, **_overridden(kind)}
@@ -1321,8 +1336,6 @@ def _gmm(
     kind = {EPI_NONE: "gmm" if transpose_w else "gmm_dx", EPI_SWIGLU_BWD: "swiglu_bwd"}.get(epi, "gmm_epi")
     cfg = _config(kind, a.dtype)
     BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
-    if N % BN and N % (BN // 2) == 0 and BN >= 256 and "BN" not in _overridden(kind):
-        BN //= 2  # e.g. D = 1152 = 4.5 x 256: half-width tiles waste nothing
     tab, nmb = meta.table(BM)
     upcast, prec = _prec(a.dtype)
     dummy = c
@@ -1567,10 +1580,11 @@ def _gmm_dw(a, b, meta: _Meta, *, split: int | None = None, with_db: bool = Fals
 class _Permute(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD, meta):
-        ctx.meta = meta
+        ctx.meta, ctx.tiles = meta, _TILE_OVERRIDES.get()
         return _scatter(x_TD, meta)
 
     @staticmethod
+    @_tiles_as_in_forward
     def backward(ctx, g_RD):
         return _gather(g_RD, ctx.meta), None
 
@@ -1578,11 +1592,12 @@ class _Permute(torch.autograd.Function):
 class _Unpermute(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y_RD, weights_TK, meta):
-        ctx.meta = meta
+        ctx.meta, ctx.tiles = meta, _TILE_OVERRIDES.get()
         ctx.save_for_backward(y_RD, weights_TK)
         return _gather(y_RD, meta, weights_TK)
 
     @staticmethod
+    @_tiles_as_in_forward
     def backward(ctx, g_TD):
         y_RD, w_TK = ctx.saved_tensors
         dy, dw = _scatter(g_TD, ctx.meta, w_TK, y_RD)
@@ -1592,12 +1607,13 @@ class _Unpermute(torch.autograd.Function):
 class _GroupedMM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_RI, w_EOI, bias_EO, meta):
-        ctx.meta = meta
+        ctx.meta, ctx.tiles = meta, _TILE_OVERRIDES.get()
         ctx.has_bias = bias_EO is not None
         ctx.save_for_backward(x_RI, w_EOI)
         return _gmm(x_RI, w_EOI, meta, transpose_w=True, bias=bias_EO)
 
     @staticmethod
+    @_tiles_as_in_forward
     def backward(ctx, dy_RO):
         x_RI, w_EOI = ctx.saved_tensors
         meta = ctx.meta
@@ -1617,11 +1633,12 @@ class _SwigluExperts(torch.autograd.Function):
         a, ctx.gathered = _expert_input(x_TD, meta, "swiglu")
         h, g, u = _gmm_swiglu(a, w_gate, w_up, meta, gather=ctx.gathered)
         y = _gmm(h, w_down, meta, transpose_w=True)
-        ctx.meta = meta
+        ctx.meta, ctx.tiles = meta, _TILE_OVERRIDES.get()
         ctx.save_for_backward(a, weights_TK, w_gate, w_up, w_down, g, u, y)
         return _gather(y, meta, weights_TK)
 
     @staticmethod
+    @_tiles_as_in_forward
     def backward(ctx, dout_TD):
         a, w_TK, w_gate, w_up, w_down, g, u, y = ctx.saved_tensors
         meta = ctx.meta
@@ -1647,11 +1664,12 @@ class _GeluExperts(torch.autograd.Function):
         a, ctx.gathered = _expert_input(x_TD, meta, "gmm_epi")
         h, z = _gmm(a, w1, meta, transpose_w=True, gather=ctx.gathered, bias=b1, epi=EPI_GELU)
         y = _gmm(h, w2, meta, transpose_w=True, bias=b2)
-        ctx.meta = meta
+        ctx.meta, ctx.tiles = meta, _TILE_OVERRIDES.get()
         ctx.save_for_backward(a, weights_TK, w1, w2, z, y)
         return _gather(y, meta, weights_TK)
 
     @staticmethod
+    @_tiles_as_in_forward
     def backward(ctx, dout_TD):
         a, w_TK, w1, w2, z, y = ctx.saved_tensors
         meta = ctx.meta

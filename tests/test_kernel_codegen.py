@@ -1,7 +1,7 @@
 """The Triton kernels compile for Hopper (sm_90) on any machine, and every grouped GEMM uses wgmma with a
-software-pipelined main loop: ``bench/inspect_kernels.py --check`` for the default tiles, with TMA on, and with TMA on
-plus the other tile options (x permuted before the first expert GEMM, the SwiGLU backward fused into dH, persistent
-programs)."""
+software-pipelined main loop: ``bench/inspect_kernels.py --check`` for the default tiles, with pointer loads, with TMA,
+and with TMA plus the other tile options (x permuted before the first expert GEMM, the SwiGLU backward fused into dH,
+persistent programs)."""
 
 from __future__ import annotations
 
@@ -25,17 +25,18 @@ def _ptxas_available() -> bool:
 
 
 @pytest.mark.skipif(not _ptxas_available(), reason="this Triton build has no NVIDIA backend / bundled ptxas")
-@pytest.mark.parametrize("mode", ["pointer-loads", "tma", "tma-options"])
+@pytest.mark.parametrize("mode", ["pointer-loads", "tma", "tma-options", "defaults"])
 def test_gemm_kernels_compile_pipelined_for_sm90(mode):
-    tma, options = mode != "pointer-loads", mode == "tma-options"
+    """Every mode but "defaults" sets each option explicitly (the bf16 defaults turn several on)."""
     cmd = [sys.executable, "-W", "ignore", str(REPO / "bench" / "inspect_kernels.py"), "--check"]
-    if tma:
+    tma, options = mode != "pointer-loads", mode == "tma-options"
+    if mode != "defaults":
         for kind in ("gmm", "gmm_dx", "gmm_epi", "swiglu", "swiglu_bwd"):
-            cmd += ["--set", f"{kind}.TMA=1"]
-    if options:
-        cmd += ["--set", "swiglu.GATHER=0", "--set", "gmm_epi.GATHER=0", "--set", "swiglu_bwd.FUSED=1"]
+            cmd += ["--set", f"{kind}.TMA={int(tma)}"]
+        cmd += ["--set", f"swiglu.GATHER={int(not options)}", "--set", f"gmm_epi.GATHER={int(not options)}"]
+        cmd += ["--set", f"swiglu_bwd.FUSED={int(options)}"]
         for kind in ("gmm", "gmm_dx", "gmm_epi", "swiglu_bwd"):
-            cmd += ["--set", f"{kind}.PERSIST=1"]
+            cmd += ["--set", f"{kind}.PERSIST={int(options)}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows, ops = {}, set()
@@ -46,6 +47,10 @@ def test_gemm_kernels_compile_pipelined_for_sm90(mode):
             if cells[1].startswith("_gmm"):
                 rows[cells[0]] = cells
     assert {"gate/up fwd", "down fwd", "down dX: dH", "gate/up dX", "down dW", "gate/up dW"} <= set(rows), rows
+    spills = [int(x) for x in rows["down dX: dH"][6].split("/")]
+    assert spills == [0, 0], rows["down dX: dH"]
+    if mode == "defaults":
+        return
     cp_async = {op: int(cells[10]) for op, cells in rows.items()}
     tma_loads = {op: int(cells[11]) for op, cells in rows.items()}
     for op in ("gate/up fwd", "down fwd", "down dX: dH", "gate/up dX"):  # weights through descriptors iff TMA is on
@@ -53,5 +58,3 @@ def test_gemm_kernels_compile_pipelined_for_sm90(mode):
     for op in ("gate/up fwd", "gelu fc1 fwd"):  # a gathered A takes pointer loads; a permuted copy goes through TMA
         assert (cp_async[op] == 0) == options, (op, cp_async[op])
     assert ("swiglu bwd pass" in ops) != options  # fused: dH's epilogue does the pass's work
-    spills = [int(x) for x in rows["down dX: dH"][6].split("/")]
-    assert spills == [0, 0], rows["down dX: dH"]

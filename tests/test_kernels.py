@@ -17,6 +17,8 @@ Routing metadata and permutes are compared exactly.
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -384,22 +386,46 @@ def test_experts_tma(case, act, monkeypatch):
     assert len(made) >= (6 if case == 0 else 4)  # case 0: also the dX weights (Kdim a multiple of BK)
 
 
+@pytest.mark.parametrize("act", ["swiglu", "gelu"])
+def test_backward_uses_the_forward_tiles(act, monkeypatch):
+    """Autograd runs CUDA backwards in a thread of its own, where the caller's ``tile_overrides`` are not set. The
+    backward must still use the tiles the forward saw: here it runs in a new thread, after the block has closed."""
+    T, K, E, D, F, cap, empty = TMA_CASES[1]
+    plan = ops.routing_plan(make_experts(T, K, E, seed=1, empty=empty), E, cap)
+    inputs = _expert_inputs(T, K, E, D, F, act, torch.float32)
+    tiles = {kind: {"GROUP_M": 2} for kind in ("gmm", "gmm_dx", "gmm_epi", "swiglu", "swiglu_bwd", "dw")}
+    with ops.tile_overrides(**tiles):
+        out = _experts_fn(ops, act, plan)(*inputs)
+    seen = []
+    real = ops._config
+    monkeypatch.setattr(ops, "_config", lambda kind, dtype: seen.append((kind, real(kind, dtype))) or seen[-1][1])
+    worker = threading.Thread(target=lambda: out.backward(torch.ones_like(out)))
+    worker.start()
+    worker.join()
+    assert all(x.grad is not None for x in inputs if x.requires_grad)
+    gemms = [(kind, cfg["GROUP_M"]) for kind, cfg in seen if kind in tiles]
+    assert {"gmm_dx", "dw"} <= {kind for kind, _ in gemms}
+    assert all(group_m == 2 for _, group_m in gemms), gemms
+
+
 def _layer_out_and_grads(act, inputs, plan):
     out = _experts_fn(ops, act, plan)(*inputs)
     grads = torch.autograd.grad(out, inputs, randn(*out.shape, seed=9, dtype=out.dtype))
     return [out, *grads]
 
 
-# Tile options that change how the work is done but must not change a bit of the result.
+# Tile options that change how the work is done but must not change a bit of the result: (off, on). Both are set
+# explicitly, since the bf16 defaults turn some of them on.
 SAME_BITS = {
-    "permute-first": {"swiglu": {"GATHER": 0}, "gmm_epi": {"GATHER": 0}},
-    "fused-swiglu-bwd": {"swiglu_bwd": {"FUSED": 1}},
-    "persistent": {
-        "gmm": {"PERSIST": 1},
-        "gmm_dx": {"PERSIST": 1},
-        "gmm_epi": {"PERSIST": 1},
-        "swiglu_bwd": {"PERSIST": 1, "FUSED": 1},
-    },
+    "permute-first": (
+        {"swiglu": {"GATHER": 1}, "gmm_epi": {"GATHER": 1}},
+        {"swiglu": {"GATHER": 0}, "gmm_epi": {"GATHER": 0}},
+    ),
+    "fused-swiglu-bwd": ({"swiglu_bwd": {"FUSED": 0}}, {"swiglu_bwd": {"FUSED": 1}}),
+    "persistent": (
+        {kind: {"PERSIST": 0} for kind in ("gmm", "gmm_dx", "gmm_epi")} | {"swiglu_bwd": {"PERSIST": 0, "FUSED": 1}},
+        {kind: {"PERSIST": 1} for kind in ("gmm", "gmm_dx", "gmm_epi")} | {"swiglu_bwd": {"PERSIST": 1, "FUSED": 1}},
+    ),
 }
 SAME_BITS_CASES = [
     ("permute-first", "swiglu", 0),
@@ -425,15 +451,15 @@ def test_tile_options_give_the_same_bits(option, act, case, tma, monkeypatch):
     scatters = []
     real = ops._scatter
     monkeypatch.setattr(ops, "_scatter", lambda *a, **kw: scatters.append(len(a) + len(kw)) or real(*a, **kw))
-    tiles = {kind: {"TMA": int(tma)} for kind in ("gmm", "gmm_dx", "gmm_epi", "swiglu", "swiglu_bwd")}
-    changed = {kind: {**tiles.get(kind, {}), **opts} for kind, opts in SAME_BITS[option].items()}
+    tma_tiles = {kind: {"TMA": int(tma)} for kind in ("gmm", "gmm_dx", "gmm_epi", "swiglu", "swiglu_bwd")}
+    off, on = ({kind: {**tma_tiles[kind], **opts} for kind, opts in side.items()} for side in SAME_BITS[option])
     for dtype in [torch.float32, torch.bfloat16] if tma else [torch.float32]:
         inputs = _expert_inputs(T, K, E, D, F, act, dtype, False, 0)
-        with ops.tile_overrides(**tiles):
+        with ops.tile_overrides(**{**tma_tiles, **off}):
             scatters.clear()
             want = _layer_out_and_grads(act, inputs, plan)
             n_default = sorted(scatters)
-        with ops.tile_overrides(**{**tiles, **changed}):
+        with ops.tile_overrides(**{**tma_tiles, **on}):
             scatters.clear()
             got = _layer_out_and_grads(act, inputs, plan)
             assert sorted(scatters) == n_default, (scatters, n_default)
