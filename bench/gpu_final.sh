@@ -6,6 +6,7 @@
 # .whl/megatron_core-*.whl).
 #
 #   bash bench/gpu_final.sh
+# The -k expressions avoid bare words like "tma": pytest also matches them against the checkout's folder name.
 NAME=gpu_final
 source "$(dirname "$0")/gpu_common.sh"
 
@@ -14,9 +15,9 @@ run_test_shards 75 \
     "low_precision or ((grouped_mm or permute) and not property and not same_bits)" \
     "experts_fp32 and swiglu" \
     "autocast or dit_moe or (experts_fp32 and gelu)" \
-    "tma and not same_bits" \
+    "experts_tma or tma_falls_back" \
     "same_bits and pointer" \
-    "(same_bits and tma) or fused_swiglu"
+    "(same_bits and not pointer) or fused_swiglu"
 
 say "benchmark: XL, G + tile sweeps incl. TMA (200 s limit)"
 timeout 200 "$PY" -W ignore bench/bench_kernels.py --shapes XL,G,XL-skew --reps 15 --budget 180 \
