@@ -70,10 +70,22 @@ ap.add_argument("--dtype", choices=["bf16", "fp32"], help="autocast dtype (defau
 ap.add_argument("--warmup", type=int, help="untimed steps (default 3; 2 on CPU)")
 ap.add_argument("--iters", type=int, help="timed steps (default 10)")
 ap.add_argument("--tiny", action="store_true", help="the CPU configuration: micro/4-4E2A at 16px, 1 channel")
+ap.add_argument(
+    "--tiles",
+    help="triton tile overrides, JSON {kind: {key: value}} or a .json file of it (e.g. bench/tiles/run3-bf16.json: "
+    "the bf16 table before run 4)",
+)
 ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
 args = ap.parse_args()
 
 TINY = args.tiny or not CUDA
+try:
+    tiles_file = args.tiles and args.tiles.endswith(".json")
+    tiles = json.loads(Path(args.tiles).read_text() if tiles_file else args.tiles or "{}")
+except (OSError, json.JSONDecodeError) as exc:
+    ap.error(f"--tiles {args.tiles!r}: {exc}")
+if not isinstance(tiles, dict) or not all(isinstance(v, dict) for v in tiles.values()):
+    ap.error(f"--tiles: expected JSON {{kind: {{key: value}}}}; got {args.tiles!r}")
 models = (
     args.models.split(",")
     if args.models
@@ -151,6 +163,11 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+def tiles_of(backend: str):
+    """The Triton module whose ``tile_overrides`` --tiles goes through, or None (no --tiles, other backends)."""
+    return select_backend(backend, DEV) if tiles and backend == "triton" else None
+
+
 def run_case(name: str, backend: str, batch: int) -> dict:
     cfg = build_config(name, backend)
     module = select_backend(cfg.moe.backend, DEV).__name__
@@ -174,15 +191,17 @@ def run_case(name: str, backend: str, batch: int) -> dict:
         optimizer.zero_grad(set_to_none=True)
 
     reset_peak_memory()
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(iters):
-        sync()
-        t0 = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t0)
+    overrides = tiles_of(backend)
+    with overrides.tile_overrides(**tiles) if overrides else contextlib.nullcontext():
+        for _ in range(warmup):
+            step()
+        times = []
+        for _ in range(iters):
+            sync()
+            t0 = time.perf_counter()
+            step()
+            sync()
+            times.append(time.perf_counter() - t0)
     mem = peak_memory(DEV)
     step_s = statistics.median(times)
     size = model_size(cfg)
@@ -289,6 +308,7 @@ meta = {
     "warmup": warmup,
     "iters": iters,
     "commit": commit,
+    "tiles": tiles,
     "elapsed_s": round(time.time() - T0, 1),
 }
 out.write_text(json.dumps({"meta": meta, "rows": rows, "skipped": skipped}, indent=1))
