@@ -37,6 +37,7 @@ import statistics
 import sys
 import time
 import traceback
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -53,10 +54,19 @@ ap.add_argument(
     default="swiglu,swiglu_bwd,gmm_dx,dw,gmm,ew,rows,gmm_epi",
     help="comma list of kinds for --sweep (backward: swiglu_bwd gmm_dx dw ew; GELU experts: gmm_epi)",
 )
+ap.add_argument(
+    "--compare-tiles",
+    help="a JSON file of tile overrides {kind: {key: value}}: each shape's layer is also timed under them, e.g. "
+    "bench/tiles/run3-bf16.json (at --shapes tiny the layer time is mostly host overhead)",
+)
 ap.add_argument("--budget", type=float, default=300.0, help="seconds; later sections are skipped past it")
 ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
 ap.add_argument("--try-deepspeed-build", action="store_true", help="JIT-build DeepSpeed's CUTLASS MoE GEMM (slow)")
 args = ap.parse_args()
+try:
+    COMPARE_TILES = json.loads(Path(args.compare_tiles).read_text()) if args.compare_tiles else None
+except (OSError, json.JSONDecodeError) as exc:
+    ap.error(f"--compare-tiles {args.compare_tiles!r}: {exc}")
 
 T0 = time.time()
 CUDA = torch.cuda.is_available()
@@ -541,6 +551,8 @@ def run_shape(name: str):
         layer["megatron+grouped_mm"] = attempt(
             shape, "layer fwd+bwd", "megatron permute+_grouped_mm", fwd_bwd(mg), flops=layer_flops
         )
+    if ops is not None and COMPARE_TILES:
+        layer_with_tiles(shape, COMPARE_TILES, x, probs, Wg, Wu, Wd, experts_TK, E, label=args.compare_tiles)
     if ops is not None:  # correctness at the real shape: ours vs the reference path, same dtype
         try:
             outs = {}
@@ -723,13 +735,13 @@ def sweep(kinds):
         write_results()
     winners.pop("gmm_epi", None)  # GELU experts only: the layer timed here is SwiGLU
     if winners and not over_budget():
-        layer_with_tiles(shape, winners, x, probs, Wg, Wu, Wd, ex, E)
+        layer_with_tiles(shape, winners, x, probs, Wg, Wu, Wd, ex, E, label="sweep winners")
         write_results()
 
 
-def layer_with_tiles(shape, tiles, x, probs, Wg, Wu, Wd, experts_TK, E):
-    """The whole layer forward+backward with the tiles in use and with the sweep's winners, on the same inputs:
-    the layer-level gain of adopting them, and their largest output/gradient difference (a wrong winner shows)."""
+def layer_with_tiles(shape, tiles, x, probs, Wg, Wu, Wd, experts_TK, E, label: str):
+    """The whole layer forward+backward with the tiles in use and with ``tiles`` (the sweep's winners, or a file's),
+    on the same inputs: the layer-level gain of adopting them, and their largest output/gradient difference."""
     T, D = x.shape
     R, F_ = T * experts_TK.shape[1], Wg.shape[1]
     params = [t.detach().clone().requires_grad_() for t in (x, probs, Wg, Wu, Wd)]
@@ -742,7 +754,7 @@ def layer_with_tiles(shape, tiles, x, probs, Wg, Wu, Wd, experts_TK, E):
     now = attempt(shape, "layer fwd+bwd", "triton (tiles now)", run, flops=18 * R * D * F_)
     want = run()
     with ops.tile_overrides(**tiles):
-        won = attempt(shape, "layer fwd+bwd", "triton (sweep winners)", run, flops=18 * R * D * F_)
+        won = attempt(shape, "layer fwd+bwd", f"triton ({label})", run, flops=18 * R * D * F_)
         got = run()
     diff = max(
         float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30))
@@ -750,7 +762,7 @@ def layer_with_tiles(shape, tiles, x, probs, Wg, Wu, Wd, experts_TK, E):
     )
     if now and won:
         won["vs_tiles_now"] = round(now["ms"] / won["ms"], 3)
-        log(f"sweep winners {tiles}: layer {now['ms']:.4f} -> {won['ms']:.4f} ms; max normalised difference {diff:.2e}")
+        log(f"{label} {tiles}: layer {now['ms']:.4f} -> {won['ms']:.4f} ms; max normalised difference {diff:.2e}")
 
 
 def device_name() -> str:
