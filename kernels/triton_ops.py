@@ -154,6 +154,21 @@ def _config(kind: str, dtype: torch.dtype) -> dict:
             "ew": dict(BR=2, BC=512, num_warps=4),
             "route": dict(BLOCK=0),
         }[kind]
+    elif _arch() < 90:
+        # bf16/fp16 before Hopper (no TMA, no wgmma): untimed. Compiled for sm_80 (``bench/inspect_kernels.py --arch
+        # 80``), the Hopper tiles lose their pipelining (descriptor loads become plain loads) and spill in the
+        # 128x256 GEMMs; these pointer-load tiles pipeline through cp.async and spill nothing.
+        cfg = {
+            "gmm": dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=0, PERSIST=0),
+            "gmm_dx": dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4, TMA=0, PERSIST=0),
+            "gmm_epi": dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4, TMA=0, PERSIST=0, GATHER=1),
+            "swiglu": dict(BM=128, BN=64, BK=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=0, GATHER=1),
+            "swiglu_bwd": dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4, TMA=0, PERSIST=0, FUSED=0),
+            "dw": dict(BO=128, BI=128, BR=32, GROUP_M=8, num_warps=8, num_stages=4),
+            "rows": dict(BT=16, BD=128, num_warps=4),
+            "ew": dict(BR=2, BC=1024, num_warps=8),
+            "route": dict(BLOCK=0),
+        }[kind]
     else:
         # bf16/fp16 on sm90: the winners of run 4's sweep at XL (H100, bench/results/nvidia-h100-2026-11-26-run4),
         # each against the tiles then in use: gate/up fwd 0.77 -> 0.65 ms (TMA, permute first, 128x64: two blocks
@@ -175,6 +190,17 @@ def _config(kind: str, dtype: torch.dtype) -> dict:
         cfg.pop("num_warps", None)
         cfg.pop("num_stages", None)
     return cfg
+
+
+def _arch() -> int:
+    """Compute capability x 10 of the current CUDA device: the bf16 tiles differ before Hopper (90)."""
+    return _device_arch(torch.cuda.current_device())
+
+
+@functools.cache
+def _device_arch(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
 
 
 def _launch_opts(cfg: dict) -> dict:

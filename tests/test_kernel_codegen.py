@@ -25,6 +25,23 @@ def _ptxas_available() -> bool:
 
 
 @pytest.mark.skipif(not _ptxas_available(), reason="this Triton build has no NVIDIA backend / bundled ptxas")
+def test_pre_hopper_tiles_compile_pipelined_without_spills_for_sm80():
+    """Before Hopper the bf16 defaults are pointer-load tiles: compiled for sm_80 every grouped GEMM is pipelined
+    (cp.async) and none spills, where the Hopper tiles lose their pipelining and spill."""
+    cmd = [sys.executable, "-W", "ignore", str(REPO / "bench" / "inspect_kernels.py"), "--check", "--arch", "80"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    gemms = {}
+    for line in proc.stdout.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 14 and cells[1].startswith("_gmm"):
+            gemms[cells[0]] = cells
+    assert {"gate/up fwd", "down fwd", "down dX: dH", "gate/up dX", "down dW", "gate/up dW"} <= set(gemms), gemms
+    for op, cells in gemms.items():
+        assert cells[6] == "0/0" and int(cells[10]) > 0 and cells[11] == "0", (op, cells)  # spills, cp.async, TMA
+
+
+@pytest.mark.skipif(not _ptxas_available(), reason="this Triton build has no NVIDIA backend / bundled ptxas")
 @pytest.mark.parametrize("mode", ["pointer-loads", "tma", "tma-options", "defaults"])
 def test_gemm_kernels_compile_pipelined_for_sm90(mode):
     """Every mode but "defaults" sets each option explicitly (the bf16 defaults turn several on)."""
