@@ -56,6 +56,7 @@ from ditmoe.diffusion import create_diffusion
 from ditmoe.models.dit import DiTMoE
 from ditmoe.training.telemetry import device_peak_flops, peak_memory
 from ditmoe_kernels import select_backend
+from ditmoe_kernels.tiles import load_tiles, tile_overrides
 
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")
@@ -80,12 +81,9 @@ args = ap.parse_args()
 
 TINY = args.tiny or not CUDA
 try:
-    tiles_file = args.tiles and args.tiles.endswith(".json")
-    tiles = json.loads(Path(args.tiles).read_text() if tiles_file else args.tiles or "{}")
-except (OSError, json.JSONDecodeError) as exc:
-    ap.error(f"--tiles {args.tiles!r}: {exc}")
-if not isinstance(tiles, dict) or not all(isinstance(v, dict) for v in tiles.values()):
-    ap.error(f"--tiles: expected JSON {{kind: {{key: value}}}}; got {args.tiles!r}")
+    tiles = load_tiles(args.tiles) if args.tiles else {}
+except ValueError as exc:
+    ap.error(f"--tiles {exc}")
 models = (
     args.models.split(",")
     if args.models
@@ -163,11 +161,6 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def tiles_of(backend: str):
-    """The Triton module whose ``tile_overrides`` --tiles goes through, or None (no --tiles, other backends)."""
-    return select_backend(backend, DEV) if tiles and backend == "triton" else None
-
-
 def run_case(name: str, backend: str, batch: int) -> dict:
     cfg = build_config(name, backend)
     module = select_backend(cfg.moe.backend, DEV).__name__
@@ -191,8 +184,7 @@ def run_case(name: str, backend: str, batch: int) -> dict:
         optimizer.zero_grad(set_to_none=True)
 
     reset_peak_memory()
-    overrides = tiles_of(backend)
-    with overrides.tile_overrides(**tiles) if overrides else contextlib.nullcontext():
+    with tile_overrides(**tiles) if backend == "triton" else contextlib.nullcontext():
         for _ in range(warmup):
             step()
         times = []

@@ -38,7 +38,6 @@ from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 from ditmoe_kernels import triton_ops as ops  # noqa: E402
 
 SHAPES = {"S": (384, 1536, 8), "XL": (1152, 4608, 8), "G": (1408, 5632, 16)}  # D, F, E
-KINDS = ("gmm", "gmm_dx", "gmm_epi", "swiglu", "swiglu_bwd", "dw", "rows", "ew", "route")
 
 ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 ap.add_argument("--shape", default="XL", choices=sorted(SHAPES))
@@ -64,11 +63,9 @@ def overrides() -> dict:
             ap.error(f"--set {item!r}: expected KIND.KEY=INT, e.g. swiglu.TMA=1")
         kind, key = m.group(1), m.group(2)
         try:
-            known = set(ops._config(kind, torch.bfloat16)) | {"num_warps", "num_stages"}
-        except KeyError:
-            ap.error(f"--set {item!r}: unknown kernel kind {kind!r} (known: {', '.join(KINDS)})")
-        if key not in known:
-            ap.error(f"--set {item!r}: {kind} has no setting {key!r} (known: {', '.join(sorted(known))})")
+            ops.check_tiles({kind: {key: 0}})
+        except ValueError as exc:
+            ap.error(f"--set {item!r}: {exc}")
         out.setdefault(kind, {})[key] = int(m.group(3))
     return out
 

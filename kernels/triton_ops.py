@@ -44,30 +44,27 @@ Design (see /work/shared/notes/kernels.md):
   accumulator. Tensors TMA cannot address (strided, misaligned) take the pointer loads.
   ``bench/inspect_kernels.py`` shows the sm_90 code.
 
-Tile configs are fixed per (kind, dtype) so results never depend on batch composition; ``tile_overrides`` lets a
-benchmark try others inside a ``with`` block (``bench/bench_kernels.py --sweep`` covers every GEMM kind, forward and
-backward). Under ``TRITON_INTERPRET=1`` (CPU tests) tiles are small and dot operands are upcast to fp32 (the 3.9
-interpreter multiplies bf16 bit patterns as integers); products of bf16/fp16 values are exact in fp32, so this
-matches the GPU's fp32-accumulating MMA up to summation order.
+Tile configs (``tiles``) are fixed per (kind, dtype, architecture) so results never depend on batch composition;
+``tile_overrides`` lets a benchmark try others inside a ``with`` block (``bench/bench_kernels.py --sweep`` covers
+every GEMM kind, forward and backward). Under ``TRITON_INTERPRET=1`` (CPU tests) tiles are small and dot operands
+are upcast to fp32 (the 3.9 interpreter multiplies bf16 bit patterns as integers); products of bf16/fp16 values are
+exact in fp32, so this matches the GPU's fp32-accumulating MMA up to summation order.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
-from collections.abc import Iterator, Mapping
-from contextvars import ContextVar
 from dataclasses import dataclass, field
-from types import MappingProxyType
 
 import torch
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ditmoe_kernels import reference
+from ditmoe_kernels import reference, tiles
 from ditmoe_kernels.reference import RoutingPlan
+from ditmoe_kernels.tiles import check_tiles, load_tiles, tile_overrides
 
 __all__ = [
     "RoutingPlan",
@@ -79,117 +76,44 @@ __all__ = [
     "swiglu_experts",
     "gelu_experts",
     "tile_overrides",
+    "check_tiles",
+    "load_tiles",
 ]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
-# kind -> tile parameters replacing the defaults of ``_config``; set only inside ``tile_overrides`` blocks.
-_TILE_OVERRIDES: ContextVar[Mapping[str, Mapping]] = ContextVar("ditmoe_tile_overrides", default=MappingProxyType({}))
 
-
-@contextlib.contextmanager
-def tile_overrides(**kinds: dict) -> Iterator[None]:
-    """Replace the tile configs of some kinds inside the block, e.g. ``tile_overrides(route={"BLOCK": 16})``."""
-    token = _TILE_OVERRIDES.set(MappingProxyType({**_TILE_OVERRIDES.get(), **kinds}))
-    try:
-        yield
-    finally:
-        _TILE_OVERRIDES.reset(token)
-
-
-def _tiles_as_in_forward(backward):
-    """Run an autograd backward under the ``tile_overrides`` its forward saw (``ctx.tiles``). Autograd runs CUDA
+def _backward_under_forward_tiles(cls: type[torch.autograd.Function]) -> type[torch.autograd.Function]:
+    """Class decorator: the Function's backward runs under the ``tile_overrides`` its forward saw. Autograd runs CUDA
     backwards in its own thread, where the caller's context variables are not set."""
+    forward, backward = cls.forward, cls.backward
+
+    @functools.wraps(forward)
+    def forward_recording_tiles(ctx, *args):
+        ctx.tiles = tiles.overrides()
+        return forward(ctx, *args)
 
     @functools.wraps(backward)
-    def run(ctx, *grads):
-        token = _TILE_OVERRIDES.set(ctx.tiles)
-        try:
+    def backward_under_tiles(ctx, *grads):
+        with tiles.exactly(ctx.tiles):
             return backward(ctx, *grads)
-        finally:
-            _TILE_OVERRIDES.reset(token)
 
-    return run
-
-
-def _overridden(kind: str) -> Mapping:
-    return _TILE_OVERRIDES.get().get(kind, {})
+    cls.forward, cls.backward = staticmethod(forward_recording_tiles), staticmethod(backward_under_tiles)
+    return cls
 
 
 EPI_NONE, EPI_GELU, EPI_GELU_BWD, EPI_SWIGLU_BWD = 0, 1, 2, 3
 
 
 def _config(kind: str, dtype: torch.dtype) -> dict:
-    """Fixed tile configuration for one kernel kind: ``gmm`` (single-accumulator grouped GEMM without epilogue:
-    forward), ``gmm_dx`` (the same for dX GEMMs, B = W[e] untransposed: one- and two-term dX, dH), ``gmm_epi``
-    (the same with a GELU epilogue, forward or backward, which loads and stores extra tiles), ``swiglu``
-    (dual-accumulator gate/up GEMM), ``swiglu_bwd`` (``FUSED`` = 1: the SwiGLU backward runs in the dH GEMM's
-    epilogue, with these tiles; 0: a plain dH on ``gmm_dx`` tiles, then the elementwise pass on ``ew`` tiles),
-    ``dw`` (per-expert K-reduction: every weight gradient), ``rows`` (permute/combine), ``ew`` (elementwise SwiGLU
-    backward, [BR, BC] tiles), ``route`` (routing metadata). ``TMA`` = 1 in a GEMM kind's config loads its tiles
-    through tensor descriptors; ``PERSIST`` > 0 launches that many persistent programs per SM (not ``swiglu``);
-    ``GATHER`` (``swiglu``, ``gmm_epi``; 1 where absent) picks gather-fused or permute-first input (see the module
-    docstring)."""
+    """Tile configuration of one kernel kind (see ``tiles``) for this dtype and device, with any overrides."""
     if INTERPRET:
-        cfg = {
-            "gmm": dict(BM=16, BN=32, BK=32, GROUP_M=4),
-            "gmm_dx": dict(BM=16, BN=32, BK=32, GROUP_M=4),
-            "gmm_epi": dict(BM=16, BN=32, BK=32, GROUP_M=4),
-            "swiglu": dict(BM=16, BN=32, BK=32, GROUP_M=4),
-            "swiglu_bwd": dict(BM=16, BN=32, BK=32, GROUP_M=4, FUSED=0),
-            "dw": dict(BO=32, BI=32, BR=16, GROUP_M=4),
-            "rows": dict(BT=16, BD=64),
-            "ew": dict(BR=4, BC=64),
-            "route": dict(BLOCK=0),
-        }[kind]
+        table = tiles.INTERPRET
     elif dtype == torch.float32:
-        cfg = {
-            "gmm": dict(BM=64, BN=64, BK=32, GROUP_M=8, num_warps=4, num_stages=3),
-            "gmm_dx": dict(BM=64, BN=64, BK=32, GROUP_M=8, num_warps=4, num_stages=3),
-            "gmm_epi": dict(BM=64, BN=64, BK=32, GROUP_M=8, num_warps=4, num_stages=3),
-            "swiglu": dict(BM=64, BN=64, BK=32, GROUP_M=8, num_warps=4, num_stages=3),
-            "swiglu_bwd": dict(BM=64, BN=64, BK=32, GROUP_M=8, num_warps=4, num_stages=3, FUSED=0),
-            "dw": dict(BO=64, BI=64, BR=32, GROUP_M=8, num_warps=4, num_stages=3),
-            "rows": dict(BT=8, BD=128, num_warps=4),
-            "ew": dict(BR=2, BC=512, num_warps=4),
-            "route": dict(BLOCK=0),
-        }[kind]
-    elif _arch() < 90:
-        # bf16/fp16 before Hopper (no TMA, no wgmma): untimed. Compiled for sm_80 (``bench/inspect_kernels.py --arch
-        # 80``), the Hopper tiles lose their pipelining (descriptor loads become plain loads) and spill in the
-        # 128x256 GEMMs; these pointer-load tiles pipeline through cp.async and spill nothing.
-        cfg = {
-            "gmm": dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=0, PERSIST=0),
-            "gmm_dx": dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4, TMA=0, PERSIST=0),
-            "gmm_epi": dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4, TMA=0, PERSIST=0, GATHER=1),
-            "swiglu": dict(BM=128, BN=64, BK=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=0, GATHER=1),
-            "swiglu_bwd": dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4, TMA=0, PERSIST=0, FUSED=0),
-            "dw": dict(BO=128, BI=128, BR=32, GROUP_M=8, num_warps=8, num_stages=4),
-            "rows": dict(BT=16, BD=128, num_warps=4),
-            "ew": dict(BR=2, BC=1024, num_warps=8),
-            "route": dict(BLOCK=0),
-        }[kind]
+        table = tiles.FP32
     else:
-        # bf16/fp16 on sm90: the winners of run 4's sweep at XL (H100, bench/results/nvidia-h100-2026-11-26-run4),
-        # each against the tiles then in use: gate/up fwd 0.77 -> 0.65 ms (TMA, permute first, 128x64: two blocks
-        # per SM), dH + SwiGLU backward 0.64 -> 0.54 ms (fused), gate/up dX + dH 0.87 -> 0.78 ms, down fwd 0.32 ->
-        # 0.26 ms, dW 0.93 -> 0.84 ms. gmm_epi (GELU experts): 128x128 pointer loads, gather-fused, stay best.
-        cfg = {
-            "gmm": dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=1, PERSIST=1),
-            "gmm_dx": dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=1, PERSIST=0),
-            "gmm_epi": dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4, TMA=0, PERSIST=0, GATHER=1),
-            "swiglu": dict(BM=128, BN=64, BK=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=1, GATHER=0),
-            "swiglu_bwd": dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=1, PERSIST=0, FUSED=1),
-            "dw": dict(BO=128, BI=256, BR=32, GROUP_M=8, num_warps=8, num_stages=4),
-            "rows": dict(BT=16, BD=128, num_warps=4),
-            "ew": dict(BR=2, BC=1024, num_warps=8),
-            "route": dict(BLOCK=0),
-        }[kind]
-    cfg = {**cfg, **_overridden(kind)}
-    if INTERPRET:
-        cfg.pop("num_warps", None)
-        cfg.pop("num_stages", None)
-    return cfg
+        table = tiles.BF16_SM90 if _arch() >= 90 else tiles.BF16_SM80
+    return {**table[kind], **tiles.overrides().get(kind, {})}
 
 
 def _arch() -> int:
@@ -204,6 +128,9 @@ def _device_arch(index: int) -> int:
 
 
 def _launch_opts(cfg: dict) -> dict:
+    """num_warps / num_stages of a config: launch options on the GPU, meaningless to the interpreter."""
+    if INTERPRET:
+        return {}
     return {k: cfg[k] for k in ("num_warps", "num_stages") if k in cfg}
 
 
@@ -575,7 +502,7 @@ def _gather_kernel(
 
 def _rows_cfg(dtype, D):
     cfg = _config("rows", dtype)
-    if "BD" not in _overridden("rows"):
+    if "BD" not in tiles.overrides().get("rows", {}):
         cfg["BD"] = min(cfg["BD"], triton.next_power_of_2(max(D, 16)))
     return cfg
 
@@ -1603,43 +1530,43 @@ def _gmm_dw(a, b, meta: _Meta, *, split: int | None = None, with_db: bool = Fals
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@_backward_under_forward_tiles
 class _Permute(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD, meta):
-        ctx.meta, ctx.tiles = meta, _TILE_OVERRIDES.get()
+        ctx.meta = meta
         return _scatter(x_TD, meta)
 
     @staticmethod
-    @_tiles_as_in_forward
     def backward(ctx, g_RD):
         return _gather(g_RD, ctx.meta), None
 
 
+@_backward_under_forward_tiles
 class _Unpermute(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y_RD, weights_TK, meta):
-        ctx.meta, ctx.tiles = meta, _TILE_OVERRIDES.get()
+        ctx.meta = meta
         ctx.save_for_backward(y_RD, weights_TK)
         return _gather(y_RD, meta, weights_TK)
 
     @staticmethod
-    @_tiles_as_in_forward
     def backward(ctx, g_TD):
         y_RD, w_TK = ctx.saved_tensors
         dy, dw = _scatter(g_TD, ctx.meta, w_TK, y_RD)
         return dy, dw.to(w_TK.dtype), None
 
 
+@_backward_under_forward_tiles
 class _GroupedMM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_RI, w_EOI, bias_EO, meta):
-        ctx.meta, ctx.tiles = meta, _TILE_OVERRIDES.get()
+        ctx.meta = meta
         ctx.has_bias = bias_EO is not None
         ctx.save_for_backward(x_RI, w_EOI)
         return _gmm(x_RI, w_EOI, meta, transpose_w=True, bias=bias_EO)
 
     @staticmethod
-    @_tiles_as_in_forward
     def backward(ctx, dy_RO):
         x_RI, w_EOI = ctx.saved_tensors
         meta = ctx.meta
@@ -1653,18 +1580,18 @@ class _GroupedMM(torch.autograd.Function):
         return dx, dw, db, None
 
 
+@_backward_under_forward_tiles
 class _SwigluExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD, weights_TK, w_gate, w_up, w_down, meta):
         a, ctx.gathered = _expert_input(x_TD, meta, "swiglu")
         h, g, u = _gmm_swiglu(a, w_gate, w_up, meta, gather=ctx.gathered)
         y = _gmm(h, w_down, meta, transpose_w=True)
-        ctx.meta, ctx.tiles = meta, _TILE_OVERRIDES.get()
+        ctx.meta = meta
         ctx.save_for_backward(a, weights_TK, w_gate, w_up, w_down, g, u, y)
         return _gather(y, meta, weights_TK)
 
     @staticmethod
-    @_tiles_as_in_forward
     def backward(ctx, dout_TD):
         a, w_TK, w_gate, w_up, w_down, g, u, y = ctx.saved_tensors
         meta = ctx.meta
@@ -1684,18 +1611,18 @@ class _SwigluExperts(torch.autograd.Function):
         return dx, dw_TK.to(w_TK.dtype), dw_gate, dw_up, dw_down, None
 
 
+@_backward_under_forward_tiles
 class _GeluExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD, weights_TK, w1, b1, w2, b2, meta):
         a, ctx.gathered = _expert_input(x_TD, meta, "gmm_epi")
         h, z = _gmm(a, w1, meta, transpose_w=True, gather=ctx.gathered, bias=b1, epi=EPI_GELU)
         y = _gmm(h, w2, meta, transpose_w=True, bias=b2)
-        ctx.meta, ctx.tiles = meta, _TILE_OVERRIDES.get()
+        ctx.meta = meta
         ctx.save_for_backward(a, weights_TK, w1, w2, z, y)
         return _gather(y, meta, weights_TK)
 
     @staticmethod
-    @_tiles_as_in_forward
     def backward(ctx, dout_TD):
         a, w_TK, w1, w2, z, y = ctx.saved_tensors
         meta = ctx.meta

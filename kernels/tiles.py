@@ -1,0 +1,159 @@
+"""Tile configurations of the Triton kernels: fixed tables per dtype and architecture, and overrides for benchmarks.
+
+Kinds: ``gmm`` (single-accumulator grouped GEMM without epilogue: forward), ``gmm_dx`` (the same for dX GEMMs,
+B = W[e] untransposed: one- and two-term dX, dH), ``gmm_epi`` (the same with a GELU epilogue, forward or backward,
+which loads and stores extra tiles), ``swiglu`` (dual-accumulator gate/up GEMM), ``swiglu_bwd`` (``FUSED`` = 1: the
+SwiGLU backward runs in the dH GEMM's epilogue, with these tiles; 0: a plain dH on ``gmm_dx`` tiles, then the
+elementwise pass on ``ew`` tiles), ``dw`` (per-expert K-reduction: every weight gradient), ``rows``
+(permute/combine), ``ew`` (elementwise SwiGLU backward, [BR, BC] tiles), ``route`` (routing metadata).
+
+Settings: ``TMA`` = 1 in a GEMM kind loads its tiles through tensor descriptors; ``PERSIST`` > 0 launches that many
+persistent programs per SM (not ``swiglu``); ``GATHER`` (``swiglu``, ``gmm_epi``; 1 where absent) picks gather-fused
+or permute-first input (see ``triton_ops``); ``num_warps`` / ``num_stages`` are launch options.
+
+Tables are fixed so results never depend on batch composition; ``tile_overrides`` lets a benchmark try others inside
+a ``with`` block. No Triton import here: benchmarks parse tile files before they know whether Triton runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator, Mapping
+from contextvars import ContextVar
+from pathlib import Path
+from types import MappingProxyType
+
+__all__ = [
+    "INTERPRET",
+    "FP32",
+    "BF16_SM90",
+    "BF16_SM80",
+    "SETTINGS",
+    "tile_overrides",
+    "overrides",
+    "exactly",
+    "check_tiles",
+    "load_tiles",
+]
+
+# Under ``TRITON_INTERPRET=1`` (CPU tests): small tiles.
+INTERPRET = MappingProxyType(
+    {
+        "gmm": dict(BM=16, BN=32, BK=32, GROUP_M=4),
+        "gmm_dx": dict(BM=16, BN=32, BK=32, GROUP_M=4),
+        "gmm_epi": dict(BM=16, BN=32, BK=32, GROUP_M=4),
+        "swiglu": dict(BM=16, BN=32, BK=32, GROUP_M=4),
+        "swiglu_bwd": dict(BM=16, BN=32, BK=32, GROUP_M=4, FUSED=0),
+        "dw": dict(BO=32, BI=32, BR=16, GROUP_M=4),
+        "rows": dict(BT=16, BD=64),
+        "ew": dict(BR=4, BC=64),
+        "route": dict(BLOCK=0),
+    }
+)
+FP32 = MappingProxyType(
+    {
+        "gmm": dict(BM=64, BN=64, BK=32, GROUP_M=8, num_warps=4, num_stages=3),
+        "gmm_dx": dict(BM=64, BN=64, BK=32, GROUP_M=8, num_warps=4, num_stages=3),
+        "gmm_epi": dict(BM=64, BN=64, BK=32, GROUP_M=8, num_warps=4, num_stages=3),
+        "swiglu": dict(BM=64, BN=64, BK=32, GROUP_M=8, num_warps=4, num_stages=3),
+        "swiglu_bwd": dict(BM=64, BN=64, BK=32, GROUP_M=8, num_warps=4, num_stages=3, FUSED=0),
+        "dw": dict(BO=64, BI=64, BR=32, GROUP_M=8, num_warps=4, num_stages=3),
+        "rows": dict(BT=8, BD=128, num_warps=4),
+        "ew": dict(BR=2, BC=512, num_warps=4),
+        "route": dict(BLOCK=0),
+    }
+)
+# bf16/fp16 on sm90: the winners of run 4's sweep at XL (H100, bench/results/nvidia-h100-2026-11-26-run4), each
+# against the tiles then in use: gate/up fwd 0.77 -> 0.65 ms (TMA, permute first, 128x64: two blocks per SM), dH +
+# SwiGLU backward 0.64 -> 0.54 ms (fused), gate/up dX + dH 0.87 -> 0.78 ms, down fwd 0.32 -> 0.26 ms, dW 0.93 ->
+# 0.84 ms. gmm_epi (GELU experts): 128x128 pointer loads, gather-fused, stay best.
+BF16_SM90 = MappingProxyType(
+    {
+        "gmm": dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=1, PERSIST=1),
+        "gmm_dx": dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=1, PERSIST=0),
+        "gmm_epi": dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4, TMA=0, PERSIST=0, GATHER=1),
+        "swiglu": dict(BM=128, BN=64, BK=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=1, GATHER=0),
+        "swiglu_bwd": dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=1, PERSIST=0, FUSED=1),
+        "dw": dict(BO=128, BI=256, BR=32, GROUP_M=8, num_warps=8, num_stages=4),
+        "rows": dict(BT=16, BD=128, num_warps=4),
+        "ew": dict(BR=2, BC=1024, num_warps=8),
+        "route": dict(BLOCK=0),
+    }
+)
+# bf16/fp16 before Hopper (no TMA, no wgmma): untimed. Compiled for sm_80 (``bench/inspect_kernels.py --arch 80``),
+# the Hopper tiles lose their pipelining (descriptor loads become plain loads) and spill in the 128x256 GEMMs; these
+# pointer-load tiles pipeline through cp.async and spill nothing.
+BF16_SM80 = MappingProxyType(
+    {
+        **BF16_SM90,
+        "gmm": dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=0, PERSIST=0),
+        "gmm_dx": dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4, TMA=0, PERSIST=0),
+        "swiglu": dict(BM=128, BN=64, BK=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=0, GATHER=1),
+        "swiglu_bwd": dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4, TMA=0, PERSIST=0, FUSED=0),
+        "dw": dict(BO=128, BI=128, BR=32, GROUP_M=8, num_warps=8, num_stages=4),
+    }
+)
+# kind -> the settings its config may hold: what ``tile_overrides`` accepts.
+SETTINGS = MappingProxyType(
+    {
+        kind: frozenset({"num_warps", "num_stages"}).union(*(t[kind] for t in (INTERPRET, FP32, BF16_SM90, BF16_SM80)))
+        for kind in BF16_SM90
+    }
+)
+
+# kind -> settings replacing a table's; set only inside ``tile_overrides`` blocks.
+_OVERRIDES: ContextVar[Mapping[str, Mapping]] = ContextVar("ditmoe_tile_overrides", default=MappingProxyType({}))
+
+
+def overrides() -> Mapping[str, Mapping]:
+    """The overrides in force here: {kind: {setting: value}}."""
+    return _OVERRIDES.get()
+
+
+@contextlib.contextmanager
+def tile_overrides(**kinds: Mapping) -> Iterator[None]:
+    """Replace the tile configs of some kinds inside the block, e.g. ``tile_overrides(route={"BLOCK": 16})``. An
+    unknown kind or setting raises ValueError."""
+    check_tiles(kinds)
+    with exactly(MappingProxyType({**_OVERRIDES.get(), **kinds})):
+        yield
+
+
+@contextlib.contextmanager
+def exactly(saved: Mapping[str, Mapping]) -> Iterator[None]:
+    """Put back overrides read earlier with ``overrides()`` (e.g. in another thread) for the block."""
+    token = _OVERRIDES.set(saved)
+    try:
+        yield
+    finally:
+        _OVERRIDES.reset(token)
+
+
+def check_tiles(kinds: Mapping) -> None:
+    """Raise ValueError, naming the culprit, unless ``kinds`` is {kind: {setting: value}} of known kinds/settings."""
+    for kind, cfg in kinds.items():
+        if kind not in SETTINGS:
+            raise ValueError(f"unknown kernel kind {kind!r} (known: {', '.join(SETTINGS)})")
+        if not isinstance(cfg, Mapping):
+            raise ValueError(f"tiles of {kind!r} must be a {{setting: value}} mapping, got {cfg!r}")
+        unknown = sorted(set(cfg) - SETTINGS[kind])
+        if unknown:
+            known = ", ".join(sorted(SETTINGS[kind]))
+            raise ValueError(f"{kind} has no setting {', '.join(map(repr, unknown))} (known: {known})")
+
+
+def load_tiles(spec: str) -> dict[str, dict]:
+    """Overrides for ``tile_overrides(**tiles)`` from JSON text or a .json file of it, {kind: {setting: value}}
+    (e.g. ``bench/tiles/run3-bf16.json``). Raises ValueError naming what is wrong."""
+    try:
+        tiles = json.loads(Path(spec).read_text() if spec.endswith(".json") else spec)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{spec!r}: {exc}") from exc
+    if not isinstance(tiles, dict):
+        raise ValueError(f"{spec!r}: expected JSON {{kind: {{setting: value}}}}, got {type(tiles).__name__}")
+    try:
+        check_tiles(tiles)
+    except ValueError as exc:
+        raise ValueError(f"{spec!r}: {exc}") from None
+    return tiles
