@@ -59,7 +59,8 @@ run_test_shards() {
     local shards=("$@") pids=() i rc scratch
     scratch=$(mktemp -d)
     for i in "${!shards[@]}"; do
-        timeout "$limit" "$PY" -m pytest tests/test_kernels.py -q -rs -p no:cacheprovider -k "${shards[$i]}" \
+        timeout "$limit" "$PY" -m pytest tests/test_kernels.py tests/test_host_reads.py -q -rs -p no:cacheprovider \
+            -k "${shards[$i]}" \
             >"$scratch/$i.log" 2>&1 &
         pids+=($!)
     done

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Short GPU check (H100/H200), about 5 minutes: CUDA kernel tests for the key shards (7 in parallel, 75 s), then the
+# Short GPU check (H100/H200), about 5 minutes: CUDA kernel tests for the key shards (8 in parallel, 75 s), then the
 # kernel benchmark at tiny (host-bound), XL, G and XL with one expert at 2x load, each layer also under the tiles
 # before run 4, with a tile sweep of every kind, then whole training steps (bench_train.py: S/2 and XL/2, our kernels
 # vs the torch reference vs the official loop; S/2 again under the old tiles). Logs and JSON go to $OUT (else
@@ -18,7 +18,8 @@ run_test_shards 75 \
     "autocast or dit_moe or (experts_fp32 and gelu)" \
     "experts_tma or tma_falls_back" \
     "same_bits and pointer" \
-    "(same_bits and not pointer) or fused_swiglu"
+    "(same_bits and not pointer) or fused_swiglu" \
+    "reads_nothing_back"
 
 say "benchmark: XL, G + tile sweeps incl. TMA (200 s limit)"
 timeout 200 "$PY" -W ignore bench/bench_kernels.py --shapes tiny,XL,G,XL-skew --reps 15 --budget 180 \

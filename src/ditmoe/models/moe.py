@@ -168,14 +168,14 @@ class MoEFeedForward(nn.Module):
         if self.shared_expert is not None:
             out_TD = out_TD + self.shared_expert(x_TD)
 
-        assigned_E = torch.bincount(experts_TK.reshape(-1), minlength=cfg.num_experts)
-        balance = cfg.balance_loss_alpha * balance_loss(probs_TE, experts_TK, B, cfg.balance_loss_type)
+        chosen_TE = choice_counts(experts_TK, cfg.num_experts)
+        balance = cfg.balance_loss_alpha * balance_loss(probs_TE, chosen_TE, cfg.top_k, B, cfg.balance_loss_type)
         z_loss = cfg.router_z_loss * torch.logsumexp(logits_TE, dim=-1).square().mean()
         with torch.no_grad():
             entropy = -(probs_TE * probs_TE.clamp_min(1e-20).log()).sum(-1).mean()
         stats = RoutingStats(
             tokens_per_expert_E=plan.counts_E.detach(),
-            assigned_per_expert_E=assigned_E.detach(),
+            assigned_per_expert_E=chosen_TE.sum(0),
             router_entropy=entropy,
             dropped=plan.dropped.detach(),
             balance_loss=balance.detach(),
@@ -185,17 +185,26 @@ class MoEFeedForward(nn.Module):
         return MoEOutput(out_TD.view(B, L, D), balance + z_loss, stats)
 
 
-def balance_loss(probs_TE: torch.Tensor, experts_TK: torch.Tensor, batch: int, kind: str = "expert") -> torch.Tensor:
+def choice_counts(experts_TK: torch.Tensor, num_experts: int) -> torch.LongTensor:
+    """int64 [T, E]: how many of each token's K choices went to each expert. Unlike ``torch.bincount`` (which reads
+    the largest id back to size its output) it never makes the host wait for the GPU."""
+    experts_E = torch.arange(num_experts, device=experts_TK.device)
+    return (experts_TK.unsqueeze(-1) == experts_E).sum(1)
+
+
+def balance_loss(
+    probs_TE: torch.Tensor, chosen_TE: torch.Tensor, top_k: int, batch: int, kind: str = "expert"
+) -> torch.Tensor:
     """Switch/DeepSeek balance loss ``sum_i P_i * f_i`` (before alpha).
 
-    P_i: mean router probability of expert i; f_i = E * (share of the T*K routed pairs that chose i).
-    ``expert``: over all tokens of the batch (official default); ``sequence``: per image, then averaged.
+    P_i: mean router probability of expert i; f_i = E * (share of the T*K routed pairs that chose i), from
+    ``chosen_TE`` (``choice_counts``). ``expert``: over all tokens of the batch (official default); ``sequence``: per
+    image, then averaged.
     """
     T, E = probs_TE.shape
-    K = experts_TK.shape[1]
     groups = 1 if kind == "expert" else batch
     probs_GLE = probs_TE.view(groups, T // groups, E)
-    chosen_GLE = F.one_hot(experts_TK, E).sum(1).view(groups, T // groups, E).float()
+    chosen_GLE = chosen_TE.view(groups, T // groups, E).float()
     P_GE = probs_GLE.mean(1)
-    f_GE = chosen_GLE.mean(1) * E / K
+    f_GE = chosen_GLE.mean(1) * E / top_k
     return (P_GE * f_GE).sum(-1).mean()

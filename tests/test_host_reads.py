@@ -1,0 +1,78 @@
+"""A training step's forward and backward never make the host wait for the GPU.
+
+Ops that read a device value back to the host (``.item()``, ``nonzero``, ``torch.bincount`` sizing its output, boolean
+indexing...) stall the CPU until the GPU has caught up; it then issues the next kernels to an idle GPU. Small models
+are bound by that issue rate, so one such op per MoE layer costs throughput. The check records every aten op of a step
+(any device: on CPU the Triton path runs in the interpreter); on CUDA, ``torch.cuda.set_sync_debug_mode`` also catches
+waits inside kernels' host code.
+"""
+
+import contextlib
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ditmoe.config import model_config
+from ditmoe.diffusion import create_diffusion
+from ditmoe.models.dit import DiTMoE
+
+HOST_READS = {
+    "aten._local_scalar_dense",  # .item(), int(t), float(t)
+    "aten.is_nonzero",  # bool(t)
+    "aten.equal",
+    "aten.nonzero",
+    "aten.masked_select",
+    "aten.bincount",
+    "aten.unique",
+    "aten._unique",
+    "aten._unique2",
+    "aten.unique_dim",
+    "aten.unique_consecutive",
+}
+
+
+class HostReadLog(TorchDispatchMode):
+    """Records the ops of ``HOST_READS`` and boolean-mask indexing (which runs ``nonzero``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        masks = args[1] if name in ("aten.index", "aten.index_put", "aten.index_put_") else ()
+        if name in HOST_READS or any(m is not None and m.dtype == torch.bool for m in masks):
+            self.reads.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 1.0])
+def test_training_step_reads_nothing_back_from_the_device(capacity_factor):
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    moe = {"backend": "triton", "capacity_factor": capacity_factor}
+    cfg = model_config("DiT-MoE-micro/2-4E2A", image_size=8, latent=False, num_classes=5, moe=moe)
+    torch.manual_seed(0)
+    model = DiTMoE(cfg).to(device)
+    diffusion = create_diffusion("ddpm", learn_sigma=cfg.learn_sigma)
+    gen = torch.Generator(device).manual_seed(0)
+    x0, y = torch.randn(4, 1, 8, 8, device=device), torch.tensor([0, 1, 2, 3], device=device)
+    for step in range(2):  # the first step compiles the kernels on CUDA; the second also runs under sync debug
+        log = HostReadLog()
+        catch_waits = _sync_debug_errors() if step and device.type == "cuda" else contextlib.nullcontext()
+        with log, catch_waits:
+            x_t, t_model, ctx = diffusion.training_inputs(x0, generator=gen)
+            out = model(x_t, t_model, y)
+            loss = diffusion.loss(out.prediction.float(), ctx)["loss"].mean() + out.aux_loss
+            loss.backward()
+        assert log.reads == [], f"host reads in a training step: {log.reads}"
+        assert out.routing[0].assigned_per_expert_E.sum() == x0.shape[0] * 16 * cfg.moe.top_k  # 16 tokens per image
+
+
+@contextlib.contextmanager
+def _sync_debug_errors():
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
