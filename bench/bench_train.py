@@ -26,8 +26,12 @@ one multiply-accumulate = 2 FLOPs, backward = 2x forward, so train = 3 x 2 x for
 Only activated experts count (K of E per token), so every backend does the same FLOPs:
     TFLOP/s = images/s x train_flops / 1e12       MFU = TFLOP/s / peak (datasheet dense bf16, telemetry.PEAK_TFLOPS)
 Timing: ``--warmup`` untimed steps, then ``--iters`` steps each between ``torch.cuda.synchronize()`` calls; the median
-step time gives images/s. Peak memory: the CUDA allocator's peak of the case (reset before it), or on CPU the
-process's peak RSS (reset per case where /proc/self/clear_refs allows). Writes
+step time gives images/s. "host ms" is the median time until the step's Python returns, its kernels queued: close to
+the step time, the host's issuing sets the pace (small models), far below it, the GPU does. ``--rounds N`` runs every
+case N times in turn and reports the median round with the range; ``--compare-tiles FILE`` adds the triton backend
+under other tiles to the rotation, an A/B within one process (e.g. ``--models DiT-MoE-S/2-8E2A --backends triton
+--compare-tiles bench/tiles/run3-bf16.json --rounds 3``). Peak memory: the CUDA allocator's peak of the case (reset
+before it), or on CPU the process's peak RSS (reset per case where /proc/self/clear_refs allows). Writes
 bench/results/<device-slug>-<YYYY-MM-DD>-train.json and prints a markdown table.
 """
 
@@ -76,14 +80,28 @@ ap.add_argument(
     help="triton tile overrides, JSON {kind: {key: value}} or a .json file of it (e.g. bench/tiles/run3-bf16.json: "
     "the bf16 table before run 4)",
 )
+ap.add_argument(
+    "--compare-tiles",
+    help="also run the triton backend under these tile overrides (same formats as --tiles), interleaved with the "
+    "other cases: an A/B in one process",
+)
+ap.add_argument(
+    "--rounds", type=int, default=1, help="run every case this many times in turn; report the median (and spread)"
+)
 ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
 args = ap.parse_args()
+if args.rounds < 1:
+    ap.error(f"--rounds must be at least 1, got {args.rounds}")
 
 TINY = args.tiny or not CUDA
 try:
     tiles = load_tiles(args.tiles) if args.tiles else {}
 except ValueError as exc:
     ap.error(f"--tiles {exc}")
+try:
+    compare_tiles = load_tiles(args.compare_tiles) if args.compare_tiles else None
+except ValueError as exc:
+    ap.error(f"--compare-tiles {exc}")
 models = (
     args.models.split(",")
     if args.models
@@ -161,7 +179,7 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def run_case(name: str, backend: str, batch: int) -> dict:
+def run_case(name: str, backend: str, batch: int, tiles: dict) -> dict:
     cfg = build_config(name, backend)
     module = select_backend(cfg.moe.backend, DEV).__name__
     torch.manual_seed(0)
@@ -187,11 +205,12 @@ def run_case(name: str, backend: str, batch: int) -> dict:
     with tile_overrides(**tiles) if backend == "triton" else contextlib.nullcontext():
         for _ in range(warmup):
             step()
-        times = []
+        times, issued = [], []
         for _ in range(iters):
             sync()
             t0 = time.perf_counter()
             step()
+            issued.append(time.perf_counter() - t0)  # the host's part: queued, not yet run, on CUDA
             sync()
             times.append(time.perf_counter() - t0)
     mem = peak_memory(DEV)
@@ -207,6 +226,7 @@ def run_case(name: str, backend: str, batch: int) -> dict:
         "module": module,
         "step_s": step_s,
         "step_s_all": [round(t, 5) for t in times],
+        "host_s": statistics.median(issued),
         "images_per_s": images_per_s,
         "tokens_per_s": images_per_s * cfg.num_tokens,
         "tflops": tflops,
@@ -226,23 +246,29 @@ def device_name() -> str:  # as bench/bench_kernels.py
     return platform.processor() or platform.machine() or "cpu"
 
 
-rows: list[dict] = []
-T0 = time.time()
+cases = []  # (model, batch, backend, label, tiles), in the order every round runs them
 for i, name in enumerate(models):
-    batch = batch_of(i, name)
     why = too_big_for_device(name)
     if why:
         skipped.append(f"{name}: {why}")
         continue
     for backend in backends:
-        row = {"model": name, "backend": backend, "batch": batch, "image_size": image_size, "dtype": dtype}
-        os.environ["DITMOE_MOE_BACKEND"] = backend  # wins over the config; both say the same
         why = backend_unavailable(backend)
         if why:
             skipped.append(f"{backend} backend: {why}")
             continue
+        cases.append((name, batch_of(i, name), backend, backend, tiles if backend == "triton" else {}))
+        if backend == "triton" and compare_tiles is not None:
+            cases.append((name, batch_of(i, name), backend, f"triton ({args.compare_tiles})", compare_tiles))
+
+runs: dict[tuple, list[dict]] = {}
+T0 = time.time()
+for rnd in range(args.rounds):
+    for name, batch, backend, label, case_tiles in cases:
+        row = {"model": name, "backend": label, "batch": batch, "image_size": image_size, "dtype": dtype}
+        os.environ["DITMOE_MOE_BACKEND"] = backend  # wins over the config; both say the same
         try:
-            row.update(run_case(name, backend, batch))
+            row.update(run_case(name, backend, batch, case_tiles))
         except torch.cuda.OutOfMemoryError:
             row["status"] = "oom"
         except Exception as exc:
@@ -253,9 +279,23 @@ for i, name in enumerate(models):
         gc.collect()  # the failed case's tensors went with its frame; give their memory back before the next
         if CUDA:
             torch.cuda.empty_cache()
-        rows.append(row)
+        runs.setdefault((name, label), []).append(row)
         rate = f"{row['images_per_s']:.1f} images/s" if row["status"] == "ok" else row["status"]
-        print(f"[{time.time() - T0:6.1f}s] {name} {backend} batch {batch}: {rate}", flush=True)
+        done = f" (round {rnd + 1}/{args.rounds})" if args.rounds > 1 else ""
+        print(f"[{time.time() - T0:6.1f}s] {name} {label} batch {batch}: {rate}{done}", flush=True)
+
+
+def median_round(results: list[dict]) -> dict:
+    """The round with the median images/s, with every round's images/s; the first failure if any round failed."""
+    failed = [r for r in results if r["status"] != "ok"]
+    if failed:
+        return failed[0]
+    ordered = sorted(results, key=lambda r: r["images_per_s"])
+    rates = [r["images_per_s"] for r in results]
+    return {**ordered[(len(ordered) - 1) // 2], "images_per_s_rounds": rates}
+
+
+rows: list[dict] = [median_round(results) for results in runs.values()]
 os.environ.pop("DITMOE_MOE_BACKEND", None)
 skipped = list(dict.fromkeys(skipped))
 
@@ -265,18 +305,26 @@ for r in rows:  # speedup vs the official loop of the same model and batch
         r["speedup_vs_naive"] = r["images_per_s"] / base["images_per_s"]
 
 mem_col = "peak alloc GiB" if CUDA else "peak RSS GiB"
-print(f"\nDiT-MoE training step, {device_name()}, {dtype}, {image_size}px, median of {iters} steps after {warmup}\n")
-print(f"| model | backend | batch | images/s | tokens/s | TFLOP/s | MFU | {mem_col} | vs naive |")
-print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+rounds = f", median round of {args.rounds}" if args.rounds > 1 else ""
+print(
+    f"\nDiT-MoE training step, {device_name()}, {dtype}, {image_size}px, median of {iters} steps after {warmup}"
+    f"{rounds}\n"
+)
+# host ms: until the step's Python returned (its kernels queued); near the step time, the host sets the pace
+print(f"| model | backend | batch | images/s | step ms | host ms | TFLOP/s | MFU | {mem_col} | vs naive |")
+print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
 for r in rows:
     if r["status"] != "ok":
-        print(f"| {r['model']} | {r['backend']} | {r['batch']} | {r['status']} | | | | | |")
+        print(f"| {r['model']} | {r['backend']} | {r['batch']} | {r['status']} | | | | | | |")
         continue
     mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
     vs = f"{r['speedup_vs_naive']:.2f}x" if "speedup_vs_naive" in r else "-"
+    rate = f"{r['images_per_s']:,.1f}"
+    if len(r["images_per_s_rounds"]) > 1:
+        rate += f" ({min(r['images_per_s_rounds']):,.0f}-{max(r['images_per_s_rounds']):,.0f})"
     print(
-        f"| {r['model']} | {r['backend']} | {r['batch']} | {r['images_per_s']:,.1f} | {r['tokens_per_s']:,.0f} | "
-        f"{r['tflops']:.4g} | {mfu} | {r['peak_mem_gib']:.2f} | {vs} |"
+        f"| {r['model']} | {r['backend']} | {r['batch']} | {rate} | {1e3 * r['step_s']:.1f} | "
+        f"{1e3 * r['host_s']:.1f} | {r['tflops']:.4g} | {mfu} | {r['peak_mem_gib']:.2f} | {vs} |"
     )
 for s in skipped:
     print(f"skipped {s}")
@@ -299,8 +347,10 @@ meta = {
     "tiny": TINY,
     "warmup": warmup,
     "iters": iters,
+    "rounds": args.rounds,
     "commit": commit,
     "tiles": tiles,
+    "compare_tiles": {"file": args.compare_tiles, "tiles": compare_tiles} if compare_tiles is not None else None,
     "elapsed_s": round(time.time() - T0, 1),
 }
 out.write_text(json.dumps({"meta": meta, "rows": rows, "skipped": skipped}, indent=1))

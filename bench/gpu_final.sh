@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Short GPU check (H100/H200), about 5 minutes: CUDA kernel tests for the key shards (8 in parallel, 75 s), then the
-# kernel benchmark at tiny (host-bound), XL, G and XL with one expert at 2x load, each layer also under the tiles
+# kernel benchmark at tiny (host-bound), S, XL, G and XL with one expert at 2x load, each layer also under the tiles
 # before run 4, with a tile sweep of every kind, then whole training steps (bench_train.py: S/2 and XL/2, our kernels
-# vs the torch reference vs the official loop; S/2 again under the old tiles). Logs and JSON go to $OUT (else
-# bench/results/): at most 8 files, what the device tool brings back. megatron-core rows need megatron importable (or
-# a carried .whl/megatron_core-*.whl).
+# vs the torch reference vs the official loop; S/2 under new and old tiles in turn, 3 rounds). Logs and JSON go to
+# $OUT (else bench/results/): at most 8 files, what the device tool brings back. megatron-core rows need megatron
+# importable (or a carried .whl/megatron_core-*.whl).
 #
 #   bash bench/gpu_final.sh
 # Shards name tests, not bare words: on the H100 host `-k "tma and not same_bits"` selected 72 tests (7 here).
@@ -21,15 +21,16 @@ run_test_shards 75 \
     "(same_bits and not pointer) or fused_swiglu" \
     "reads_nothing_back"
 
-say "benchmark: XL, G + tile sweeps incl. TMA (200 s limit)"
-timeout 200 "$PY" -W ignore bench/bench_kernels.py --shapes tiny,XL,G,XL-skew --reps 15 --budget 180 \
+say "benchmark: S, XL, G + tile sweeps incl. TMA (200 s limit)"
+timeout 200 "$PY" -W ignore bench/bench_kernels.py --shapes tiny,S,XL,G,XL-skew --reps 15 --budget 180 \
     --compare-tiles bench/tiles/run3-bf16.json \
     --sweep --sweep-kinds swiglu,swiglu_bwd,gmm_dx,dw,gmm,ew,rows,gmm_epi 2>&1 | grep --line-buffered -v "^  warnings.warn" | tee "$LOGDIR/bench.log"
 say "benchmark exit ${PIPESTATUS[0]}"
 say "training throughput: S/2 and XL/2-8E2A, triton vs torch vs naive (90 s limit)"
 timeout 90 "$PY" -W ignore bench/bench_train.py 2>&1 | tee "$LOGDIR/bench_train.log"
 say "training benchmark exit ${PIPESTATUS[0]}"
-say "S/2 training step with the tiles before run 4 (run 5 measured it slower with the new ones; 40 s limit)"
-timeout 40 "$PY" -W ignore bench/bench_train.py --models DiT-MoE-S/2-8E2A --backends triton \
-    --tiles bench/tiles/run3-bf16.json --out "$LOGDIR/tiles-run3" 2>&1 | tee -a "$LOGDIR/bench_train.log"
+say "S/2 training step, new tiles vs the tiles before run 4, 3 interleaved rounds (run 5 measured new slower; 60 s)"
+timeout 60 "$PY" -W ignore bench/bench_train.py --models DiT-MoE-S/2-8E2A --backends triton \
+    --compare-tiles bench/tiles/run3-bf16.json --rounds 3 --out "$LOGDIR/tiles-ab" 2>&1 |
+    tee -a "$LOGDIR/bench_train.log"
 collect_results
