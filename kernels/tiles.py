@@ -8,7 +8,7 @@ elementwise pass on ``ew`` tiles), ``dw`` (per-expert K-reduction: every weight 
 (permute/combine), ``ew`` (elementwise SwiGLU backward, [BR, BC] tiles), ``route`` (routing metadata).
 
 Settings: ``TMA`` = 1 in a GEMM kind loads its tiles through tensor descriptors; ``PERSIST`` > 0 launches that many
-persistent programs per SM (not ``swiglu``); ``GATHER`` (``swiglu``, ``gmm_epi``; 1 where absent) picks gather-fused
+persistent programs per SM (not ``dw``); ``GATHER`` (``swiglu``, ``gmm_epi``; 1 where absent) picks gather-fused
 or permute-first input (see ``triton_ops``); ``num_warps`` / ``num_stages`` are launch options.
 
 Tables are fixed so results never depend on batch composition; ``tile_overrides`` lets a benchmark try others inside
@@ -73,7 +73,7 @@ BF16_SM90 = MappingProxyType(
         "gmm": dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=1, PERSIST=1),
         "gmm_dx": dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=1, PERSIST=0),
         "gmm_epi": dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4, TMA=0, PERSIST=0, GATHER=1),
-        "swiglu": dict(BM=128, BN=64, BK=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=1, GATHER=0),
+        "swiglu": dict(BM=128, BN=64, BK=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=1, PERSIST=0, GATHER=0),
         "swiglu_bwd": dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=1, PERSIST=0, FUSED=1),
         "dw": dict(BO=128, BI=256, BR=32, GROUP_M=8, num_warps=8, num_stages=4),
         "rows": dict(BT=16, BD=128, num_warps=4),
@@ -89,7 +89,7 @@ BF16_SM80 = MappingProxyType(
         **BF16_SM90,
         "gmm": dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=0, PERSIST=0),
         "gmm_dx": dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4, TMA=0, PERSIST=0),
-        "swiglu": dict(BM=128, BN=64, BK=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=0, GATHER=1),
+        "swiglu": dict(BM=128, BN=64, BK=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=0, PERSIST=0, GATHER=1),
         "swiglu_bwd": dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4, TMA=0, PERSIST=0, FUSED=0),
         "dw": dict(BO=128, BI=128, BR=32, GROUP_M=8, num_warps=8, num_stages=4),
     }

@@ -10,9 +10,9 @@ Design (see /work/shared/notes/kernels.md):
 - Grouped GEMMs launch a static grid over ``cdiv(R, BM) + E + 1`` M-blocks (the upper bound) x N-tiles. A block
   table computed on device gives each M-block one group (expert) and its row range: indices are padded, tensors
   are not. The sentinel group's blocks write zeros (dropped rows), unused blocks do no work. Tile key ``PERSIST``
-  (kinds ``gmm``, ``gmm_dx``, ``gmm_epi``, ``swiglu_bwd``) launches PERSIST programs per SM instead, which loop
-  over the used tiles (the table also holds their count); every tile then runs the same K loop, so the compiler
-  flattens tile and K loops into one pipelined loop whose loads for the next tile overlap this tile's epilogue.
+  (every GEMM kind but ``dw``) launches PERSIST programs per SM instead, which loop over the used tiles (the table
+  also holds their count); every tile then runs the same K loop, so the compiler flattens tile and K loops into one
+  pipelined loop whose loads for the next tile overlap this tile's epilogue.
 - The first expert GEMM gathers its A rows through the permutation (an int32 token table ``sorted_flat // K``
   computed once per plan): no permuted copy of x. Tile key ``GATHER`` = 0 (kinds ``swiglu``, ``gmm_epi``) permutes
   x first instead: the GEMM's A tiles can then load through TMA, and the backward reuses the copy for the first
@@ -1071,6 +1071,7 @@ def _gmm_swiglu_kernel(
     s_r,
     s_n,
     GATHER: tl.constexpr,
+    PERSIST: tl.constexpr,
     TMA_A: tl.constexpr,
     TMA_B: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -1084,54 +1085,58 @@ def _gmm_swiglu_kernel(
     """G = A Wg^T, U = A Wu^T in one pass over A (GATHER: x read through the permutation, else the permuted copy);
     H = silu(G) * U. G and U are stored (rounded to the output dtype) for backward; H is computed from the rounded
     values so the backward can recompute it bit for bit. TMA_A: A tiles through a descriptor over the permuted copy
-    from the block's first row (as in ``_mainloop``); TMA_B: weight tiles through descriptors over W as [E*N, Kdim]."""
-    e, rs, n0, rows, rmask, offs_n, nmask = _group_block(tl.program_id(0), tab_ptr, NMB, NMB, N, BM, BN, GROUP_M)
-    if e < 0:
-        return
-    cmask = rmask[:, None] & nmask[None, :]
-    o = rows[:, None] * s_r + offs_n[None, :] * s_n
-    if e == NUM_E:
-        zero = tl.zeros([BM, BN], h_ptr.dtype.element_ty)
-        tl.store(h_ptr + o, zero, mask=cmask)
-        tl.store(g_ptr + o, zero, mask=cmask)
-        tl.store(u_ptr + o, zero, mask=cmask)
-        return
-    e64 = e.to(tl.int64)
-    offs_k = tl.arange(0, BK)
-    a_ptrs = a_ptr + _a_rows(tok_ptr, rows, rmask, GATHER)[:, None] * s_ar + offs_k[None, :] * s_ak
-    bg_ptrs = bg_ptr + e64 * s_bge + offs_k[:, None] * s_bgk + offs_n[None, :] * s_bgn
-    bu_ptrs = bu_ptr + e64 * s_bue + offs_k[:, None] * s_buk + offs_n[None, :] * s_bun
-    acc_g = tl.zeros([BM, BN], tl.float32)
-    acc_u = tl.zeros([BM, BN], tl.float32)
-    b_row = e * N + n0
-    for k0 in range(0, Kdim, BK):
-        km = offs_k < Kdim - k0
-        if TMA_A:
-            a = a_desc.load([rs, k0])
-        elif EVEN_K:
-            a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
-        else:
-            a = tl.load(a_ptrs, mask=rmask[:, None] & km[None, :], other=0.0)
-        if TMA_B:
-            bg = tl.trans(bg_desc.load([b_row, k0]))
-            bu = tl.trans(bu_desc.load([b_row, k0]))
-        elif EVEN_K:
-            bg = tl.load(bg_ptrs, mask=nmask[None, :], other=0.0)
-            bu = tl.load(bu_ptrs, mask=nmask[None, :], other=0.0)
-        else:
-            bg = tl.load(bg_ptrs, mask=km[:, None] & nmask[None, :], other=0.0)
-            bu = tl.load(bu_ptrs, mask=km[:, None] & nmask[None, :], other=0.0)
-        acc_g = _mma(a, bg, acc_g, UPCAST, PREC)
-        acc_u = _mma(a, bu, acc_u, UPCAST, PREC)
-        a_ptrs += BK * s_ak
-        bg_ptrs += BK * s_bgk
-        bu_ptrs += BK * s_buk
-    g = _to(acc_g, h_ptr.dtype.element_ty)
-    u = _to(acc_u, h_ptr.dtype.element_ty)
-    tl.store(g_ptr + o, g, mask=cmask)
-    tl.store(u_ptr + o, u, mask=cmask)
-    gf = g.to(tl.float32)
-    tl.store(h_ptr + o, _to(gf * _sigmoid(gf) * u.to(tl.float32), h_ptr.dtype.element_ty), mask=cmask)
+    from the block's first row (as in ``_mainloop``); TMA_B: weight tiles through descriptors over W as [E*N, Kdim].
+    PERSIST: programs loop over the used tiles, as in ``_gmm_kernel``, so one tile's stores of H, G and U overlap the
+    next tile's loads."""
+    num_m = tl.load(tab_ptr + 3 * NMB) if PERSIST else NMB
+    stop = num_m * tl.cdiv(N, BN) if PERSIST else tl.program_id(0) + 1
+    for tile in tl.range(tl.program_id(0), stop, tl.num_programs(0) if PERSIST else 1, flatten=PERSIST):
+        # no early exits (see _gmm_tile): an unused block masks every row, the dropped rows' block stores zeros
+        e, rs, n0, rows, rmask, offs_n, nmask = _group_block(tile, tab_ptr, NMB, num_m, N, BM, BN, GROUP_M)
+        live = (e >= 0) & (e < NUM_E)
+        k_len = Kdim if PERSIST else tl.where(live, Kdim, 0)  # PERSIST: one trip count for every tile
+        e = tl.where(live, e, 0)
+        cmask = rmask[:, None] & nmask[None, :]
+        o = rows[:, None] * s_r + offs_n[None, :] * s_n
+        e64 = e.to(tl.int64)
+        offs_k = tl.arange(0, BK)
+        a_ptrs = a_ptr + _a_rows(tok_ptr, rows, rmask, GATHER)[:, None] * s_ar + offs_k[None, :] * s_ak
+        bg_ptrs = bg_ptr + e64 * s_bge + offs_k[:, None] * s_bgk + offs_n[None, :] * s_bgn
+        bu_ptrs = bu_ptr + e64 * s_bue + offs_k[:, None] * s_buk + offs_n[None, :] * s_bun
+        acc_g = tl.zeros([BM, BN], tl.float32)
+        acc_u = tl.zeros([BM, BN], tl.float32)
+        b_row = e * N + n0
+        for k0 in range(0, k_len, BK):
+            km = offs_k < Kdim - k0
+            if TMA_A:
+                a = a_desc.load([rs, k0])
+            elif EVEN_K:
+                a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
+            else:
+                a = tl.load(a_ptrs, mask=rmask[:, None] & km[None, :], other=0.0)
+            if TMA_B:
+                bg = tl.trans(bg_desc.load([b_row, k0]))
+                bu = tl.trans(bu_desc.load([b_row, k0]))
+            elif EVEN_K:
+                bg = tl.load(bg_ptrs, mask=nmask[None, :], other=0.0)
+                bu = tl.load(bu_ptrs, mask=nmask[None, :], other=0.0)
+            else:
+                bg = tl.load(bg_ptrs, mask=km[:, None] & nmask[None, :], other=0.0)
+                bu = tl.load(bu_ptrs, mask=km[:, None] & nmask[None, :], other=0.0)
+            acc_g = _mma(a, bg, acc_g, UPCAST, PREC)
+            acc_u = _mma(a, bu, acc_u, UPCAST, PREC)
+            a_ptrs += BK * s_ak
+            bg_ptrs += BK * s_bgk
+            bu_ptrs += BK * s_buk
+        if PERSIST:  # the dropped rows' products are discarded
+            acc_g = tl.where(live, acc_g, 0.0)
+            acc_u = tl.where(live, acc_u, 0.0)
+        g = _to(acc_g, h_ptr.dtype.element_ty)
+        u = _to(acc_u, h_ptr.dtype.element_ty)
+        tl.store(g_ptr + o, g, mask=cmask)
+        tl.store(u_ptr + o, u, mask=cmask)
+        gf = g.to(tl.float32)
+        tl.store(h_ptr + o, _to(gf * _sigmoid(gf) * u.to(tl.float32), h_ptr.dtype.element_ty), mask=cmask)
 
 
 @triton.jit
@@ -1300,9 +1305,9 @@ def _gmm(
         a_descs = _tma_descs([(t, [BM, BK]) for t in (a, a2) if t is not None])
     a_desc, a2_desc = (a_descs + [a])[:2] if a_descs else (a, a)  # tensors stand in where unused
     b_desc, b2_desc = (b_descs + [w])[:2] if b_descs else (w, w)
-    tiles = nmb * triton.cdiv(N, BN)
+    n_tiles = nmb * triton.cdiv(N, BN)
     persist = bool(cfg.get("PERSIST"))
-    grid = (min(tiles, _persistent_programs(a.device, cfg["PERSIST"])) if persist else tiles,)
+    grid = (min(n_tiles, _persistent_programs(a.device, cfg["PERSIST"])) if persist else n_tiles,)
     _gmm_kernel[grid](
         a,
         meta.tok() if gather else dummy,
@@ -1427,7 +1432,10 @@ def _gmm_swiglu(a, w_gate, w_up, meta: _Meta, *, gather: bool):
     upcast, prec = _prec(a.dtype)
     b_descs = _tma_descs([(w_gate, [BN, BK]), (w_up, [BN, BK])]) if cfg.get("TMA") else None
     a_descs = _tma_descs([(a, [BM, BK])]) if cfg.get("TMA") and not gather else None
-    _gmm_swiglu_kernel[(nmb * triton.cdiv(N, BN),)](
+    n_tiles = nmb * triton.cdiv(N, BN)
+    persist = bool(cfg.get("PERSIST"))
+    grid = (min(n_tiles, _persistent_programs(a.device, cfg["PERSIST"])) if persist else n_tiles,)
+    _gmm_swiglu_kernel[grid](
         a,
         meta.tok() if gather else h,
         w_gate,
@@ -1453,6 +1461,7 @@ def _gmm_swiglu(a, w_gate, w_up, meta: _Meta, *, gather: bool):
         h.stride(0),
         h.stride(1),
         gather,
+        persist,
         a_descs is not None,
         b_descs is not None,
         upcast,

@@ -52,7 +52,7 @@ def test_gemm_kernels_compile_pipelined_for_sm90(mode):
             cmd += ["--set", f"{kind}.TMA={int(tma)}"]
         cmd += ["--set", f"swiglu.GATHER={int(not options)}", "--set", f"gmm_epi.GATHER={int(not options)}"]
         cmd += ["--set", f"swiglu_bwd.FUSED={int(options)}"]
-        for kind in ("gmm", "gmm_dx", "gmm_epi", "swiglu_bwd"):
+        for kind in ("gmm", "gmm_dx", "gmm_epi", "swiglu", "swiglu_bwd"):
             cmd += ["--set", f"{kind}.PERSIST={int(options)}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -423,8 +423,10 @@ SAME_BITS = {
     ),
     "fused-swiglu-bwd": ({"swiglu_bwd": {"FUSED": 0}}, {"swiglu_bwd": {"FUSED": 1}}),
     "persistent": (
-        {kind: {"PERSIST": 0} for kind in ("gmm", "gmm_dx", "gmm_epi")} | {"swiglu_bwd": {"PERSIST": 0, "FUSED": 1}},
-        {kind: {"PERSIST": 1} for kind in ("gmm", "gmm_dx", "gmm_epi")} | {"swiglu_bwd": {"PERSIST": 1, "FUSED": 1}},
+        {kind: {"PERSIST": 0} for kind in ("gmm", "gmm_dx", "gmm_epi", "swiglu")}
+        | {"swiglu_bwd": {"PERSIST": 0, "FUSED": 1}},
+        {kind: {"PERSIST": 1} for kind in ("gmm", "gmm_dx", "gmm_epi", "swiglu")}
+        | {"swiglu_bwd": {"PERSIST": 1, "FUSED": 1}},
     ),
 }
 SAME_BITS_CASES = [
@@ -465,6 +467,26 @@ def test_tile_options_give_the_same_bits(option, act, case, tma, monkeypatch):
             assert sorted(scatters) == n_default, (scatters, n_default)
         for name, a, b in zip(["out", *NAMES[act]], got, want, strict=True):
             assert torch.equal(a, b), f"{name} ({dtype}) differs with {option}"
+
+
+@pytest.mark.parametrize("tma", [0, 1], ids=["pointer-loads", "tma"])
+def test_persistent_swiglu_writes_what_one_tile_per_program_writes(tma):
+    """The gate/up GEMM's stores, not only the layer's results: h, g and u bit for bit, and zeros on dropped rows
+    (which the persistent loop runs through expert 0's weights and must discard). 3 programs share the tiles."""
+    T, K, E, D, F = 29, 2, 4, 64, 44
+    plan = ops.routing_plan(make_experts(T, K, E, seed=2, empty=(1,)), E, 10)  # capacity 10: drops
+    meta = ops._meta(plan)
+    a = randn(T * K, D, seed=3, dtype=torch.float32)
+    w_gate, w_up = randn(E, F, D, seed=4, dtype=torch.float32), randn(E, F, D, seed=5, dtype=torch.float32)
+    outs = []
+    for persist in (0, 1):
+        with ops.tile_overrides(swiglu={"PERSIST": persist, "TMA": tma}):
+            outs.append(ops._gmm_swiglu(a, w_gate, w_up, meta, gather=False))
+    kept = plan.counts_E.sum().item()
+    assert kept < T * K
+    for name, one, persistent in zip("hgu", *outs, strict=True):
+        assert torch.equal(persistent, one), name
+        assert not persistent[kept:].any(), f"{name}: dropped rows must be zero"
 
 
 def test_fused_swiglu_bwd_writes_what_the_pass_writes():
