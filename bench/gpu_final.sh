@@ -6,7 +6,8 @@
 # $OUT (else bench/results/): at most 8 files, what the device tool brings back. megatron-core rows need megatron
 # importable (or a carried .whl/megatron_core-*.whl).
 #
-#   bash bench/gpu_final.sh
+#   pip download --no-deps -d .whl megatron-core==0.16.1     # here, once: the megatron-core peer rows
+#   bash bench/gpu_final.sh                                   # there, with .whl carried
 # Shards name tests, not bare words: on the H100 host `-k "tma and not same_bits"` selected 72 tests (7 here).
 NAME=gpu_final
 source "$(dirname "$0")/gpu_common.sh"
