@@ -261,6 +261,8 @@ for i, name in enumerate(models):
         if backend == "triton" and compare_tiles is not None:
             cases.append((name, batch_of(i, name), backend, f"triton ({args.compare_tiles})", compare_tiles))
 
+if compare_tiles is not None and not any(label != backend for _, _, backend, label, _ in cases):
+    skipped.append(f"--compare-tiles {args.compare_tiles}: the triton backend does not run here")
 runs: dict[tuple, list[dict]] = {}
 T0 = time.time()
 for rnd in range(args.rounds):
