@@ -161,20 +161,29 @@ class GaussianDiffusion:
         else:
             self.fixed_variance_values = self.posterior_variance
             self.fixed_log_variance_values = self.posterior_log_variance_clipped
+        self._tables: dict[tuple[int, torch.device, torch.dtype], tuple[np.ndarray, torch.Tensor]] = {}  # _table
 
     # ------------------------------------------------------------------ helpers
     @property
     def num_timesteps(self) -> int:
         return len(self.betas)
 
+    def _table(self, arr: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """One of this process's schedule arrays as a tensor on ``device``, copied once: a copy from host memory in
+        every step would make the host wait for the GPU there."""
+        key = (id(arr), device, dtype)
+        if key not in self._tables:  # the entry keeps ``arr`` alive, so its id cannot be reused by another array
+            self._tables[key] = (arr, torch.from_numpy(arr).to(device=device, dtype=dtype))
+        return self._tables[key][1]
+
     def _gather(self, arr: np.ndarray, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """arr[t] as a tensor broadcastable to ``like`` ([B, 1, 1, ...]) in ``like``'s compute dtype."""
-        vals = torch.from_numpy(arr).to(dtype=compute_dtype(like.dtype)).to(like.device)[t.to(like.device)]
+        vals = self._table(arr, like.device, compute_dtype(like.dtype))[t.to(like.device)]
         return vals.reshape(-1, *([1] * (like.ndim - 1)))
 
     def model_time(self, t: torch.Tensor) -> torch.Tensor:
         """Index of this process [B] -> original timestep value [B] int64 in [0, 999] that the model was trained on."""
-        return torch.from_numpy(self.timestep_map).to(t.device)[t]
+        return self._table(self.timestep_map, t.device, torch.int64)[t]
 
     def respace(self, spacing: str | int) -> GaussianDiffusion:
         """A process visiting only the steps kept by ``spacing`` (see ``respace.space_timesteps``)."""
