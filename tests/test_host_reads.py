@@ -17,6 +17,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from ditmoe.config import model_config
 from ditmoe.diffusion import create_diffusion
 from ditmoe.models.dit import DiTMoE
+from ditmoe.training.config import TrainConfig
+from ditmoe.training.loop import train_step
+from ditmoe.training.stepper import TorchStepper
 
 HOST_READS = {
     "aten._local_scalar_dense",  # .item(), int(t), float(t)
@@ -51,11 +54,15 @@ class HostReadLog(TorchDispatchMode):
 
 @pytest.mark.parametrize("diffusion_kind, capacity_factor", [("ddpm", None), ("ddpm", 1.0), ("rf", None)])
 def test_training_step_reads_nothing_back_from_the_device(diffusion_kind, capacity_factor):
+    """The trainer's forward + backward (``train_step``: label dropout, diffusion inputs, model, losses), Triton MoE
+    path; bf16 autocast on CUDA as users train. The optimizer step after it decides on the host whether to skip a
+    non-finite update: one wait per step, by design, not checked here."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     moe = {"backend": "triton", "capacity_factor": capacity_factor}
     cfg = model_config("DiT-MoE-micro/2-4E2A", image_size=8, latent=False, num_classes=5, moe=moe)
     torch.manual_seed(0)
     model = DiTMoE(cfg).to(device)
+    stepper = TorchStepper(model, TrainConfig(precision="bf16" if device.type == "cuda" else "fp32"))
     diffusion = create_diffusion(diffusion_kind, learn_sigma=cfg.learn_sigma)
     gen = torch.Generator(device).manual_seed(0)
     x0, y = torch.randn(4, 1, 8, 8, device=device), torch.tensor([0, 1, 2, 3], device=device)
@@ -63,12 +70,10 @@ def test_training_step_reads_nothing_back_from_the_device(diffusion_kind, capaci
         log = HostReadLog()
         catch_waits = _sync_debug_errors() if step and device.type == "cuda" else contextlib.nullcontext()
         with log, catch_waits:
-            x_t, t_model, ctx = diffusion.training_inputs(x0, generator=gen)
-            out = model(x_t, t_model, y)
-            loss = diffusion.loss(out.prediction.float(), ctx)["loss"].mean() + out.aux_loss
-            loss.backward()
+            out = train_step(stepper, diffusion, x0, y, gen)
     assert log.reads == [], f"host reads in a training step: {log.reads}"
     assert out.routing[0].assigned_per_expert_E.sum() == x0.shape[0] * 16 * cfg.moe.top_k  # 16 tokens per image
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
 @contextlib.contextmanager
