@@ -132,6 +132,21 @@ def test_ema_warmup_and_update():
     assert EMA(model, 0.999).decay_at(0) == 0.999
 
 
+def test_ema_update_is_the_formula_for_every_entry():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2)).to(torch.bfloat16)
+    ema = EMA(model, 0.9)
+    before = {k: v.clone() for k, v in ema.shadow.items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    ema.update(model, step=5)
+    assert set(ema.shadow) == {k for k, v in model.state_dict().items() if v.is_floating_point()}
+    for k, v in model.state_dict().items():
+        assert ema.shadow[k].dtype == torch.float32
+        torch.testing.assert_close(ema.shadow[k], 0.9 * before[k] + 0.1 * v.float(), rtol=1e-6, atol=1e-6)
+
+
 def test_bf16_autocast_training_runs_and_learns_in_fp32_master_weights(digits, tmp_path):
     result = train(smoke(digits, tmp_path / "run", steps=3, precision="bf16", log_every=1), progress=False)
     assert len(result.losses) == 3 and all(math.isfinite(v) for v in result.losses)

@@ -27,9 +27,10 @@ class EMA:
     def update(self, model: nn.Module, step: int) -> None:
         """Fold in the weights after optimizer step ``step`` (0-based)."""
         weight = 1.0 - self.decay_at(step)
-        for k, v in model.state_dict().items():
-            if k in self.shadow:
-                self.shadow[k].lerp_(v.detach().float(), weight)
+        current = model.state_dict()
+        keys = [k for k in self.shadow if k in current]
+        # one multi-tensor launch per chunk, not one per entry: hundreds of small kernels a step for an S/2 model
+        torch._foreach_lerp_([self.shadow[k] for k in keys], [current[k].detach().float() for k in keys], weight)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.shadow
