@@ -1,8 +1,12 @@
 """Training loop: resume equals an uninterrupted run, atomic checkpoints, clear errors."""
 
+import itertools
 import json
 import math
+import os
 import shutil
+import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -118,6 +122,33 @@ def test_train_cli_bad_input_is_one_clear_line(digits, tmp_path, capsys, argv, n
     assert main(base + argv) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and err.count("\n") == 0
+
+
+def test_a_stop_signal_saves_and_stops_a_single_process_run(digits, tmp_path, monkeypatch):
+    """SIGUSR1 during step 3's forward: the run saves step 3, leaves the requeue marker and stops (the single-process
+    path decides on the host, without the collective the distributed one needs)."""
+    from ditmoe.training import loop
+
+    real_model = loop.DiTMoE
+
+    def build(*args, **kwargs):
+        model, calls = real_model(*args, **kwargs), itertools.count(1)
+        forward = model.forward
+
+        def signalling_forward(*a, **kw):
+            if next(calls) == 3:
+                os.kill(os.getpid(), signal.SIGUSR1)
+            return forward(*a, **kw)
+
+        model.forward = signalling_forward
+        return model
+
+    monkeypatch.setattr(loop, "DiTMoE", build)
+    out = tmp_path / "run"
+    result = train(smoke(digits, out, steps=6, ckpt_every=100, log_every=100), progress=False)
+    assert result.stopped_by_signal and result.step == 3
+    assert ckpt_io.newest_valid(out / "checkpoints").name == ckpt_io.step_dir(Path(), 3).name
+    assert (out / "REQUEUE").read_text().strip() == "3"
 
 
 def test_ema_warmup_and_update():

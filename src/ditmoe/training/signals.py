@@ -30,10 +30,12 @@ class StopRequest:
         self.received = signum
 
     def agreed(self, device: torch.device) -> bool:
-        """Collective when distributed: every rank must call it at the same step."""
+        """Collective when distributed: every rank must call it at the same step. A single process decides on the
+        host alone, so the step that follows is not held up waiting for the GPU."""
+        if not dist.is_initialized():
+            return self.received is not None
         flag = torch.tensor([1.0 if self.received is not None else 0.0], device=device)
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
     def restore(self) -> None:
