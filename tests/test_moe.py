@@ -124,6 +124,7 @@ def test_balance_loss_matches_formula(kind):
     expected = alpha * _hand_balance(probs, idx, E, K, 1 if kind == "expert" else B)
     assert res.aux_loss.item() == pytest.approx(expected, rel=1e-5)
     assert res.stats.balance_loss.item() == pytest.approx(expected, rel=1e-5)
+    assert res.stats.z_loss.item() == 0.0  # router_z_loss = 0: not computed, reported as zero
 
 
 def test_balance_loss_is_one_times_alpha_when_uniform():

@@ -118,14 +118,13 @@ class DiTMoE(nn.Module):
         """x: noisy input; t: the diffusion's model time (float or int) per sample; y: labels (null id allowed)."""
         x_BTD = self.x_embedder(x_BCHW) + self.pos_embed
         c_BD = self.t_embedder(t_B) + self.y_embedder(y_B)
-        aux = x_BTD.new_zeros((), dtype=torch.float32)
-        routing = []
+        aux, routing = [], []
         for block in self.blocks:
             x_BTD, moe = block(x_BTD, c_BD)
-            aux = aux + moe.aux_loss
+            aux.append(moe.aux_loss)
             routing.append(moe.stats)
         out = self.unpatchify(self.final_layer(x_BTD, c_BD))
-        return DiTOutput(out, aux, routing)
+        return DiTOutput(out, torch.stack(aux).sum(), routing)  # one sum, not one add per block
 
 
 def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
