@@ -1,7 +1,8 @@
 """Single-device training throughput of a whole DiT-MoE step, per model preset and MoE backend.
 
-One step = forward (bf16 autocast on CUDA), diffusion loss + balance loss, backward, AdamW step, on random latents
-and labels: what ``ditmoe.training.loop.train_step`` and ``TorchStepper.step`` do (no grad clipping: the default).
+One step = forward (bf16 autocast on CUDA), diffusion loss + balance loss, backward, AdamW step (the trainer's fused
+``ditmoe.training.stepper.adamw``), on random latents and labels: what ``ditmoe.training.loop.train_step`` and
+``TorchStepper.step`` do (no grad clipping: the default).
 
     python bench/bench_train.py                          # CUDA: S/2 and XL/2-8E2A at 256px; triton, torch, naive
                                                          # (XL only where its optimizer state leaves room: H200)
@@ -58,6 +59,7 @@ from ditmoe.analysis.model_size import model_size
 from ditmoe.config import model_config
 from ditmoe.diffusion import create_diffusion
 from ditmoe.models.dit import DiTMoE
+from ditmoe.training.stepper import adamw
 from ditmoe.training.telemetry import device_peak_flops, peak_memory
 from ditmoe_kernels import select_backend
 from ditmoe_kernels.tiles import load_tiles, tile_overrides
@@ -185,7 +187,7 @@ def run_case(name: str, backend: str, batch: int, tiles: dict) -> dict:
     torch.manual_seed(0)
     model = DiTMoE(cfg).to(DEV)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)  # the training defaults
+    optimizer = adamw(list(model.parameters()), lr=1e-4, weight_decay=0.0)  # the trainer's optimizer and defaults
     diffusion = create_diffusion("ddpm", learn_sigma=cfg.learn_sigma)
     autocast = torch.autocast(DEV.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
     gen = torch.Generator(DEV).manual_seed(0)

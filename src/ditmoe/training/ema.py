@@ -27,10 +27,10 @@ class EMA:
     def update(self, model: nn.Module, step: int) -> None:
         """Fold in the weights after optimizer step ``step`` (0-based)."""
         weight = 1.0 - self.decay_at(step)
-        current = model.state_dict()
+        current = model.state_dict(keep_vars=True)  # no detach per entry: this runs under no_grad
         keys = [k for k in self.shadow if k in current]
         # one multi-tensor launch per chunk, not one per entry: hundreds of small kernels a step for an S/2 model
-        torch._foreach_lerp_([self.shadow[k] for k in keys], [current[k].detach().float() for k in keys], weight)
+        torch._foreach_lerp_([self.shadow[k] for k in keys], [current[k].float() for k in keys], weight)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.shadow
