@@ -105,6 +105,16 @@ def _backward_under_forward_tiles(cls: type[torch.autograd.Function]) -> type[to
 EPI_NONE, EPI_GELU, EPI_GELU_BWD, EPI_SWIGLU_BWD = 0, 1, 2, 3
 
 
+def _cdiv(a: int, b: int) -> int:
+    """ceil(a / b) on the host; ``triton.cdiv`` is a constexpr function whose call costs microseconds per use."""
+    return -(-a // b)
+
+
+def _pow2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1), on the host (as ``_cdiv``: not ``triton.next_power_of_2``)."""
+    return 1 << (n - 1).bit_length()
+
+
 def _config(kind: str, dtype: torch.dtype) -> dict:
     """Tile configuration of one kernel kind (see ``tiles``) for this dtype and device, with any overrides."""
     if INTERPRET:
@@ -303,9 +313,9 @@ def _route_block(nb_pad: int) -> int:
 def _route_pass(flat, rank, cap, T, K, NB, prio, capped, add_start, write_meta):
     """histogram -> scan -> rank. Returns pos [R] (bucket start + rank when ``add_start``), sorted, meta."""
     dev, n = flat.device, flat.numel()
-    nb_pad = triton.next_power_of_2(max(NB, 2))
+    nb_pad = _pow2(max(NB, 2))
     BLOCK = _route_block(nb_pad)
-    nblk = triton.cdiv(n, BLOCK)
+    nblk = _cdiv(n, BLOCK)
     hist = torch.empty(nblk, NB, dtype=torch.int32, device=dev)
     base = torch.empty_like(hist)
     rank_arg = rank if rank is not None else flat
@@ -377,10 +387,10 @@ class _Meta:
 
     def table(self, BM: int) -> tuple[torch.Tensor, int]:
         if BM not in self._tables:
-            nmb = triton.cdiv(self.R, BM) + self.E + 1
+            nmb = _cdiv(self.R, BM) + self.E + 1
             tab = torch.empty(3 * nmb + 1, dtype=torch.int32, device=self.offsets.device)
             nb = self.E + 1
-            _block_table_kernel[(1,)](self.offsets, tab, self.R, nb, nmb, BM, triton.next_power_of_2(nb), 64)
+            _block_table_kernel[(1,)](self.offsets, tab, self.R, nb, nmb, BM, _pow2(nb), 64)
             self._tables[BM] = (tab, nmb)
         return self._tables[BM]
 
@@ -503,7 +513,7 @@ def _gather_kernel(
 def _rows_cfg(dtype, D):
     cfg = _config("rows", dtype)
     if "BD" not in tiles.overrides().get("rows", {}):
-        cfg["BD"] = min(cfg["BD"], triton.next_power_of_2(max(D, 16)))
+        cfg["BD"] = min(cfg["BD"], _pow2(max(D, 16)))
     return cfg
 
 
@@ -514,7 +524,7 @@ def _scatter(x_TD, meta: _Meta, w_TK=None, y_RD=None):
     out = torch.empty(meta.R, D, dtype=x_TD.dtype, device=x_TD.device)
     has_w = w_TK is not None
     cfg = _rows_cfg(x_TD.dtype, D)
-    grid = (triton.cdiv(T, cfg["BT"]), triton.cdiv(D, cfg["BD"]))
+    grid = (_cdiv(T, cfg["BT"]), _cdiv(D, cfg["BD"]))
     dwp = torch.empty(T, K, grid[1], dtype=torch.float32, device=x_TD.device) if has_w else out
     w_arg = w_TK if has_w else out
     y_arg = y_RD if has_w else out
@@ -557,7 +567,7 @@ def _gather(y_RD, meta: _Meta, w_TK=None):
     w_arg = w_TK if has_w else out
     cfg = _rows_cfg(y_RD.dtype, D)
     if T > 0 and D > 0:
-        grid = (triton.cdiv(T, cfg["BT"]), triton.cdiv(D, cfg["BD"]))
+        grid = (_cdiv(T, cfg["BT"]), _cdiv(D, cfg["BD"]))
         _gather_kernel[grid](
             y_RD,
             meta.row_of_flat,
@@ -1305,7 +1315,7 @@ def _gmm(
         a_descs = _tma_descs([(t, [BM, BK]) for t in (a, a2) if t is not None])
     a_desc, a2_desc = (a_descs + [a])[:2] if a_descs else (a, a)  # tensors stand in where unused
     b_desc, b2_desc = (b_descs + [w])[:2] if b_descs else (w, w)
-    n_tiles = nmb * triton.cdiv(N, BN)
+    n_tiles = nmb * _cdiv(N, BN)
     persist = bool(cfg.get("PERSIST"))
     grid = (min(n_tiles, _persistent_programs(a.device, cfg["PERSIST"])) if persist else n_tiles,)
     _gmm_kernel[grid](
@@ -1393,7 +1403,7 @@ def _swiglu_bwd(dh, g, u):
     h = torch.empty_like(dh)
     if dh.numel():
         cfg = _config("ew", dh.dtype)
-        grid = (triton.cdiv(R, cfg["BR"]), triton.cdiv(F, cfg["BC"]))
+        grid = (_cdiv(R, cfg["BR"]), _cdiv(F, cfg["BC"]))
         _swiglu_bwd_kernel[grid](dh, g, u, dgu, h, R, F, F, 2 * F, cfg["BR"], cfg["BC"], **_launch_opts(cfg))
     return dgu, h
 
@@ -1432,7 +1442,7 @@ def _gmm_swiglu(a, w_gate, w_up, meta: _Meta, *, gather: bool):
     upcast, prec = _prec(a.dtype)
     b_descs = _tma_descs([(w_gate, [BN, BK]), (w_up, [BN, BK])]) if cfg.get("TMA") else None
     a_descs = _tma_descs([(a, [BM, BK])]) if cfg.get("TMA") and not gather else None
-    n_tiles = nmb * triton.cdiv(N, BN)
+    n_tiles = nmb * _cdiv(N, BN)
     persist = bool(cfg.get("PERSIST"))
     grid = (min(n_tiles, _persistent_programs(a.device, cfg["PERSIST"])) if persist else n_tiles,)
     _gmm_swiglu_kernel[grid](
@@ -1492,7 +1502,7 @@ def _gmm_dw(a, b, meta: _Meta, *, split: int | None = None, with_db: bool = Fals
         cfg = _config("dw", a.dtype)
         BO, BI = cfg["BO"], cfg["BI"]
         upcast, prec = _prec(a.dtype)
-        grid = (triton.cdiv(O, BO) * triton.cdiv(I, BI), E)
+        grid = (_cdiv(O, BO) * _cdiv(I, BI), E)
         _gmm_dw_kernel[grid](
             a,
             b,
