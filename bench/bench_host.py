@@ -1,0 +1,87 @@
+"""The host's share of a training step: aten ops issued and milliseconds per phase, at a depth where it matters.
+
+Small models on a GPU are paced by how fast the host issues their kernels (bench_train's "host ms" column shows it).
+This measures that cost without a GPU: the trainer's own step (``train_step``, ``TorchStepper.step``, ``EMA.update``)
+on a model of a preset's depth and block structure but width 32 and 4 tokens per image, on CPU, so that the time is
+dispatch and Python, not arithmetic. Op counts are exact and machine-independent; times are CPU dispatch, a lower
+bound for CUDA's per-op launch cost.
+
+    python bench/bench_host.py                             # DiT-MoE-S/2-8E2A, torch MoE backend
+    python bench/bench_host.py --model DiT-MoE-XL/2-8E2A --steps 30
+
+The torch MoE backend runs here; the Triton one needs a GPU (under the interpreter its time would be the
+interpreter's). Prints a markdown table and writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import statistics
+import time
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ditmoe.config import model_config
+from ditmoe.diffusion import create_diffusion
+from ditmoe.models.dit import DiTMoE
+from ditmoe.training.config import TrainConfig
+from ditmoe.training.ema import EMA
+from ditmoe.training.loop import train_step
+from ditmoe.training.stepper import TorchStepper
+
+ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+ap.add_argument("--model", default="DiT-MoE-S/2-8E2A")
+ap.add_argument("--steps", type=int, default=40, help="timed steps (after 3 untimed)")
+ap.add_argument("--batch", type=int, default=2)
+args = ap.parse_args()
+
+
+class OpCount(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+torch.set_num_threads(1)
+torch.manual_seed(0)
+cfg = model_config(args.model, image_size=32, moe={"backend": "torch"}, hidden_size=32, num_heads=2)
+model = DiTMoE(cfg)
+stepper, ema = TorchStepper(model, TrainConfig()), EMA(model, 0.9999)
+diffusion = create_diffusion("ddpm", learn_sigma=cfg.learn_sigma)
+gen = torch.Generator().manual_seed(0)
+x0 = torch.randn(args.batch, cfg.in_channels, cfg.input_size, cfg.input_size, generator=gen)
+y = torch.randint(0, cfg.num_classes, (args.batch,), generator=gen)
+PHASES = {
+    "forward + backward": lambda: train_step(stepper, diffusion, x0, y, gen),
+    "optimizer step": lambda: stepper.step(),
+    "EMA update": lambda: ema.update(model, 0),
+}
+
+ops, times = {}, collections.defaultdict(list)
+for step in range(3 + args.steps):
+    for name, phase in PHASES.items():
+        if step == 1:  # op counts of a step after the first (which creates the optimizer state)
+            count = OpCount()
+            with count:
+                phase()
+            ops[name] = count.n
+            continue
+        t0 = time.perf_counter()
+        phase()
+        if step >= 3:
+            times[name].append(time.perf_counter() - t0)
+
+print(f"{args.model}: depth {cfg.depth}, width 32, {args.batch * cfg.num_tokens} tokens, CPU, 1 thread\n")
+print("| phase | aten ops | ms (median) | ms (min) |")
+print("|---|---:|---:|---:|")
+for name in PHASES:
+    t = times[name]
+    print(f"| {name} | {ops[name]} | {1e3 * statistics.median(t):.2f} | {1e3 * min(t):.2f} |")
+total = [sum(ts) for ts in zip(*times.values(), strict=True)]
+print(f"| step | {sum(ops.values())} | {1e3 * statistics.median(total):.2f} | {1e3 * min(total):.2f} |")
