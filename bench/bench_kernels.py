@@ -146,9 +146,10 @@ def bench(fn, reps=None) -> float:
 
 
 def record(shape, op, impl, ms, flops=None, nbytes=None, base_ms=None, base_name="", note="", epilogue_ms=None):
-    """One result row. ``epilogue_ms``: what a fused kernel's traffic beyond the plain GEMM's (SwiGLU inputs and
-    outputs, a permuted copy) takes at this run's copy bandwidth; the row then also compares against the baseline
-    plus that time, the bound of doing the extra work without overlapping it with the GEMM."""
+    """One result row. ``epilogue_ms``: what a kernel's traffic beyond the plain dense GEMM's (SwiGLU inputs and
+    outputs, a permuted copy, a grouped dW's other experts' gradients) takes at this run's copy bandwidth; the row
+    then also compares against the baseline plus that time, the bound of doing the extra work without overlapping it
+    with the GEMM."""
     r = {"shape": shape, "op": op, "impl": impl, "ms": round(ms, 4)}
     if flops:
         r["tflops"] = round(flops / ms / 1e9, 1)
@@ -426,12 +427,22 @@ def run_shape(name: str):
                 lambda: ops._gmm(dgu[:, :F_], Wg, meta, transpose_w=False, a2=dgu[:, F_:], w2=Wu),
                 **vs_dense("gate/up dX"),
             )
-            attempt(shape, "down dW", "triton", lambda: ops._gmm_dw(dy, hb, meta), **vs_dense("down dW"))
+            # a grouped dW writes E weight gradients where the dense GEMM of the same FLOPs writes one: (E - 1) O I
+            # more bytes (G: 16 experts, 238 MB for down dW, a quarter of the dense GEMM's time at copy bandwidth)
+            attempt(
+                shape,
+                "down dW",
+                "triton",
+                lambda: ops._gmm_dw(dy, hb, meta),
+                epilogue_ms=(E - 1) * D * F_ * el / (copy_gbps * 1e6),
+                **vs_dense("down dW"),
+            )
             attempt(
                 shape,
                 "gate/up dW",
                 "triton (permute x + one [dg|du] K-reduction)",
                 lambda: ops._gmm_dw(dgu, ops._scatter(x, meta), meta, split=F_),
+                epilogue_ms=((E - 1) * 2 * F_ * D * el + perm_bytes) / (copy_gbps * 1e6),
                 **vs_dense("gate/up dW"),
             )
             del dgu, hb
@@ -650,15 +661,22 @@ SWEEP = {
     # The SwiGLU backward in dH's epilogue (FUSED = 1) or a plain dH + the elementwise pass (FUSED = 0: the other
     # values then do not apply). The epilogue works in column quarters: at 128x128 it needs 128 registers (255 and
     # 700 bytes of spills in one piece, run 2's 0.75 ms), so with TMA and 3 stages two blocks fit per SM; 128x64
-    # needs 64. Run 4 (H100, XL): fused with TMA 0.54 ms, dH + pass 0.64 ms.
+    # needs 64. Run 4 (H100, XL): fused with TMA 0.54 ms, dH + pass 0.64 ms. Run 5: 0.54 ms = the plain dH (0.27)
+    # plus the time of the epilogue's traffic at copy bandwidth (~0.27): the g/u reads after the K loop do not
+    # overlap it. PRE = 1 loads them before the K loop (sm_90: 218 registers, one block per SM at 128x128; 111 and
+    # two blocks at 128x64). 128x64 without PRE: 69 registers, three blocks per SM, so more epilogues overlap
+    # other blocks' K loops. Untimed so far.
     "swiglu_bwd": (
-        (*GEMM_KEYS, "PERSIST", "FUSED"),
+        (*GEMM_KEYS, "PERSIST", "FUSED", "PRE"),
         [
-            (128, 128, 64, 8, 3, 1, 0, 1),
-            (128, 128, 64, 8, 4, 1, 0, 1),
-            (128, 256, 64, 8, 3, 1, 0, 1),
-            (128, 128, 64, 8, 3, 1, 1, 1),  # persistent: 134 registers, 104 KiB, one block per SM (untimed)
-            (128, 128, 64, 8, 4, 0, 0, 0),
+            (128, 128, 64, 8, 3, 1, 0, 1, 0),
+            (128, 128, 64, 8, 4, 1, 0, 1, 0),
+            (128, 256, 64, 8, 3, 1, 0, 1, 0),
+            (128, 128, 64, 8, 3, 1, 1, 1, 0),  # persistent: 134 registers, 104 KiB, one block per SM (untimed)
+            (128, 128, 64, 8, 3, 1, 0, 1, 1),
+            (128, 64, 64, 8, 3, 1, 0, 1, 0),
+            (128, 64, 64, 8, 3, 1, 0, 1, 1),
+            (128, 128, 64, 8, 4, 0, 0, 0, 0),
         ],
     ),
     "ew": (("BR", "BC", "num_warps"), [(2, 1024, 8), (4, 512, 8), (8, 256, 8)]),
@@ -836,7 +854,8 @@ def print_table():
     }
     ours = [r for r in rows if r["impl"].startswith("triton") and r["op"] in bar and "vs_baseline" in r]
     if ours:
-        # last column: against the baseline plus the fused epilogue's extra traffic at copy bandwidth (see record)
+        # last column: against the baseline plus the extra traffic at copy bandwidth (see record): a fused
+        # epilogue's, a permuted copy, a grouped dW's E outputs
         print("\n| shape | op | ours / baseline | bar | ok | ours / (baseline + epilogue bytes) |")
         print("|---|---|---:|---:|---|---:|")
         for r in ours:

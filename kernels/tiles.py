@@ -9,7 +9,9 @@ elementwise pass on ``ew`` tiles), ``dw`` (per-expert K-reduction: every weight 
 
 Settings: ``TMA`` = 1 in a GEMM kind loads its tiles through tensor descriptors; ``PERSIST`` > 0 launches that many
 persistent programs per SM (not ``dw``); ``GATHER`` (``swiglu``, ``gmm_epi``; 1 where absent) picks gather-fused
-or permute-first input (see ``triton_ops``); ``num_warps`` / ``num_stages`` are launch options.
+or permute-first input (see ``triton_ops``); ``PRE`` = 1 (``swiglu_bwd``, ``gmm_epi``: the backward epilogues) loads
+the epilogue's input tiles before the K loop (not with ``PERSIST``: sm_90 then spills); ``num_warps`` /
+``num_stages`` are launch options.
 
 Tables are fixed so results never depend on batch composition; ``tile_overrides`` lets a benchmark try others inside
 a ``with`` block. No Triton import here: benchmarks parse tile files before they know whether Triton runs.
@@ -72,9 +74,11 @@ BF16_SM90 = MappingProxyType(
     {
         "gmm": dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=1, PERSIST=1),
         "gmm_dx": dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=1, PERSIST=0),
-        "gmm_epi": dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4, TMA=0, PERSIST=0, GATHER=1),
+        "gmm_epi": dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4, TMA=0, PERSIST=0, GATHER=1, PRE=0),
         "swiglu": dict(BM=128, BN=64, BK=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=1, PERSIST=0, GATHER=0),
-        "swiglu_bwd": dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=1, PERSIST=0, FUSED=1),
+        "swiglu_bwd": dict(
+            BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=1, PERSIST=0, FUSED=1, PRE=0
+        ),
         "dw": dict(BO=128, BI=256, BR=32, GROUP_M=8, num_warps=8, num_stages=4),
         "rows": dict(BT=16, BD=128, num_warps=4),
         "ew": dict(BR=2, BC=1024, num_warps=8),

@@ -794,6 +794,7 @@ def _gmm_kernel(
     BN: tl.constexpr,
     BK: tl.constexpr,
     GROUP_M: tl.constexpr,
+    PRE: tl.constexpr,
 ):
     """C[rows of group e] = A[rows] @ B[e] (+ A2[rows] @ B2[e]) (+ bias[e]) with an epilogue.
 
@@ -802,7 +803,8 @@ def _gmm_kernel(
     EPI_GELU: C = gelu(z), C2 = z.  EPI_GELU_BWD: X0 = z, C = acc * gelu'(z), C2 = gelu(z) (the activation the
     forward produced, for the dW of the second weight). EPI_SWIGLU_BWD (acc = dH): X0 = g, X1 = u; C = dgate,
     C2 = dup, C3 = h = silu(g) * u, the math of ``_swiglu_bwd_kernel`` on dH rounded to C's dtype (the same bits as
-    the separate pass); X0, X1 and C3 share strides.
+    the separate pass); X0, X1 and C3 share strides. PRE (backward epilogues): X0 / X1 tiles are loaded before the
+    K loop, so their reads overlap it instead of following it.
     """
     # PERSIST: loop over the used blocks only (unused ones come last in the table), every tile running the full K
     # loop (a trip count that varies by tile stops the compiler from flattening the two loops into one pipelined
@@ -864,6 +866,7 @@ def _gmm_kernel(
             BK,
             GROUP_M,
             PERSIST,
+            PRE,
         )
 
 
@@ -922,6 +925,7 @@ def _gmm_tile(
     BK: tl.constexpr,
     GROUP_M: tl.constexpr,
     PERSIST: tl.constexpr,
+    PRE: tl.constexpr,
 ):
     """One output tile of ``_gmm_kernel``, numbered over the table's first ``num_m`` M-blocks. No early exits, so
     that a persistent loop can flatten over it: an unused block (e = -1) masks every row; the dropped rows' block
@@ -936,6 +940,21 @@ def _gmm_tile(
     c_off = rows[:, None] * s_cr + offs_n[None, :] * s_cn
     e64 = e.to(tl.int64)
     b_row0 = e * (N if B_T else Kdim)
+    # PRE: the epilogue's inputs in the column quarters it works in, loaded now (bf16: a quarter of the registers
+    # of the fp32 accumulator each); otherwise each quarter loads its own after the K loop (placeholders here)
+    Q: tl.constexpr = BN // 4
+    x0q0, x0q1, x0q2, x0q3 = rows, rows, rows, rows
+    x1q0, x1q1, x1q2, x1q3 = rows, rows, rows, rows
+    if PRE and EPI >= 2:
+        x0q0 = _epi_load(x0_ptr, rows, rmask, n0, N, s_x0r, s_x0n, Q)
+        x0q1 = _epi_load(x0_ptr, rows, rmask, n0 + Q, N, s_x0r, s_x0n, Q)
+        x0q2 = _epi_load(x0_ptr, rows, rmask, n0 + 2 * Q, N, s_x0r, s_x0n, Q)
+        x0q3 = _epi_load(x0_ptr, rows, rmask, n0 + 3 * Q, N, s_x0r, s_x0n, Q)
+        if EPI == 3:
+            x1q0 = _epi_load(x1_ptr, rows, rmask, n0, N, s_x0r, s_x0n, Q)
+            x1q1 = _epi_load(x1_ptr, rows, rmask, n0 + Q, N, s_x0r, s_x0n, Q)
+            x1q2 = _epi_load(x1_ptr, rows, rmask, n0 + 2 * Q, N, s_x0r, s_x0n, Q)
+            x1q3 = _epi_load(x1_ptr, rows, rmask, n0 + 3 * Q, N, s_x0r, s_x0n, Q)
     acc = tl.zeros([BM, BN], tl.float32)
     acc = _mainloop(
         acc,
@@ -1006,9 +1025,50 @@ def _gmm_tile(
         # them is live at a time. At 128x128 (sm_90) the SwiGLU one needed 255 registers and spilled 700 bytes in
         # one piece, 128 in quarters; the GELU one 255 and 20 bytes of spills, 121 in quarters.
         left, right = _halves(acc)
-        _epi_two(left, EPI, rows, rmask, n0, N, c_ptr, c2_ptr, c3_ptr, x0_ptr, x1_ptr, s_cr, s_cn, s_x0r, s_x0n)
-        n1 = n0 + BN // 2
-        _epi_two(right, EPI, rows, rmask, n1, N, c_ptr, c2_ptr, c3_ptr, x0_ptr, x1_ptr, s_cr, s_cn, s_x0r, s_x0n)
+        _epi_two(
+            left,
+            EPI,
+            rows,
+            rmask,
+            n0,
+            N,
+            c_ptr,
+            c2_ptr,
+            c3_ptr,
+            x0_ptr,
+            x1_ptr,
+            s_cr,
+            s_cn,
+            s_x0r,
+            s_x0n,
+            x0q0,
+            x0q1,
+            x1q0,
+            x1q1,
+            PRE,
+        )
+        _epi_two(
+            right,
+            EPI,
+            rows,
+            rmask,
+            n0 + BN // 2,
+            N,
+            c_ptr,
+            c2_ptr,
+            c3_ptr,
+            x0_ptr,
+            x1_ptr,
+            s_cr,
+            s_cn,
+            s_x0r,
+            s_x0n,
+            x0q2,
+            x0q3,
+            x1q2,
+            x1q3,
+            PRE,
+        )
 
 
 @triton.jit
@@ -1020,34 +1080,87 @@ def _halves(t):
 
 
 @triton.jit
-def _epi_two(acc, EPI: tl.constexpr, rows, rmask, n0, N, c_ptr, c2_ptr, c3_ptr, x0_ptr, x1_ptr, s_cr, s_cn, s_xr, s_xn):
-    """``_epi_tile`` on the two column halves of ``acc`` in turn."""
+def _epi_two(
+    acc,
+    EPI: tl.constexpr,
+    rows,
+    rmask,
+    n0,
+    N,
+    c_ptr,
+    c2_ptr,
+    c3_ptr,
+    x0_ptr,
+    x1_ptr,
+    s_cr,
+    s_cn,
+    s_xr,
+    s_xn,
+    x0a,
+    x0b,
+    x1a,
+    x1b,
+    PRE: tl.constexpr,
+):
+    """``_epi_tile`` on the two column halves of ``acc`` in turn (with their prefetched inputs when PRE)."""
     W: tl.constexpr = acc.shape[1] // 2
     left, right = _halves(acc)
-    _epi_tile(left, EPI, rows, rmask, n0, N, c_ptr, c2_ptr, c3_ptr, x0_ptr, x1_ptr, s_cr, s_cn, s_xr, s_xn)
-    _epi_tile(right, EPI, rows, rmask, n0 + W, N, c_ptr, c2_ptr, c3_ptr, x0_ptr, x1_ptr, s_cr, s_cn, s_xr, s_xn)
+    _epi_tile(
+        left, EPI, rows, rmask, n0, N, c_ptr, c2_ptr, c3_ptr, x0_ptr, x1_ptr, s_cr, s_cn, s_xr, s_xn, x0a, x1a, PRE
+    )
+    _epi_tile(
+        right, EPI, rows, rmask, n0 + W, N, c_ptr, c2_ptr, c3_ptr, x0_ptr, x1_ptr, s_cr, s_cn, s_xr, s_xn, x0b, x1b, PRE
+    )
+
+
+@triton.jit
+def _epi_load(x_ptr, rows, rmask, n0, N, s_xr, s_xn, W: tl.constexpr):
+    """An epilogue input tile [rows, W columns from n0], zeros outside the matrix."""
+    offs_n = n0 + tl.arange(0, W)
+    m = rmask[:, None] & (offs_n < N)[None, :]
+    return tl.load(x_ptr + rows[:, None] * s_xr + offs_n[None, :] * s_xn, mask=m, other=0.0)
 
 
 @triton.jit
 def _epi_tile(
-    acc, EPI: tl.constexpr, rows, rmask, n0, N, c_ptr, c2_ptr, c3_ptr, x0_ptr, x1_ptr, s_cr, s_cn, s_xr, s_xn
+    acc,
+    EPI: tl.constexpr,
+    rows,
+    rmask,
+    n0,
+    N,
+    c_ptr,
+    c2_ptr,
+    c3_ptr,
+    x0_ptr,
+    x1_ptr,
+    s_cr,
+    s_cn,
+    s_xr,
+    s_xn,
+    x0,
+    x1,
+    PRE: tl.constexpr,
 ):
     """A backward epilogue on one [BM, W] fp32 tile whose columns start at n0 (see ``_gmm_kernel``).
     EPI_GELU_BWD: C = acc * gelu'(z), C2 = gelu(z) from X0 = z. EPI_SWIGLU_BWD: C = dgate, C2 = dup, C3 = h from
-    dH = acc rounded to C's dtype, X0 = g and X1 = u."""
-    offs_n = n0 + tl.arange(0, acc.shape[1])
+    dH = acc rounded to C's dtype, X0 = g and X1 = u. PRE: ``x0`` (and ``x1``) are those tiles, already loaded."""
+    W: tl.constexpr = acc.shape[1]
+    offs_n = n0 + tl.arange(0, W)
     m = rmask[:, None] & (offs_n < N)[None, :]
     x_off = rows[:, None] * s_xr + offs_n[None, :] * s_xn
     c_off = rows[:, None] * s_cr + offs_n[None, :] * s_cn
+    if not PRE:
+        x0 = _epi_load(x0_ptr, rows, rmask, n0, N, s_xr, s_xn, W)
+        if EPI == 3:
+            x1 = _epi_load(x1_ptr, rows, rmask, n0, N, s_xr, s_xn, W)
     if EPI == 2:
-        z = tl.load(x0_ptr + x_off, mask=m, other=0.0).to(tl.float32)
+        z = x0.to(tl.float32)
         tl.store(c2_ptr + c_off, _to(_gelu_tanh(z), c2_ptr.dtype.element_ty), mask=m)
         tl.store(c_ptr + c_off, _to(acc * _gelu_tanh_grad(z), c_ptr.dtype.element_ty), mask=m)
     if EPI == 3:
         dh = _to(acc, c_ptr.dtype.element_ty).to(tl.float32)
-        g = tl.load(x0_ptr + x_off, mask=m, other=0.0).to(tl.float32)
-        u = tl.load(x1_ptr + x_off, mask=m, other=0.0).to(tl.float32)
-        h, dgate, dup = _swiglu_grads(dh, g, u)
+        h, dgate, dup = _swiglu_grads(dh, x0.to(tl.float32), x1.to(tl.float32))
         tl.store(c3_ptr + x_off, _to(h, c3_ptr.dtype.element_ty), mask=m)
         tl.store(c_ptr + c_off, _to(dgate, c_ptr.dtype.element_ty), mask=m)
         tl.store(c2_ptr + c_off, _to(dup, c2_ptr.dtype.element_ty), mask=m)
@@ -1370,6 +1483,7 @@ def _gmm(
         BN,
         BK,
         cfg["GROUP_M"],
+        epi >= EPI_GELU_BWD and bool(cfg.get("PRE")),
         **_launch_opts(cfg),
     )
     return result

@@ -42,18 +42,21 @@ def test_pre_hopper_tiles_compile_pipelined_without_spills_for_sm80():
 
 
 @pytest.mark.skipif(not _ptxas_available(), reason="this Triton build has no NVIDIA backend / bundled ptxas")
-@pytest.mark.parametrize("mode", ["pointer-loads", "tma", "tma-options", "defaults"])
+@pytest.mark.parametrize("mode", ["pointer-loads", "tma", "tma-options", "tma-prefetch", "defaults"])
 def test_gemm_kernels_compile_pipelined_for_sm90(mode):
-    """Every mode but "defaults" sets each option explicitly (the bf16 defaults turn several on)."""
+    """Every mode but "defaults" sets each option explicitly (the bf16 defaults turn several on). "tma-prefetch":
+    the fused SwiGLU backward with its epilogue inputs loaded before the K loop (``PRE``; not persistent: with
+    ``PERSIST`` too it needs 255 registers and spills 6.6 KB)."""
     cmd = [sys.executable, "-W", "ignore", str(REPO / "bench" / "inspect_kernels.py"), "--check"]
-    tma, options = mode != "pointer-loads", mode == "tma-options"
+    tma, options, prefetch = mode != "pointer-loads", mode == "tma-options", mode == "tma-prefetch"
     if mode != "defaults":
         for kind in ("gmm", "gmm_dx", "gmm_epi", "swiglu", "swiglu_bwd"):
             cmd += ["--set", f"{kind}.TMA={int(tma)}"]
         cmd += ["--set", f"swiglu.GATHER={int(not options)}", "--set", f"gmm_epi.GATHER={int(not options)}"]
-        cmd += ["--set", f"swiglu_bwd.FUSED={int(options)}"]
+        cmd += ["--set", f"swiglu_bwd.FUSED={int(options or prefetch)}"]
         for kind in ("gmm", "gmm_dx", "gmm_epi", "swiglu", "swiglu_bwd"):
             cmd += ["--set", f"{kind}.PERSIST={int(options)}"]
+        cmd += ["--set", f"swiglu_bwd.PRE={int(prefetch)}", "--set", f"gmm_epi.PRE={int(prefetch)}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows, ops = {}, set()
@@ -74,4 +77,4 @@ def test_gemm_kernels_compile_pipelined_for_sm90(mode):
         assert (tma_loads[op] > 0) == tma, (op, tma_loads[op])
     for op in ("gate/up fwd", "gelu fc1 fwd"):  # a gathered A takes pointer loads; a permuted copy goes through TMA
         assert (cp_async[op] == 0) == options, (op, cp_async[op])
-    assert ("swiglu bwd pass" in ops) != options  # fused: dH's epilogue does the pass's work
+    assert ("swiglu bwd pass" in ops) != (options or prefetch)  # fused: dH's epilogue does the pass's work

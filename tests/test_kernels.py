@@ -428,6 +428,10 @@ SAME_BITS = {
         {kind: {"PERSIST": 1} for kind in ("gmm", "gmm_dx", "gmm_epi", "swiglu")}
         | {"swiglu_bwd": {"PERSIST": 1, "FUSED": 1}},
     ),
+    "prefetch-epilogue": (
+        {"swiglu_bwd": {"PRE": 0, "FUSED": 1}, "gmm_epi": {"PRE": 0}},
+        {"swiglu_bwd": {"PRE": 1, "FUSED": 1}, "gmm_epi": {"PRE": 1}},
+    ),
 }
 SAME_BITS_CASES = [
     ("permute-first", "swiglu", 0),
@@ -437,6 +441,9 @@ SAME_BITS_CASES = [
     ("persistent", "swiglu", 0),  # 3 programs share the tiles out (interpreter), incl. the dropped rows' blocks
     ("persistent", "swiglu", 2),  # E = 64
     ("persistent", "gelu", 0),
+    ("prefetch-epilogue", "swiglu", 0),  # drops, an empty expert
+    ("prefetch-epilogue", "swiglu", 1),  # F = 72: the last quarter partly outside
+    ("prefetch-epilogue", "gelu", 0),
 ]
 
 
@@ -445,7 +452,8 @@ SAME_BITS_CASES = [
 def test_tile_options_give_the_same_bits(option, act, case, tma, monkeypatch):
     """permute-first (``GATHER`` = 0: x is permuted before the first expert GEMM, whose A tiles then come through
     TMA when it is on), fused-swiglu-bwd (``swiglu_bwd`` FUSED = 1: the SwiGLU backward in dH's epilogue, in
-    column quarters) and persistent (``PERSIST``: a few programs loop over the used tiles) give the default path's
+    column quarters), persistent (``PERSIST``: a few programs loop over the used tiles) and prefetch-epilogue
+    (``PRE``: the backward epilogues' input tiles loaded before the K loop) give the default path's
     output and every gradient bit for bit, with drops and an empty expert. Permute-first costs no extra permute
     pass: the backward reuses the copy instead of permuting x again."""
     T, K, E, D, F, cap, empty = TMA_CASES[case]
