@@ -2,6 +2,7 @@
 
     python bench/bench_kernels.py                      # CUDA: S, XL, G and XL with one expert at 2x load
     python bench/bench_kernels.py --sweep              # also try a few tile configs at XL (prints the best)
+    python bench/bench_kernels.py --sweep --sweep-shapes XL,G --sweep-kinds dw   # dW tiles at XL and at G
     python bench/bench_kernels.py --shapes XL --sweep --sweep-kinds gmm_dx,dw,ew   # backward kinds only
     TRITON_INTERPRET=1 python bench/bench_kernels.py   # CPU: tiny shapes, interpreter (correctness, not speed)
 
@@ -49,7 +50,8 @@ ap.add_argument("--tokens", type=int, default=8192)
 ap.add_argument("--top-k", type=int, default=2)
 ap.add_argument("--reps", type=int, default=20)
 ap.add_argument("--warmup", type=int, default=3)
-ap.add_argument("--sweep", action="store_true", help="try a few tile configs per kernel kind at XL")
+ap.add_argument("--sweep", action="store_true", help="try a few tile configs per kernel kind (at --sweep-shapes)")
+ap.add_argument("--sweep-shapes", default="XL", help="comma list of shapes (S, XL, G) the sweep runs at")
 ap.add_argument(
     "--sweep-kinds",
     default="swiglu,swiglu_bwd,gmm_dx,dw,gmm,ew,rows,gmm_epi",
@@ -77,6 +79,10 @@ DTYPE = torch.bfloat16 if CUDA else torch.float32
 
 # name: (D, F, E); F = 4 D as DiT-MoE's experts (mlp_ratio 4)
 SHAPES = {"S": (384, 1536, 8), "XL": (1152, 4608, 8), "G": (1408, 5632, 16), "tiny": (64, 256, 8)}
+
+SWEEP_SHAPES = [s.strip() for s in args.sweep_shapes.split(",") if s.strip()]
+if not set(SWEEP_SHAPES) <= SHAPES.keys():
+    ap.error(f"--sweep-shapes: unknown {sorted(set(SWEEP_SHAPES) - SHAPES.keys())} (known: {', '.join(SHAPES)})")
 
 rows: list[dict] = []
 skipped: list[str] = []
@@ -687,15 +693,15 @@ SWEEP = {
 LAYER_RESERVE_S = 15.0  # the sweep stops trying tiles this long before the budget: the layer re-time needs it
 
 
-def sweep(kinds):
-    """A few tile configs per kernel kind at XL (bf16); prints each time and the best per kind. Under the
-    interpreter on CPU it runs a tiny shape: a check of this code, not of speed."""
+def sweep(kinds, name: str):
+    """A few tile configs per kernel kind at shape ``name`` (bf16); prints each time and the best per kind. Under
+    the interpreter on CPU it runs a tiny shape instead: a check of this code, not of speed."""
     if ops is None:
         skip("sweep", "needs the Triton kernels (CUDA or TRITON_INTERPRET=1)")
         return
-    D, F_, E = SHAPES["XL"] if CUDA else (32, 64, 8)
+    D, F_, E = SHAPES[name] if CUDA else (32, 64, 8)
     T, K = (args.tokens if CUDA else 64), args.top_k
-    shape = "XL" if CUDA else "sweep(cpu T=64 D=32 F=64)"
+    shape = name if CUDA else "sweep(cpu T=64 D=32 F=64)"
     gen = torch.Generator().manual_seed(0)
     ex = make_routing(T, K, E, False, gen).to(DEV)
     x = torch.randn(T, D, device=DEV, dtype=DTYPE)
@@ -894,7 +900,9 @@ def main():
         if CUDA:
             torch.cuda.empty_cache()
     if args.sweep:
-        sweep([k.strip() for k in args.sweep_kinds.split(",") if k.strip()])
+        kinds = [k.strip() for k in args.sweep_kinds.split(",") if k.strip()]
+        for name in SWEEP_SHAPES if CUDA else ["XL"]:  # on CPU, one tiny interpreter shape
+            sweep(kinds, name)
     path = write_results()
     print_table()
     print(f"\nwrote {path}")
