@@ -942,19 +942,12 @@ def _gmm_tile(
     b_row0 = e * (N if B_T else Kdim)
     # PRE: the epilogue's inputs in the column quarters it works in, loaded now (bf16: a quarter of the registers
     # of the fp32 accumulator each); otherwise each quarter loads its own after the K loop (placeholders here)
-    Q: tl.constexpr = BN // 4
     x0q0, x0q1, x0q2, x0q3 = rows, rows, rows, rows
     x1q0, x1q1, x1q2, x1q3 = rows, rows, rows, rows
     if PRE and EPI >= 2:
-        x0q0 = _epi_load(x0_ptr, rows, rmask, n0, N, s_x0r, s_x0n, Q)
-        x0q1 = _epi_load(x0_ptr, rows, rmask, n0 + Q, N, s_x0r, s_x0n, Q)
-        x0q2 = _epi_load(x0_ptr, rows, rmask, n0 + 2 * Q, N, s_x0r, s_x0n, Q)
-        x0q3 = _epi_load(x0_ptr, rows, rmask, n0 + 3 * Q, N, s_x0r, s_x0n, Q)
+        x0q0, x0q1, x0q2, x0q3 = _epi_load_quarters(x0_ptr, rows, rmask, n0, N, s_x0r, s_x0n, BN // 4)
         if EPI == 3:
-            x1q0 = _epi_load(x1_ptr, rows, rmask, n0, N, s_x0r, s_x0n, Q)
-            x1q1 = _epi_load(x1_ptr, rows, rmask, n0 + Q, N, s_x0r, s_x0n, Q)
-            x1q2 = _epi_load(x1_ptr, rows, rmask, n0 + 2 * Q, N, s_x0r, s_x0n, Q)
-            x1q3 = _epi_load(x1_ptr, rows, rmask, n0 + 3 * Q, N, s_x0r, s_x0n, Q)
+            x1q0, x1q1, x1q2, x1q3 = _epi_load_quarters(x1_ptr, rows, rmask, n0, N, s_x0r, s_x0n, BN // 4)
     acc = tl.zeros([BM, BN], tl.float32)
     acc = _mainloop(
         acc,
@@ -1119,6 +1112,17 @@ def _epi_load(x_ptr, rows, rmask, n0, N, s_xr, s_xn, W: tl.constexpr):
     offs_n = n0 + tl.arange(0, W)
     m = rmask[:, None] & (offs_n < N)[None, :]
     return tl.load(x_ptr + rows[:, None] * s_xr + offs_n[None, :] * s_xn, mask=m, other=0.0)
+
+
+@triton.jit
+def _epi_load_quarters(x_ptr, rows, rmask, n0, N, s_xr, s_xn, Q: tl.constexpr):
+    """The four [rows, Q] column quarters of an epilogue input tile from column n0 (``_epi_load`` each)."""
+    return (
+        _epi_load(x_ptr, rows, rmask, n0, N, s_xr, s_xn, Q),
+        _epi_load(x_ptr, rows, rmask, n0 + Q, N, s_xr, s_xn, Q),
+        _epi_load(x_ptr, rows, rmask, n0 + 2 * Q, N, s_xr, s_xn, Q),
+        _epi_load(x_ptr, rows, rmask, n0 + 3 * Q, N, s_xr, s_xn, Q),
+    )
 
 
 @triton.jit
