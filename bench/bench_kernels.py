@@ -660,9 +660,20 @@ SWEEP = {
         (*GEMM_KEYS, "GATHER"),
         [(128, 128, 64, 8, 4, 0, 1), (128, 64, 64, 8, 4, 0, 1), (128, 64, 64, 8, 4, 1, 1), (128, 64, 64, 8, 4, 1, 0)],
     ),
+    # dW at G walks 1024 rows per expert (XL: 2048), so each tile's pipeline fill and its store of the result weigh
+    # twice as much: run 5 (H100) timed 0.77 of dense at G against 0.91-0.94 at XL. 128x256 needs 195 registers
+    # (one block per SM: nothing overlaps a tile's store); TMA (whole chunks of rows through descriptors, the last
+    # partial one through pointer loads) cuts that to 174, and at 128x128 to 96: two blocks per SM (sm_90).
     "dw": (
-        ("BO", "BI", "BR", "num_warps", "num_stages"),
-        [(128, 256, 32, 8, 4), (256, 128, 32, 8, 4), (128, 256, 64, 8, 3), (128, 128, 32, 4, 4)],
+        ("BO", "BI", "BR", "num_warps", "num_stages", "TMA"),
+        [
+            (128, 256, 32, 8, 4, 0),
+            (128, 256, 32, 8, 4, 1),
+            (256, 128, 32, 8, 4, 0),
+            (128, 128, 32, 8, 4, 0),
+            (128, 128, 32, 8, 4, 1),
+            (128, 128, 64, 8, 3, 1),
+        ],
     ),
     # The SwiGLU backward in dH's epilogue (FUSED = 1) or a plain dH + the elementwise pass (FUSED = 0: the other
     # values then do not apply). The epilogue works in column quarters: at 128x128 it needs 128 registers (255 and

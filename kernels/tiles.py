@@ -7,7 +7,8 @@ SwiGLU backward runs in the dH GEMM's epilogue, with these tiles; 0: a plain dH 
 elementwise pass on ``ew`` tiles), ``dw`` (per-expert K-reduction: every weight gradient), ``rows``
 (permute/combine), ``ew`` (elementwise SwiGLU backward, [BR, BC] tiles), ``route`` (routing metadata).
 
-Settings: ``TMA`` = 1 in a GEMM kind loads its tiles through tensor descriptors; ``PERSIST`` > 0 launches that many
+Settings: ``TMA`` = 1 in a GEMM kind loads its tiles through tensor descriptors (``dw``: all but an expert's last,
+partial chunk of rows); ``PERSIST`` > 0 launches that many
 persistent programs per SM (not ``dw``); ``GATHER`` (``swiglu``, ``gmm_epi``; 1 where absent) picks gather-fused
 or permute-first input (see ``triton_ops``); ``PRE`` = 1 (``swiglu_bwd``, ``gmm_epi``: the backward epilogues) loads
 the epilogue's input tiles before the K loop (not with ``PERSIST``: sm_90 then spills); ``num_warps`` /
@@ -79,7 +80,7 @@ BF16_SM90 = MappingProxyType(
         "swiglu_bwd": dict(
             BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=1, PERSIST=0, FUSED=1, PRE=0
         ),
-        "dw": dict(BO=128, BI=256, BR=32, GROUP_M=8, num_warps=8, num_stages=4),
+        "dw": dict(BO=128, BI=256, BR=32, GROUP_M=8, num_warps=8, num_stages=4, TMA=0),
         "rows": dict(BT=16, BD=128, num_warps=4),
         "ew": dict(BR=2, BC=1024, num_warps=8),
         "route": dict(BLOCK=0),

@@ -37,11 +37,13 @@ Design (see /work/shared/notes/kernels.md):
   no gathered rows, the shape of the down dW that ran at 0.95 of dense (the dual-accumulator kernel over
   gathered x reached 0.47, run 3).
 - fp32/bf16/fp16 inputs, fp32 accumulation. fp32 matmuls follow ``torch.backends.cuda.matmul.allow_tf32``.
-- TMA (tile key ``TMA`` of the GEMM kinds; on in bf16 except ``gmm_epi``, from run 4's sweep): weight tiles, and A
-  tiles where A is not gathered, load through host-made tensor descriptors over 2-D views ([E, X, Y] ->
-  [E*X, Y]). A tile that runs past its group reads another group's rows or columns, which only reach outputs that
-  are never stored; the dX weights use TMA only when Kdim is a multiple of BK, where that would reach the
-  accumulator. Tensors TMA cannot address (strided, misaligned) take the pointer loads.
+- TMA (tile key ``TMA`` of the GEMM kinds; on in bf16 except ``gmm_epi`` and ``dw``, from run 4's sweep): weight
+  tiles, and A tiles where A is not gathered, load through host-made tensor descriptors over 2-D views ([E, X, Y]
+  -> [E*X, Y]). A tile that runs past its group reads another group's rows or columns, which only reach outputs
+  that are never stored; the dX weights use TMA only when Kdim is a multiple of BK, where that would reach the
+  accumulator. In dW, where rows are the reduction, only whole chunks of an expert's rows come through descriptors
+  and the last partial chunk through masked pointer loads. Tensors TMA cannot address (strided, misaligned) take
+  the pointer loads.
   ``bench/inspect_kernels.py`` shows the sm_90 code.
 
 Tile configs (``tiles``) are fixed per (kind, dtype, architecture) so results never depend on batch composition;
@@ -1270,6 +1272,8 @@ def _gmm_swiglu_kernel(
 def _gmm_dw_kernel(
     a_ptr,
     b_ptr,
+    a_desc,
+    b_desc,
     offs_ptr,
     order_ptr,
     dw_ptr,
@@ -1289,6 +1293,7 @@ def _gmm_dw_kernel(
     s_dbo,
     SPLIT: tl.constexpr,
     HAS_DB: tl.constexpr,
+    TMA: tl.constexpr,
     UPCAST: tl.constexpr,
     PREC: tl.constexpr,
     BO: tl.constexpr,
@@ -1302,7 +1307,10 @@ def _gmm_dw_kernel(
 
     The loop is a plain counted loop over [BR, BO] / [BR, BI] tiles whose pointers advance by BR rows: every
     load is row-contiguous (coalesced, 16-byte vectors) and feeds tl.dot directly (A through tl.trans), so the
-    compiler pipelines it into shared memory; fp32 accumulation."""
+    compiler pipelines it into shared memory; fp32 accumulation. TMA: the whole BR-row chunks come through the
+    descriptors ``a_desc`` / ``b_desc`` over A and B ([R, O], [R, I]; columns past O or I read as zeros) and only
+    the last, partial chunk, whose rows past the expert must not be read, through masked pointer loads: the same
+    chunks in the same order, so the same bits."""
     pid_o, pid_i = _tile(tl.program_id(0), tl.cdiv(O, BO), I, BI, GROUP_M)
     e = tl.load(order_ptr + tl.program_id(1)).to(tl.int64)
     start = tl.load(offs_ptr + e).to(tl.int32)
@@ -1317,15 +1325,32 @@ def _gmm_dw_kernel(
     b_ptrs = b_ptr + rows[:, None] * s_br + offs_i[None, :] * s_bi
     acc = tl.zeros([BO, BI], tl.float32)
     dbacc = tl.zeros([BO], tl.float32)
-    for it in range(0, tl.cdiv(n_rows, BR)):
-        rm = offs_r < n_rows - it * BR
-        a = tl.load(a_ptrs, mask=rm[:, None] & om[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=rm[:, None] & im[None, :], other=0.0)
-        acc = _mma(tl.trans(a), b, acc, UPCAST, PREC)
-        if HAS_DB:
-            dbacc += tl.sum(a.to(tl.float32), 0)
-        a_ptrs += BR * s_ar
-        b_ptrs += BR * s_br
+    if TMA:
+        n_full = n_rows // BR
+        for it in range(0, n_full):
+            a = a_desc.load([start + it * BR, pid_o * BO])
+            b = b_desc.load([start + it * BR, pid_i * BI])
+            acc = _mma(tl.trans(a), b, acc, UPCAST, PREC)
+            if HAS_DB:
+                dbacc += tl.sum(a.to(tl.float32), 0)
+        if n_rows > n_full * BR:
+            tail = (n_full * BR).to(tl.int64)
+            rm = offs_r < n_rows - n_full * BR
+            a = tl.load(a_ptrs + tail * s_ar, mask=rm[:, None] & om[None, :], other=0.0)
+            b = tl.load(b_ptrs + tail * s_br, mask=rm[:, None] & im[None, :], other=0.0)
+            acc = _mma(tl.trans(a), b, acc, UPCAST, PREC)
+            if HAS_DB:
+                dbacc += tl.sum(a.to(tl.float32), 0)
+    else:
+        for it in range(0, tl.cdiv(n_rows, BR)):
+            rm = offs_r < n_rows - it * BR
+            a = tl.load(a_ptrs, mask=rm[:, None] & om[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=rm[:, None] & im[None, :], other=0.0)
+            acc = _mma(tl.trans(a), b, acc, UPCAST, PREC)
+            if HAS_DB:
+                dbacc += tl.sum(a.to(tl.float32), 0)
+            a_ptrs += BR * s_ar
+            b_ptrs += BR * s_br
     wmask = om[:, None] & im[None, :]
     dw = _to(acc, dw_ptr.dtype.element_ty)
     if SPLIT:
@@ -1618,12 +1643,14 @@ def _gmm_dw(a, b, meta: _Meta, *, split: int | None = None, with_db: bool = Fals
     db = torch.empty(E, O, dtype=dtype, device=a.device) if with_db else dw
     if E > 0 and O > 0 and I > 0:
         cfg = _config("dw", a.dtype)
-        BO, BI = cfg["BO"], cfg["BI"]
+        BO, BI, BR = cfg["BO"], cfg["BI"], cfg["BR"]
         upcast, prec = _prec(a.dtype)
+        descs = _tma_descs([(a, [BR, BO]), (b, [BR, BI])]) if cfg.get("TMA") else None
         grid = (_cdiv(O, BO) * _cdiv(I, BI), E)
         _gmm_dw_kernel[grid](
             a,
             b,
+            *(descs or [a, b]),  # tensors stand in where unused
             meta.offsets,
             meta.order(),
             dw,
@@ -1643,11 +1670,12 @@ def _gmm_dw(a, b, meta: _Meta, *, split: int | None = None, with_db: bool = Fals
             db.stride(1) if with_db else 0,
             split is not None,
             with_db,
+            descs is not None,
             upcast,
             prec,
             BO,
             BI,
-            cfg["BR"],
+            BR,
             cfg["GROUP_M"],
             **_launch_opts(cfg),
         )

@@ -50,7 +50,7 @@ def test_gemm_kernels_compile_pipelined_for_sm90(mode):
     cmd = [sys.executable, "-W", "ignore", str(REPO / "bench" / "inspect_kernels.py"), "--check"]
     tma, options, prefetch = mode != "pointer-loads", mode == "tma-options", mode == "tma-prefetch"
     if mode != "defaults":
-        for kind in ("gmm", "gmm_dx", "gmm_epi", "swiglu", "swiglu_bwd"):
+        for kind in ("gmm", "gmm_dx", "gmm_epi", "swiglu", "swiglu_bwd", "dw"):
             cmd += ["--set", f"{kind}.TMA={int(tma)}"]
         cmd += ["--set", f"swiglu.GATHER={int(not options)}", "--set", f"gmm_epi.GATHER={int(not options)}"]
         cmd += ["--set", f"swiglu_bwd.FUSED={int(options or prefetch)}"]
@@ -75,6 +75,8 @@ def test_gemm_kernels_compile_pipelined_for_sm90(mode):
     tma_loads = {op: int(cells[11]) for op, cells in rows.items()}
     for op in ("gate/up fwd", "down fwd", "down dX: dH", "gate/up dX"):  # weights through descriptors iff TMA is on
         assert (tma_loads[op] > 0) == tma, (op, tma_loads[op])
+    for op in ("down dW", "gate/up dW"):  # with TMA only an expert's last partial chunk takes pointer loads
+        assert (tma_loads[op] > 0) == tma and (cp_async[op] == 0) == tma, (op, tma_loads[op], cp_async[op])
     for op in ("gate/up fwd", "gelu fc1 fwd"):  # a gathered A takes pointer loads; a permuted copy goes through TMA
         assert (cp_async[op] == 0) == options, (op, cp_async[op])
     assert ("swiglu bwd pass" in ops) != (options or prefetch)  # fused: dH's epilogue does the pass's work

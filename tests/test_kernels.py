@@ -361,7 +361,36 @@ def test_dw_split_halves():
         ops._gmm_dw(a, b, meta, split=7)
 
 
-TMA_ON = {kind: {"TMA": 1} for kind in ("gmm", "gmm_dx", "gmm_epi", "swiglu", "swiglu_bwd")}
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dw_tma_gives_the_same_bits(dtype, monkeypatch):
+    """dW with TMA (whole chunks of rows through descriptors, an expert's last partial chunk through masked pointer
+    loads) equals the pointer-load dW bit for bit: row counts below, at and past a multiple of BR (16 under the
+    interpreter, 32 on GPUs), an empty expert, O and I not multiples of the tile, the gate/up split and the bias
+    gradient."""
+    E, O, I = 6, 40, 24
+    experts = torch.cat([torch.full((n,), e) for e, n in enumerate([16, 0, 5, 33, 1, 32])])
+    experts = experts[torch.randperm(len(experts), generator=torch.Generator().manual_seed(0))]
+    plan = ops.routing_plan(experts.view(-1, 1).to(DEVICE), E)
+    assert plan.counts_E.tolist() == [16, 0, 5, 33, 1, 32]
+    meta = ops._meta(plan)
+    a = randn(len(experts), 2 * O, seed=4, dtype=dtype)
+    b = randn(len(experts), I, seed=5, dtype=dtype)
+    made = []
+    real = ops._tma_descs
+    monkeypatch.setattr(ops, "_tma_descs", lambda pairs: made.append(real(pairs)) or made[-1])
+    for kw in [{}, {"split": O}, {"with_db": True}]:
+        with ops.tile_overrides(dw={"TMA": 0}):
+            want = ops._gmm_dw(a, b, meta, **kw)
+        assert not made
+        with ops.tile_overrides(dw={"TMA": 1}):
+            got = ops._gmm_dw(a, b, meta, **kw)
+        assert made.pop() is not None
+        for i, (x, y) in enumerate(zip(got, want, strict=True)):
+            assert torch.equal(x, y), f"output {i} of dW {kw} differs with TMA"
+        assert torch.count_nonzero(got[0][1]) == 0  # the empty expert
+
+
+TMA_ON = {kind: {"TMA": 1} for kind in ("gmm", "gmm_dx", "gmm_epi", "swiglu", "swiglu_bwd", "dw")}
 TMA_CASES = [
     (37, 2, 5, 64, 96, 9, (3,)),  # widths multiples of BK (the dX weights go through TMA too), drops, empty expert
     (37, 2, 5, 40, 72, None, ()),  # widths not multiples of BK: forward weights and A rows only
