@@ -36,6 +36,7 @@ inspect: install
 
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 clean:
 	rm -rf runs data .pytest_cache .ruff_cache

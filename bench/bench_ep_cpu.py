@@ -81,8 +81,9 @@ def trainer_rank(rank: int, world: int, ep_size: int, steps: int, window: int, d
             idx = torch.randint(0, len(y), (micro,), generator=gen)
             yield x[idx], y[idx]
 
-    cfg = train_config("digits-demo", data=data, out=out, steps=steps, ep_size=ep_size, log_every=window,
-                       ckpt_every=10**9)
+    cfg = train_config(
+        "digits-demo", data=data, out=out, steps=steps, ep_size=ep_size, log_every=window, ckpt_every=10**9
+    )
     train(cfg, progress=False, batches=batches())
     if rank != 0:
         return 0.0
@@ -107,8 +108,12 @@ def bench_trainer(steps: int, window: int, repeats: int) -> list[dict]:
                     trainer_rank, WORLD, timeout_s=900, args=(ep_size, steps, window, str(data), str(out))
                 )[0]
                 tokens_rank, layers, d = 64 // WORLD * 16, 4, 64
-                row = {"ep_size": ep_size, "steps_per_s": images_per_s / 64, "images_per_s": images_per_s,
-                       "all_to_all_mib_per_step": (4 * tokens_rank * K * d * 4 * layers / 2**20) if ep_size > 1 else 0}
+                row = {
+                    "ep_size": ep_size,
+                    "steps_per_s": images_per_s / 64,
+                    "images_per_s": images_per_s,
+                    "all_to_all_mib_per_step": (4 * tokens_rank * K * d * 4 * layers / 2**20) if ep_size > 1 else 0,
+                }
                 if ep_size not in best or row["steps_per_s"] > best[ep_size]["steps_per_s"]:
                     best[ep_size] = row
     return [best[ep] for ep in sorted(best)]
@@ -150,8 +155,10 @@ def main() -> None:
     print(f"\nWhole training steps (DeepSpeed ZeRO-2 fp32), DiT-MoE-tiny/4-4E2A, global batch 64, {WORLD} ranks")
     print(f"{'EP':>3} {'steps/s':>9} {'images/s':>9} {'all-to-all MiB/step (all ranks)':>32}")
     for r in trainer_rows:
-        print(f"{r['ep_size']:>3} {r['steps_per_s']:>9.2f} {r['images_per_s']:>9.1f} "
-              f"{r['all_to_all_mib_per_step']:>32.2f}")
+        print(
+            f"{r['ep_size']:>3} {r['steps_per_s']:>9.2f} {r['images_per_s']:>9.1f} "
+            f"{r['all_to_all_mib_per_step']:>32.2f}"
+        )
 
     out_dir = Path(__file__).parent / "results"
     out_dir.mkdir(exist_ok=True)

@@ -45,21 +45,31 @@ def write_latent_shards(out: Path, num_samples: int, shard_size: int, seed: int 
     sink = ShardSink(out, "train", max_count=shard_size)
     for i in range(num_samples):
         latent = rng.standard_normal((2, 4, 32, 32)).astype(np.float16)
-        sink.write({"__key__": f"train_{i:08d}", "latent.npy": npy_bytes(latent[0]),
-                    "latent_flip.npy": npy_bytes(latent[1]), "cls": str(i % NUM_CLASSES)})
+        sink.write(
+            {
+                "__key__": f"train_{i:08d}",
+                "latent.npy": npy_bytes(latent[0]),
+                "latent_flip.npy": npy_bytes(latent[1]),
+                "cls": str(i % NUM_CLASSES),
+            }
+        )
     records = sink.close()
-    manifest = {"format": "latent", "channels": 4, "image_size": 256, "latent_size": 32,
-                "num_classes": NUM_CLASSES, "scaling_factor": 0.18215,
-                "splits": {"train": {"count": num_samples, "shards": [r["name"] for r in records],
-                                     "shard_info": records}}}
+    manifest = {
+        "format": "latent",
+        "channels": 4,
+        "image_size": 256,
+        "latent_size": 32,
+        "num_classes": NUM_CLASSES,
+        "scaling_factor": 0.18215,
+        "splits": {"train": {"count": num_samples, "shards": [r["name"] for r in records], "shard_info": records}},
+    }
     (out / "manifest.json").write_text(json.dumps(manifest))
     return out
 
 
 def time_loader(data_dir: Path, num_workers: int, batch_size: int, num_samples: int) -> float:
     """Samples/s of two shuffled epochs (worker start-up included)."""
-    loader = make_loader(data_dir, batch_size=batch_size, seed=0, num_workers=num_workers, epochs=2,
-                         shuffle_buffer=256)
+    loader = make_loader(data_dir, batch_size=batch_size, seed=0, num_workers=num_workers, epochs=2, shuffle_buffer=256)
     start, seen = time.perf_counter(), 0
     for x, _ in loader:
         seen += x.shape[0]
@@ -75,24 +85,39 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    rows, results = [], {"date": str(date.today()), "machine": platform.processor() or platform.machine(),
-                         "cpus": os.cpu_count(), "images": args.images, "batch_size": args.batch_size}
+    rows, results = (
+        [],
+        {
+            "date": str(date.today()),
+            "machine": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+            "images": args.images,
+            "batch_size": args.batch_size,
+        },
+    )
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         tree = make_tree(tmp / "tree", args.images)
         for workers in (0, 2):
             start = time.perf_counter()
-            prepare_images(tree, tmp / f"img{workers}", image_size=256, shard_size=128, workers=workers,
-                           progress=False)
+            prepare_images(tree, tmp / f"img{workers}", image_size=256, shard_size=128, workers=workers, progress=False)
             rate = args.images / (time.perf_counter() - start)
             rows.append((f"prepare images 256px jpg, {workers} workers", rate))
         size_mb = sum(p.stat().st_size for p in (tmp / "img0").glob("*.tar")) / 2**20
         latents = write_latent_shards(tmp / "lat", args.images * 4, shard_size=512)
         for workers in (0, 2):
-            rows.append((f"load image shards 256px, {workers} workers",
-                         time_loader(tmp / "img0", workers, args.batch_size, args.images)))
-            rows.append((f"load latent shards 4x32x32, {workers} workers",
-                         time_loader(latents, workers, args.batch_size, args.images * 4)))
+            rows.append(
+                (
+                    f"load image shards 256px, {workers} workers",
+                    time_loader(tmp / "img0", workers, args.batch_size, args.images),
+                )
+            )
+            rows.append(
+                (
+                    f"load latent shards 4x32x32, {workers} workers",
+                    time_loader(latents, workers, args.batch_size, args.images * 4),
+                )
+            )
     results["image_shard_mb_per_1k"] = round(size_mb * 1000 / args.images, 1)
     results["samples_per_s"] = {name: round(rate, 1) for name, rate in rows}
     print(f"{'case':<44} {'samples/s':>10}")

@@ -81,8 +81,14 @@ def test_prepare_is_deterministic_and_overwrites(digits_dir, tmp_path):
     (other / "notes.txt").write_text("keep me")
     manifest = prepare_digits(other, image_size=8)
     names = sorted(path.name for path in other.iterdir())
-    assert names == ["manifest.json", "notes.txt", "train-000000.tar", "train-000001.tar", "train-000002.tar",
-                     "val-000000.tar"]  # default shard_size 512: the old 6 + 2 shards are gone, notes.txt stays
+    assert names == [
+        "manifest.json",
+        "notes.txt",
+        "train-000000.tar",
+        "train-000001.tar",
+        "train-000002.tar",
+        "val-000000.tar",
+    ]  # default shard_size 512: the old 6 + 2 shards are gone, notes.txt stays
     assert manifest["image_size"] == 8 and load_split_tensors(other, "train")[0].shape[-1] == 8
     assert not [path for path in tmp_path.iterdir() if path.name.startswith(".digits")]  # no staging left
 
@@ -116,8 +122,19 @@ def test_eval_pass_covers_split_once(digits_dir):
 def test_ranks_partition_an_epoch(digits_dir, split):
     world_size = 2 if split == "train" else 4
     parts = [
-        collect(make_loader(digits_dir, split, batch_size=32, seed=3, rank=r, world_size=world_size, epochs=1,
-                            drop_last=False, shuffle_buffer=100))
+        collect(
+            make_loader(
+                digits_dir,
+                split,
+                batch_size=32,
+                seed=3,
+                rank=r,
+                world_size=world_size,
+                epochs=1,
+                drop_last=False,
+                shuffle_buffer=100,
+            )
+        )
         for r in range(world_size)
     ]
     seen = [sample_multiset(x, y) for x, y in parts]
@@ -127,8 +144,9 @@ def test_ranks_partition_an_epoch(digits_dir, split):
 
 def test_worker_processes_match_themselves(digits_dir):
     def run() -> tuple[torch.Tensor, torch.Tensor]:
-        return collect(make_loader(digits_dir, "train", batch_size=64, seed=0, num_workers=2, epochs=1,
-                                   drop_last=False))
+        return collect(
+            make_loader(digits_dir, "train", batch_size=64, seed=0, num_workers=2, epochs=1, drop_last=False)
+        )
 
     (xa, ya), (xb, yb) = run(), run()
     assert torch.equal(xa, xb) and torch.equal(ya, yb)
@@ -154,14 +172,19 @@ def write_custom_dataset(data_dir: Path, samples: list[dict]) -> None:
     with wds.TarWriter(str(data_dir / "train-000000.tar")) as writer:
         for sample in samples:
             writer.write(sample)
-    manifest = {"format": "image", "channels": 1, "num_classes": 10,
-                "splits": {"train": {"count": len(samples), "shards": ["train-000000.tar"]}}}
+    manifest = {
+        "format": "image",
+        "channels": 1,
+        "num_classes": 10,
+        "splits": {"train": {"count": len(samples), "shards": ["train-000000.tar"]}},
+    }
     (data_dir / "manifest.json").write_text(json.dumps(manifest))
 
 
 def test_bad_labels_are_skipped_and_counted(digits_dir, tmp_path):
-    png = next(iter(wds.DataPipeline(
-        wds.SimpleShardList([str(digits_dir / "val-000000.tar")]), wds.tarfile_to_samples())))["png"]
+    png = next(
+        iter(wds.DataPipeline(wds.SimpleShardList([str(digits_dir / "val-000000.tar")]), wds.tarfile_to_samples()))
+    )["png"]
     labels = ["3", "42", "-1", "seven", "9"]
     write_custom_dataset(tmp_path / "bad", [{"__key__": f"s{i}", "png": png, "cls": c} for i, c in enumerate(labels)])
     loader = make_loader(tmp_path / "bad", batch_size=8, seed=0, epochs=1, drop_last=False)
@@ -178,8 +201,9 @@ def test_latent_samples_dispatch(tmp_path):
         return buffer.getvalue()
 
     latent, flipped = np.zeros((4, 2, 2), np.float32), np.ones((4, 2, 2), np.float32)
-    samples = [{"__key__": f"s{i}", "latent.npy": npy(latent), "latent_flip.npy": npy(flipped), "cls": "1"}
-               for i in range(64)]
+    samples = [
+        {"__key__": f"s{i}", "latent.npy": npy(latent), "latent_flip.npy": npy(flipped), "cls": "1"} for i in range(64)
+    ]
     write_custom_dataset(tmp_path / "latents", samples)
     x, y = load_split_tensors(tmp_path / "latents", "train")
     assert x.shape == (64, 4, 2, 2) and torch.all(x == 0) and torch.all(y == 1)  # no flips outside training

@@ -111,17 +111,38 @@ def test_export_cli(runs, tmp_path, capsys):
 
 
 def test_srun_environment_maps_to_torch_variables():
-    env = {"SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "1234",
-           "SLURM_LAUNCH_NODE_IPADDR": "10.0.0.5"}
-    assert slurm_to_torch_env(env) == {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1",
-                                       "MASTER_ADDR": "10.0.0.5", "MASTER_PORT": str(29500 + 234)}
+    env = {
+        "SLURM_PROCID": "3",
+        "SLURM_NTASKS": "8",
+        "SLURM_LOCALID": "1",
+        "SLURM_JOB_ID": "1234",
+        "SLURM_LAUNCH_NODE_IPADDR": "10.0.0.5",
+    }
+    assert slurm_to_torch_env(env) == {
+        "RANK": "3",
+        "WORLD_SIZE": "8",
+        "LOCAL_RANK": "1",
+        "MASTER_ADDR": "10.0.0.5",
+        "MASTER_PORT": str(29500 + 234),
+    }
     assert slurm_to_torch_env({**env, "RANK": "3"}) == {}  # a launcher already set them
     assert slurm_to_torch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) == {}  # one task: no process group
 
 
 def _launch(cmd: list[str], digits: Path, out: Path, extra: list[str] = ()) -> subprocess.CompletedProcess:
-    args = ["--preset", "digits-smoke", "--data", str(digits), "--out", str(out), "--ep-size", "2", "--steps", "2",
-            *extra]
+    args = [
+        "--preset",
+        "digits-smoke",
+        "--data",
+        str(digits),
+        "--out",
+        str(out),
+        "--ep-size",
+        "2",
+        "--steps",
+        "2",
+        *extra,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([*cmd, *args], env=env, capture_output=True, text=True, timeout=300)
 
@@ -163,20 +184,39 @@ def _srun_like(digits: Path, out: Path) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("launcher", ["deepspeed", "torchrun", "srun-environment"])
 def test_launchers_run_the_training_module_on_two_ranks(digits, tmp_path, launcher):
     if launcher == "deepspeed":
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
-               "--module", "ditmoe.train"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "deepspeed.launcher.runner",
+            "--num_gpus",
+            "2",
+            "--master_port",
+            str(free_port()),
+            "--module",
+            "ditmoe.train",
+        ]
         proc = _launch(cmd, digits, tmp_path / "run")
     elif launcher == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-               str(free_port()), "-m", "ditmoe.train"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            str(free_port()),
+            "-m",
+            "ditmoe.train",
+        ]
         proc = _launch(cmd, digits, tmp_path / "run")
     else:
         proc = _srun_like(digits, tmp_path / "run")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ckpt = ckpt_io.newest_valid(tmp_path / "run" / "checkpoints")
     assert ckpt.name == "step_00000002"
-    assert {f.name for f in ckpt.glob("*-experts-*")} == {f"{k}-experts-{r}of2.pt" for k in ("model", "ema")
-                                                           for r in (0, 1)}
+    assert {f.name for f in ckpt.glob("*-experts-*")} == {
+        f"{k}-experts-{r}of2.pt" for k in ("model", "ema") for r in (0, 1)
+    }
     assert ckpt_io.load_config(ckpt)["topology"] == {"world_size": 2, "ep_size": 2}
     shutil.rmtree(tmp_path / "run")
 
@@ -186,8 +226,18 @@ def offload_rank(rank: int, world: int, data: str, out: str, steps: int, resume:
     from ditmoe.training.loop import train
 
     config = Path(__file__).resolve().parents[1] / "ds_configs" / "zero2_offload_bf16.json"
-    cfg = train_config("digits-smoke", data=data, out=out, steps=steps, ep_size=2, precision="bf16",
-                       deepspeed_config=str(config), log_every=1, ckpt_every=2, resume=resume)
+    cfg = train_config(
+        "digits-smoke",
+        data=data,
+        out=out,
+        steps=steps,
+        ep_size=2,
+        precision="bf16",
+        deepspeed_config=str(config),
+        log_every=1,
+        ckpt_every=2,
+        resume=resume,
+    )
     return train(cfg, progress=False).losses
 
 
@@ -206,8 +256,16 @@ def test_init_from_starts_a_single_process_run_from_expert_parallel_weights(runs
     from ditmoe.training.loop import train
 
     source = ckpt_io.newest_valid(runs[(2, 2)][0] / "checkpoints")
-    cfg = train_config("digits-smoke", data=str(digits), out=str(tmp_path / "new"), steps=1, lr=1e-12,
-                       init_from=str(source), ckpt_every=1, model_opts={"moe": {"balance_loss_type": "sequence"}})
+    cfg = train_config(
+        "digits-smoke",
+        data=str(digits),
+        out=str(tmp_path / "new"),
+        steps=1,
+        lr=1e-12,
+        init_from=str(source),
+        ckpt_every=1,
+        model_opts={"moe": {"balance_loss_type": "sequence"}},
+    )
     train(cfg, progress=False)
     ckpt = ckpt_io.newest_valid(tmp_path / "new" / "checkpoints")
     assert ckpt.name == "step_00000001"  # a new run: its own step count, a fresh optimizer

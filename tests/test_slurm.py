@@ -74,8 +74,17 @@ def test_sigusr1_saves_requeues_and_the_requeued_job_finishes(cluster, digits, t
         "EXTRA": f"--steps {STEPS} --ckpt-every 100 --log-every 100 --keep-last 20",
     }
     log = tmp_path / "job.out"
-    submit = ["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0",
-              "--time=15", f"--output={log}", "slurm/train_16b.sh"]
+    submit = [
+        "sbatch",
+        "--parsable",
+        "--nodes=1",
+        "--ntasks-per-node=2",
+        "--cpus-per-task=1",
+        "--gpus-per-node=0",
+        "--time=15",
+        f"--output={log}",
+        "slurm/train_16b.sh",
+    ]
     job = subprocess.run(submit, cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=True)
     job_id = job.stdout.strip().split(";")[0]
     try:
@@ -88,8 +97,12 @@ def test_sigusr1_saves_requeues_and_the_requeued_job_finishes(cluster, digits, t
         _wait(lambda: _job_field(job_id, "JobState") == "PENDING", 120, "the job to be pending again", log)
         time.sleep(2)
         subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True, timeout=30)
-        _wait(lambda: _job_field(job_id, "JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), 420,
-              "the requeued job to finish", log)
+        _wait(
+            lambda: _job_field(job_id, "JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"),
+            420,
+            "the requeued job to finish",
+            log,
+        )
     finally:
         subprocess.run(["scancel", job_id], timeout=30)
     text = log.read_text(errors="replace")

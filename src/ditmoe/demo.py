@@ -65,8 +65,24 @@ def run_demo(
 
     cfg = train_config("digits-demo", data=str(data), out=str(out / "run"), steps=steps, seed=seed, resume=True)
     if ranks > 1:
-        launch_training(ranks, ["--preset", "digits-demo", "--data", str(data), "--out", cfg.out, "--steps",
-                                str(cfg.steps), "--seed", str(seed), "--ep-size", str(ranks), "--resume"])
+        launch_training(
+            ranks,
+            [
+                "--preset",
+                "digits-demo",
+                "--data",
+                str(data),
+                "--out",
+                cfg.out,
+                "--steps",
+                str(cfg.steps),
+                "--seed",
+                str(seed),
+                "--ep-size",
+                str(ranks),
+                "--resume",
+            ],
+        )
     else:
         train(cfg)
 

@@ -180,8 +180,10 @@ def prepare_images(
                     both = encoder.encode(np.concatenate([images_BHWC, images_BHWC[:, :, ::-1]]))
                     latent_size = both.shape[-1]
                     payloads = [
-                        {"latent.npy": npy_bytes(both[j].astype(np.float16)),
-                         "latent_flip.npy": npy_bytes(both[len(good) + j].astype(np.float16))}
+                        {
+                            "latent.npy": npy_bytes(both[j].astype(np.float16)),
+                            "latent_flip.npy": npy_bytes(both[len(good) + j].astype(np.float16)),
+                        }
                         for j in range(len(good))
                     ]
                 for (i, label, _), payload in zip(good, payloads, strict=True):

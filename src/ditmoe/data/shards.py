@@ -62,8 +62,9 @@ def split_urls(data_dir: Path, manifest: dict, split: str, shards: str | list[st
     if missing and len(missing) == len(urls):
         raise FileNotFoundError(f"every shard of split {split!r} of {data_dir} is missing: {missing}")
     if missing:
-        logger.warning("split %r of %s: %d shards are missing and will be skipped: %s", split, data_dir,
-                       len(missing), missing[:10])
+        logger.warning(
+            "split %r of %s: %d shards are missing and will be skipped: %s", split, data_dir, len(missing), missing[:10]
+        )
     return urls
 
 
@@ -124,13 +125,23 @@ def decode_checked(
         x = decode_input(sample, channels, flip)
     except Exception as e:  # noqa: BLE001 - PIL/numpy raise many types on corrupt bytes
         skipped["undecodable"] += 1
-        logger.warning("skipping sample %r of %s: cannot decode (%s: %s)", sample.get("__key__"),
-                       sample.get("__url__"), type(e).__name__, e)
+        logger.warning(
+            "skipping sample %r of %s: cannot decode (%s: %s)",
+            sample.get("__key__"),
+            sample.get("__url__"),
+            type(e).__name__,
+            e,
+        )
         return None
     if (shape is not None and tuple(x.shape) != shape) or not torch.isfinite(x).all():
         skipped["bad_shape"] += 1
-        logger.warning("skipping sample %r of %s: shape %s (expected %s) or non-finite values",
-                       sample.get("__key__"), sample.get("__url__"), tuple(x.shape), shape)
+        logger.warning(
+            "skipping sample %r of %s: shape %s (expected %s) or non-finite values",
+            sample.get("__key__"),
+            sample.get("__url__"),
+            tuple(x.shape),
+            shape,
+        )
         return None
     return x, label
 
@@ -226,8 +237,13 @@ class ShardStream(IterableDataset):
             if not read:
                 if stride == num_consumers and len(urls) == len(self.urls) or num_consumers == 1:
                     raise RuntimeError(f"no readable sample in the shards {self.urls} (skipped: {dict(skipped)})")
-                logger.warning("consumer %d of %d read no sample from its shards %s; reading every %d-th sample "
-                               "of all shards", consumer, num_consumers, urls, num_consumers)
+                logger.warning(
+                    "consumer %d of %d read no sample from its shards %s; reading every %d-th sample of all shards",
+                    consumer,
+                    num_consumers,
+                    urls,
+                    num_consumers,
+                )
                 cycles = iter(lambda: (self.urls, consumer, num_consumers), None)
 
     def consumer_batches(self, logical: int, num_workers: int) -> Iterator[tuple]:
@@ -251,12 +267,19 @@ class ShardStream(IterableDataset):
                     break
                 raw += 1
                 flip = self.shuffle_buffer > 1 and coin("flip", self.seed, epoch, sample["__key__"])
-                decoded = decode_checked(sample, channels=self.channels, num_classes=self.num_classes,
-                                         shape=self.shape, flip=flip, skipped=skipped)
+                decoded = decode_checked(
+                    sample,
+                    channels=self.channels,
+                    num_classes=self.num_classes,
+                    shape=self.shape,
+                    flip=flip,
+                    skipped=skipped,
+                )
                 if decoded is None:
                     if tally.cycles - good_cycle >= 2:  # a whole pass without one usable sample
-                        raise RuntimeError(f"no usable sample in a whole pass over the shards {self.urls} "
-                                           f"(skipped: {dict(skipped)})")
+                        raise RuntimeError(
+                            f"no usable sample in a whole pass over the shards {self.urls} (skipped: {dict(skipped)})"
+                        )
                     continue
                 tally.good += 1
                 good_cycle = tally.cycles
@@ -307,14 +330,26 @@ class ShardLoader:
     def identity(self) -> dict:
         """The arguments a resumed loader must share with the saved one."""
         s = self.stream
-        return {"seed": s.seed, "rank": s.rank, "world_size": s.world_size, "num_workers": max(self.num_workers, 1),
-                "batch_size": s.batch_size, "num_shards": len(s.urls), "resampled": s.resampled,
-                "per_consumer": s.per_consumer, "shuffle_buffer": s.shuffle_buffer}
+        return {
+            "seed": s.seed,
+            "rank": s.rank,
+            "world_size": s.world_size,
+            "num_workers": max(self.num_workers, 1),
+            "batch_size": s.batch_size,
+            "num_shards": len(s.urls),
+            "resampled": s.resampled,
+            "per_consumer": s.per_consumer,
+            "shuffle_buffer": s.shuffle_buffer,
+        }
 
     def state_dict(self) -> dict:
         """Position of the current pass: batches yielded and, per worker, {epoch, raw, good} samples."""
-        return {"version": STATE_VERSION, **self.identity(), "batches": self.batches,
-                "positions": copy.deepcopy(self.positions)}
+        return {
+            "version": STATE_VERSION,
+            **self.identity(),
+            "batches": self.batches,
+            "positions": copy.deepcopy(self.positions),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Make the next pass continue from `state`; ValueError naming any argument that differs."""
@@ -349,8 +384,9 @@ class ShardLoader:
             yielded += len(labels)
             yield (inputs, labels, keys) if self.return_keys else (inputs, labels)
         if not yielded and not state:
-            raise RuntimeError(f"no readable sample in the shards {self.stream.urls} "
-                               f"(skipped: {dict(self.skipped) or 'none'})")
+            raise RuntimeError(
+                f"no readable sample in the shards {self.stream.urls} (skipped: {dict(self.skipped) or 'none'})"
+            )
 
 
 def make_loader(
@@ -423,12 +459,14 @@ def manifest_count(manifest: dict, split: str, shards: str | list[str] | None, u
     info = manifest.get("splits", {}).get(split, {})
     if shards is None:
         return int(info["count"])
-    per_shard = {Path(r["name"]).name: r["count"] for s in manifest.get("splits", {}).values()
-                 for r in s.get("shard_info", [])}
+    per_shard = {
+        Path(r["name"]).name: r["count"] for s in manifest.get("splits", {}).values() for r in s.get("shard_info", [])
+    }
     names = [Path(url.split()[-1]).name for url in urls]
     if not all(name in per_shard for name in names):
-        raise ValueError(f"shards {[n for n in names if n not in per_shard][:5]} are not counted in the manifest; "
-                         "pass num_samples")
+        raise ValueError(
+            f"shards {[n for n in names if n not in per_shard][:5]} are not counted in the manifest; pass num_samples"
+        )
     return sum(per_shard[name] for name in names)
 
 
@@ -439,8 +477,14 @@ def load_split_tensors(data_dir: Path, split: str) -> tuple[torch.Tensor, torch.
     shape, skipped = expected_shape(manifest), Counter()
     inputs, labels = [], []
     for sample in iter_unique(urls, skipped):
-        decoded = decode_checked(sample, channels=manifest["channels"], num_classes=manifest["num_classes"],
-                                 shape=shape, flip=False, skipped=skipped)
+        decoded = decode_checked(
+            sample,
+            channels=manifest["channels"],
+            num_classes=manifest["num_classes"],
+            shape=shape,
+            flip=False,
+            skipped=skipped,
+        )
         if decoded is not None:
             inputs.append(decoded[0])
             labels.append(decoded[1])

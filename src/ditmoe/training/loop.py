@@ -178,8 +178,8 @@ def train(
     if found is not None and not cfg.resume:
         raise ConfigError(f"{ckpt_root} already holds checkpoints; pass --resume to continue or choose another --out")
     ema = restore_weights(model, cfg, ctx, found)
-    stepper = DeepSpeedStepper(model, cfg, deepspeed_config(cfg, ctx), ctx.group_name) if use_ds else TorchStepper(
-        model, cfg
+    stepper = (
+        DeepSpeedStepper(model, cfg, deepspeed_config(cfg, ctx), ctx.group_name) if use_ds else TorchStepper(model, cfg)
     )
     if found is not None:
         stepper.load_state_dict(ckpt_io.load_file(found, f"optimizer-rank{ctx.rank}", trusted=True))
