@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Short GPU check (H100/H200), about 5 minutes: CUDA kernel tests for the key shards (8 in parallel, 75 s), then the
 # kernel benchmark at tiny (host-bound), S, XL, G and XL with one expert at 2x load, each layer also under the tiles
-# before run 4, with a tile sweep of every kind at XL and at G, then whole training steps (bench_train.py: S/2 and
-# XL/2, our kernels vs the torch reference vs the official loop; S/2 under new and old tiles in turn, 3 rounds). Logs
-# and JSON go to $OUT (else bench/results/): at most 8 files, what the device tool brings back. megatron-core rows need
-# megatron importable (or a carried .whl/megatron_core-*.whl).
+# before run 4, with a tile sweep of every kind at XL, G and S (S last: the budget cuts it first), then whole
+# training steps (bench_train.py: S/2 and XL/2, our kernels vs the torch reference vs the official loop; S/2 under
+# new and old tiles in turn, 3 rounds). Logs and JSON go to $OUT (else bench/results/): at most 8 files, what the
+# device tool brings back. megatron-core rows need megatron importable (or a carried .whl/megatron_core-*.whl).
 #
 #   pip download --no-deps -d .whl megatron-core==0.16.1     # here, once: the megatron-core peer rows
 #   bash bench/gpu_final.sh                                   # there, with .whl carried
@@ -25,7 +25,7 @@ run_test_shards 75 \
 say "benchmark: S, XL, G + tile sweeps incl. TMA (200 s limit)"
 timeout 200 "$PY" -W ignore bench/bench_kernels.py --shapes tiny,S,XL,G,XL-skew --reps 15 --budget 180 \
     --compare-tiles bench/tiles/run3-bf16.json \
-    --sweep --sweep-shapes XL,G --sweep-kinds swiglu,swiglu_bwd,gmm_dx,dw,gmm,ew,rows,gmm_epi 2>&1 | grep --line-buffered -v "^  warnings.warn" | tee "$LOGDIR/bench.log"
+    --sweep --sweep-shapes XL,G,S --sweep-kinds swiglu,swiglu_bwd,gmm_dx,dw,gmm,ew,rows,gmm_epi 2>&1 | grep --line-buffered -v "^  warnings.warn" | tee "$LOGDIR/bench.log"
 say "benchmark exit ${PIPESTATUS[0]}"
 say "training throughput: S/2 and XL/2-8E2A, triton vs torch vs naive (90 s limit)"
 timeout 90 "$PY" -W ignore bench/bench_train.py 2>&1 | tee "$LOGDIR/bench_train.log"
