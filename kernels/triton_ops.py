@@ -1269,6 +1269,15 @@ def _gmm_swiglu_kernel(
 
 
 @triton.jit
+def _dw_chunk(acc, dbacc, a, b, HAS_DB: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """One chunk of rows of a dW K-reduction: acc += a^T b, and (HAS_DB) dbacc += the column sums of a."""
+    acc = _mma(tl.trans(a), b, acc, UPCAST, PREC)
+    if HAS_DB:
+        dbacc += tl.sum(a.to(tl.float32), 0)
+    return acc, dbacc
+
+
+@triton.jit
 def _gmm_dw_kernel(
     a_ptr,
     b_ptr,
@@ -1330,25 +1339,19 @@ def _gmm_dw_kernel(
         for it in range(0, n_full):
             a = a_desc.load([start + it * BR, pid_o * BO])
             b = b_desc.load([start + it * BR, pid_i * BI])
-            acc = _mma(tl.trans(a), b, acc, UPCAST, PREC)
-            if HAS_DB:
-                dbacc += tl.sum(a.to(tl.float32), 0)
+            acc, dbacc = _dw_chunk(acc, dbacc, a, b, HAS_DB, UPCAST, PREC)
         if n_rows > n_full * BR:
             tail = (n_full * BR).to(tl.int64)
             rm = offs_r < n_rows - n_full * BR
             a = tl.load(a_ptrs + tail * s_ar, mask=rm[:, None] & om[None, :], other=0.0)
             b = tl.load(b_ptrs + tail * s_br, mask=rm[:, None] & im[None, :], other=0.0)
-            acc = _mma(tl.trans(a), b, acc, UPCAST, PREC)
-            if HAS_DB:
-                dbacc += tl.sum(a.to(tl.float32), 0)
+            acc, dbacc = _dw_chunk(acc, dbacc, a, b, HAS_DB, UPCAST, PREC)
     else:
         for it in range(0, tl.cdiv(n_rows, BR)):
             rm = offs_r < n_rows - it * BR
             a = tl.load(a_ptrs, mask=rm[:, None] & om[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=rm[:, None] & im[None, :], other=0.0)
-            acc = _mma(tl.trans(a), b, acc, UPCAST, PREC)
-            if HAS_DB:
-                dbacc += tl.sum(a.to(tl.float32), 0)
+            acc, dbacc = _dw_chunk(acc, dbacc, a, b, HAS_DB, UPCAST, PREC)
             a_ptrs += BR * s_ar
             b_ptrs += BR * s_br
     wmask = om[:, None] & im[None, :]
