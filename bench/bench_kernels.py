@@ -616,18 +616,20 @@ SWEEP = {
     # at 128x64 it needs 128, and two blocks fit. GATHER = 0 permutes x first (timed here with the permute; in the
     # layer the backward then skips its own): A tiles through TMA too, 101 registers at 128x64.
     # PERSIST = 1 (sm_90, XL): 136 registers and 112 KiB at 128x64, so one block per SM instead of two, but the
-    # stores of h, g and u overlap the next tile's loads; 214 registers at 128x128, no spills. Untimed so far.
+    # stores of h, g and u overlap the next tile's loads; 214 registers at 128x128, no spills. PERSIST = 2 with
+    # maxnreg = 128 (a register cap) keeps both: two persistent blocks per SM, one's epilogue beside the other's
+    # K loop (3 stages: 28 bytes of spills; 2 stages: none, 80 KiB). Run 5 (H100, XL) timed the first two
+    # (0.66, 0.67 ms) and dropped candidates: 128x64 with 4 stages 0.82, 64x128 1.02, 128x128 0.71, gathered
+    # pointer loads 0.95.
     "swiglu": (
-        (*GEMM_KEYS, "GATHER", "PERSIST"),
+        (*GEMM_KEYS, "GATHER", "PERSIST", "maxnreg"),
         [
-            (128, 64, 64, 8, 3, 1, 0, 0),
-            (128, 64, 64, 8, 4, 1, 0, 0),
-            (128, 64, 64, 4, 3, 1, 0, 0),
-            (64, 128, 64, 4, 3, 1, 0, 0),
-            (128, 128, 64, 8, 3, 1, 0, 0),
-            (128, 64, 64, 8, 3, 0, 1, 0),
-            (128, 64, 64, 8, 3, 1, 0, 1),
-            (128, 128, 64, 8, 3, 1, 0, 1),
+            (128, 64, 64, 8, 3, 1, 0, 0, None),
+            (128, 64, 64, 4, 3, 1, 0, 0, None),
+            (128, 64, 64, 8, 3, 1, 0, 1, None),
+            (128, 128, 64, 8, 3, 1, 0, 1, None),
+            (128, 64, 64, 8, 3, 1, 0, 2, 128),
+            (128, 64, 64, 8, 2, 1, 0, 2, 128),
         ],
     ),
     # PERSIST = 1: one program per SM loops over the used tiles, and with TMA the compiler flattens tile and K loops
@@ -680,25 +682,34 @@ SWEEP = {
     # 700 bytes of spills in one piece, run 2's 0.75 ms), so with TMA and 3 stages two blocks fit per SM; 128x64
     # needs 64. Run 4 (H100, XL): fused with TMA 0.54 ms, dH + pass 0.64 ms. Run 5: 0.54 ms = the plain dH (0.27)
     # plus the time of the epilogue's traffic at copy bandwidth (~0.27): the g/u reads after the K loop do not
-    # overlap it. PRE = 1 loads them before the K loop (sm_90: 218 registers, one block per SM at 128x128; 111 and
-    # two blocks at 128x64). 128x64 without PRE: 69 registers, three blocks per SM, so more epilogues overlap
-    # other blocks' K loops. Untimed so far.
+    # overlap it; 128x256 0.53, 4 stages 0.65 (dropped). PRE = 1 loads them before the K loop (sm_90: 218
+    # registers, one block per SM at 128x128; 111 and two blocks at 128x64). 128x64 without PRE: 69 registers,
+    # three blocks per SM, so more epilogues overlap other blocks' K loops. Persistent: 142 registers at 128x128
+    # (one block per SM; two with maxnreg = 128, 24 bytes of spills), 74 at 128x64 (two per SM), 78 at 128x64 with
+    # 2 stages (52 KiB: three per SM). Untimed so far but the first three.
     "swiglu_bwd": (
-        (*GEMM_KEYS, "PERSIST", "FUSED", "PRE"),
+        (*GEMM_KEYS, "PERSIST", "FUSED", "PRE", "maxnreg"),
         [
-            (128, 128, 64, 8, 3, 1, 0, 1, 0),
-            (128, 128, 64, 8, 4, 1, 0, 1, 0),
-            (128, 256, 64, 8, 3, 1, 0, 1, 0),
-            (128, 128, 64, 8, 3, 1, 1, 1, 0),  # persistent: 134 registers, 104 KiB, one block per SM (untimed)
-            (128, 128, 64, 8, 3, 1, 0, 1, 1),
-            (128, 64, 64, 8, 3, 1, 0, 1, 0),
-            (128, 64, 64, 8, 3, 1, 0, 1, 1),
-            (128, 128, 64, 8, 4, 0, 0, 0, 0),
+            (128, 128, 64, 8, 3, 1, 0, 1, 0, None),
+            (128, 256, 64, 8, 3, 1, 0, 1, 0, None),
+            (128, 128, 64, 8, 4, 0, 0, 0, 0, None),
+            (128, 128, 64, 8, 3, 1, 1, 1, 0, None),
+            (128, 128, 64, 8, 3, 1, 2, 1, 0, 128),
+            (128, 128, 64, 8, 3, 1, 0, 1, 1, None),
+            (128, 64, 64, 8, 3, 1, 0, 1, 0, None),
+            (128, 64, 64, 8, 3, 1, 0, 1, 1, None),
+            (128, 64, 64, 8, 3, 1, 2, 1, 0, None),
+            (128, 64, 64, 8, 2, 1, 3, 1, 0, None),
         ],
     ),
     "ew": (("BR", "BC", "num_warps"), [(2, 1024, 8), (4, 512, 8), (8, 256, 8)]),
     "rows": (("BT", "BD", "num_warps"), [(16, 128, 4), (16, 256, 8), (8, 256, 4)]),
 }
+
+
+def candidate(keys: tuple, values: tuple) -> dict:
+    """A sweep candidate as tile settings; None leaves a setting unset (e.g. no ``maxnreg`` cap)."""
+    return {k: v for k, v in zip(keys, values, strict=True) if v is not None}
 
 
 LAYER_RESERVE_S = 15.0  # the sweep stops trying tiles this long before the budget: the layer re-time needs it
@@ -774,7 +785,7 @@ def sweep(kinds, name: str):
                 skip(f"sweep {kind} {c}", "over the time budget")
                 continue
             total = 0.0
-            with ops.tile_overrides(**{kind: dict(zip(keys, c, strict=True))}):
+            with ops.tile_overrides(**{kind: candidate(keys, c)}):
                 for op, fl, nbytes, fn in work[kind]:
                     r = attempt(shape, f"sweep {op}", f"{kind} {c}", fn, flops=fl, nbytes=nbytes)
                     total = total + r["ms"] if r and total is not None else None
@@ -784,7 +795,7 @@ def sweep(kinds, name: str):
             ops_timed = " + ".join(op for op, *_ in work[kind])
             log(f"best {kind}: {best[1]} {best[0]:.4f} ms ({ops_timed}; default now: {ops._config(kind, DTYPE)})")
             if best[1] != configs[0]:
-                winners[kind] = dict(zip(keys, best[1], strict=True))
+                winners[kind] = candidate(keys, best[1])
         write_results()
     winners.pop("gmm_epi", None)  # GELU experts only: the layer timed here is SwiGLU
     if winners and not over_budget():

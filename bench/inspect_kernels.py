@@ -35,6 +35,7 @@ from triton.backends.nvidia.compiler import CUDABackend  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 
+from ditmoe_kernels import tiles  # noqa: E402
 from ditmoe_kernels import triton_ops as ops  # noqa: E402
 
 SHAPES = {"S": (384, 1536, 8), "XL": (1152, 4608, 8), "G": (1408, 5632, 16)}  # D, F, E
@@ -177,7 +178,7 @@ def blocks_per_sm(regs: int | None, smem_bytes: int, warps: int) -> int | None:
 def inspect(fn, a, kw, dump_name):
     sig, const, attrs = specialise(fn, a)
     src = ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
-    opts = {k: kw[k] for k in ("num_warps", "num_stages") if k in kw}
+    opts = {k: kw[k] for k in tiles.LAUNCH_OPTIONS if kw.get(k) is not None}
     k = triton.compile(src, target=GPUTarget("cuda", args.arch, 32), options=opts)
     ptx, ttgir = k.asm["ptx"], k.asm["ttgir"]
     if args.dump:

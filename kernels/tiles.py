@@ -8,11 +8,12 @@ elementwise pass on ``ew`` tiles), ``dw`` (per-expert K-reduction: every weight 
 (permute/combine), ``ew`` (elementwise SwiGLU backward, [BR, BC] tiles), ``route`` (routing metadata).
 
 Settings: ``TMA`` = 1 in a GEMM kind loads its tiles through tensor descriptors (``dw``: all but an expert's last,
-partial chunk of rows); ``PERSIST`` > 0 launches that many
-persistent programs per SM (not ``dw``); ``GATHER`` (``swiglu``, ``gmm_epi``; 1 where absent) picks gather-fused
-or permute-first input (see ``triton_ops``); ``PRE`` = 1 (``swiglu_bwd``, ``gmm_epi``: the backward epilogues) loads
-the epilogue's input tiles before the K loop (not with ``PERSIST``: sm_90 then spills); ``num_warps`` /
-``num_stages`` are launch options.
+partial chunk of rows); ``PERSIST`` > 0 launches that many persistent programs per SM (not ``dw``); ``GATHER``
+(``swiglu``, ``gmm_epi``; 1 where absent) picks gather-fused or permute-first input (see ``triton_ops``); ``PRE`` =
+1 (``swiglu_bwd``, ``gmm_epi``: the backward epilogues) loads the epilogue's input tiles before the K loop (not with
+``PERSIST``: sm_90 then spills); ``num_warps`` / ``num_stages`` / ``maxnreg`` (a cap on registers per thread, so
+that two blocks fit on an SM where the compiler would take a few more than half the register file) are launch
+options.
 
 Tables are fixed so results never depend on batch composition; ``tile_overrides`` lets a benchmark try others inside
 a ``with`` block. No Triton import here: benchmarks parse tile files before they know whether Triton runs.
@@ -33,6 +34,7 @@ __all__ = [
     "BF16_SM90",
     "BF16_SM80",
     "SETTINGS",
+    "LAUNCH_OPTIONS",
     "tile_overrides",
     "overrides",
     "exactly",
@@ -99,10 +101,12 @@ BF16_SM80 = MappingProxyType(
         "dw": dict(BO=128, BI=128, BR=32, GROUP_M=8, num_warps=8, num_stages=4),
     }
 )
+# Settings passed to the launch, not to the kernel; any kind may hold them.
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "maxnreg")
 # kind -> the settings its config may hold: what ``tile_overrides`` accepts.
 SETTINGS = MappingProxyType(
     {
-        kind: frozenset({"num_warps", "num_stages"}).union(*(t[kind] for t in (INTERPRET, FP32, BF16_SM90, BF16_SM80)))
+        kind: frozenset(LAUNCH_OPTIONS).union(*(t[kind] for t in (INTERPRET, FP32, BF16_SM90, BF16_SM80)))
         for kind in BF16_SM90
     }
 )

@@ -140,10 +140,10 @@ def _device_arch(index: int) -> int:
 
 
 def _launch_opts(cfg: dict) -> dict:
-    """num_warps / num_stages of a config: launch options on the GPU, meaningless to the interpreter."""
+    """num_warps / num_stages / maxnreg of a config: launch options on the GPU, meaningless to the interpreter."""
     if INTERPRET:
         return {}
-    return {k: cfg[k] for k in ("num_warps", "num_stages") if k in cfg}
+    return {k: cfg[k] for k in tiles.LAUNCH_OPTIONS if cfg.get(k) is not None}
 
 
 def _prec(dtype: torch.dtype):

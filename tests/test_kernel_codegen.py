@@ -80,3 +80,19 @@ def test_gemm_kernels_compile_pipelined_for_sm90(mode):
     for op in ("gate/up fwd", "gelu fc1 fwd"):  # a gathered A takes pointer loads; a permuted copy goes through TMA
         assert (cp_async[op] == 0) == options, (op, cp_async[op])
     assert ("swiglu bwd pass" in ops) != (options or prefetch)  # fused: dH's epilogue does the pass's work
+
+
+@pytest.mark.skipif(not _ptxas_available(), reason="this Triton build has no NVIDIA backend / bundled ptxas")
+def test_maxnreg_caps_the_registers_of_one_kind():
+    """``maxnreg`` reaches the compiler: the down forward (kind ``gmm``, 176 registers at its default tiles) stays
+    within a cap of 160, while the down dW (kind ``dw``, 195) keeps what it takes. (A cap below what a tile's
+    accumulator needs fails to compile: 128x256 wgmma needs at least 154.)"""
+    cmd = [sys.executable, "-W", "ignore", str(REPO / "bench" / "inspect_kernels.py"), "--set", "gmm.maxnreg=160"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    regs = {}
+    for line in proc.stdout.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 14 and cells[1].startswith("_gmm"):
+            regs[cells[0]] = int(cells[5])
+    assert regs["down fwd"] <= 160 < regs["down dW"], regs
