@@ -24,18 +24,25 @@ def _ptxas_available() -> bool:
         return False
 
 
+def _inspect(*args: str) -> list[list[str]]:
+    """Run ``bench/inspect_kernels.py`` with ``args`` and return the cells of its table's rows, one per kernel."""
+    cmd = [sys.executable, "-W", "ignore", str(REPO / "bench" / "inspect_kernels.py"), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in proc.stdout.splitlines()]
+    return [cells for cells in rows if len(cells) == 14 and cells[0] != "op" and not cells[0].startswith("---")]
+
+
+def _gemms(rows: list[list[str]]) -> dict[str, list[str]]:
+    """{op: cells} of the grouped GEMM kernels in an ``_inspect`` table."""
+    return {cells[0]: cells for cells in rows if cells[1].startswith("_gmm")}
+
+
 @pytest.mark.skipif(not _ptxas_available(), reason="this Triton build has no NVIDIA backend / bundled ptxas")
 def test_pre_hopper_tiles_compile_pipelined_without_spills_for_sm80():
     """Before Hopper the bf16 defaults are pointer-load tiles: compiled for sm_80 every grouped GEMM is pipelined
     (cp.async) and none spills, where the Hopper tiles lose their pipelining and spill."""
-    cmd = [sys.executable, "-W", "ignore", str(REPO / "bench" / "inspect_kernels.py"), "--check", "--arch", "80"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    gemms = {}
-    for line in proc.stdout.splitlines():
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        if len(cells) == 14 and cells[1].startswith("_gmm"):
-            gemms[cells[0]] = cells
+    gemms = _gemms(_inspect("--check", "--arch", "80"))
     assert {"gate/up fwd", "down fwd", "down dX: dH", "gate/up dX", "down dW", "gate/up dW"} <= set(gemms), gemms
     for op, cells in gemms.items():
         assert cells[6] == "0/0" and int(cells[10]) > 0 and cells[11] == "0", (op, cells)  # spills, cp.async, TMA
@@ -47,7 +54,7 @@ def test_gemm_kernels_compile_pipelined_for_sm90(mode):
     """Every mode but "defaults" sets each option explicitly (the bf16 defaults turn several on). "tma-prefetch":
     the fused SwiGLU backward with its epilogue inputs loaded before the K loop (``PRE``; not persistent: with
     ``PERSIST`` too it needs 255 registers and spills 6.6 KB)."""
-    cmd = [sys.executable, "-W", "ignore", str(REPO / "bench" / "inspect_kernels.py"), "--check"]
+    cmd = ["--check"]
     tma, options, prefetch = mode != "pointer-loads", mode == "tma-options", mode == "tma-prefetch"
     if mode != "defaults":
         for kind in ("gmm", "gmm_dx", "gmm_epi", "swiglu", "swiglu_bwd", "dw"):
@@ -57,15 +64,8 @@ def test_gemm_kernels_compile_pipelined_for_sm90(mode):
         for kind in ("gmm", "gmm_dx", "gmm_epi", "swiglu", "swiglu_bwd"):
             cmd += ["--set", f"{kind}.PERSIST={int(options)}"]
         cmd += ["--set", f"swiglu_bwd.PRE={int(prefetch)}", "--set", f"gmm_epi.PRE={int(prefetch)}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows, ops = {}, set()
-    for line in proc.stdout.splitlines():
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        if len(cells) == 14:
-            ops.add(cells[0])
-            if cells[1].startswith("_gmm"):
-                rows[cells[0]] = cells
+    table = _inspect(*cmd)
+    rows = _gemms(table)
     assert {"gate/up fwd", "down fwd", "down dX: dH", "gate/up dX", "down dW", "gate/up dW"} <= set(rows), rows
     spills = [int(x) for x in rows["down dX: dH"][6].split("/")]
     assert spills == [0, 0], rows["down dX: dH"]
@@ -79,7 +79,8 @@ def test_gemm_kernels_compile_pipelined_for_sm90(mode):
         assert (tma_loads[op] > 0) == tma and (cp_async[op] == 0) == tma, (op, tma_loads[op], cp_async[op])
     for op in ("gate/up fwd", "gelu fc1 fwd"):  # a gathered A takes pointer loads; a permuted copy goes through TMA
         assert (cp_async[op] == 0) == options, (op, cp_async[op])
-    assert ("swiglu bwd pass" in ops) != (options or prefetch)  # fused: dH's epilogue does the pass's work
+    fused = options or prefetch  # dH's epilogue does the elementwise pass's work
+    assert any(cells[0] == "swiglu bwd pass" for cells in table) != fused
 
 
 @pytest.mark.skipif(not _ptxas_available(), reason="this Triton build has no NVIDIA backend / bundled ptxas")
@@ -87,12 +88,5 @@ def test_maxnreg_caps_the_registers_of_one_kind():
     """``maxnreg`` reaches the compiler: the down forward (kind ``gmm``, 176 registers at its default tiles) stays
     within a cap of 160, while the down dW (kind ``dw``, 195) keeps what it takes. (A cap below what a tile's
     accumulator needs fails to compile: 128x256 wgmma needs at least 154.)"""
-    cmd = [sys.executable, "-W", "ignore", str(REPO / "bench" / "inspect_kernels.py"), "--set", "gmm.maxnreg=160"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    regs = {}
-    for line in proc.stdout.splitlines():
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        if len(cells) == 14 and cells[1].startswith("_gmm"):
-            regs[cells[0]] = int(cells[5])
+    regs = {op: int(cells[5]) for op, cells in _gemms(_inspect("--set", "gmm.maxnreg=160")).items()}
     assert regs["down fwd"] <= 160 < regs["down dW"], regs
