@@ -362,11 +362,11 @@ def run_shape(name: str):
     if ops is not None:
         try:
             plan = ops.routing_plan(experts_TK, E)
-            meta = ops._meta(plan)
+            meta = ops.plan_meta(plan)
             attempt(shape, "routing", "triton", lambda: ops.routing_plan(experts_TK, E))
             attempt(shape, "permute", "triton", lambda: ops._scatter(x, meta), **vs_copy())
             h, g, u = first_gemm(x, (Wg, Wu), meta, "swiglu")
-            gathered = ops._config("swiglu", DTYPE).get("GATHER", 1)
+            gathered = ops.common.config("swiglu", DTYPE).get("GATHER", 1)
             # beyond the dense [R, 2F] output: h (R x F), and without the gather the permuted copy of x
             epilogue_bytes = R * F_ * el + (0 if gathered else perm_bytes)
             attempt(
@@ -394,7 +394,7 @@ def run_shape(name: str):
                 base_ms=bwd_bytes / (copy_gbps * 1e6),
                 base_name="d2d copy GB/s",
             )
-            fused = ops._config("swiglu_bwd", DTYPE).get("FUSED", 0)
+            fused = ops.common.config("swiglu_bwd", DTYPE).get("FUSED", 0)
             # beyond dH: fused, reads g and u, writes h and [dgate | dup] in place of dH (4 R F); as a pass after
             # dH, reads dH, g, u and writes h, dgate, dup (6 R F)
             epilogue_bytes = (4 if fused else 6) * R * F_ * el
@@ -731,7 +731,7 @@ def sweep(kinds, name: str):
     Wd = torch.randn(E, D, F_, device=DEV, dtype=DTYPE) * F_**-0.5
     probs = torch.rand(T, K, device=DEV, dtype=DTYPE)
     plan = ops.routing_plan(ex, E)
-    meta = ops._meta(plan)
+    meta = ops.plan_meta(plan)
     h, g, u = first_gemm(x, (Wg, Wu), meta, "swiglu")
     dy = torch.randn(T * K, D, device=DEV, dtype=DTYPE)
     dh = ops._gmm(dy, Wd, meta, transpose_w=False)
@@ -793,7 +793,7 @@ def sweep(kinds, name: str):
                 best = (total, c)
         if best:
             ops_timed = " + ".join(op for op, *_ in work[kind])
-            log(f"best {kind}: {best[1]} {best[0]:.4f} ms ({ops_timed}; default now: {ops._config(kind, DTYPE)})")
+            log(f"best {kind}: {best[1]} {best[0]:.4f} ms ({ops_timed}; default now: {ops.common.config(kind, DTYPE)})")
             if best[1] != configs[0]:
                 winners[kind] = candidate(keys, best[1])
         write_results()

@@ -52,7 +52,7 @@ ap.add_argument(
 )
 ap.add_argument("--set", action="append", default=[], metavar="KIND.KEY=INT", help="override one tile setting")
 args = ap.parse_args()
-ops._arch = lambda: args.arch  # the tile table of the target, not of this machine
+ops.common.arch = lambda: args.arch  # the tile table of the target, not of this machine
 
 
 def overrides() -> dict:
@@ -125,11 +125,12 @@ def ptxas_report(ptx: str) -> dict:
 def record_layer() -> list:
     """Run the SwiGLU and GELU experts' forward and backward pieces once at the shape, recording every launch."""
     launches, label = [], [""]
-    for name, obj in list(vars(ops).items()):
-        if isinstance(obj, triton.runtime.jit.JITFunction) and name.endswith("_kernel"):
-            setattr(ops, name, Recorder(name, obj, launches, label))
-    ops._check_device = lambda t: None  # CPU tensors stand in for CUDA ones: only shapes, strides, dtypes matter
-    ops._persistent_programs = lambda device, per_sm: per_sm * 132  # an H100's SMs (the grid is not compiled in)
+    for module in (ops.routing, ops.rows, ops.gemm, ops.dw):
+        for name, obj in list(vars(module).items()):
+            if isinstance(obj, triton.runtime.jit.JITFunction) and name.endswith("_kernel"):
+                setattr(module, name, Recorder(name, obj, launches, label))
+    ops.common.check_device = lambda t: None  # CPU tensors stand in for CUDA ones: only shapes, strides, dtypes matter
+    ops.common.persistent_programs = lambda device, per_sm: per_sm * 132  # an H100's SMs (the grid is not compiled in)
     D, F, E = SHAPES[args.shape]
     T, K = args.tokens, args.top_k
     R = T * K
@@ -143,14 +144,14 @@ def record_layer() -> list:
         return fn(*a, **kw)
 
     plan = step("routing", ops.routing_plan, experts, E)
-    meta = ops._meta(plan)
+    meta = ops.plan_meta(plan)
     meta.counts = torch.full((E,), R // E, dtype=torch.int64)  # argsort of the dW order needs real counts
     a, gather = step("permute", ops._expert_input, x, meta, "swiglu")  # launches only with swiglu.GATHER=0
     h, g, u = step("gate/up fwd", ops._gmm_swiglu, a, Wg, Wu, meta, gather=gather)
     y = step("down fwd", ops._gmm, h, Wd, meta, transpose_w=True)
     step("unpermute", ops._gather, y, meta, probs)
     step("unpermute bwd", ops._scatter, x, meta, probs, y)
-    if ops._config("swiglu_bwd", dt).get("FUSED", 0):
+    if ops.common.config("swiglu_bwd", dt).get("FUSED", 0):
         dgu, hb = step("down dX: dH", ops._dh_swiglu_bwd, dy, Wd, g, u, meta)  # + SwiGLU backward epilogue
     else:
         dh = step("down dX: dH", ops._gmm, dy, Wd, meta, transpose_w=False)

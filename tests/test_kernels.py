@@ -1,4 +1,4 @@
-"""Triton MoE kernels (kernels/triton_ops.py) against the pure-torch oracle (kernels/reference.py).
+"""Triton MoE kernels (kernels/triton_ops/) against the pure-torch oracle (kernels/reference.py).
 
 Every public op and every gradient is compared with the reference on the same inputs. On CPU the kernels run in
 the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1 when there is no GPU) with small tiles; on CUDA
@@ -32,9 +32,10 @@ except ImportError:  # pragma: no cover
 
 from ditmoe_kernels import reference as ref  # noqa: E402
 from ditmoe_kernels import triton_ops as ops  # noqa: E402
+from ditmoe_kernels.triton_ops import common  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-if DEVICE.type == "cpu" and not ops.INTERPRET:
+if DEVICE.type == "cpu" and not common.INTERPRET:
     pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1 (set by tests/conftest.py)", allow_module_level=True)
 
 TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 1.6e-2}
@@ -350,7 +351,7 @@ def test_dw_split_halves():
     """One K-reduction over [A1 | A2] split in the store equals the two separate dW, bit for bit."""
     T, K, E, O, I = 29, 2, 5, 40, 24
     plan = ops.routing_plan(make_experts(T, K, E, seed=3, empty=(2,)), E)
-    meta = ops._meta(plan)
+    meta = ops.plan_meta(plan)
     a = randn(T * K, 2 * O, seed=4, dtype=torch.float32)
     b = randn(T * K, I, seed=5, dtype=torch.float32)
     first, second = ops._gmm_dw(a, b, meta, split=O)
@@ -372,12 +373,12 @@ def test_dw_tma_gives_the_same_bits(dtype, monkeypatch):
     experts = experts[torch.randperm(len(experts), generator=torch.Generator().manual_seed(0))]
     plan = ops.routing_plan(experts.view(-1, 1).to(DEVICE), E)
     assert plan.counts_E.tolist() == [16, 0, 5, 33, 1, 32]
-    meta = ops._meta(plan)
+    meta = ops.plan_meta(plan)
     a = randn(len(experts), 2 * O, seed=4, dtype=dtype)
     b = randn(len(experts), I, seed=5, dtype=dtype)
     made = []
-    real = ops._tma_descs
-    monkeypatch.setattr(ops, "_tma_descs", lambda pairs: made.append(real(pairs)) or made[-1])
+    real = common.tma_descs
+    monkeypatch.setattr(common, "tma_descs", lambda pairs: made.append(real(pairs)) or made[-1])
     for kw in [{}, {"split": O}, {"with_db": True}]:
         with ops.tile_overrides(dw={"TMA": 0}):
             want = ops._gmm_dw(a, b, meta, **kw)
@@ -405,8 +406,8 @@ def test_experts_tma(case, act, monkeypatch):
     descriptors; rows past a group and columns past N read other experts' data that is never stored. Equal to the
     reference like the pointer loads, and every descriptor requested is made (none falls back)."""
     made = []
-    real = ops._tma_descs
-    monkeypatch.setattr(ops, "_tma_descs", lambda pairs: made.append(real(pairs)) or made[-1])
+    real = common.tma_descs
+    monkeypatch.setattr(common, "tma_descs", lambda pairs: made.append(real(pairs)) or made[-1])
     with ops.tile_overrides(**TMA_ON):
         check_experts(*TMA_CASES[case], act, torch.float32)
         if case == 0:
@@ -426,8 +427,8 @@ def test_backward_uses_the_forward_tiles(act, monkeypatch):
     with ops.tile_overrides(**tiles):
         out = _experts_fn(ops, act, plan)(*inputs)
     seen = []
-    real = ops._config
-    monkeypatch.setattr(ops, "_config", lambda kind, dtype: seen.append((kind, real(kind, dtype))) or seen[-1][1])
+    real = common.config
+    monkeypatch.setattr(common, "config", lambda kind, dtype: seen.append((kind, real(kind, dtype))) or seen[-1][1])
     worker = threading.Thread(target=lambda: out.backward(torch.ones_like(out)))
     worker.start()
     worker.join()
@@ -512,7 +513,7 @@ def test_persistent_swiglu_writes_what_one_tile_per_program_writes(tma):
     (which the persistent loop runs through expert 0's weights and must discard). 3 programs share the tiles."""
     T, K, E, D, F = 29, 2, 4, 64, 44
     plan = ops.routing_plan(make_experts(T, K, E, seed=2, empty=(1,)), E, 10)  # capacity 10: drops
-    meta = ops._meta(plan)
+    meta = ops.plan_meta(plan)
     a = randn(T * K, D, seed=3, dtype=torch.float32)
     w_gate, w_up = randn(E, F, D, seed=4, dtype=torch.float32), randn(E, F, D, seed=5, dtype=torch.float32)
     outs = []
@@ -531,7 +532,7 @@ def test_fused_swiglu_bwd_writes_what_the_pass_writes():
     zeros for dropped pairs; 4 x 8-column quarters per interpreter tile, the last one partly past F."""
     T, K, E, D, F = 29, 2, 4, 24, 44
     plan = ops.routing_plan(make_experts(T, K, E, seed=2, empty=(1,)), E, 10)  # capacity 10: drops
-    meta = ops._meta(plan)
+    meta = ops.plan_meta(plan)
     dy = randn(T * K, D, seed=3, dtype=torch.float32)
     w_down = randn(E, D, F, seed=4, dtype=torch.float32)
     g, u = randn(T * K, F, seed=5, dtype=torch.float32, scale=3.0), randn(T * K, F, seed=6, dtype=torch.float32)
@@ -552,10 +553,10 @@ def test_tma_falls_back_where_tma_cannot_address():
         check_experts(*TMA_CASES[1], "swiglu", torch.float32, noncontig=True)
         check_experts(29, 2, 4, 18, 40, None, (), "gelu", torch.float32)
     w = randn(3, 8, 16, seed=0, dtype=torch.float32)
-    assert ops._tma_desc(w, [8, 8]) is not None
-    assert ops._tma_desc(w.transpose(1, 2), [8, 8]) is None
-    assert ops._tma_desc(randn(8, 18, seed=1, dtype=torch.float32), [8, 8]) is None
-    assert ops._tma_desc(randn(8, 20, seed=1, dtype=torch.float32)[:, 1:17], [8, 8]) is None  # base + 4 bytes
+    assert common.tma_desc(w, [8, 8]) is not None
+    assert common.tma_desc(w.transpose(1, 2), [8, 8]) is None
+    assert common.tma_desc(randn(8, 18, seed=1, dtype=torch.float32), [8, 8]) is None
+    assert common.tma_desc(randn(8, 20, seed=1, dtype=torch.float32)[:, 1:17], [8, 8]) is None  # base + 4 bytes
 
 
 @pytest.mark.parametrize("act", ["swiglu", "gelu"])

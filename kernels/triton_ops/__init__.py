@@ -1,0 +1,299 @@
+"""Triton MoE dispatch: the same API as ``reference`` (routing plan, permute, grouped GEMM, unpermute, fused experts).
+
+Modules: ``routing`` (routing metadata, block tables), ``rows`` (permute / combine), ``gemm`` (grouped GEMMs forward
+and dX, with their epilogues), ``dw`` (weight gradients), ``common`` (tile configs, launch options, descriptors);
+this package holds the autograd Functions and the public API.
+
+Shape suffixes follow ``reference``: T tokens, K top-k, E experts, R = T*K permuted rows, D model width, F expert
+width; a weight is stored like nn.Linear, ``[E, O(ut), I(n)]``. A "flat" id is ``token * K + slot``.
+
+Design (see /work/shared/notes/kernels.md):
+- Routing metadata on device, no host sync, stable: per-block histogram -> one-program scan -> rank within block.
+  With a capacity, a first pass ranks pairs in priority order (slot-major, then token) to decide which are kept;
+  the second pass places kept pairs per expert in flat order and dropped pairs in a sentinel group E at the end.
+- Grouped GEMMs launch a static grid over ``cdiv(R, BM) + E + 1`` M-blocks (the upper bound) x N-tiles. A block
+  table computed on device gives each M-block one group (expert) and its row range: indices are padded, tensors
+  are not. The sentinel group's blocks write zeros (dropped rows), unused blocks do no work. Tile key ``PERSIST``
+  (every GEMM kind but ``dw``) launches PERSIST programs per SM instead, which loop over the used tiles (the table
+  also holds their count); every tile then runs the same K loop, so the compiler flattens tile and K loops into one
+  pipelined loop whose loads for the next tile overlap this tile's epilogue.
+- The first expert GEMM gathers its A rows through the permutation (an int32 token table ``sorted_flat // K``
+  computed once per plan): no permuted copy of x. Tile key ``GATHER`` = 0 (kinds ``swiglu``, ``gmm_epi``) permutes
+  x first instead: the GEMM's A tiles can then load through TMA, and the backward reuses the copy for the first
+  weight's dW, which needs it permuted anyway (so the copy costs no extra pass, only R x D of saved activations
+  in place of T x D). Both give the same bits; bf16 permutes first (run 4, H100, XL: 0.65 ms against 0.77).
+- SwiGLU / GELU run in the epilogue of the first GEMM, which also stores the pre-activations. Backward
+  re-materialises the activation h from the saved pre-activations (h is not kept from the forward), so the dW of
+  the second weight is a plain K-reduction dy^T h: no elementwise work inside any GEMM main loop, where it would
+  stall the pipelining. SwiGLU: dH = dy W2 is a plain grouped GEMM and one elementwise pass writes h and
+  [dgate | dup] side by side in one [R, 2F] buffer. Fusing that pass into dH's epilogue (kind ``swiglu_bwd``,
+  FUSED = 1) saves writing and re-reading dH. Run 2 timed a fused version at 0.75 vs 0.54 ms (XL): its 128x128
+  epilogue spilled (255 registers) and one block per SM left it unhidden. The epilogue now works in column
+  quarters (128 registers; with TMA and 3 stages two blocks fit per SM): run 4 timed it at 0.54 ms against
+  0.64 for dH and the pass, so bf16 fuses.
+  GELU: the dX GEMM of the second weight runs the backward in its own 128x128-tile epilogue (``gmm_epi``).
+  The combine is a gather with fp32 accumulation that also yields the routing-weight gradient in backward.
+  No atomics anywhere: bitwise deterministic.
+- dW: one program per (expert, O-tile, I-tile) walks the expert's rows in a counted loop of [BR, BO] x [BR, BI]
+  row-contiguous tiles (A enters tl.dot through tl.trans), fp32 accumulate, largest experts first; an expert with
+  no rows writes zeros. Bias gradients are fp32 row sums. The gate and up dW are one K-reduction over the
+  [dgate | dup] buffer (O = 2F, the output split in the store) against the permuted x: a single accumulator and
+  no gathered rows, the shape of the down dW that ran at 0.95 of dense (the dual-accumulator kernel over
+  gathered x reached 0.47, run 3).
+- fp32/bf16/fp16 inputs, fp32 accumulation. fp32 matmuls follow ``torch.backends.cuda.matmul.allow_tf32``.
+- TMA (tile key ``TMA`` of the GEMM kinds; on in bf16 except ``gmm_epi`` and ``dw``, from run 4's sweep): weight
+  tiles, and A tiles where A is not gathered, load through host-made tensor descriptors over 2-D views ([E, X, Y]
+  -> [E*X, Y]). A tile that runs past its group reads another group's rows or columns, which only reach outputs
+  that are never stored; the dX weights use TMA only when Kdim is a multiple of BK, where that would reach the
+  accumulator. In dW, where rows are the reduction, only whole chunks of an expert's rows come through descriptors
+  and the last partial chunk through masked pointer loads. Tensors TMA cannot address (strided, misaligned) take
+  the pointer loads.
+  ``bench/inspect_kernels.py`` shows the sm_90 code.
+
+Tile configs (``tiles``) are fixed per (kind, dtype, architecture) so results never depend on batch composition;
+``tile_overrides`` lets a benchmark try others inside a ``with`` block (``bench/bench_kernels.py --sweep`` covers
+every GEMM kind, forward and backward). Under ``TRITON_INTERPRET=1`` (CPU tests) tiles are small and dot operands
+are upcast to fp32 (the 3.9 interpreter multiplies bf16 bit patterns as integers); products of bf16/fp16 values are
+exact in fp32, so this matches the GPU's fp32-accumulating MMA up to summation order.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ditmoe_kernels import tiles
+from ditmoe_kernels.reference import RoutingPlan
+from ditmoe_kernels.tiles import check_tiles, load_tiles, tile_overrides
+from ditmoe_kernels.triton_ops import common
+from ditmoe_kernels.triton_ops.dw import _gmm_dw
+from ditmoe_kernels.triton_ops.gemm import (
+    EPI_GELU,
+    EPI_GELU_BWD,
+    EPI_SWIGLU_BWD,
+    _gmm,
+    _gmm_swiglu,
+    _swiglu_bwd,
+)
+from ditmoe_kernels.triton_ops.routing import Meta, TritonRoutingPlan, plan_meta, routing_plan
+from ditmoe_kernels.triton_ops.rows import _gather, _scatter
+
+__all__ = [
+    "RoutingPlan",
+    "TritonRoutingPlan",
+    "routing_plan",
+    "permute",
+    "grouped_mm",
+    "unpermute",
+    "swiglu_experts",
+    "gelu_experts",
+    "tile_overrides",
+    "check_tiles",
+    "load_tiles",
+]
+
+
+def _backward_under_forward_tiles(cls: type[torch.autograd.Function]) -> type[torch.autograd.Function]:
+    """Class decorator: the Function's backward runs under the ``tile_overrides`` its forward saw. Autograd runs CUDA
+    backwards in its own thread, where the caller's context variables are not set."""
+    forward, backward = cls.forward, cls.backward
+
+    @functools.wraps(forward)
+    def forward_recording_tiles(ctx, *args):
+        ctx.tiles = tiles.overrides()
+        return forward(ctx, *args)
+
+    @functools.wraps(backward)
+    def backward_under_tiles(ctx, *grads):
+        with tiles.exactly(ctx.tiles):
+            return backward(ctx, *grads)
+
+    cls.forward, cls.backward = staticmethod(forward_recording_tiles), staticmethod(backward_under_tiles)
+    return cls
+
+
+def _expert_input(x_TD: torch.Tensor, meta: Meta, kind: str) -> tuple[torch.Tensor, bool]:
+    """A of an expert layer's first GEMM and whether that GEMM gathers it: x itself, read through the permutation
+    (``GATHER`` = 1 in the kind's config: no copy), or a permuted copy [R, D] (0: its A tiles can load through TMA,
+    and the backward reuses the copy for the first weight's dW instead of permuting x again)."""
+    if common.config(kind, x_TD.dtype).get("GATHER", 1):
+        return x_TD, True
+    return _scatter(x_TD, meta), False
+
+
+def _dh_swiglu_bwd(dy, w_down, g, u, meta: Meta):
+    """(dGU [R, 2F] = [dgate | dup], h [R, F]) from dy and the saved pre-activations: dH = dy W_down in a grouped
+    GEMM whose epilogue runs the SwiGLU backward (``swiglu_bwd`` FUSED = 1), or a plain dH GEMM and then the
+    elementwise pass (0). Both give the same bits."""
+    if common.config("swiglu_bwd", dy.dtype).get("FUSED", 0):
+        g, u = g.contiguous(), u.contiguous()
+        return _gmm(dy, w_down, meta, transpose_w=False, epi=EPI_SWIGLU_BWD, x0=g, x1=u)
+    return _swiglu_bwd(_gmm(dy, w_down, meta, transpose_w=False), g, u)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Autograd
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@_backward_under_forward_tiles
+class _Permute(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_TD, meta):
+        ctx.meta = meta
+        return _scatter(x_TD, meta)
+
+    @staticmethod
+    def backward(ctx, g_RD):
+        return _gather(g_RD, ctx.meta), None
+
+
+@_backward_under_forward_tiles
+class _Unpermute(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y_RD, weights_TK, meta):
+        ctx.meta = meta
+        ctx.save_for_backward(y_RD, weights_TK)
+        return _gather(y_RD, meta, weights_TK)
+
+    @staticmethod
+    def backward(ctx, g_TD):
+        y_RD, w_TK = ctx.saved_tensors
+        dy, dw = _scatter(g_TD, ctx.meta, w_TK, y_RD)
+        return dy, dw.to(w_TK.dtype), None
+
+
+@_backward_under_forward_tiles
+class _GroupedMM(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_RI, w_EOI, bias_EO, meta):
+        ctx.meta = meta
+        ctx.has_bias = bias_EO is not None
+        ctx.save_for_backward(x_RI, w_EOI)
+        return _gmm(x_RI, w_EOI, meta, transpose_w=True, bias=bias_EO)
+
+    @staticmethod
+    def backward(ctx, dy_RO):
+        x_RI, w_EOI = ctx.saved_tensors
+        meta = ctx.meta
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = _gmm(dy_RO, w_EOI, meta, transpose_w=False)
+        if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
+            res = _gmm_dw(dy_RO, x_RI, meta, with_db=ctx.has_bias, dtype=w_EOI.dtype)
+            dw = res[0]
+            db = res[1] if ctx.has_bias else None
+        return dx, dw, db, None
+
+
+@_backward_under_forward_tiles
+class _SwigluExperts(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_TD, weights_TK, w_gate, w_up, w_down, meta):
+        a, ctx.gathered = _expert_input(x_TD, meta, "swiglu")
+        h, g, u = _gmm_swiglu(a, w_gate, w_up, meta, gather=ctx.gathered)
+        y = _gmm(h, w_down, meta, transpose_w=True)
+        ctx.meta = meta
+        ctx.save_for_backward(a, weights_TK, w_gate, w_up, w_down, g, u, y)
+        return _gather(y, meta, weights_TK)
+
+    @staticmethod
+    def backward(ctx, dout_TD):
+        a, w_TK, w_gate, w_up, w_down, g, u, y = ctx.saved_tensors
+        meta = ctx.meta
+        F = g.shape[1]
+        dy, dw_TK = _scatter(dout_TD.to(y.dtype), meta, w_TK, y)
+        # dH = dy W_down and the SwiGLU backward make [dgate | dup] and re-materialise h = silu(g) * u (not kept
+        # from the forward: only g and u are saved), so the down dW is a plain K-reduction dy^T h.
+        dgu, h = _dh_swiglu_bwd(dy, w_down, g, u, meta)
+        dw_down = _gmm_dw(dy, h, meta)[0] if ctx.needs_input_grad[4] else None
+        del h
+        dw_gate = dw_up = dx = None
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+            dw_gate, dw_up = _gmm_dw(dgu, _scatter(a, meta) if ctx.gathered else a, meta, split=F)
+        if ctx.needs_input_grad[0]:
+            dx_RD = _gmm(dgu[:, :F], w_gate, meta, transpose_w=False, a2=dgu[:, F:], w2=w_up)
+            dx = _gather(dx_RD, meta)
+        return dx, dw_TK.to(w_TK.dtype), dw_gate, dw_up, dw_down, None
+
+
+@_backward_under_forward_tiles
+class _GeluExperts(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_TD, weights_TK, w1, b1, w2, b2, meta):
+        a, ctx.gathered = _expert_input(x_TD, meta, "gmm_epi")
+        h, z = _gmm(a, w1, meta, transpose_w=True, gather=ctx.gathered, bias=b1, epi=EPI_GELU)
+        y = _gmm(h, w2, meta, transpose_w=True, bias=b2)
+        ctx.meta = meta
+        ctx.save_for_backward(a, weights_TK, w1, w2, z, y)
+        return _gather(y, meta, weights_TK)
+
+    @staticmethod
+    def backward(ctx, dout_TD):
+        a, w_TK, w1, w2, z, y = ctx.saved_tensors
+        meta = ctx.meta
+        dy, dw_TK = _scatter(dout_TD.to(y.dtype), meta, w_TK, y)
+        dz, h = _gmm(dy, w2, meta, transpose_w=False, epi=EPI_GELU_BWD, x0=z)  # h = gelu(z) re-materialised
+        dw2, db2 = _gmm_dw(dy, h, meta, with_db=True)
+        del h
+        dw1, db1 = _gmm_dw(dz, _scatter(a, meta) if ctx.gathered else a, meta, with_db=True)
+        dx = _gather(_gmm(dz, w1, meta, transpose_w=False), meta) if ctx.needs_input_grad[0] else None
+        return dx, dw_TK.to(w_TK.dtype), dw1, db1, dw2, db2, None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public API (same names and signatures as ``reference``)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _cast(t, dtype):
+    return None if t is None else (t if t.dtype == dtype else t.to(dtype))
+
+
+def permute(x_TD: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+    """Gather one copy of each token per choice into expert-sorted order: [R, D]."""
+    return _Permute.apply(x_TD, plan_meta(plan))
+
+
+def unpermute(y_RD: torch.Tensor, weights_TK: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+    """Weighted sum of each token's K expert outputs, accumulated in fp32, in the dtype of y. [T, D]."""
+    return _Unpermute.apply(y_RD, weights_TK, plan_meta(plan))
+
+
+def grouped_mm(x_RI: torch.Tensor, w_EOI: torch.Tensor, plan: RoutingPlan, bias_EO: torch.Tensor | None = None):
+    """Per-expert ``x @ w[e].T (+ b[e])`` on contiguous row groups; rows past the kept ones are zero. [R, O].
+    Weights and bias are cast to the dtype of x (to the autocast dtype under autocast)."""
+    dt = _compute_dtype(x_RI)
+    with torch.autocast(x_RI.device.type, enabled=False):
+        return _GroupedMM.apply(_cast(x_RI, dt), _cast(w_EOI, dt), _cast(bias_EO, dt), plan_meta(plan))
+
+
+def swiglu_experts(x_TD, weights_TK, plan, gate_EFD, up_EFD, down_EDF) -> torch.Tensor:
+    """Routed SwiGLU experts: ``down(silu(gate(x)) * up(x))`` per expert, combined with the routing weights."""
+    dt = _compute_dtype(x_TD)
+    with torch.autocast(x_TD.device.type, enabled=False):
+        return _SwigluExperts.apply(
+            _cast(x_TD, dt), weights_TK, _cast(gate_EFD, dt), _cast(up_EFD, dt), _cast(down_EDF, dt), plan_meta(plan)
+        )
+
+
+def gelu_experts(x_TD, weights_TK, plan, fc1_EFD, fc1_bias_EF, fc2_EDF, fc2_bias_ED) -> torch.Tensor:
+    """Routed GELU (tanh) experts as in DiT's MLP, for upcycling a dense DiT."""
+    dt = _compute_dtype(x_TD)
+    with torch.autocast(x_TD.device.type, enabled=False):
+        return _GeluExperts.apply(
+            _cast(x_TD, dt),
+            weights_TK,
+            _cast(fc1_EFD, dt),
+            _cast(fc1_bias_EF, dt),
+            _cast(fc2_EDF, dt),
+            _cast(fc2_bias_ED, dt),
+            plan_meta(plan),
+        )

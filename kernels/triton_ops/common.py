@@ -1,0 +1,142 @@
+"""What every Triton kernel module here shares: the tile config of a kernel kind on this device, launch options,
+host-side arithmetic and tensor descriptors, and the device-side helpers for casting, MMA and tile order.
+
+Host helpers are called through this module (``common.config(...)``) so that tools and tests can substitute them
+in one place (``bench/inspect_kernels.py`` sets ``arch`` to the target it compiles for); ``@triton.jit`` helpers
+are imported by name, as Triton resolves them."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from ditmoe_kernels import tiles
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) on the host; ``triton.cdiv`` is a constexpr function whose call costs microseconds per use."""
+    return -(-a // b)
+
+
+def pow2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1), on the host (as ``cdiv``: not ``triton.next_power_of_2``)."""
+    return 1 << (n - 1).bit_length()
+
+
+def config(kind: str, dtype: torch.dtype) -> dict:
+    """Tile configuration of one kernel kind (see ``tiles``) for this dtype and device, with any overrides."""
+    if INTERPRET:
+        table = tiles.INTERPRET
+    elif dtype == torch.float32:
+        table = tiles.FP32
+    else:
+        table = tiles.BF16_SM90 if arch() >= 90 else tiles.BF16_SM80
+    return {**table[kind], **tiles.overrides().get(kind, {})}
+
+
+def arch() -> int:
+    """Compute capability x 10 of the current CUDA device: the bf16 tiles differ before Hopper (90)."""
+    return _device_arch(torch.cuda.current_device())
+
+
+@functools.cache
+def _device_arch(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
+
+
+def launch_opts(cfg: dict) -> dict:
+    """num_warps / num_stages / maxnreg of a config: launch options on the GPU, meaningless to the interpreter."""
+    if INTERPRET:
+        return {}
+    return {k: cfg[k] for k in tiles.LAUNCH_OPTIONS if cfg.get(k) is not None}
+
+
+def prec(dtype: torch.dtype):
+    """(UPCAST, PREC) constexprs for tl.dot."""
+    if INTERPRET:
+        return True, "ieee"
+    if dtype == torch.float32:
+        return False, "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return False, None
+
+
+def check_device(t: torch.Tensor) -> None:
+    if t.device.type == "cpu" and not INTERPRET:
+        raise RuntimeError(
+            "ditmoe_kernels.triton_ops needs CUDA tensors, or TRITON_INTERPRET=1 set before Triton is imported to run "
+            "on CPU through the interpreter; use the 'torch' backend (ditmoe_kernels.reference) on CPU"
+        )
+
+
+_EMULATE_RTNE = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def to_dtype(x, dtype: tl.constexpr):
+    """Cast for stores. The 3.9 interpreter truncates fp32 -> bf16 (GPUs round to nearest even): there, round the
+    fp32 bits to nearest even first so CPU tests see the GPU's numerics."""
+    if _EMULATE_RTNE:  # noqa: SIM102 (constexpr branches)
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000  # exactly representable in bf16
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def mma(a, b, acc, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    if UPCAST:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def grouped_order(pid, num_m, N, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped (L2-friendly) order: GROUP_M M-blocks share each N-tile sweep."""
+    num_n = tl.cdiv(N, BN)
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    return pid_m, pid_n
+
+
+def stride_or_zero(t, i):
+    return t.stride(i) if t is not None else 0
+
+
+def persistent_programs(device: torch.device, per_sm: int) -> int:
+    """Programs of a persistent launch: ``per_sm`` per SM (3 under the interpreter, so tiles are shared out)."""
+    if INTERPRET:
+        return 3
+    return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def tma_desc(t: torch.Tensor, block: list[int]) -> TensorDescriptor | None:
+    """A TMA descriptor over ``t`` as one 2-D matrix ([E, X, Y] -> [E*X, Y]) loading ``block`` tiles, or None where
+    TMA cannot address it: rows that do not flatten, a last stride other than 1, a base or row stride not 16-byte
+    aligned, or no elements."""
+    if t.dim() == 3:
+        if t.stride(0) != t.shape[1] * t.stride(1):
+            return None
+        t = t.flatten(0, 1)
+    if t.numel() == 0 or t.stride(1) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
+        return None
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), block)
+
+
+def tma_descs(pairs: list) -> list | None:
+    """Descriptors for every (tensor, block) pair, or None unless all of them can be made."""
+    descs = [tma_desc(t, block) for t, block in pairs]
+    return None if any(d is None for d in descs) else descs

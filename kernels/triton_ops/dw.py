@@ -1,0 +1,177 @@
+"""Weight gradients of the grouped GEMMs: a deterministic K-reduction over each expert's rows (zeros for an expert
+without rows), largest experts first, with the bias gradient and the gate/up split on request."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ditmoe_kernels.triton_ops import common
+from ditmoe_kernels.triton_ops.common import grouped_order, mma, to_dtype
+from ditmoe_kernels.triton_ops.routing import Meta
+
+
+@triton.jit
+def _dw_chunk(acc, dbacc, a, b, HAS_DB: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """One chunk of rows of a dW K-reduction: acc += a^T b, and (HAS_DB) dbacc += the column sums of a."""
+    acc = mma(tl.trans(a), b, acc, UPCAST, PREC)
+    if HAS_DB:
+        dbacc += tl.sum(a.to(tl.float32), 0)
+    return acc, dbacc
+
+
+@triton.jit
+def _gmm_dw_kernel(
+    a_ptr,
+    b_ptr,
+    a_desc,
+    b_desc,
+    offs_ptr,
+    order_ptr,
+    dw_ptr,
+    dw2_ptr,
+    db_ptr,
+    O,
+    O1,
+    I,
+    s_ar,
+    s_ao,
+    s_br,
+    s_bi,
+    s_we,
+    s_wo,
+    s_wi,
+    s_dbe,
+    s_dbo,
+    SPLIT: tl.constexpr,
+    HAS_DB: tl.constexpr,
+    TMA: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PREC: tl.constexpr,
+    BO: tl.constexpr,
+    BI: tl.constexpr,
+    BR: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """dW[e] = A[rows e]^T @ B[rows e] ([O, I]) as a K-reduction over the expert's rows; HAS_DB: db[e] = sum of
+    A's rows. SPLIT: result rows o >= O1 go to row o - O1 of dW2 (same strides), the rest to dW. Empty experts
+    write zeros.
+
+    The loop is a plain counted loop over [BR, BO] / [BR, BI] tiles whose pointers advance by BR rows: every
+    load is row-contiguous (coalesced, 16-byte vectors) and feeds tl.dot directly (A through tl.trans), so the
+    compiler pipelines it into shared memory; fp32 accumulation. TMA: the whole BR-row chunks come through the
+    descriptors ``a_desc`` / ``b_desc`` over A and B ([R, O], [R, I]; columns past O or I read as zeros) and only
+    the last, partial chunk, whose rows past the expert must not be read, through masked pointer loads: the same
+    chunks in the same order, so the same bits."""
+    pid_o, pid_i = grouped_order(tl.program_id(0), tl.cdiv(O, BO), I, BI, GROUP_M)
+    e = tl.load(order_ptr + tl.program_id(1)).to(tl.int64)
+    start = tl.load(offs_ptr + e).to(tl.int32)
+    n_rows = tl.load(offs_ptr + e + 1).to(tl.int32) - start
+    offs_o = pid_o * BO + tl.arange(0, BO)
+    offs_i = pid_i * BI + tl.arange(0, BI)
+    offs_r = tl.arange(0, BR)
+    om = offs_o < O
+    im = offs_i < I
+    rows = (start + offs_r).to(tl.int64)
+    a_ptrs = a_ptr + rows[:, None] * s_ar + offs_o[None, :] * s_ao
+    b_ptrs = b_ptr + rows[:, None] * s_br + offs_i[None, :] * s_bi
+    acc = tl.zeros([BO, BI], tl.float32)
+    dbacc = tl.zeros([BO], tl.float32)
+    if TMA:
+        n_full = n_rows // BR
+        for it in range(0, n_full):
+            a = a_desc.load([start + it * BR, pid_o * BO])
+            b = b_desc.load([start + it * BR, pid_i * BI])
+            acc, dbacc = _dw_chunk(acc, dbacc, a, b, HAS_DB, UPCAST, PREC)
+        if n_rows > n_full * BR:
+            tail = (n_full * BR).to(tl.int64)
+            rm = offs_r < n_rows - n_full * BR
+            a = tl.load(a_ptrs + tail * s_ar, mask=rm[:, None] & om[None, :], other=0.0)
+            b = tl.load(b_ptrs + tail * s_br, mask=rm[:, None] & im[None, :], other=0.0)
+            acc, dbacc = _dw_chunk(acc, dbacc, a, b, HAS_DB, UPCAST, PREC)
+    else:
+        for it in range(0, tl.cdiv(n_rows, BR)):
+            rm = offs_r < n_rows - it * BR
+            a = tl.load(a_ptrs, mask=rm[:, None] & om[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=rm[:, None] & im[None, :], other=0.0)
+            acc, dbacc = _dw_chunk(acc, dbacc, a, b, HAS_DB, UPCAST, PREC)
+            a_ptrs += BR * s_ar
+            b_ptrs += BR * s_br
+    wmask = om[:, None] & im[None, :]
+    dw = to_dtype(acc, dw_ptr.dtype.element_ty)
+    if SPLIT:
+        first = offs_o < O1
+        o_local = tl.where(first, offs_o, offs_o - O1)
+        w_off = e * s_we + o_local[:, None] * s_wo + offs_i[None, :] * s_wi
+        tl.store(dw_ptr + w_off, dw, mask=wmask & first[:, None])
+        tl.store(dw2_ptr + w_off, dw, mask=wmask & ~first[:, None])
+    else:
+        tl.store(dw_ptr + e * s_we + offs_o[:, None] * s_wo + offs_i[None, :] * s_wi, dw, mask=wmask)
+    if HAS_DB:
+        tl.store(
+            db_ptr + e * s_dbe + offs_o * s_dbo,
+            to_dtype(dbacc, db_ptr.dtype.element_ty),
+            mask=offs_o < tl.where(pid_i == 0, O, 0),
+        )
+
+
+def _gmm_dw(a, b, meta: Meta, *, split: int | None = None, with_db: bool = False, dtype=None) -> list:
+    """dW[e] = A[rows e]^T @ B[rows e] for every expert: [E, O, I] (+ db [E, O]). ``split`` = O / 2: the two
+    halves of the result's rows come back as two tensors (the gate and up dW from one K-reduction over [dg | du])."""
+    E = meta.E
+    O, I = a.shape[1], b.shape[1]
+    if split is not None and 2 * split != O:
+        raise ValueError(f"split={split} must be half of the {O} columns of A")
+    O1 = O if split is None else split
+    dtype = dtype or a.dtype
+    dw = torch.empty(E, O1, I, dtype=dtype, device=a.device)
+    dw2 = torch.empty(E, O - O1, I, dtype=dtype, device=a.device) if split is not None else dw
+    db = torch.empty(E, O, dtype=dtype, device=a.device) if with_db else dw
+    if E > 0 and O > 0 and I > 0:
+        cfg = common.config("dw", a.dtype)
+        BO, BI, BR = cfg["BO"], cfg["BI"], cfg["BR"]
+        upcast, prec = common.prec(a.dtype)
+        descs = common.tma_descs([(a, [BR, BO]), (b, [BR, BI])]) if cfg.get("TMA") else None
+        grid = (common.cdiv(O, BO) * common.cdiv(I, BI), E)
+        _gmm_dw_kernel[grid](
+            a,
+            b,
+            *(descs or [a, b]),  # tensors stand in where unused
+            meta.offsets,
+            meta.order(),
+            dw,
+            dw2,
+            db,
+            O,
+            O1,
+            I,
+            a.stride(0),
+            a.stride(1),
+            b.stride(0),
+            b.stride(1),
+            dw.stride(0),
+            dw.stride(1),
+            dw.stride(2),
+            db.stride(0) if with_db else 0,
+            db.stride(1) if with_db else 0,
+            split is not None,
+            with_db,
+            descs is not None,
+            upcast,
+            prec,
+            BO,
+            BI,
+            BR,
+            cfg["GROUP_M"],
+            **common.launch_opts(cfg),
+        )
+    else:
+        for t in (dw, dw2, db):
+            t.zero_()
+    out = [dw]
+    if split is not None:
+        out.append(dw2)
+    if with_db:
+        out.append(db)
+    return out
