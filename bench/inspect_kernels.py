@@ -125,7 +125,7 @@ def ptxas_report(ptx: str) -> dict:
 def record_layer() -> list:
     """Run the SwiGLU and GELU experts' forward and backward pieces once at the shape, recording every launch."""
     launches, label = [], [""]
-    for module in (ops.routing, ops.rows, ops.gemm, ops.dw):
+    for module in (ops.routing, ops.rows, ops.gemm, ops.swiglu, ops.dw):
         for name, obj in list(vars(module).items()):
             if isinstance(obj, triton.runtime.jit.JITFunction) and name.endswith("_kernel"):
                 setattr(module, name, Recorder(name, obj, launches, label))

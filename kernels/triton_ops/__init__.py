@@ -1,8 +1,9 @@
 """Triton MoE dispatch: the same API as ``reference`` (routing plan, permute, grouped GEMM, unpermute, fused experts).
 
 Modules: ``routing`` (routing metadata, block tables), ``rows`` (permute / combine), ``gemm`` (grouped GEMMs forward
-and dX, with their epilogues), ``dw`` (weight gradients), ``common`` (tile configs, launch options, descriptors);
-this package holds the autograd Functions and the public API.
+and dX, with their epilogues), ``swiglu`` (the gate/up GEMM, the elementwise SwiGLU backward), ``dw`` (weight
+gradients), ``activations`` (their math), ``common`` (tile configs, launch options, descriptors, shared device
+helpers); this package holds the autograd Functions and the public API.
 
 Shape suffixes follow ``reference``: T tokens, K top-k, E experts, R = T*K permuted rows, D model width, F expert
 width; a weight is stored like nn.Linear, ``[E, O(ut), I(n)]``. A "flat" id is ``token * K + slot``.
@@ -68,16 +69,10 @@ from ditmoe_kernels.reference import RoutingPlan
 from ditmoe_kernels.tiles import check_tiles, load_tiles, tile_overrides
 from ditmoe_kernels.triton_ops import common
 from ditmoe_kernels.triton_ops.dw import _gmm_dw
-from ditmoe_kernels.triton_ops.gemm import (
-    EPI_GELU,
-    EPI_GELU_BWD,
-    EPI_SWIGLU_BWD,
-    _gmm,
-    _gmm_swiglu,
-    _swiglu_bwd,
-)
+from ditmoe_kernels.triton_ops.gemm import EPI_GELU, EPI_GELU_BWD, EPI_SWIGLU_BWD, _gmm
 from ditmoe_kernels.triton_ops.routing import Meta, TritonRoutingPlan, plan_meta, routing_plan
 from ditmoe_kernels.triton_ops.rows import _gather, _scatter
+from ditmoe_kernels.triton_ops.swiglu import _gmm_swiglu, _swiglu_bwd
 
 __all__ = [
     "RoutingPlan",

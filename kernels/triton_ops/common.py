@@ -1,5 +1,6 @@
 """What every Triton kernel module here shares: the tile config of a kernel kind on this device, launch options,
-host-side arithmetic and tensor descriptors, and the device-side helpers for casting, MMA and tile order.
+host-side arithmetic and tensor descriptors, and the device-side helpers for casting, MMA, tile order and a
+grouped GEMM block's rows.
 
 Host helpers are called through this module (``common.config(...)``) so that tools and tests can substitute them
 in one place (``bench/inspect_kernels.py`` sets ``arch`` to the target it compiles for); ``@triton.jit`` helpers
@@ -110,6 +111,31 @@ def grouped_order(pid, num_m, N, BN: tl.constexpr, GROUP_M: tl.constexpr):
     pid_m = first_m + (pid % width) % size_m
     pid_n = (pid % width) // size_m
     return pid_m, pid_n
+
+
+@triton.jit
+def group_block(tile, tab_ptr, NMB, num_m, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """Output tile ``tile`` of a grouped GEMM over the first ``num_m`` of the table's NMB M-blocks: group ``e``
+    (-1: unused block, E: dropped rows), its first row and column, its row indices (int64) and N offsets, with
+    their masks, read from the block table."""
+    pid_m, pid_n = grouped_order(tile, num_m, N, BN, GROUP_M)
+    e = tl.load(tab_ptr + pid_m)
+    rs = tl.load(tab_ptr + NMB + pid_m)
+    re = tl.load(tab_ptr + 2 * NMB + pid_m)
+    rows = (rs + tl.arange(0, BM)).to(tl.int64)
+    n0 = pid_n * BN
+    offs_n = n0 + tl.arange(0, BN)
+    return e, rs, n0, rows, rows < re, offs_n, offs_n < N
+
+
+@triton.jit
+def rows_read(tok_ptr, rows, rmask, GATHER: tl.constexpr):
+    """The A rows a block reads: its own rows, or (GATHER) the tokens they were permuted from."""
+    if GATHER:  # noqa: SIM108 (constexpr branches)
+        read = tl.load(tok_ptr + rows, mask=rmask, other=0).to(tl.int64)
+    else:
+        read = rows
+    return read
 
 
 def stride_or_zero(t, i):

@@ -1,6 +1,5 @@
-"""Grouped GEMMs over expert row groups: forward and dX (``_gmm``, with the GELU and SwiGLU-backward epilogues),
-the dual-accumulator gate/up GEMM with SwiGLU in its epilogue (``_gmm_swiglu``) and the elementwise SwiGLU backward
-(``_swiglu_bwd``)."""
+"""Grouped GEMMs over expert row groups, forward (C = A W[e]^T) and dX (C = A W[e]), one or two terms, with their
+epilogues: bias, GELU forward, GELU backward and the SwiGLU backward (on dH)."""
 
 from __future__ import annotations
 
@@ -9,64 +8,11 @@ import triton
 import triton.language as tl
 
 from ditmoe_kernels.triton_ops import common
-from ditmoe_kernels.triton_ops.common import grouped_order, mma, to_dtype
+from ditmoe_kernels.triton_ops.activations import gelu_tanh, gelu_tanh_grad, swiglu_grads
+from ditmoe_kernels.triton_ops.common import group_block, mma, rows_read, to_dtype
 from ditmoe_kernels.triton_ops.routing import Meta
 
 EPI_NONE, EPI_GELU, EPI_GELU_BWD, EPI_SWIGLU_BWD = 0, 1, 2, 3
-
-
-@triton.jit
-def _sigmoid(x):
-    return 1.0 / (1.0 + tl.exp(-x))
-
-
-@triton.jit
-def _gelu_tanh(z):
-    # 0.5 z (1 + tanh(u)) = z * sigmoid(2u), u = sqrt(2/pi) (z + 0.044715 z^3)
-    u = 0.7978845608028654 * (z + 0.044715 * z * z * z)
-    return z * _sigmoid(2.0 * u)
-
-
-@triton.jit
-def _gelu_tanh_grad(z):
-    u = 0.7978845608028654 * (z + 0.044715 * z * z * z)
-    s = _sigmoid(2.0 * u)
-    du = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * z * z)
-    return s + z * 2.0 * s * (1.0 - s) * du
-
-
-@triton.jit
-def _swiglu_grads(dh, g, u):
-    """fp32 SwiGLU backward from dH and the pre-activations: (h = silu(g) * u, dgate = dH * u * silu'(g),
-    dup = dH * silu(g)). The one formula of the elementwise pass and of dH's fused epilogue: the same bits."""
-    s = _sigmoid(g)
-    silu = g * s
-    return silu * u, dh * u * (s + silu * (1.0 - s)), dh * silu
-
-
-@triton.jit
-def _group_block(tile, tab_ptr, NMB, num_m, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
-    """Output tile ``tile`` of a grouped GEMM over the first ``num_m`` of the table's NMB M-blocks: group ``e``
-    (-1: unused block, E: dropped rows), its first row and column, its row indices (int64) and N offsets, with
-    their masks, read from the block table."""
-    pid_m, pid_n = grouped_order(tile, num_m, N, BN, GROUP_M)
-    e = tl.load(tab_ptr + pid_m)
-    rs = tl.load(tab_ptr + NMB + pid_m)
-    re = tl.load(tab_ptr + 2 * NMB + pid_m)
-    rows = (rs + tl.arange(0, BM)).to(tl.int64)
-    n0 = pid_n * BN
-    offs_n = n0 + tl.arange(0, BN)
-    return e, rs, n0, rows, rows < re, offs_n, offs_n < N
-
-
-@triton.jit
-def _a_rows(tok_ptr, rows, rmask, GATHER: tl.constexpr):
-    """The A rows a block reads: its own rows, or (GATHER) the tokens they were permuted from."""
-    if GATHER:  # noqa: SIM108 (constexpr branches)
-        a_rows = tl.load(tok_ptr + rows, mask=rmask, other=0).to(tl.int64)
-    else:
-        a_rows = rows
-    return a_rows
 
 
 @triton.jit
@@ -186,9 +132,9 @@ def _gmm_kernel(
     this kernel. GATHER: A row r is token ``tok[r]`` of A (A is x itself, never permuted). C and C2 share strides.
     EPI_GELU: C = gelu(z), C2 = z.  EPI_GELU_BWD: X0 = z, C = acc * gelu'(z), C2 = gelu(z) (the activation the
     forward produced, for the dW of the second weight). EPI_SWIGLU_BWD (acc = dH): X0 = g, X1 = u; C = dgate,
-    C2 = dup, C3 = h = silu(g) * u, the math of ``_swiglu_bwd_kernel`` on dH rounded to C's dtype (the same bits as
-    the separate pass); X0, X1 and C3 share strides. PRE (backward epilogues): X0 / X1 tiles are loaded before the
-    K loop, so their reads overlap it instead of following it.
+    C2 = dup, C3 = h = silu(g) * u, the math of ``swiglu._swiglu_bwd_kernel`` on dH rounded to C's dtype (the
+    same bits as the separate pass); X0, X1 and C3 share strides. PRE (backward epilogues): X0 / X1 tiles are
+    loaded before the K loop, so their reads overlap it instead of following it.
     """
     # PERSIST: loop over the used blocks only (unused ones come last in the table), every tile running the full K
     # loop (a trip count that varies by tile stops the compiler from flattening the two loops into one pipelined
@@ -315,7 +261,7 @@ def _gmm_tile(
     that a persistent loop can flatten over it: an unused block (e = -1) masks every row; the dropped rows' block
     (e = E) contributes a zero accumulator, so C gets zeros there (its epilogue inputs, the pre-activations of
     dropped rows, are zeros the forward wrote)."""
-    e, rs, n0, rows, rmask, offs_n, nmask = _group_block(tile, tab_ptr, NMB, num_m, N, BM, BN, GROUP_M)
+    e, rs, n0, rows, rmask, offs_n, nmask = group_block(tile, tab_ptr, NMB, num_m, N, BM, BN, GROUP_M)
     live = (e >= 0) & (e < NUM_E)
     # PERSIST: a K loop the same length for every tile (see _gmm_kernel); the dropped rows' products are discarded
     k_len = Kdim if PERSIST else tl.where(live, Kdim, 0)
@@ -337,7 +283,7 @@ def _gmm_tile(
         acc,
         a_ptr,
         a_desc,
-        _a_rows(tok_ptr, rows, rmask, GATHER),
+        rows_read(tok_ptr, rows, rmask, GATHER),
         rs,
         s_ar,
         s_ak,
@@ -396,7 +342,7 @@ def _gmm_tile(
     if EPI == 1:
         z = to_dtype(acc, c2_ptr.dtype.element_ty)
         tl.store(c2_ptr + c_off, z, mask=cmask)
-        tl.store(c_ptr + c_off, to_dtype(_gelu_tanh(z.to(tl.float32)), c_ptr.dtype.element_ty), mask=cmask)
+        tl.store(c_ptr + c_off, to_dtype(gelu_tanh(z.to(tl.float32)), c_ptr.dtype.element_ty), mask=cmask)
     if EPI >= 2:
         # The backward epilogues load and store extra tiles; they work in column quarters so that a quarter of
         # them is live at a time. At 128x128 (sm_90) the SwiGLU one needed 255 registers and spilled 700 bytes in
@@ -544,110 +490,14 @@ def _epi_tile(
             x1 = _epi_load(x1_ptr, rows, rmask, n0, N, s_xr, s_xn, W)
     if EPI == 2:
         z = x0.to(tl.float32)
-        tl.store(c2_ptr + c_off, to_dtype(_gelu_tanh(z), c2_ptr.dtype.element_ty), mask=m)
-        tl.store(c_ptr + c_off, to_dtype(acc * _gelu_tanh_grad(z), c_ptr.dtype.element_ty), mask=m)
+        tl.store(c2_ptr + c_off, to_dtype(gelu_tanh(z), c2_ptr.dtype.element_ty), mask=m)
+        tl.store(c_ptr + c_off, to_dtype(acc * gelu_tanh_grad(z), c_ptr.dtype.element_ty), mask=m)
     if EPI == 3:
         dh = to_dtype(acc, c_ptr.dtype.element_ty).to(tl.float32)
-        h, dgate, dup = _swiglu_grads(dh, x0.to(tl.float32), x1.to(tl.float32))
+        h, dgate, dup = swiglu_grads(dh, x0.to(tl.float32), x1.to(tl.float32))
         tl.store(c3_ptr + x_off, to_dtype(h, c3_ptr.dtype.element_ty), mask=m)
         tl.store(c_ptr + c_off, to_dtype(dgate, c_ptr.dtype.element_ty), mask=m)
         tl.store(c2_ptr + c_off, to_dtype(dup, c2_ptr.dtype.element_ty), mask=m)
-
-
-@triton.jit
-def _gmm_swiglu_kernel(
-    a_ptr,
-    tok_ptr,
-    bg_ptr,
-    bu_ptr,
-    a_desc,
-    bg_desc,
-    bu_desc,
-    tab_ptr,
-    h_ptr,
-    g_ptr,
-    u_ptr,
-    N,
-    Kdim,
-    NMB,
-    NUM_E,
-    s_ar,
-    s_ak,
-    s_bge,
-    s_bgk,
-    s_bgn,
-    s_bue,
-    s_buk,
-    s_bun,
-    s_r,
-    s_n,
-    GATHER: tl.constexpr,
-    PERSIST: tl.constexpr,
-    TMA_A: tl.constexpr,
-    TMA_B: tl.constexpr,
-    UPCAST: tl.constexpr,
-    PREC: tl.constexpr,
-    EVEN_K: tl.constexpr,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BK: tl.constexpr,
-    GROUP_M: tl.constexpr,
-):
-    """G = A Wg^T, U = A Wu^T in one pass over A (GATHER: x read through the permutation, else the permuted copy);
-    H = silu(G) * U. G and U are stored (rounded to the output dtype) for backward; H is computed from the rounded
-    values so the backward can recompute it bit for bit. TMA_A: A tiles through a descriptor over the permuted copy
-    from the block's first row (as in ``_mainloop``); TMA_B: weight tiles through descriptors over W as [E*N, Kdim].
-    PERSIST: programs loop over the used tiles, as in ``_gmm_kernel``, so one tile's stores of H, G and U overlap the
-    next tile's loads."""
-    num_m = tl.load(tab_ptr + 3 * NMB) if PERSIST else NMB
-    stop = num_m * tl.cdiv(N, BN) if PERSIST else tl.program_id(0) + 1
-    for tile in tl.range(tl.program_id(0), stop, tl.num_programs(0) if PERSIST else 1, flatten=PERSIST):
-        # no early exits (see _gmm_tile): an unused block masks every row, the dropped rows' block stores zeros
-        e, rs, n0, rows, rmask, offs_n, nmask = _group_block(tile, tab_ptr, NMB, num_m, N, BM, BN, GROUP_M)
-        live = (e >= 0) & (e < NUM_E)
-        k_len = Kdim if PERSIST else tl.where(live, Kdim, 0)  # PERSIST: one trip count for every tile
-        e = tl.where(live, e, 0)
-        cmask = rmask[:, None] & nmask[None, :]
-        o = rows[:, None] * s_r + offs_n[None, :] * s_n
-        e64 = e.to(tl.int64)
-        offs_k = tl.arange(0, BK)
-        a_ptrs = a_ptr + _a_rows(tok_ptr, rows, rmask, GATHER)[:, None] * s_ar + offs_k[None, :] * s_ak
-        bg_ptrs = bg_ptr + e64 * s_bge + offs_k[:, None] * s_bgk + offs_n[None, :] * s_bgn
-        bu_ptrs = bu_ptr + e64 * s_bue + offs_k[:, None] * s_buk + offs_n[None, :] * s_bun
-        acc_g = tl.zeros([BM, BN], tl.float32)
-        acc_u = tl.zeros([BM, BN], tl.float32)
-        b_row = e * N + n0
-        for k0 in range(0, k_len, BK):
-            km = offs_k < Kdim - k0
-            if TMA_A:
-                a = a_desc.load([rs, k0])
-            elif EVEN_K:
-                a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
-            else:
-                a = tl.load(a_ptrs, mask=rmask[:, None] & km[None, :], other=0.0)
-            if TMA_B:
-                bg = tl.trans(bg_desc.load([b_row, k0]))
-                bu = tl.trans(bu_desc.load([b_row, k0]))
-            elif EVEN_K:
-                bg = tl.load(bg_ptrs, mask=nmask[None, :], other=0.0)
-                bu = tl.load(bu_ptrs, mask=nmask[None, :], other=0.0)
-            else:
-                bg = tl.load(bg_ptrs, mask=km[:, None] & nmask[None, :], other=0.0)
-                bu = tl.load(bu_ptrs, mask=km[:, None] & nmask[None, :], other=0.0)
-            acc_g = mma(a, bg, acc_g, UPCAST, PREC)
-            acc_u = mma(a, bu, acc_u, UPCAST, PREC)
-            a_ptrs += BK * s_ak
-            bg_ptrs += BK * s_bgk
-            bu_ptrs += BK * s_buk
-        if PERSIST:  # the dropped rows' products are discarded
-            acc_g = tl.where(live, acc_g, 0.0)
-            acc_u = tl.where(live, acc_u, 0.0)
-        g = to_dtype(acc_g, h_ptr.dtype.element_ty)
-        u = to_dtype(acc_u, h_ptr.dtype.element_ty)
-        tl.store(g_ptr + o, g, mask=cmask)
-        tl.store(u_ptr + o, u, mask=cmask)
-        gf = g.to(tl.float32)
-        tl.store(h_ptr + o, to_dtype(gf * _sigmoid(gf) * u.to(tl.float32), h_ptr.dtype.element_ty), mask=cmask)
 
 
 def _gmm(
@@ -767,95 +617,3 @@ def _gmm(
         **common.launch_opts(cfg),
     )
     return result
-
-
-@triton.jit
-def _swiglu_bwd_kernel(dh_ptr, g_ptr, u_ptr, dgu_ptr, h_ptr, R, F, s_r, s_gur, BR: tl.constexpr, BC: tl.constexpr):
-    """Elementwise SwiGLU backward on [BR, BC] tiles: with dH, gate and up pre-activations ([R, F], row stride
-    s_r), dgate = dH * u * silu'(g) into columns [0, F) of dGU ([R, 2F], row stride s_gur), dup = dH * silu(g)
-    into columns [F, 2F), and h = silu(g) * u (fp32 math)."""
-    r = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)
-    c = tl.program_id(1) * BC + tl.arange(0, BC)
-    m = (r < R)[:, None] & (c < F)[None, :]
-    off = r[:, None] * s_r + c[None, :]
-    dh = tl.load(dh_ptr + off, mask=m, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + off, mask=m, other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + off, mask=m, other=0.0).to(tl.float32)
-    h, dgate, dup = _swiglu_grads(dh, g, u)
-    tl.store(h_ptr + off, to_dtype(h, h_ptr.dtype.element_ty), mask=m)
-    gu_off = r[:, None] * s_gur + c[None, :]
-    tl.store(dgu_ptr + gu_off, to_dtype(dgate, dgu_ptr.dtype.element_ty), mask=m)
-    tl.store(dgu_ptr + gu_off + F, to_dtype(dup, dgu_ptr.dtype.element_ty), mask=m)
-
-
-def _swiglu_bwd(dh, g, u):
-    """(dGU [R, 2F] = [dgate | dup], h [R, F]) from dH = dy W_down and the saved pre-activations ([R, F] each):
-    one elementwise pass after the plain dH GEMM. Rows of dropped pairs have dH = g = u = 0 and come out zero."""
-    dh, g, u = dh.contiguous(), g.contiguous(), u.contiguous()
-    R, F = dh.shape
-    dgu = torch.empty(R, 2 * F, dtype=dh.dtype, device=dh.device)
-    h = torch.empty_like(dh)
-    if dh.numel():
-        cfg = common.config("ew", dh.dtype)
-        grid = (common.cdiv(R, cfg["BR"]), common.cdiv(F, cfg["BC"]))
-        _swiglu_bwd_kernel[grid](dh, g, u, dgu, h, R, F, F, 2 * F, cfg["BR"], cfg["BC"], **common.launch_opts(cfg))
-    return dgu, h
-
-
-def _gmm_swiglu(a, w_gate, w_up, meta: Meta, *, gather: bool):
-    """h, g, u [R, F] with g/u = A @ W^T per expert and h = silu(g) * u. gather: A is x [T, D], row r reads token
-    ``sorted_flat[r] // K``; else A is the permuted copy [R, D]."""
-    E, N, Kdim = w_gate.shape
-    R = meta.R
-    h = torch.empty(R, N, dtype=a.dtype, device=a.device)
-    g, u = torch.empty_like(h), torch.empty_like(h)
-    if R == 0 or N == 0:
-        return h, g, u
-    cfg = common.config("swiglu", a.dtype)
-    BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
-    tab, nmb = meta.table(BM)
-    upcast, prec = common.prec(a.dtype)
-    b_descs = common.tma_descs([(w_gate, [BN, BK]), (w_up, [BN, BK])]) if cfg.get("TMA") else None
-    a_descs = common.tma_descs([(a, [BM, BK])]) if cfg.get("TMA") and not gather else None
-    n_tiles = nmb * common.cdiv(N, BN)
-    persist = bool(cfg.get("PERSIST"))
-    grid = (min(n_tiles, common.persistent_programs(a.device, cfg["PERSIST"])) if persist else n_tiles,)
-    _gmm_swiglu_kernel[grid](
-        a,
-        meta.tok() if gather else h,
-        w_gate,
-        w_up,
-        *(a_descs or [a]),
-        *(b_descs or [w_gate, w_up]),
-        tab,
-        h,
-        g,
-        u,
-        N,
-        Kdim,
-        nmb,
-        E,
-        a.stride(0),
-        a.stride(1),
-        w_gate.stride(0),
-        w_gate.stride(2),
-        w_gate.stride(1),
-        w_up.stride(0),
-        w_up.stride(2),
-        w_up.stride(1),
-        h.stride(0),
-        h.stride(1),
-        gather,
-        persist,
-        a_descs is not None,
-        b_descs is not None,
-        upcast,
-        prec,
-        Kdim % BK == 0,
-        BM,
-        BN,
-        BK,
-        cfg["GROUP_M"],
-        **common.launch_opts(cfg),
-    )
-    return h, g, u

@@ -1,0 +1,201 @@
+"""SwiGLU experts' own kernels: the gate/up GEMM (two accumulators over one pass of A, h = silu(g) * u in its
+epilogue, g and u stored for the backward) and the elementwise SwiGLU backward that follows a plain dH GEMM."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ditmoe_kernels.triton_ops import common
+from ditmoe_kernels.triton_ops.activations import sigmoid, swiglu_grads
+from ditmoe_kernels.triton_ops.common import group_block, mma, rows_read, to_dtype
+from ditmoe_kernels.triton_ops.routing import Meta
+
+
+@triton.jit
+def _gmm_swiglu_kernel(
+    a_ptr,
+    tok_ptr,
+    bg_ptr,
+    bu_ptr,
+    a_desc,
+    bg_desc,
+    bu_desc,
+    tab_ptr,
+    h_ptr,
+    g_ptr,
+    u_ptr,
+    N,
+    Kdim,
+    NMB,
+    NUM_E,
+    s_ar,
+    s_ak,
+    s_bge,
+    s_bgk,
+    s_bgn,
+    s_bue,
+    s_buk,
+    s_bun,
+    s_r,
+    s_n,
+    GATHER: tl.constexpr,
+    PERSIST: tl.constexpr,
+    TMA_A: tl.constexpr,
+    TMA_B: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PREC: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """G = A Wg^T, U = A Wu^T in one pass over A (GATHER: x read through the permutation, else the permuted copy);
+    H = silu(G) * U. G and U are stored (rounded to the output dtype) for backward; H is computed from the rounded
+    values so the backward can recompute it bit for bit. TMA_A: A tiles through a descriptor over the permuted copy
+    from the block's first row (as in ``gemm._mainloop``); TMA_B: weight tiles through descriptors over W as
+    [E*N, Kdim]. PERSIST: programs loop over the used tiles, as in ``gemm._gmm_kernel``, so one tile's stores of
+    H, G and U overlap the next tile's loads."""
+    num_m = tl.load(tab_ptr + 3 * NMB) if PERSIST else NMB
+    stop = num_m * tl.cdiv(N, BN) if PERSIST else tl.program_id(0) + 1
+    for tile in tl.range(tl.program_id(0), stop, tl.num_programs(0) if PERSIST else 1, flatten=PERSIST):
+        # no early exits (see gemm._gmm_tile): an unused block masks every row, the dropped rows' block stores zeros
+        e, rs, n0, rows, rmask, offs_n, nmask = group_block(tile, tab_ptr, NMB, num_m, N, BM, BN, GROUP_M)
+        live = (e >= 0) & (e < NUM_E)
+        k_len = Kdim if PERSIST else tl.where(live, Kdim, 0)  # PERSIST: one trip count for every tile
+        e = tl.where(live, e, 0)
+        cmask = rmask[:, None] & nmask[None, :]
+        o = rows[:, None] * s_r + offs_n[None, :] * s_n
+        e64 = e.to(tl.int64)
+        offs_k = tl.arange(0, BK)
+        a_ptrs = a_ptr + rows_read(tok_ptr, rows, rmask, GATHER)[:, None] * s_ar + offs_k[None, :] * s_ak
+        bg_ptrs = bg_ptr + e64 * s_bge + offs_k[:, None] * s_bgk + offs_n[None, :] * s_bgn
+        bu_ptrs = bu_ptr + e64 * s_bue + offs_k[:, None] * s_buk + offs_n[None, :] * s_bun
+        acc_g = tl.zeros([BM, BN], tl.float32)
+        acc_u = tl.zeros([BM, BN], tl.float32)
+        b_row = e * N + n0
+        for k0 in range(0, k_len, BK):
+            km = offs_k < Kdim - k0
+            if TMA_A:
+                a = a_desc.load([rs, k0])
+            elif EVEN_K:
+                a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
+            else:
+                a = tl.load(a_ptrs, mask=rmask[:, None] & km[None, :], other=0.0)
+            if TMA_B:
+                bg = tl.trans(bg_desc.load([b_row, k0]))
+                bu = tl.trans(bu_desc.load([b_row, k0]))
+            elif EVEN_K:
+                bg = tl.load(bg_ptrs, mask=nmask[None, :], other=0.0)
+                bu = tl.load(bu_ptrs, mask=nmask[None, :], other=0.0)
+            else:
+                bg = tl.load(bg_ptrs, mask=km[:, None] & nmask[None, :], other=0.0)
+                bu = tl.load(bu_ptrs, mask=km[:, None] & nmask[None, :], other=0.0)
+            acc_g = mma(a, bg, acc_g, UPCAST, PREC)
+            acc_u = mma(a, bu, acc_u, UPCAST, PREC)
+            a_ptrs += BK * s_ak
+            bg_ptrs += BK * s_bgk
+            bu_ptrs += BK * s_buk
+        if PERSIST:  # the dropped rows' products are discarded
+            acc_g = tl.where(live, acc_g, 0.0)
+            acc_u = tl.where(live, acc_u, 0.0)
+        g = to_dtype(acc_g, h_ptr.dtype.element_ty)
+        u = to_dtype(acc_u, h_ptr.dtype.element_ty)
+        tl.store(g_ptr + o, g, mask=cmask)
+        tl.store(u_ptr + o, u, mask=cmask)
+        gf = g.to(tl.float32)
+        tl.store(h_ptr + o, to_dtype(gf * sigmoid(gf) * u.to(tl.float32), h_ptr.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def _swiglu_bwd_kernel(dh_ptr, g_ptr, u_ptr, dgu_ptr, h_ptr, R, F, s_r, s_gur, BR: tl.constexpr, BC: tl.constexpr):
+    """Elementwise SwiGLU backward on [BR, BC] tiles: with dH, gate and up pre-activations ([R, F], row stride
+    s_r), dgate = dH * u * silu'(g) into columns [0, F) of dGU ([R, 2F], row stride s_gur), dup = dH * silu(g)
+    into columns [F, 2F), and h = silu(g) * u (fp32 math)."""
+    r = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)
+    c = tl.program_id(1) * BC + tl.arange(0, BC)
+    m = (r < R)[:, None] & (c < F)[None, :]
+    off = r[:, None] * s_r + c[None, :]
+    dh = tl.load(dh_ptr + off, mask=m, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + off, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + off, mask=m, other=0.0).to(tl.float32)
+    h, dgate, dup = swiglu_grads(dh, g, u)
+    tl.store(h_ptr + off, to_dtype(h, h_ptr.dtype.element_ty), mask=m)
+    gu_off = r[:, None] * s_gur + c[None, :]
+    tl.store(dgu_ptr + gu_off, to_dtype(dgate, dgu_ptr.dtype.element_ty), mask=m)
+    tl.store(dgu_ptr + gu_off + F, to_dtype(dup, dgu_ptr.dtype.element_ty), mask=m)
+
+
+def _swiglu_bwd(dh, g, u):
+    """(dGU [R, 2F] = [dgate | dup], h [R, F]) from dH = dy W_down and the saved pre-activations ([R, F] each):
+    one elementwise pass after the plain dH GEMM. Rows of dropped pairs have dH = g = u = 0 and come out zero."""
+    dh, g, u = dh.contiguous(), g.contiguous(), u.contiguous()
+    R, F = dh.shape
+    dgu = torch.empty(R, 2 * F, dtype=dh.dtype, device=dh.device)
+    h = torch.empty_like(dh)
+    if dh.numel():
+        cfg = common.config("ew", dh.dtype)
+        grid = (common.cdiv(R, cfg["BR"]), common.cdiv(F, cfg["BC"]))
+        _swiglu_bwd_kernel[grid](dh, g, u, dgu, h, R, F, F, 2 * F, cfg["BR"], cfg["BC"], **common.launch_opts(cfg))
+    return dgu, h
+
+
+def _gmm_swiglu(a, w_gate, w_up, meta: Meta, *, gather: bool):
+    """h, g, u [R, F] with g/u = A @ W^T per expert and h = silu(g) * u. gather: A is x [T, D], row r reads token
+    ``sorted_flat[r] // K``; else A is the permuted copy [R, D]."""
+    E, N, Kdim = w_gate.shape
+    R = meta.R
+    h = torch.empty(R, N, dtype=a.dtype, device=a.device)
+    g, u = torch.empty_like(h), torch.empty_like(h)
+    if R == 0 or N == 0:
+        return h, g, u
+    cfg = common.config("swiglu", a.dtype)
+    BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
+    tab, nmb = meta.table(BM)
+    upcast, prec = common.prec(a.dtype)
+    b_descs = common.tma_descs([(w_gate, [BN, BK]), (w_up, [BN, BK])]) if cfg.get("TMA") else None
+    a_descs = common.tma_descs([(a, [BM, BK])]) if cfg.get("TMA") and not gather else None
+    n_tiles = nmb * common.cdiv(N, BN)
+    persist = bool(cfg.get("PERSIST"))
+    grid = (min(n_tiles, common.persistent_programs(a.device, cfg["PERSIST"])) if persist else n_tiles,)
+    _gmm_swiglu_kernel[grid](
+        a,
+        meta.tok() if gather else h,
+        w_gate,
+        w_up,
+        *(a_descs or [a]),
+        *(b_descs or [w_gate, w_up]),
+        tab,
+        h,
+        g,
+        u,
+        N,
+        Kdim,
+        nmb,
+        E,
+        a.stride(0),
+        a.stride(1),
+        w_gate.stride(0),
+        w_gate.stride(2),
+        w_gate.stride(1),
+        w_up.stride(0),
+        w_up.stride(2),
+        w_up.stride(1),
+        h.stride(0),
+        h.stride(1),
+        gather,
+        persist,
+        a_descs is not None,
+        b_descs is not None,
+        upcast,
+        prec,
+        Kdim % BK == 0,
+        BM,
+        BN,
+        BK,
+        cfg["GROUP_M"],
+        **common.launch_opts(cfg),
+    )
+    return h, g, u
