@@ -582,7 +582,7 @@ def run_shape(name: str):
             shape, "layer fwd+bwd", "megatron permute+_grouped_mm", fwd_bwd(mg), flops=layer_flops
         )
     if ops is not None and COMPARE_TILES:
-        layer_with_tiles(shape, COMPARE_TILES, x, probs, Wg, Wu, Wd, experts_TK, E, label=args.compare_tiles)
+        layer_with_tiles(shape, {args.compare_tiles: COMPARE_TILES}, x, probs, Wg, Wu, Wd, experts_TK, E)
     if ops is not None:  # correctness at the real shape: ours vs the reference path, same dtype
         try:
             outs = {}
@@ -799,13 +799,18 @@ def sweep(kinds, name: str):
         write_results()
     winners.pop("gmm_epi", None)  # GELU experts only: the layer timed here is SwiGLU
     if winners and not over_budget():
-        layer_with_tiles(shape, winners, x, probs, Wg, Wu, Wd, ex, E, label="sweep winners")
+        # together, and one kind at a time where several won: a kind's gain can hide behind another's loss
+        variants = {"sweep winners": winners}
+        if len(winners) > 1:
+            variants |= {f"sweep winner {kind}": {kind: cfg} for kind, cfg in winners.items()}
+        layer_with_tiles(shape, variants, x, probs, Wg, Wu, Wd, ex, E)
         write_results()
 
 
-def layer_with_tiles(shape, tiles, x, probs, Wg, Wu, Wd, experts_TK, E, label: str):
-    """The whole layer forward+backward with the tiles in use and with ``tiles`` (the sweep's winners, or a file's),
-    on the same inputs: the layer-level gain of adopting them, and their largest output/gradient difference."""
+def layer_with_tiles(shape, variants: dict[str, dict], x, probs, Wg, Wu, Wd, experts_TK, E):
+    """The whole layer forward+backward with the tiles in use and then under each variant's tiles ({label: tiles}:
+    the sweep's winners, or a file's), on the same inputs: the layer-level gain of adopting them, and their largest
+    output/gradient difference."""
     T, D = x.shape
     R, F_ = T * experts_TK.shape[1], Wg.shape[1]
     params = [t.detach().clone().requires_grad_() for t in (x, probs, Wg, Wu, Wd)]
@@ -817,16 +822,20 @@ def layer_with_tiles(shape, tiles, x, probs, Wg, Wu, Wd, experts_TK, E, label: s
 
     now = attempt(shape, "layer fwd+bwd", "triton (tiles now)", run, flops=18 * R * D * F_)
     want = run()
-    with ops.tile_overrides(**tiles):
-        won = attempt(shape, "layer fwd+bwd", f"triton ({label})", run, flops=18 * R * D * F_)
-        got = run()
-    diff = max(
-        float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30))
-        for a, b in zip(got, want, strict=True)
-    )
-    if now and won:
-        won["vs_tiles_now"] = round(now["ms"] / won["ms"], 3)
-        log(f"{label} {tiles}: layer {now['ms']:.4f} -> {won['ms']:.4f} ms; max normalised difference {diff:.2e}")
+    for label, tiles in variants.items():
+        if over_budget():
+            skip(f"{shape} layer fwd+bwd triton ({label})", "over the time budget")
+            continue
+        with ops.tile_overrides(**tiles):
+            won = attempt(shape, "layer fwd+bwd", f"triton ({label})", run, flops=18 * R * D * F_)
+            got = run()
+        diff = max(
+            float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30))
+            for a, b in zip(got, want, strict=True)
+        )
+        if now and won:
+            won["vs_tiles_now"] = round(now["ms"] / won["ms"], 3)
+            log(f"{label} {tiles}: layer {now['ms']:.4f} -> {won['ms']:.4f} ms; max normalised difference {diff:.2e}")
 
 
 def device_name() -> str:
