@@ -125,7 +125,8 @@ def ptxas_report(ptx: str) -> dict:
 def record_layer() -> list:
     """Run the SwiGLU and GELU experts' forward and backward pieces once at the shape, recording every launch."""
     launches, label = [], [""]
-    for module in (ops.routing, ops.rows, ops.gemm, ops.swiglu, ops.dw):
+    modules = [m for name, m in sys.modules.items() if name.startswith(f"{ops.__name__}.")]  # its kernel modules
+    for module in modules:
         for name, obj in list(vars(module).items()):
             if isinstance(obj, triton.runtime.jit.JITFunction) and name.endswith("_kernel"):
                 setattr(module, name, Recorder(name, obj, launches, label))
@@ -179,7 +180,7 @@ def blocks_per_sm(regs: int | None, smem_bytes: int, warps: int) -> int | None:
 def inspect(fn, a, kw, dump_name):
     sig, const, attrs = specialise(fn, a)
     src = ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
-    opts = {k: kw[k] for k in tiles.LAUNCH_OPTIONS if kw.get(k) is not None}
+    opts = {k: kw[k] for k in tiles.LAUNCH_OPTIONS if k in kw}  # kw: what common.launch_opts passed
     k = triton.compile(src, target=GPUTarget("cuda", args.arch, 32), options=opts)
     ptx, ttgir = k.asm["ptx"], k.asm["ttgir"]
     if args.dump:
