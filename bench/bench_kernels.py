@@ -235,14 +235,15 @@ def first_gemm(x_TD, W, meta, kind, **kw):
     the permute then counts here; in the layer the backward reuses the copy)."""
     a, gather = ops._expert_input(x_TD, meta, kind)
     if kind == "swiglu":
-        return ops._gmm_swiglu(a, *W, meta, gather=gather)
+        return ops._gmm_swiglu(a, W, meta, gather=gather)
     return ops._gmm(a, W, meta, transpose_w=True, gather=gather, **kw)
 
 
-def naive_layer(x_TD, experts_TK, w_TK, Wg, Wu, Wd):
+def naive_layer(x_TD, experts_TK, w_TK, Wgu, Wd):
     """The official DiT-MoE algorithm: repeat each token k times, loop over experts with boolean masks."""
     T, D = x_TD.shape
     K = experts_TK.shape[1]
+    Wg, Wu = Wgu.chunk(2, dim=1)  # the official experts' separate gate and up weights
     xr = x_TD.repeat_interleave(K, dim=0)
     flat = experts_TK.reshape(-1)
     y = torch.empty_like(xr)
@@ -300,8 +301,7 @@ def run_shape(name: str):
     experts_TK = make_routing(T, K, E, skew, gen).to(DEV)
     probs = torch.rand(T, K, generator=gen).to(DEV, dt)
     x = (torch.randn(T, D, generator=gen)).to(DEV, dt)
-    Wg = (torch.randn(E, F_, D, generator=gen) * D**-0.5).to(DEV, dt)
-    Wu = (torch.randn(E, F_, D, generator=gen) * D**-0.5).to(DEV, dt)
+    Wgu = (torch.randn(E, 2 * F_, D, generator=gen) * D**-0.5).to(DEV, dt)  # gate rows, then up rows
     Wd = (torch.randn(E, D, F_, generator=gen) * F_**-0.5).to(DEV, dt)
     el = x.element_size()
     log(f"== {shape}: T={T} K={K} E={E} D={D} F={F_} R={R} {dt}")
@@ -350,10 +350,12 @@ def run_shape(name: str):
         shape,
         "gate/up fwd",
         "reference",
-        lambda: (ref.grouped_mm(xp, Wg, plan_ref), ref.grouped_mm(xp, Wu, plan_ref)),
+        lambda: ref.grouped_mm(xp, Wgu, plan_ref),
         **vs_dense("gate/up fwd"),
     )
-    h_ref = F.silu(ref.grouped_mm(xp, Wg, plan_ref)) * ref.grouped_mm(xp, Wu, plan_ref)
+    g_ref, u_ref = ref.grouped_mm(xp, Wgu, plan_ref).chunk(2, dim=1)
+    h_ref = F.silu(g_ref) * u_ref
+    del g_ref, u_ref
     attempt(shape, "down fwd", "reference", lambda: ref.grouped_mm(h_ref, Wd, plan_ref), **vs_dense("down fwd"))
     y_ref = ref.grouped_mm(h_ref, Wd, plan_ref)
     attempt(shape, "unpermute", "reference", lambda: ref.unpermute(y_ref, probs, plan_ref), **vs_copy())
@@ -365,7 +367,7 @@ def run_shape(name: str):
             meta = ops.plan_meta(plan)
             attempt(shape, "routing", "triton", lambda: ops.routing_plan(experts_TK, E))
             attempt(shape, "permute", "triton", lambda: ops._scatter(x, meta), **vs_copy())
-            h, g, u = first_gemm(x, (Wg, Wu), meta, "swiglu")
+            h, g, u = first_gemm(x, Wgu, meta, "swiglu")
             gathered = ops.common.config("swiglu", DTYPE).get("GATHER", 1)
             # beyond the dense [R, 2F] output: h (R x F), and without the gather the permuted copy of x
             epilogue_bytes = R * F_ * el + (0 if gathered else perm_bytes)
@@ -373,7 +375,7 @@ def run_shape(name: str):
                 shape,
                 "gate/up fwd",
                 f"triton ({'gather' if gathered else 'permute first'}+swiglu)",
-                lambda: first_gemm(x, (Wg, Wu), meta, "swiglu"),
+                lambda: first_gemm(x, Wgu, meta, "swiglu"),
                 epilogue_ms=epilogue_bytes / (copy_gbps * 1e6),
                 **vs_dense("gate/up fwd"),
             )
@@ -429,8 +431,8 @@ def run_shape(name: str):
             attempt(
                 shape,
                 "gate/up dX",
-                "triton (two-term)",
-                lambda: ops._gmm(dgu[:, :F_], Wg, meta, transpose_w=False, a2=dgu[:, F_:], w2=Wu),
+                "triton ([dg|du] @ W_gu)",
+                lambda: ops._gmm(dgu, Wgu, meta, transpose_w=False),
                 **vs_dense("gate/up dX"),
             )
             # a grouped dW writes E weight gradients where the dense GEMM of the same FLOPs writes one: (E - 1) O I
@@ -447,7 +449,7 @@ def run_shape(name: str):
                 shape,
                 "gate/up dW",
                 "triton (permute x + one [dg|du] K-reduction)",
-                lambda: ops._gmm_dw(dgu, ops._scatter(x, meta), meta, split=F_),
+                lambda: ops._gmm_dw(dgu, ops._scatter(x, meta), meta),
                 epilogue_ms=((E - 1) * 2 * F_ * D * el + perm_bytes) / (copy_gbps * 1e6),
                 **vs_dense("gate/up dW"),
             )
@@ -459,7 +461,7 @@ def run_shape(name: str):
     # torch._grouped_mm (sm90+)
     offs = plan_ref.offsets_E1[1:].to(torch.int32)
     if HAS_GROUPED_MM and CUDA:
-        Wgu_T = torch.cat([Wg, Wu], 1).transpose(1, 2)  # [E, D, 2F] column-major view
+        Wgu_T = Wgu.transpose(1, 2)  # [E, D, 2F] column-major view
         attempt(
             shape,
             "gate/up fwd",
@@ -483,7 +485,6 @@ def run_shape(name: str):
             **vs_dense("down dX"),
         )
         dgu = torch.randn(R, 2 * F_, device=DEV, dtype=dt)
-        Wgu = torch.cat([Wg, Wu], 1)  # [E, 2F, D]
         attempt(
             shape,
             "gate/up dX",
@@ -526,7 +527,7 @@ def run_shape(name: str):
     # DeepSpeed CUTLASS MoE GEMM (inference v2)
     if ds_moe_gemm is not None:
         rows_before = plan_ref.offsets_E1[1:].to(torch.int64)
-        Wgu_ds = torch.cat([Wg, Wu], 1).transpose(1, 2).contiguous()  # [E, in, out]
+        Wgu_ds = Wgu.transpose(1, 2).contiguous()  # [E, in, out]
         out_gu = torch.empty(R, 2 * F_, device=DEV, dtype=dt)
         attempt(
             shape,
@@ -538,7 +539,7 @@ def run_shape(name: str):
 
     # whole layer forward + backward (routing included)
     layer_flops = 18 * R * D * F_
-    params = [t.detach().clone().requires_grad_() for t in (x, probs, Wg, Wu, Wd)]
+    params = [t.detach().clone().requires_grad_() for t in (x, probs, Wgu, Wd)]
     grad_out = torch.randn(T, D, device=DEV, dtype=dt)
 
     def fwd_bwd(fn):
@@ -553,7 +554,7 @@ def run_shape(name: str):
         shape,
         "layer fwd+bwd",
         "reference",
-        fwd_bwd(lambda x, p, a, b, c: ref.swiglu_experts(x, p, ref.routing_plan(experts_TK, E), a, b, c)),
+        fwd_bwd(lambda x, p, gu, d: ref.swiglu_experts(x, p, ref.routing_plan(experts_TK, E), gu, d)),
         flops=layer_flops,
     )
     if ops is not None:
@@ -561,38 +562,37 @@ def run_shape(name: str):
             shape,
             "layer fwd+bwd",
             "triton",
-            fwd_bwd(lambda x, p, a, b, c: ops.swiglu_experts(x, p, ops.routing_plan(experts_TK, E), a, b, c)),
+            fwd_bwd(lambda x, p, gu, d: ops.swiglu_experts(x, p, ops.routing_plan(experts_TK, E), gu, d)),
             flops=layer_flops,
         )
     layer["naive"] = attempt(
         shape,
         "layer fwd+bwd",
         "naive (official loop)",
-        fwd_bwd(lambda x, p, a, b, c: naive_layer(x, experts_TK, p, a, b, c)),
+        fwd_bwd(lambda x, p, gu, d: naive_layer(x, experts_TK, p, gu, d)),
         flops=layer_flops,
     )
     if mcore is not None and HAS_GROUPED_MM and CUDA:
 
-        def mg(x, p, a, b, c):
+        def mg(x, p, gu, d):
             p_TE = torch.zeros(T, E, device=DEV, dtype=p.dtype).scatter(1, experts_TK, p)
-            Wgu_T = torch.cat([a, b], 1).transpose(1, 2)
-            return mcore_grouped_layer(x, routing_map, p_TE, offs, Wgu_T, c.transpose(1, 2), F_)
+            return mcore_grouped_layer(x, routing_map, p_TE, offs, gu.transpose(1, 2), d.transpose(1, 2), F_)
 
         layer["megatron+grouped_mm"] = attempt(
             shape, "layer fwd+bwd", "megatron permute+_grouped_mm", fwd_bwd(mg), flops=layer_flops
         )
     if ops is not None and COMPARE_TILES:
-        layer_with_tiles(shape, {args.compare_tiles: COMPARE_TILES}, x, probs, Wg, Wu, Wd, experts_TK, E)
+        layer_with_tiles(shape, {args.compare_tiles: COMPARE_TILES}, x, probs, Wgu, Wd, experts_TK, E)
     if ops is not None:  # correctness at the real shape: ours vs the reference path, same dtype
         try:
             outs = {}
             for impl, mod in (("triton", ops), ("reference", ref)):
-                p = [t.detach().clone().requires_grad_() for t in (x, probs, Wg, Wu, Wd)]
+                p = [t.detach().clone().requires_grad_() for t in (x, probs, Wgu, Wd)]
                 out = mod.swiglu_experts(p[0], p[1], mod.routing_plan(experts_TK, E), *p[2:])
                 outs[impl] = [out.detach(), *torch.autograd.grad(out, p, grad_out)]
             errs = {}
             for n, a, b in zip(
-                ["out", "x", "probs", "gate", "up", "down"], outs["triton"], outs["reference"], strict=True
+                ["out", "x", "probs", "gate_up", "down"], outs["triton"], outs["reference"], strict=True
             ):
                 errs[n] = float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30))
             rows.append({"shape": shape, "op": "check", "impl": "triton vs reference", "ms": 0.0, "nerr": errs})
@@ -611,21 +611,20 @@ SWEEP = {
     # kind: (tile keys, candidates; the first is what runs now at XL). A kind that serves several ops is timed on
     # each of them and judged by their summed time. TMA = 1: weight tiles (and A tiles where A is not gathered)
     # through tensor descriptors. From bench/inspect_kernels.py (sm_90): TMA cuts registers (gate/up dX 142 -> 90,
-    # dH 120 -> 90), so with 3 stages (96 KiB) two blocks fit on an SM where the pointer-load tiles fit one. The
-    # SwiGLU GEMM at 128x128 needs 185-223 registers (one block per SM, tensor cores idle in its heavy epilogue);
-    # at 128x64 it needs 128, and two blocks fit. GATHER = 0 permutes x first (timed here with the permute; in the
-    # layer the backward then skips its own): A tiles through TMA too, 101 registers at 128x64.
-    # PERSIST = 1 (sm_90, XL): 136 registers and 112 KiB at 128x64, so one block per SM instead of two, but the
-    # stores of h, g and u overlap the next tile's loads; 214 registers at 128x128, no spills. PERSIST = 2 with
-    # maxnreg = 128 (a register cap) keeps both: two persistent blocks per SM, one's epilogue beside the other's
-    # K loop (3 stages: 28 bytes of spills; 2 stages: none, 80 KiB). Run 5 (H100, XL) timed the first two
-    # (0.66, 0.67 ms) and dropped candidates: 128x64 with 4 stages 0.82, 64x128 1.02, 128x128 0.71, gathered
-    # pointer loads 0.95.
+    # dH 120 -> 90), so with 3 stages (96 KiB) two blocks fit on an SM where the pointer-load tiles fit one.
+    # The SwiGLU GEMM's BN counts gate and up columns each: its accumulator is [BM, 2*BN], one wgmma 2*BN wide.
+    # 128x64 (a 128x128 accumulator): 91 registers, two blocks per SM; 128x128: 183, one block (the shape of the
+    # down GEMM's 128x256 tiles). GATHER = 0 permutes x first (timed here with the permute; in the layer the
+    # backward then skips its own): A tiles through TMA too. PERSIST = 1 at 128x64: 132 registers, 112 KiB, one
+    # block per SM, but the stores of h, g and u overlap the next tile's loads; 173 at 128x128. PERSIST = 2 with
+    # maxnreg = 128 (a register cap) keeps two persistent blocks per SM, one's epilogue beside the other's K loop
+    # (3 stages: 8 bytes of spills; 2 stages: none, 80 KiB). Run 5 (H100, XL; the kernel then had two accumulators
+    # of BN columns) dropped candidates: 4 stages, 64x128, gathered pointer loads, 4 warps.
     "swiglu": (
         (*GEMM_KEYS, "GATHER", "PERSIST", "maxnreg"),
         [
             (128, 64, 64, 8, 3, 1, 0, 0, None),
-            (128, 64, 64, 4, 3, 1, 0, 0, None),
+            (128, 128, 64, 8, 3, 1, 0, 0, None),
             (128, 64, 64, 8, 3, 1, 0, 1, None),
             (128, 128, 64, 8, 3, 1, 0, 1, None),
             (128, 64, 64, 8, 3, 1, 0, 2, 128),
@@ -633,8 +632,8 @@ SWEEP = {
         ],
     ),
     # PERSIST = 1: one program per SM loops over the used tiles, and with TMA the compiler flattens tile and K loops
-    # into one pipelined loop, so the next tile's loads overlap this tile's epilogue (the two-term gate/up dX keeps
-    # two K loops and is only persistent). Pointer loads need ~170 registers that way; TMA ~110. Run 4 (H100, XL):
+    # into one pipelined loop, so the next tile's loads overlap this tile's epilogue. Pointer loads need ~170
+    # registers that way; TMA ~110. Run 4 (H100, XL):
     # 128x256 beat 128x128 with TMA on both the D = 1152 outputs (4.5 tiles wide) and the F = 4608 ones.
     "gmm": (
         (*GEMM_KEYS, "PERSIST"),
@@ -727,40 +726,40 @@ def sweep(kinds, name: str):
     gen = torch.Generator().manual_seed(0)
     ex = make_routing(T, K, E, False, gen).to(DEV)
     x = torch.randn(T, D, device=DEV, dtype=DTYPE)
-    Wg, Wu = ((torch.randn(E, F_, D, device=DEV, dtype=DTYPE) * D**-0.5) for _ in range(2))
+    Wgu = torch.randn(E, 2 * F_, D, device=DEV, dtype=DTYPE) * D**-0.5
     Wd = torch.randn(E, D, F_, device=DEV, dtype=DTYPE) * F_**-0.5
     probs = torch.rand(T, K, device=DEV, dtype=DTYPE)
     plan = ops.routing_plan(ex, E)
     meta = ops.plan_meta(plan)
-    h, g, u = first_gemm(x, (Wg, Wu), meta, "swiglu")
+    h, g, u = first_gemm(x, Wgu, meta, "swiglu")
     dy = torch.randn(T * K, D, device=DEV, dtype=DTYPE)
     dh = ops._gmm(dy, Wd, meta, transpose_w=False)
     dgu, hb = ops._swiglu_bwd(dh, g, u)
-    b1 = torch.zeros(E, F_, device=DEV, dtype=DTYPE)
+    W1, b1 = Wgu[:, :F_].contiguous(), torch.zeros(E, F_, device=DEV, dtype=DTYPE)  # GELU experts' fc1
     R = T * K
     el = x.element_size()
     work = {  # kind: [(op, flops, bytes, fn)]
-        "swiglu": [("gate/up fwd", 4 * R * D * F_, None, lambda: first_gemm(x, (Wg, Wu), meta, "swiglu"))],
+        "swiglu": [("gate/up fwd", 4 * R * D * F_, None, lambda: first_gemm(x, Wgu, meta, "swiglu"))],
         "gmm": [("down fwd", 2 * R * D * F_, None, lambda: ops._gmm(h, Wd, meta, transpose_w=True))],
         "gmm_dx": [
             (
                 "gate/up dX",
                 4 * R * D * F_,
                 None,
-                lambda: ops._gmm(dgu[:, :F_], Wg, meta, transpose_w=False, a2=dgu[:, F_:], w2=Wu),
+                lambda: ops._gmm(dgu, Wgu, meta, transpose_w=False),
             ),
             ("down dX: dH part", 2 * R * D * F_, None, lambda: ops._gmm(dy, Wd, meta, transpose_w=False)),
         ],
         "dw": [
             ("down dW", 2 * R * D * F_, None, lambda: ops._gmm_dw(dy, hb, meta)),
-            ("gate/up dW", 4 * R * D * F_, None, lambda: ops._gmm_dw(dgu, ops._scatter(x, meta), meta, split=F_)),
+            ("gate/up dW", 4 * R * D * F_, None, lambda: ops._gmm_dw(dgu, ops._scatter(x, meta), meta)),
         ],
         "gmm_epi": [
             (
                 "gelu fc1 fwd",
                 2 * R * D * F_,
                 None,
-                lambda: first_gemm(x, Wg, meta, "gmm_epi", bias=b1, epi=ops.EPI_GELU),
+                lambda: first_gemm(x, W1, meta, "gmm_epi", bias=b1, epi=ops.EPI_GELU),
             ),
             (
                 "gelu fc2 dX",
@@ -803,17 +802,17 @@ def sweep(kinds, name: str):
         variants = {"sweep winners": winners}
         if len(winners) > 1:
             variants |= {f"sweep winner {kind}": {kind: cfg} for kind, cfg in winners.items()}
-        layer_with_tiles(shape, variants, x, probs, Wg, Wu, Wd, ex, E)
+        layer_with_tiles(shape, variants, x, probs, Wgu, Wd, ex, E)
         write_results()
 
 
-def layer_with_tiles(shape, variants: dict[str, dict], x, probs, Wg, Wu, Wd, experts_TK, E):
+def layer_with_tiles(shape, variants: dict[str, dict], x, probs, Wgu, Wd, experts_TK, E):
     """The whole layer forward+backward with the tiles in use and then under each variant's tiles ({label: tiles}:
     the sweep's winners, or a file's), on the same inputs: the layer-level gain of adopting them, and their largest
     output/gradient difference."""
     T, D = x.shape
-    R, F_ = T * experts_TK.shape[1], Wg.shape[1]
-    params = [t.detach().clone().requires_grad_() for t in (x, probs, Wg, Wu, Wd)]
+    R, F_ = T * experts_TK.shape[1], Wd.shape[2]
+    params = [t.detach().clone().requires_grad_() for t in (x, probs, Wgu, Wd)]
     grad_out = torch.randn_like(x)
 
     def run():

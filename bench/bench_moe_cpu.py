@@ -38,7 +38,8 @@ def naive_official(layer, x_TD):
     for e in range(E):
         mask = flat == e
         xe = x_rep[mask]
-        y_rep[mask] = F.linear(F.silu(F.linear(xe, ex.gate_proj[e])) * F.linear(xe, ex.up_proj[e]), ex.down_proj[e])
+        gate, up = ex.gate_up_proj[e].chunk(2)
+        y_rep[mask] = F.linear(F.silu(F.linear(xe, gate)) * F.linear(xe, up), ex.down_proj[e])
     out = (y_rep.view(-1, K, D) * w_TK.unsqueeze(-1).to(y_rep.dtype)).sum(1)
     return out + layer.shared_expert(x_TD)
 

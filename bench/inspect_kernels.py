@@ -137,7 +137,8 @@ def record_layer() -> list:
     R = T * K
     dt = torch.bfloat16 if args.dtype == "bf16" else torch.float16
     empty = lambda *s: torch.empty(*s, dtype=dt)  # noqa: E731
-    x, Wg, Wu, Wd, probs, dy = empty(T, D), empty(E, F, D), empty(E, F, D), empty(E, D, F), empty(T, K), empty(R, D)
+    x, Wgu, Wd, probs, dy = empty(T, D), empty(E, 2 * F, D), empty(E, D, F), empty(T, K), empty(R, D)
+    W1 = empty(E, F, D)  # the GELU experts' fc1
     experts = torch.arange(T * K).reshape(T, K) % E
 
     def step(name, fn, *a, **kw):
@@ -148,7 +149,7 @@ def record_layer() -> list:
     meta = ops.plan_meta(plan)
     meta.counts = torch.full((E,), R // E, dtype=torch.int64)  # argsort of the dW order needs real counts
     a, gather = step("permute", ops._expert_input, x, meta, "swiglu")  # launches only with swiglu.GATHER=0
-    h, g, u = step("gate/up fwd", ops._gmm_swiglu, a, Wg, Wu, meta, gather=gather)
+    h, g, u = step("gate/up fwd", ops._gmm_swiglu, a, Wgu, meta, gather=gather)
     y = step("down fwd", ops._gmm, h, Wd, meta, transpose_w=True)
     step("unpermute", ops._gather, y, meta, probs)
     step("unpermute bwd", ops._scatter, x, meta, probs, y)
@@ -159,10 +160,10 @@ def record_layer() -> list:
         dgu, hb = step("swiglu bwd pass", ops._swiglu_bwd, dh, g, u)
     step("down dW", ops._gmm_dw, dy, hb, meta)
     xp = step("permute", ops._scatter, x, meta)
-    step("gate/up dW", ops._gmm_dw, dgu, xp, meta, split=F)
-    step("gate/up dX", ops._gmm, dgu[:, :F], Wg, meta, transpose_w=False, a2=dgu[:, F:], w2=Wu)
+    step("gate/up dW", ops._gmm_dw, dgu, xp, meta)
+    step("gate/up dX", ops._gmm, dgu, Wgu, meta, transpose_w=False)
     a, gather = step("permute", ops._expert_input, x, meta, "gmm_epi")
-    step("gelu fc1 fwd", ops._gmm, a, Wg, meta, transpose_w=True, gather=gather, bias=empty(E, F), epi=ops.EPI_GELU)
+    step("gelu fc1 fwd", ops._gmm, a, W1, meta, transpose_w=True, gather=gather, bias=empty(E, F), epi=ops.EPI_GELU)
     step("gelu fc2 dX", ops._gmm, dy, Wd, meta, transpose_w=False, epi=ops.EPI_GELU_BWD, x0=g)
     step("gelu dW+db", ops._gmm_dw, dy, hb, meta, with_db=True)
     return launches

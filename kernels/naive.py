@@ -59,11 +59,14 @@ def _per_expert_loop(
     return (y_RD.view(T, K, -1) * weights_TK.unsqueeze(-1).to(y_RD.dtype)).sum(1)
 
 
-def swiglu_experts(x_TD, weights_TK, plan, gate_EFD, up_EFD, down_EDF) -> torch.Tensor:
-    """Routed SwiGLU experts ``down(silu(gate(x)) * up(x))``, one expert at a time."""
+def swiglu_experts(x_TD, weights_TK, plan, gate_up_E2FD, down_EDF) -> torch.Tensor:
+    """Routed SwiGLU experts ``down(silu(gate(x)) * up(x))``, one expert at a time (``gate_up`` [E, 2F, D]: the
+    official per-expert gate and up weights, stacked)."""
+    F_ = gate_up_E2FD.shape[1] // 2
 
     def expert(e, x):
-        return F.linear(F.silu(F.linear(x, gate_EFD[e])) * F.linear(x, up_EFD[e]), down_EDF[e])
+        gate, up = gate_up_E2FD[e, :F_], gate_up_E2FD[e, F_:]
+        return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down_EDF[e])
 
     return _per_expert_loop(x_TD, weights_TK, plan, expert)
 

@@ -128,11 +128,22 @@ def unpermute(y_RD: torch.Tensor, weights_TK: torch.Tensor, plan: RoutingPlan) -
     return out.to(y_RD.dtype)
 
 
-def swiglu_experts(x_TD, weights_TK, plan, gate_EFD, up_EFD, down_EDF) -> torch.Tensor:
-    """Routed SwiGLU experts: ``down(silu(gate(x)) * up(x))`` per expert, combined with the routing weights."""
+def swiglu_experts(x_TD, weights_TK, plan, gate_up_E2FD, down_EDF) -> torch.Tensor:
+    """Routed SwiGLU experts: ``down(silu(gate(x)) * up(x))`` per expert (``gate_up`` [E, 2F, D]: the gate rows,
+    then the up rows), combined with the routing weights."""
+    check_gate_up(gate_up_E2FD, down_EDF)
     x_RD = permute(x_TD, plan)
-    h_RF = swiglu(grouped_mm(x_RD, gate_EFD, plan), grouped_mm(x_RD, up_EFD, plan))
+    h_RF = swiglu(*grouped_mm(x_RD, gate_up_E2FD, plan).chunk(2, dim=-1))
     return unpermute(grouped_mm(h_RF, down_EDF, plan), weights_TK, plan)
+
+
+def check_gate_up(gate_up_E2FD: torch.Tensor, down_EDF: torch.Tensor) -> None:
+    """Raise ValueError unless ``gate_up`` holds 2F rows per expert for the F columns of ``down``."""
+    if gate_up_E2FD.shape[1] != 2 * down_EDF.shape[2]:
+        raise ValueError(
+            f"gate_up {tuple(gate_up_E2FD.shape)} must hold 2F rows per expert (gate, then up) for down "
+            f"{tuple(down_EDF.shape)} with F = {down_EDF.shape[2]}"
+        )
 
 
 def gelu_experts(x_TD, weights_TK, plan, fc1_EFD, fc1_bias_EF, fc2_EDF, fc2_bias_ED) -> torch.Tensor:

@@ -1,10 +1,10 @@
 """Tile configurations of the Triton kernels: fixed tables per dtype and architecture, and overrides for benchmarks.
 
 Kinds: ``gmm`` (single-accumulator grouped GEMM without epilogue: forward), ``gmm_dx`` (the same for dX GEMMs,
-B = W[e] untransposed: one- and two-term dX, dH), ``gmm_epi`` (the same with a GELU epilogue, forward or backward,
-which loads and stores extra tiles), ``swiglu`` (dual-accumulator gate/up GEMM), ``swiglu_bwd`` (``FUSED`` = 1: the
-SwiGLU backward runs in the dH GEMM's epilogue, with these tiles; 0: a plain dH on ``gmm_dx`` tiles, then the
-elementwise pass on ``ew`` tiles), ``dw`` (per-expert K-reduction: every weight gradient), ``rows``
+B = W[e] untransposed: dX, dH), ``gmm_epi`` (the same with a GELU epilogue, forward or backward, which loads and
+stores extra tiles), ``swiglu`` (the gate/up GEMM: BN gate and BN up columns per tile), ``swiglu_bwd`` (``FUSED`` =
+1: the SwiGLU backward runs in the dH GEMM's epilogue, with these tiles; 0: a plain dH on ``gmm_dx`` tiles, then
+the elementwise pass on ``ew`` tiles), ``dw`` (per-expert K-reduction: every weight gradient), ``rows``
 (permute/combine), ``ew`` (elementwise SwiGLU backward, [BR, BC] tiles), ``route`` (routing metadata).
 
 Settings: ``TMA`` = 1 in a GEMM kind loads its tiles through tensor descriptors (``dw``: all but an expert's last,

@@ -105,7 +105,7 @@ def test_export_cli(runs, tmp_path, capsys):
     assert main(["export", str(run_dir), "--out", str(tmp_path / "raw.safetensors"), "--no-ema"]) == 0
     assert "raw weights" in capsys.readouterr().out
     ema, raw = load_sampler(tmp_path / "m.safetensors").model, load_sampler(tmp_path / "raw.safetensors").model
-    assert not torch.equal(ema.blocks[0].moe.experts.gate_proj, raw.blocks[0].moe.experts.gate_proj)
+    assert not torch.equal(ema.blocks[0].moe.experts.gate_up_proj, raw.blocks[0].moe.experts.gate_up_proj)
     assert main(["export", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.safetensors")]) == 2
     assert "nowhere" in capsys.readouterr().err
 

@@ -87,7 +87,7 @@ def _layer_case(rank: int, world: int, cfg: MoEConfig, groups: ExpertParallelGro
     return {
         "same_init": same_init,
         "local_experts": list(ep.experts.global_expert_ids),
-        "expert_rows": ep.experts.gate_proj.shape[0] if cfg.expert_act == "swiglu" else ep.experts.fc1.shape[0],
+        "expert_rows": ep.experts.gate_up_proj.shape[0] if cfg.expert_act == "swiglu" else ep.experts.fc1.shape[0],
         "out": (out_ref.out_BLD[mine].detach(), out.out_BLD.detach()),
         "x_grad": (x_ref.grad[mine], x.grad),
         "tokens_per_expert": (out_ref.stats.tokens_per_expert_E, counts_E),

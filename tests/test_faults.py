@@ -235,7 +235,7 @@ def _launch2(rank: int, world: int, data: str, root: str, ds_bf16: str) -> None:
                 grad[0] = float("inf")
             return grad
 
-        model.blocks[0].moe.experts.gate_proj.register_hook(hook)
+        model.blocks[0].moe.experts.gate_up_proj.register_hook(hook)
 
     with _model_hook(inf_grad):
         res["inf"] = _run(data, root / "inf", steps=3, ckpt_every=1, keep_last=10)

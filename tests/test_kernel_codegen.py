@@ -69,6 +69,8 @@ def test_gemm_kernels_compile_pipelined_for_sm90(mode):
     assert {"gate/up fwd", "down fwd", "down dX: dH", "gate/up dX", "down dW", "gate/up dW"} <= set(rows), rows
     spills = [int(x) for x in rows["down dX: dH"][6].split("/")]
     assert spills == [0, 0], rows["down dX: dH"]
+    # the gate/up GEMM takes both halves of its tile in one product per K step, as many wgmma as the down GEMM's
+    assert rows["gate/up fwd"][9] == rows["down fwd"][9], (rows["gate/up fwd"], rows["down fwd"])
     if mode == "defaults":
         return
     cp_async = {op: int(cells[10]) for op, cells in rows.items()}

@@ -274,12 +274,12 @@ def _expert_inputs(T, K, E, D, F, act, dtype, noncontig=False, seed=0):
         x = randn(T, 2 * D, seed=seed + 1, dtype=dtype)[:, D:]
     w = make_weights(T, K, seed=seed + 2, dtype=dtype)
     if act == "swiglu":
-        gate = randn(E, F, D, seed=seed + 3, dtype=dtype, scale=D**-0.5)
-        up = randn(E, F, D, seed=seed + 4, dtype=dtype, scale=D**-0.5)
+        gate_up = randn(E, 2 * F, D, seed=seed + 3, dtype=dtype, scale=D**-0.5)
         down = randn(E, D, F, seed=seed + 5, dtype=dtype, scale=F**-0.5)
         if noncontig:
+            gate_up = randn(E, D, 2 * F, seed=seed + 3, dtype=dtype, scale=D**-0.5).transpose(1, 2)
             down = randn(E, F, D, seed=seed + 5, dtype=dtype, scale=F**-0.5).transpose(1, 2)
-        params = [gate, up, down]
+        params = [gate_up, down]
     else:
         fc1 = randn(E, F, D, seed=seed + 3, dtype=dtype, scale=D**-0.5)
         b1 = randn(E, F, seed=seed + 4, dtype=dtype, scale=0.1)
@@ -293,12 +293,12 @@ def _expert_inputs(T, K, E, D, F, act, dtype, noncontig=False, seed=0):
 
 def _experts_fn(mod, act, plan):
     if act == "swiglu":
-        return lambda x, w, g, u, d: mod.swiglu_experts(x, w, plan, g, u, d)
+        return lambda x, w, gu, d: mod.swiglu_experts(x, w, plan, gu, d)
     return lambda x, w, f1, b1, f2, b2: mod.gelu_experts(x, w, plan, f1, b1, f2, b2)
 
 
 NAMES = {
-    "swiglu": ["x", "weights", "gate", "up", "down"],
+    "swiglu": ["x", "weights", "gate_up", "down"],
     "gelu": ["x", "weights", "fc1", "fc1_bias", "fc2", "fc2_bias"],
 }
 
@@ -347,27 +347,11 @@ def test_swiglu_bwd_pass(dtype):
     assert torch.count_nonzero(dgu[-5:]) == 0 and torch.count_nonzero(h[-5:]) == 0
 
 
-def test_dw_split_halves():
-    """One K-reduction over [A1 | A2] split in the store equals the two separate dW, bit for bit."""
-    T, K, E, O, I = 29, 2, 5, 40, 24
-    plan = ops.routing_plan(make_experts(T, K, E, seed=3, empty=(2,)), E)
-    meta = ops.plan_meta(plan)
-    a = randn(T * K, 2 * O, seed=4, dtype=torch.float32)
-    b = randn(T * K, I, seed=5, dtype=torch.float32)
-    first, second = ops._gmm_dw(a, b, meta, split=O)
-    assert torch.equal(first, ops._gmm_dw(a[:, :O].contiguous(), b, meta)[0])
-    assert torch.equal(second, ops._gmm_dw(a[:, O:].contiguous(), b, meta)[0])
-    assert torch.count_nonzero(first[2]) == 0 and torch.count_nonzero(second[2]) == 0
-    with pytest.raises(ValueError, match="split=7"):
-        ops._gmm_dw(a, b, meta, split=7)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dw_tma_gives_the_same_bits(dtype, monkeypatch):
     """dW with TMA (whole chunks of rows through descriptors, an expert's last partial chunk through masked pointer
     loads) equals the pointer-load dW bit for bit: row counts below, at and past a multiple of BR (16 under the
-    interpreter, 32 on GPUs), an empty expert, O and I not multiples of the tile, the gate/up split and the bias
-    gradient."""
+    interpreter, 32 on GPUs), an empty expert, O and I not multiples of the tile, and the bias gradient."""
     E, O, I = 6, 40, 24
     experts = torch.cat([torch.full((n,), e) for e, n in enumerate([16, 0, 5, 33, 1, 32])])
     experts = experts[torch.randperm(len(experts), generator=torch.Generator().manual_seed(0))]
@@ -379,7 +363,7 @@ def test_dw_tma_gives_the_same_bits(dtype, monkeypatch):
     made = []
     real = common.tma_descs
     monkeypatch.setattr(common, "tma_descs", lambda pairs: made.append(real(pairs)) or made[-1])
-    for kw in [{}, {"split": O}, {"with_db": True}]:
+    for kw in [{}, {"with_db": True}]:
         with ops.tile_overrides(dw={"TMA": 0}):
             want = ops._gmm_dw(a, b, meta, **kw)
         assert not made
@@ -389,6 +373,15 @@ def test_dw_tma_gives_the_same_bits(dtype, monkeypatch):
         for i, (x, y) in enumerate(zip(got, want, strict=True)):
             assert torch.equal(x, y), f"output {i} of dW {kw} differs with TMA"
         assert torch.count_nonzero(got[0][1]) == 0  # the empty expert
+
+
+def test_gate_up_must_hold_two_halves():
+    """A gate/up weight whose rows are not twice down's F is refused, naming both shapes, on either path."""
+    x, w, gu, d = _expert_inputs(9, 2, 3, 16, 24, "swiglu", torch.float32)
+    plan = ops.routing_plan(make_experts(9, 2, 3, seed=1), 3)
+    for mod in (ops, ref):
+        with pytest.raises(ValueError, match=r"gate_up \(3, 47, 16\).*F = 24"):
+            mod.swiglu_experts(x, w, plan, gu[:, :47], d)
 
 
 TMA_ON = {kind: {"TMA": 1} for kind in ("gmm", "gmm_dx", "gmm_epi", "swiglu", "swiglu_bwd", "dw")}
@@ -406,14 +399,16 @@ def test_experts_tma(case, act, monkeypatch):
     descriptors; rows past a group and columns past N read other experts' data that is never stored. Equal to the
     reference like the pointer loads, and every descriptor requested is made (none falls back)."""
     made = []
-    real = common.tma_descs
-    monkeypatch.setattr(common, "tma_descs", lambda pairs: made.append(real(pairs)) or made[-1])
+    real = common.tma_desc
+    monkeypatch.setattr(common, "tma_desc", lambda t, block: made.append(real(t, block)) or made[-1])
     with ops.tile_overrides(**TMA_ON):
         check_experts(*TMA_CASES[case], act, torch.float32)
         if case == 0:
             check_experts(*TMA_CASES[case], act, torch.bfloat16)
     assert made and all(d is not None for d in made)
-    assert len(made) >= (6 if case == 0 else 4)  # case 0: also the dX weights (Kdim a multiple of BK)
+    assert len(made) >= (8 if case == 1 else 10)  # but in case 1 also the dX weights (Kdim a multiple of BK)
+    if act == "swiglu":  # the gate/up weight as [E*2, F, D], a box of gate and up rows
+        assert any(len(d.block_shape) == 3 for d in made)
 
 
 @pytest.mark.parametrize("act", ["swiglu", "gelu"])
@@ -515,11 +510,11 @@ def test_persistent_swiglu_writes_what_one_tile_per_program_writes(tma):
     plan = ops.routing_plan(make_experts(T, K, E, seed=2, empty=(1,)), E, 10)  # capacity 10: drops
     meta = ops.plan_meta(plan)
     a = randn(T * K, D, seed=3, dtype=torch.float32)
-    w_gate, w_up = randn(E, F, D, seed=4, dtype=torch.float32), randn(E, F, D, seed=5, dtype=torch.float32)
+    w_gate_up = randn(E, 2 * F, D, seed=4, dtype=torch.float32)
     outs = []
     for persist in (0, 1):
         with ops.tile_overrides(swiglu={"PERSIST": persist, "TMA": tma}):
-            outs.append(ops._gmm_swiglu(a, w_gate, w_up, meta, gather=False))
+            outs.append(ops._gmm_swiglu(a, w_gate_up, meta, gather=False))
     kept = plan.counts_E.sum().item()
     assert kept < T * K
     for name, one, persistent in zip("hgu", *outs, strict=True):
@@ -663,15 +658,15 @@ def test_experts_bf16_medium_cuda(act):
 def test_no_host_sync_cuda():
     T, K, E, D, F = 256, 2, 8, 64, 128
     ex = make_experts(T, K, E, seed=1)
-    x, w, g, u, d = _expert_inputs(T, K, E, D, F, "swiglu", torch.bfloat16)
+    x, w, gu, d = _expert_inputs(T, K, E, D, F, "swiglu", torch.bfloat16)
     for cap in (None, 40):  # compile outside the check
-        ops.swiglu_experts(x, w, ops.routing_plan(ex, E, cap), g, u, d).sum().backward()
+        ops.swiglu_experts(x, w, ops.routing_plan(ex, E, cap), gu, d).sum().backward()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for cap in (None, 40):
             plan = ops.routing_plan(ex, E, cap)
-            out = ops.swiglu_experts(x, w, plan, g, u, d)
+            out = ops.swiglu_experts(x, w, plan, gu, d)
             out.backward(torch.ones_like(out))
     finally:
         torch.cuda.set_sync_debug_mode(0)
@@ -731,6 +726,6 @@ def test_dit_moe_triton_equals_torch(monkeypatch, act, capacity_factor):
     for a, b in zip(out_k.routing, out_t.routing, strict=True):
         assert torch.equal(a.tokens_per_expert_E, b.tokens_per_expert_E) and torch.equal(a.dropped, b.dropped)
     assert grads_k.keys() == grads_t.keys()
-    assert any(n.endswith(("gate_proj", "fc1")) and ".experts." in n for n in grads_k)
+    assert any(n.endswith(("gate_up_proj", "fc1")) and ".experts." in n for n in grads_k)
     for n in grads_t:
         assert_near(grads_k[n], grads_t[n], torch.float32, f"grad {n}")

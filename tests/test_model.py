@@ -30,7 +30,12 @@ def official_state_dict(model: DiTMoE, flash: bool) -> dict:
         if ".moe.experts." in k:
             block, proj = k.split(".")[1], k.split(".")[-1]
             for j in range(cfg.moe.num_experts):
-                sd[f"blocks.{block}.moe.experts.{j}.{proj}.weight"] = v[j].clone()
+                if proj == "gate_up_proj":  # the official experts keep gate and up apart
+                    gate, up = v[j].chunk(2)
+                    sd[f"blocks.{block}.moe.experts.{j}.gate_proj.weight"] = gate.clone()
+                    sd[f"blocks.{block}.moe.experts.{j}.up_proj.weight"] = up.clone()
+                else:
+                    sd[f"blocks.{block}.moe.experts.{j}.{proj}.weight"] = v[j].clone()
             continue
         k = k.replace(".moe.router.", ".moe.gate.").replace(".moe.shared_expert.", ".moe.shared_experts.")
         if flash:

@@ -30,7 +30,8 @@ def naive_moe(layer: MoEFeedForward, x_BLD: torch.Tensor, keep=None) -> torch.Te
                 continue
             e, xt = idx[t, k].item(), x_TD[t]
             if cfg.expert_act == "swiglu":
-                h = F.silu(ex.gate_proj[e] @ xt) * (ex.up_proj[e] @ xt)
+                gate, up = (ex.gate_up_proj[e] @ xt).chunk(2)
+                h = F.silu(gate) * up
                 y = ex.down_proj[e] @ h
             else:
                 h = F.gelu(ex.fc1[e] @ xt + ex.fc1_bias[e], approximate="tanh")
@@ -85,8 +86,8 @@ def test_expert_without_tokens_gets_zero_grad():
     assert res.stats.tokens_per_expert_E[0] == 0
     torch.testing.assert_close(res.out_BLD, naive_moe(layer, x), rtol=1e-5, atol=1e-5)
     res.out_BLD.square().sum().backward()
-    assert torch.count_nonzero(layer.experts.gate_proj.grad[0]) == 0
-    assert torch.count_nonzero(layer.experts.gate_proj.grad[1:]) > 0
+    assert torch.count_nonzero(layer.experts.gate_up_proj.grad[0]) == 0
+    assert torch.count_nonzero(layer.experts.gate_up_proj.grad[1:]) > 0
 
 
 def test_norm_topk_prob_renormalises():

@@ -23,7 +23,7 @@ def _params(act, E, D, Fi, gen):
         return (torch.randn(*shape, generator=gen) * shape[-1] ** -0.5).requires_grad_(True)
 
     if act == "swiglu":
-        return [w(E, Fi, D), w(E, Fi, D), w(E, D, Fi)]
+        return [w(E, 2 * Fi, D), w(E, D, Fi)]
     return [w(E, Fi, D), w(E, Fi), w(E, D, Fi), w(E, D)]
 
 
@@ -62,7 +62,7 @@ def test_naive_equals_reference(act, T, K, E, unused, capacity):
     out_n, grads_n = _run(naive, act, x, weights, plan, params, probe)
     out_r, grads_r = _run(reference, act, x, weights, plan, params, probe)
     torch.testing.assert_close(out_n, out_r, rtol=1e-5, atol=1e-5)
-    names = ["x", "weights"] + (["gate", "up", "down"] if act == "swiglu" else ["fc1", "fc1_bias", "fc2", "fc2_bias"])
+    names = ["x", "weights"] + (["gate_up", "down"] if act == "swiglu" else ["fc1", "fc1_bias", "fc2", "fc2_bias"])
     for name, a, b in zip(names, grads_n, grads_r, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"gradient of {name}")
     for e in unused:  # an expert without tokens: zero gradient, not missing
@@ -133,7 +133,7 @@ def test_dit_moe_naive_equals_torch(monkeypatch):
     for a, b in zip(outs["naive"].routing, outs["torch"].routing, strict=True):
         assert torch.equal(a.tokens_per_expert_E, b.tokens_per_expert_E)
     assert grads["naive"].keys() == grads["torch"].keys()
-    assert any(".experts.gate_proj" in n for n in grads["naive"])
+    assert any(".experts.gate_up_proj" in n for n in grads["naive"])
     for n in grads["torch"]:
         torch.testing.assert_close(grads["naive"][n], grads["torch"][n], rtol=1e-4, atol=1e-6, msg=f"grad {n}")
 

@@ -182,7 +182,7 @@ def test_bf16_autocast_training_runs_and_learns_in_fp32_master_weights(digits, t
     result = train(smoke(digits, tmp_path / "run", steps=3, precision="bf16", log_every=1), progress=False)
     assert len(result.losses) == 3 and all(math.isfinite(v) for v in result.losses)
     state = load_global_state(ckpt_io.newest_valid(tmp_path / "run" / "checkpoints"), "model")
-    assert state["blocks.0.moe.experts.gate_proj"].dtype == torch.float32
+    assert state["blocks.0.moe.experts.gate_up_proj"].dtype == torch.float32
 
 
 def test_wandb_offline_run_logs_utilisation_heatmap(digits, tmp_path, monkeypatch):

@@ -32,23 +32,28 @@ Design (see /work/shared/notes/kernels.md):
   epilogue spilled (255 registers) and one block per SM left it unhidden. The epilogue now works in column
   quarters (128 registers; with TMA and 3 stages two blocks fit per SM): run 4 timed it at 0.54 ms against
   0.64 for dH and the pass, so bf16 fuses.
+  The gate and up weights are one stacked tensor W_gu [E, 2F, D] (gate rows, then up rows; the column order of
+  [dgate | dup]). The gate/up GEMM takes a [BK, 2*BN] tile of both halves per K step into one [BM, 2*BN]
+  accumulator, split in the epilogue: on sm_90 one wgmma 2*BN wide where two accumulators over separate weights
+  issued two BN wide ones, each re-reading the A tile from shared memory (at BN = 64 that needs 128 bytes per
+  clock per SM at full tensor rate: all the shared memory bandwidth there is). Its dX is one GEMM
+  [dgate | dup] @ W_gu[e] over K = 2F, its dW one K-reduction into W_gu's gradient.
   GELU: the dX GEMM of the second weight runs the backward in its own 128x128-tile epilogue (``gmm_epi``).
   The combine is a gather with fp32 accumulation that also yields the routing-weight gradient in backward.
   No atomics anywhere: bitwise deterministic.
 - dW: one program per (expert, O-tile, I-tile) walks the expert's rows in a counted loop of [BR, BO] x [BR, BI]
   row-contiguous tiles (A enters tl.dot through tl.trans), fp32 accumulate, largest experts first; an expert with
-  no rows writes zeros. Bias gradients are fp32 row sums. The gate and up dW are one K-reduction over the
-  [dgate | dup] buffer (O = 2F, the output split in the store) against the permuted x: a single accumulator and
-  no gathered rows, the shape of the down dW that ran at 0.95 of dense (the dual-accumulator kernel over
-  gathered x reached 0.47, run 3).
+  no rows writes zeros. Bias gradients are fp32 row sums. The gate/up dW is one K-reduction over the
+  [dgate | dup] buffer (O = 2F) against the permuted x: a single accumulator and no gathered rows, the shape of
+  the down dW that ran at 0.95 of dense (a dual-accumulator kernel over gathered x reached 0.47, run 3).
 - fp32/bf16/fp16 inputs, fp32 accumulation. fp32 matmuls follow ``torch.backends.cuda.matmul.allow_tf32``.
 - TMA (tile key ``TMA`` of the GEMM kinds; on in bf16 except ``gmm_epi`` and ``dw``, from run 4's sweep): weight
   tiles, and A tiles where A is not gathered, load through host-made tensor descriptors over 2-D views ([E, X, Y]
-  -> [E*X, Y]). A tile that runs past its group reads another group's rows or columns, which only reach outputs
-  that are never stored; the dX weights use TMA only when Kdim is a multiple of BK, where that would reach the
-  accumulator. In dW, where rows are the reduction, only whole chunks of an expert's rows come through descriptors
-  and the last partial chunk through masked pointer loads. Tensors TMA cannot address (strided, misaligned) take
-  the pointer loads.
+  -> [E*X, Y]; W_gu as [E*2, F, D] in 3-D, so a gate/up box stops at row F of each half). A tile that runs past
+  its group reads another group's rows or columns, which only reach outputs that are never stored; the dX
+  weights use TMA only when Kdim is a multiple of BK, where that would reach the accumulator. In dW, where rows
+  are the reduction, only whole chunks of an expert's rows come through descriptors and the last partial chunk
+  through masked pointer loads. Tensors TMA cannot address (strided, misaligned) take the pointer loads.
   ``bench/inspect_kernels.py`` shows the sm_90 code.
 
 Tile configs (``tiles``) are fixed per (kind, dtype, architecture) so results never depend on batch composition;
@@ -65,7 +70,7 @@ import functools
 import torch
 
 from ditmoe_kernels import tiles
-from ditmoe_kernels.reference import RoutingPlan
+from ditmoe_kernels.reference import RoutingPlan, check_gate_up
 from ditmoe_kernels.tiles import check_tiles, load_tiles, tile_overrides
 from ditmoe_kernels.triton_ops import common
 from ditmoe_kernels.triton_ops.dw import _gmm_dw
@@ -185,32 +190,30 @@ class _GroupedMM(torch.autograd.Function):
 @_backward_under_forward_tiles
 class _SwigluExperts(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_TD, weights_TK, w_gate, w_up, w_down, meta):
+    def forward(ctx, x_TD, weights_TK, w_gate_up, w_down, meta):
         a, ctx.gathered = _expert_input(x_TD, meta, "swiglu")
-        h, g, u = _gmm_swiglu(a, w_gate, w_up, meta, gather=ctx.gathered)
+        h, g, u = _gmm_swiglu(a, w_gate_up, meta, gather=ctx.gathered)
         y = _gmm(h, w_down, meta, transpose_w=True)
         ctx.meta = meta
-        ctx.save_for_backward(a, weights_TK, w_gate, w_up, w_down, g, u, y)
+        ctx.save_for_backward(a, weights_TK, w_gate_up, w_down, g, u, y)
         return _gather(y, meta, weights_TK)
 
     @staticmethod
     def backward(ctx, dout_TD):
-        a, w_TK, w_gate, w_up, w_down, g, u, y = ctx.saved_tensors
+        a, w_TK, w_gate_up, w_down, g, u, y = ctx.saved_tensors
         meta = ctx.meta
-        F = g.shape[1]
         dy, dw_TK = _scatter(dout_TD.to(y.dtype), meta, w_TK, y)
         # dH = dy W_down and the SwiGLU backward make [dgate | dup] and re-materialise h = silu(g) * u (not kept
         # from the forward: only g and u are saved), so the down dW is a plain K-reduction dy^T h.
         dgu, h = _dh_swiglu_bwd(dy, w_down, g, u, meta)
-        dw_down = _gmm_dw(dy, h, meta)[0] if ctx.needs_input_grad[4] else None
+        dw_down = _gmm_dw(dy, h, meta)[0] if ctx.needs_input_grad[3] else None
         del h
-        dw_gate = dw_up = dx = None
-        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
-            dw_gate, dw_up = _gmm_dw(dgu, _scatter(a, meta) if ctx.gathered else a, meta, split=F)
-        if ctx.needs_input_grad[0]:
-            dx_RD = _gmm(dgu[:, :F], w_gate, meta, transpose_w=False, a2=dgu[:, F:], w2=w_up)
-            dx = _gather(dx_RD, meta)
-        return dx, dw_TK.to(w_TK.dtype), dw_gate, dw_up, dw_down, None
+        # [dgate | dup] has the column order of W_gu's rows: its dW and dX are single GEMMs over K = 2F
+        dw_gate_up = None
+        if ctx.needs_input_grad[2]:
+            dw_gate_up = _gmm_dw(dgu, _scatter(a, meta) if ctx.gathered else a, meta)[0]
+        dx = _gather(_gmm(dgu, w_gate_up, meta, transpose_w=False), meta) if ctx.needs_input_grad[0] else None
+        return dx, dw_TK.to(w_TK.dtype), dw_gate_up, dw_down, None
 
 
 @_backward_under_forward_tiles
@@ -270,12 +273,14 @@ def grouped_mm(x_RI: torch.Tensor, w_EOI: torch.Tensor, plan: RoutingPlan, bias_
         return _GroupedMM.apply(_cast(x_RI, dt), _cast(w_EOI, dt), _cast(bias_EO, dt), plan_meta(plan))
 
 
-def swiglu_experts(x_TD, weights_TK, plan, gate_EFD, up_EFD, down_EDF) -> torch.Tensor:
-    """Routed SwiGLU experts: ``down(silu(gate(x)) * up(x))`` per expert, combined with the routing weights."""
+def swiglu_experts(x_TD, weights_TK, plan, gate_up_E2FD, down_EDF) -> torch.Tensor:
+    """Routed SwiGLU experts: ``down(silu(gate(x)) * up(x))`` per expert (``gate_up`` [E, 2F, D]: the gate rows,
+    then the up rows), combined with the routing weights."""
+    check_gate_up(gate_up_E2FD, down_EDF)
     dt = _compute_dtype(x_TD)
     with torch.autocast(x_TD.device.type, enabled=False):
         return _SwigluExperts.apply(
-            _cast(x_TD, dt), weights_TK, _cast(gate_EFD, dt), _cast(up_EFD, dt), _cast(down_EDF, dt), plan_meta(plan)
+            _cast(x_TD, dt), weights_TK, _cast(gate_up_E2FD, dt), _cast(down_EDF, dt), plan_meta(plan)
         )
 
 

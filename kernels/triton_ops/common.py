@@ -150,14 +150,15 @@ def persistent_programs(device: torch.device, per_sm: int) -> int:
 
 
 def tma_desc(t: torch.Tensor, block: list[int]) -> TensorDescriptor | None:
-    """A TMA descriptor over ``t`` as one 2-D matrix ([E, X, Y] -> [E*X, Y]) loading ``block`` tiles, or None where
-    TMA cannot address it: rows that do not flatten, a last stride other than 1, a base or row stride not 16-byte
-    aligned, or no elements."""
-    if t.dim() == 3:
+    """A TMA descriptor loading ``block`` tiles from ``t`` with its leading dimensions merged down to
+    ``len(block)`` ([E, X, Y] -> [E*X, Y] for a 2-D block), or None where TMA cannot address it: dimensions that
+    do not merge, a last stride other than 1, a base or other stride not 16-byte aligned, or no elements."""
+    while t.dim() > len(block):
         if t.stride(0) != t.shape[1] * t.stride(1):
             return None
         t = t.flatten(0, 1)
-    if t.numel() == 0 or t.stride(1) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
+    aligned = all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1]) and t.data_ptr() % 16 == 0
+    if t.numel() == 0 or t.stride(-1) != 1 or not aligned:
         return None
     return TensorDescriptor(t, list(t.shape), list(t.stride()), block)
 

@@ -1,5 +1,5 @@
 """Weight gradients of the grouped GEMMs: a deterministic K-reduction over each expert's rows (zeros for an expert
-without rows), largest experts first, with the bias gradient and the gate/up split on request."""
+without rows), largest experts first, with the bias gradient on request."""
 
 from __future__ import annotations
 
@@ -30,10 +30,8 @@ def _gmm_dw_kernel(
     offs_ptr,
     order_ptr,
     dw_ptr,
-    dw2_ptr,
     db_ptr,
     O,
-    O1,
     I,
     s_ar,
     s_ao,
@@ -44,7 +42,6 @@ def _gmm_dw_kernel(
     s_wi,
     s_dbe,
     s_dbo,
-    SPLIT: tl.constexpr,
     HAS_DB: tl.constexpr,
     TMA: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -55,8 +52,7 @@ def _gmm_dw_kernel(
     GROUP_M: tl.constexpr,
 ):
     """dW[e] = A[rows e]^T @ B[rows e] ([O, I]) as a K-reduction over the expert's rows; HAS_DB: db[e] = sum of
-    A's rows. SPLIT: result rows o >= O1 go to row o - O1 of dW2 (same strides), the rest to dW. Empty experts
-    write zeros.
+    A's rows. Empty experts write zeros.
 
     The loop is a plain counted loop over [BR, BO] / [BR, BI] tiles whose pointers advance by BR rows: every
     load is row-contiguous (coalesced, 16-byte vectors) and feeds tl.dot directly (A through tl.trans), so the
@@ -98,16 +94,8 @@ def _gmm_dw_kernel(
             acc, dbacc = _dw_chunk(acc, dbacc, a, b, HAS_DB, UPCAST, PREC)
             a_ptrs += BR * s_ar
             b_ptrs += BR * s_br
-    wmask = om[:, None] & im[None, :]
-    dw = to_dtype(acc, dw_ptr.dtype.element_ty)
-    if SPLIT:
-        first = offs_o < O1
-        o_local = tl.where(first, offs_o, offs_o - O1)
-        w_off = e * s_we + o_local[:, None] * s_wo + offs_i[None, :] * s_wi
-        tl.store(dw_ptr + w_off, dw, mask=wmask & first[:, None])
-        tl.store(dw2_ptr + w_off, dw, mask=wmask & ~first[:, None])
-    else:
-        tl.store(dw_ptr + e * s_we + offs_o[:, None] * s_wo + offs_i[None, :] * s_wi, dw, mask=wmask)
+    w_off = e * s_we + offs_o[:, None] * s_wo + offs_i[None, :] * s_wi
+    tl.store(dw_ptr + w_off, to_dtype(acc, dw_ptr.dtype.element_ty), mask=om[:, None] & im[None, :])
     if HAS_DB:
         tl.store(
             db_ptr + e * s_dbe + offs_o * s_dbo,
@@ -116,17 +104,12 @@ def _gmm_dw_kernel(
         )
 
 
-def _gmm_dw(a, b, meta: Meta, *, split: int | None = None, with_db: bool = False, dtype=None) -> list:
-    """dW[e] = A[rows e]^T @ B[rows e] for every expert: [E, O, I] (+ db [E, O]). ``split`` = O / 2: the two
-    halves of the result's rows come back as two tensors (the gate and up dW from one K-reduction over [dg | du])."""
+def _gmm_dw(a, b, meta: Meta, *, with_db: bool = False, dtype=None) -> list:
+    """dW[e] = A[rows e]^T @ B[rows e] for every expert: [dW [E, O, I]] (+ db [E, O] with_db)."""
     E = meta.E
     O, I = a.shape[1], b.shape[1]
-    if split is not None and 2 * split != O:
-        raise ValueError(f"split={split} must be half of the {O} columns of A")
-    O1 = O if split is None else split
     dtype = dtype or a.dtype
-    dw = torch.empty(E, O1, I, dtype=dtype, device=a.device)
-    dw2 = torch.empty(E, O - O1, I, dtype=dtype, device=a.device) if split is not None else dw
+    dw = torch.empty(E, O, I, dtype=dtype, device=a.device)
     db = torch.empty(E, O, dtype=dtype, device=a.device) if with_db else dw
     if E > 0 and O > 0 and I > 0:
         cfg = common.config("dw", a.dtype)
@@ -141,10 +124,8 @@ def _gmm_dw(a, b, meta: Meta, *, split: int | None = None, with_db: bool = False
             meta.offsets,
             meta.order(),
             dw,
-            dw2,
             db,
             O,
-            O1,
             I,
             a.stride(0),
             a.stride(1),
@@ -155,7 +136,6 @@ def _gmm_dw(a, b, meta: Meta, *, split: int | None = None, with_db: bool = False
             dw.stride(2),
             db.stride(0) if with_db else 0,
             db.stride(1) if with_db else 0,
-            split is not None,
             with_db,
             descs is not None,
             upcast,
@@ -167,11 +147,6 @@ def _gmm_dw(a, b, meta: Meta, *, split: int | None = None, with_db: bool = False
             **common.launch_opts(cfg),
         )
     else:
-        for t in (dw, dw2, db):
+        for t in (dw, db):
             t.zero_()
-    out = [dw]
-    if split is not None:
-        out.append(dw2)
-    if with_db:
-        out.append(db)
-    return out
+    return [dw, db] if with_db else [dw]

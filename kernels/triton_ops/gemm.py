@@ -1,5 +1,5 @@
-"""Grouped GEMMs over expert row groups, forward (C = A W[e]^T) and dX (C = A W[e]), one or two terms, with their
-epilogues: bias, GELU forward, GELU backward and the SwiGLU backward (on dH)."""
+"""Grouped GEMMs over expert row groups, forward (C = A W[e]^T) and dX (C = A W[e]), with their epilogues: bias,
+GELU forward, GELU backward and the SwiGLU backward (on dH)."""
 
 from __future__ import annotations
 
@@ -76,12 +76,8 @@ def _gmm_kernel(
     a_ptr,
     tok_ptr,
     b_ptr,
-    a2_ptr,
-    b2_ptr,
     a_desc,
     b_desc,
-    a2_desc,
-    b2_desc,
     bias_ptr,
     tab_ptr,
     c_ptr,
@@ -95,14 +91,9 @@ def _gmm_kernel(
     NUM_E,
     s_ar,
     s_ak,
-    s_a2r,
-    s_a2k,
     s_be,
     s_bk,
     s_bn,
-    s_b2e,
-    s_b2k,
-    s_b2n,
     s_biase,
     s_biasn,
     s_cr,
@@ -110,7 +101,6 @@ def _gmm_kernel(
     s_x0r,
     s_x0n,
     GATHER: tl.constexpr,
-    TWO_TERMS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     EPI: tl.constexpr,
     PERSIST: tl.constexpr,
@@ -126,7 +116,7 @@ def _gmm_kernel(
     GROUP_M: tl.constexpr,
     PRE: tl.constexpr,
 ):
-    """C[rows of group e] = A[rows] @ B[e] (+ A2[rows] @ B2[e]) (+ bias[e]) with an epilogue.
+    """C[rows of group e] = A[rows] @ B[e] (+ bias[e]) with an epilogue.
 
     B[e] is addressed as a [Kdim, N] matrix through strides, so the forward (B = W[e]^T) and dX (B = W[e]) share
     this kernel. GATHER: A row r is token ``tok[r]`` of A (A is x itself, never permuted). C and C2 share strides.
@@ -148,12 +138,8 @@ def _gmm_kernel(
             a_ptr,
             tok_ptr,
             b_ptr,
-            a2_ptr,
-            b2_ptr,
             a_desc,
             b_desc,
-            a2_desc,
-            b2_desc,
             bias_ptr,
             tab_ptr,
             c_ptr,
@@ -167,14 +153,9 @@ def _gmm_kernel(
             NUM_E,
             s_ar,
             s_ak,
-            s_a2r,
-            s_a2k,
             s_be,
             s_bk,
             s_bn,
-            s_b2e,
-            s_b2k,
-            s_b2n,
             s_biase,
             s_biasn,
             s_cr,
@@ -182,7 +163,6 @@ def _gmm_kernel(
             s_x0r,
             s_x0n,
             GATHER,
-            TWO_TERMS,
             HAS_BIAS,
             EPI,
             TMA_A,
@@ -207,12 +187,8 @@ def _gmm_tile(
     a_ptr,
     tok_ptr,
     b_ptr,
-    a2_ptr,
-    b2_ptr,
     a_desc,
     b_desc,
-    a2_desc,
-    b2_desc,
     bias_ptr,
     tab_ptr,
     c_ptr,
@@ -226,14 +202,9 @@ def _gmm_tile(
     NUM_E,
     s_ar,
     s_ak,
-    s_a2r,
-    s_a2k,
     s_be,
     s_bk,
     s_bn,
-    s_b2e,
-    s_b2k,
-    s_b2n,
     s_biase,
     s_biasn,
     s_cr,
@@ -241,7 +212,6 @@ def _gmm_tile(
     s_x0r,
     s_x0n,
     GATHER: tl.constexpr,
-    TWO_TERMS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     EPI: tl.constexpr,
     TMA_A: tl.constexpr,
@@ -305,33 +275,6 @@ def _gmm_tile(
         EVEN_K,
         BK,
     )
-    if TWO_TERMS:
-        acc = _mainloop(
-            acc,
-            a2_ptr,
-            a2_desc,
-            rows,
-            rs,
-            s_a2r,
-            s_a2k,
-            b2_ptr + e64 * s_b2e,
-            b2_desc,
-            b_row0,
-            n0,
-            s_b2k,
-            s_b2n,
-            offs_n,
-            nmask,
-            rmask,
-            k_len,
-            TMA_A,
-            TMA_B,
-            B_T,
-            UPCAST,
-            PREC,
-            EVEN_K,
-            BK,
-        )
     if PERSIST:
         acc = tl.where(live, acc, 0.0)
     if HAS_BIAS:  # not on dropped rows
@@ -509,8 +452,6 @@ def _gmm(
     gather: bool = False,
     bias=None,
     epi: int = EPI_NONE,
-    a2=None,
-    w2=None,
     x0=None,
     x1=None,
     out_dtype=None,
@@ -526,11 +467,9 @@ def _gmm(
     if transpose_w:
         N, Kdim = w.shape[1], w.shape[2]
         s_bk, s_bn = w.stride(2), w.stride(1)
-        s_b2k, s_b2n = (common.stride_or_zero(w2, 2), common.stride_or_zero(w2, 1))
     else:
         Kdim, N = w.shape[1], w.shape[2]
         s_bk, s_bn = w.stride(1), w.stride(2)
-        s_b2k, s_b2n = (common.stride_or_zero(w2, 1), common.stride_or_zero(w2, 2))
     dtype = out_dtype or a.dtype
     R = meta.R
     c3 = None
@@ -550,14 +489,11 @@ def _gmm(
     tab, nmb = meta.table(BM)
     upcast, prec = common.prec(a.dtype)
     dummy = c
-    b_descs = a_descs = None
+    b_desc = a_desc = None
     if cfg.get("TMA") and (transpose_w or Kdim % BK == 0):  # dX tiles must not run into the next expert's rows
-        b_block = [BN, BK] if transpose_w else [BK, BN]
-        b_descs = common.tma_descs([(t, b_block) for t in (w, w2) if t is not None])
+        b_desc = common.tma_desc(w, [BN, BK] if transpose_w else [BK, BN])
     if cfg.get("TMA") and not gather:
-        a_descs = common.tma_descs([(t, [BM, BK]) for t in (a, a2) if t is not None])
-    a_desc, a2_desc = (a_descs + [a])[:2] if a_descs else (a, a)  # tensors stand in where unused
-    b_desc, b2_desc = (b_descs + [w])[:2] if b_descs else (w, w)
+        a_desc = common.tma_desc(a, [BM, BK])
     n_tiles = nmb * common.cdiv(N, BN)
     persist = bool(cfg.get("PERSIST"))
     grid = (min(n_tiles, common.persistent_programs(a.device, cfg["PERSIST"])) if persist else n_tiles,)
@@ -565,12 +501,8 @@ def _gmm(
         a,
         meta.tok() if gather else dummy,
         w,
-        a2 if a2 is not None else dummy,
-        w2 if w2 is not None else dummy,
-        a_desc,
-        b_desc,
-        a2_desc,
-        b2_desc,
+        a if a_desc is None else a_desc,  # tensors stand in where unused
+        w if b_desc is None else b_desc,
         bias if bias is not None else dummy,
         tab,
         c,
@@ -584,14 +516,9 @@ def _gmm(
         E,
         a.stride(0),
         a.stride(1),
-        common.stride_or_zero(a2, 0),
-        common.stride_or_zero(a2, 1),
         w.stride(0),
         s_bk,
         s_bn,
-        common.stride_or_zero(w2, 0),
-        s_b2k,
-        s_b2n,
         common.stride_or_zero(bias, 0),
         common.stride_or_zero(bias, 1),
         c.stride(0),
@@ -599,12 +526,11 @@ def _gmm(
         common.stride_or_zero(x0, 0),
         common.stride_or_zero(x0, 1),
         gather,
-        a2 is not None,
         bias is not None,
         epi,
         persist,
-        a_descs is not None,
-        b_descs is not None,
+        a_desc is not None,
+        b_desc is not None,
         transpose_w,
         upcast,
         prec,

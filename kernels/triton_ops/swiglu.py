@@ -1,5 +1,6 @@
-"""SwiGLU experts' own kernels: the gate/up GEMM (two accumulators over one pass of A, h = silu(g) * u in its
-epilogue, g and u stored for the backward) and the elementwise SwiGLU backward that follows a plain dH GEMM."""
+"""SwiGLU experts' own kernels: the gate/up GEMM (one accumulator over the gate and up rows of the stacked weight,
+h = silu(g) * u in its epilogue, g and u stored for the backward) and the elementwise SwiGLU backward that follows
+a plain dH GEMM."""
 
 from __future__ import annotations
 
@@ -17,11 +18,9 @@ from ditmoe_kernels.triton_ops.routing import Meta
 def _gmm_swiglu_kernel(
     a_ptr,
     tok_ptr,
-    bg_ptr,
-    bu_ptr,
+    w_ptr,
     a_desc,
-    bg_desc,
-    bu_desc,
+    w_desc,
     tab_ptr,
     h_ptr,
     g_ptr,
@@ -32,12 +31,9 @@ def _gmm_swiglu_kernel(
     NUM_E,
     s_ar,
     s_ak,
-    s_bge,
-    s_bgk,
-    s_bgn,
-    s_bue,
-    s_buk,
-    s_bun,
+    s_we,
+    s_wn,
+    s_wk,
     s_r,
     s_n,
     GATHER: tl.constexpr,
@@ -52,12 +48,15 @@ def _gmm_swiglu_kernel(
     BK: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """G = A Wg^T, U = A Wu^T in one pass over A (GATHER: x read through the permutation, else the permuted copy);
-    H = silu(G) * U. G and U are stored (rounded to the output dtype) for backward; H is computed from the rounded
-    values so the backward can recompute it bit for bit. TMA_A: A tiles through a descriptor over the permuted copy
-    from the block's first row (as in ``gemm._mainloop``); TMA_B: weight tiles through descriptors over W as
-    [E*N, Kdim]. PERSIST: programs loop over the used tiles, as in ``gemm._gmm_kernel``, so one tile's stores of
-    H, G and U overlap the next tile's loads."""
+    """[G | U] = A W_gu[e]^T for output columns n0..n0+BN of both halves of W_gu ([E, 2N, Kdim]: gate rows, then
+    up rows) in one accumulator [BM, 2*BN]: each K step is one [BM, BK] x [BK, 2*BN] product, so on sm_90 one
+    wgmma of width 2*BN (two products of width BN re-read A from shared memory for each and need its bandwidth at
+    full rate). H = silu(G) * U. G and U are stored (rounded to the output dtype) for backward; H is computed from
+    the rounded values so the backward can recompute it bit for bit. GATHER: x read through the permutation, else
+    the permuted copy. TMA_A: A tiles through a descriptor over the permuted copy from the block's first row (as
+    in ``gemm._mainloop``); TMA_B: the weight tile through one 3-D descriptor over W_gu as [E*2, N, Kdim], a
+    [2, BN, BK] box (gate and up rows; rows past N read as zeros). PERSIST: programs loop over the used tiles, as
+    in ``gemm._gmm_kernel``, so one tile's stores of H, G and U overlap the next tile's loads."""
     num_m = tl.load(tab_ptr + 3 * NMB) if PERSIST else NMB
     stop = num_m * tl.cdiv(N, BN) if PERSIST else tl.program_id(0) + 1
     for tile in tl.range(tl.program_id(0), stop, tl.num_programs(0) if PERSIST else 1, flatten=PERSIST):
@@ -68,14 +67,14 @@ def _gmm_swiglu_kernel(
         e = tl.where(live, e, 0)
         cmask = rmask[:, None] & nmask[None, :]
         o = rows[:, None] * s_r + offs_n[None, :] * s_n
-        e64 = e.to(tl.int64)
         offs_k = tl.arange(0, BK)
+        # column j of the [BK, 2*BN] weight tile: gate row n0 + j for j < BN, up row N + n0 + j - BN after
+        offs_j = tl.arange(0, 2 * BN)
+        col = n0 + offs_j % BN
+        jmask = col < N
         a_ptrs = a_ptr + rows_read(tok_ptr, rows, rmask, GATHER)[:, None] * s_ar + offs_k[None, :] * s_ak
-        bg_ptrs = bg_ptr + e64 * s_bge + offs_k[:, None] * s_bgk + offs_n[None, :] * s_bgn
-        bu_ptrs = bu_ptr + e64 * s_bue + offs_k[:, None] * s_buk + offs_n[None, :] * s_bun
-        acc_g = tl.zeros([BM, BN], tl.float32)
-        acc_u = tl.zeros([BM, BN], tl.float32)
-        b_row = e * N + n0
+        w_ptrs = w_ptr + e.to(tl.int64) * s_we + (col + (offs_j // BN) * N)[None, :] * s_wn + offs_k[:, None] * s_wk
+        acc = tl.zeros([BM, 2 * BN], tl.float32)
         for k0 in range(0, k_len, BK):
             km = offs_k < Kdim - k0
             if TMA_A:
@@ -85,22 +84,17 @@ def _gmm_swiglu_kernel(
             else:
                 a = tl.load(a_ptrs, mask=rmask[:, None] & km[None, :], other=0.0)
             if TMA_B:
-                bg = tl.trans(bg_desc.load([b_row, k0]))
-                bu = tl.trans(bu_desc.load([b_row, k0]))
+                w = tl.trans(tl.reshape(w_desc.load([2 * e, n0, k0]), (2 * BN, BK)))
             elif EVEN_K:
-                bg = tl.load(bg_ptrs, mask=nmask[None, :], other=0.0)
-                bu = tl.load(bu_ptrs, mask=nmask[None, :], other=0.0)
+                w = tl.load(w_ptrs, mask=jmask[None, :], other=0.0)
             else:
-                bg = tl.load(bg_ptrs, mask=km[:, None] & nmask[None, :], other=0.0)
-                bu = tl.load(bu_ptrs, mask=km[:, None] & nmask[None, :], other=0.0)
-            acc_g = mma(a, bg, acc_g, UPCAST, PREC)
-            acc_u = mma(a, bu, acc_u, UPCAST, PREC)
+                w = tl.load(w_ptrs, mask=km[:, None] & jmask[None, :], other=0.0)
+            acc = mma(a, w, acc, UPCAST, PREC)
             a_ptrs += BK * s_ak
-            bg_ptrs += BK * s_bgk
-            bu_ptrs += BK * s_buk
+            w_ptrs += BK * s_wk
         if PERSIST:  # the dropped rows' products are discarded
-            acc_g = tl.where(live, acc_g, 0.0)
-            acc_u = tl.where(live, acc_u, 0.0)
+            acc = tl.where(live, acc, 0.0)
+        acc_g, acc_u = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN)), (0, 2, 1)))
         g = to_dtype(acc_g, h_ptr.dtype.element_ty)
         u = to_dtype(acc_u, h_ptr.dtype.element_ty)
         tl.store(g_ptr + o, g, mask=cmask)
@@ -142,10 +136,12 @@ def _swiglu_bwd(dh, g, u):
     return dgu, h
 
 
-def _gmm_swiglu(a, w_gate, w_up, meta: Meta, *, gather: bool):
-    """h, g, u [R, F] with g/u = A @ W^T per expert and h = silu(g) * u. gather: A is x [T, D], row r reads token
-    ``sorted_flat[r] // K``; else A is the permuted copy [R, D]."""
-    E, N, Kdim = w_gate.shape
+def _gmm_swiglu(a, w_gate_up, meta: Meta, *, gather: bool):
+    """h, g, u [R, F] with [g | u] = A @ W_gu[e]^T per expert (W_gu [E, 2F, D]: gate rows, then up rows) and
+    h = silu(g) * u. gather: A is x [T, D], row r reads token ``sorted_flat[r] // K``; else A is the permuted copy
+    [R, D]."""
+    E, N2, Kdim = w_gate_up.shape
+    N = N2 // 2
     R = meta.R
     h = torch.empty(R, N, dtype=a.dtype, device=a.device)
     g, u = torch.empty_like(h), torch.empty_like(h)
@@ -155,7 +151,7 @@ def _gmm_swiglu(a, w_gate, w_up, meta: Meta, *, gather: bool):
     BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
     tab, nmb = meta.table(BM)
     upcast, prec = common.prec(a.dtype)
-    b_descs = common.tma_descs([(w_gate, [BN, BK]), (w_up, [BN, BK])]) if cfg.get("TMA") else None
+    w_descs = common.tma_descs([(w_gate_up.unflatten(1, (2, N)), [2, BN, BK])]) if cfg.get("TMA") else None
     a_descs = common.tma_descs([(a, [BM, BK])]) if cfg.get("TMA") and not gather else None
     n_tiles = nmb * common.cdiv(N, BN)
     persist = bool(cfg.get("PERSIST"))
@@ -163,10 +159,9 @@ def _gmm_swiglu(a, w_gate, w_up, meta: Meta, *, gather: bool):
     _gmm_swiglu_kernel[grid](
         a,
         meta.tok() if gather else h,
-        w_gate,
-        w_up,
+        w_gate_up,
         *(a_descs or [a]),
-        *(b_descs or [w_gate, w_up]),
+        *(w_descs or [w_gate_up]),
         tab,
         h,
         g,
@@ -177,18 +172,15 @@ def _gmm_swiglu(a, w_gate, w_up, meta: Meta, *, gather: bool):
         E,
         a.stride(0),
         a.stride(1),
-        w_gate.stride(0),
-        w_gate.stride(2),
-        w_gate.stride(1),
-        w_up.stride(0),
-        w_up.stride(2),
-        w_up.stride(1),
+        w_gate_up.stride(0),
+        w_gate_up.stride(1),
+        w_gate_up.stride(2),
         h.stride(0),
         h.stride(1),
         gather,
         persist,
         a_descs is not None,
-        b_descs is not None,
+        w_descs is not None,
         upcast,
         prec,
         Kdim % BK == 0,

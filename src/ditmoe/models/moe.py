@@ -63,7 +63,9 @@ class SwiGLU(nn.Module):
 class StackedExperts(nn.Module):
     """E routed experts as stacked weights, nn.Linear layout ``[E, out, in]``.
 
-    SwiGLU: gate_proj/up_proj [E, F, D], down_proj [E, D, F] (no biases, as the official code).
+    SwiGLU: gate_up_proj [E, 2F, D] (each expert's gate rows, then its up rows: the official per-expert
+    ``gate_proj`` and ``up_proj`` stacked, so one GEMM computes both), down_proj [E, D, F]; no biases, as the
+    official code.
     GELU (DiT's MLP, for upcycling): fc1 [E, F, D] + fc1_bias [E, F], fc2 [E, D, F] + fc2_bias [E, D].
     Every parameter is tagged ``is_expert = True`` so parallel code can shard and reduce it separately.
     Under expert parallelism the module holds only ``local_experts`` (global ids, a range of ``num_experts``): row i
@@ -79,8 +81,7 @@ class StackedExperts(nn.Module):
         self.global_expert_ids = range(num_experts) if local_experts is None else local_experts
         E, D, Fi = len(self.global_expert_ids), hidden_size, intermediate_size
         if act == "swiglu":
-            self.gate_proj = nn.Parameter(torch.empty(E, Fi, D))
-            self.up_proj = nn.Parameter(torch.empty(E, Fi, D))
+            self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * Fi, D))
             self.down_proj = nn.Parameter(torch.empty(E, D, Fi))
         else:
             self.fc1 = nn.Parameter(torch.empty(E, Fi, D))
@@ -104,7 +105,7 @@ class StackedExperts(nn.Module):
             if name.endswith("bias"):
                 nn.init.zeros_(p)
                 continue
-            fan_out, fan_in = p.shape[1], p.shape[2]
+            fan_out, fan_in = p.shape[1] // (2 if name == "gate_up_proj" else 1), p.shape[2]  # per nn.Linear
             bound = math.sqrt(6.0 / (fan_in + fan_out))
             if len(ids) == self.num_global_experts:
                 nn.init.uniform_(p, -bound, bound)
@@ -115,7 +116,7 @@ class StackedExperts(nn.Module):
 
     def forward(self, ops, x_TD: torch.Tensor, weights_TK: torch.Tensor, plan) -> torch.Tensor:
         if self.act == "swiglu":
-            return ops.swiglu_experts(x_TD, weights_TK, plan, self.gate_proj, self.up_proj, self.down_proj)
+            return ops.swiglu_experts(x_TD, weights_TK, plan, self.gate_up_proj, self.down_proj)
         return ops.gelu_experts(x_TD, weights_TK, plan, self.fc1, self.fc1_bias, self.fc2, self.fc2_bias)
 
 

@@ -1,7 +1,8 @@
 """Load checkpoints of the official DiT-MoE code (github.com/feizc/DiT-MoE) into ``DiTMoE``.
 
 The official layout keeps one module per expert (``moe.experts.{j}.gate_proj.weight`` [F, D]); ours stacks them
-(``moe.experts.gate_proj`` [E, F, D]). The XL/G flash-attention block names ``Wqkv``/``out_proj`` where the S/B
+(``moe.experts.down_proj`` [E, D, F]), gate and up into one tensor (``moe.experts.gate_up_proj`` [E, 2F, D]: each
+expert's gate rows, then its up rows). The XL/G flash-attention block names ``Wqkv``/``out_proj`` where the S/B
 block names ``qkv``/``proj``.
 """
 
@@ -25,7 +26,8 @@ _RENAMES = [
 
 
 def convert_official_state_dict(official: dict[str, torch.Tensor], num_experts: int) -> dict[str, torch.Tensor]:
-    """Official key layout -> ours: rename, and stack each layer's per-expert weights into [E, ...]."""
+    """Official key layout -> ours: rename, stack each layer's per-expert weights into [E, ...] and join the gate
+    and up weights."""
     ours: dict[str, torch.Tensor] = {}
     experts: dict[tuple[int, str], dict[int, torch.Tensor]] = {}
     for key, value in official.items():
@@ -41,6 +43,10 @@ def convert_official_state_dict(official: dict[str, torch.Tensor], num_experts: 
         if sorted(by_id) != list(range(num_experts)):
             raise KeyError(f"block {block} {proj}: expected experts 0..{num_experts - 1}, found {sorted(by_id)}")
         ours[f"blocks.{block}.moe.experts.{proj}"] = torch.stack([by_id[j] for j in range(num_experts)])
+    for block, _ in sorted(k for k in experts if k[1] == "gate_proj"):
+        prefix = f"blocks.{block}.moe.experts."
+        if f"{prefix}up_proj" in ours:
+            ours[f"{prefix}gate_up_proj"] = torch.cat([ours.pop(f"{prefix}gate_proj"), ours.pop(f"{prefix}up_proj")], 1)
     return ours
 
 
