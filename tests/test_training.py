@@ -1,5 +1,6 @@
 """Training loop: resume equals an uninterrupted run, atomic checkpoints, clear errors."""
 
+import hashlib
 import itertools
 import json
 import math
@@ -183,6 +184,36 @@ def test_bf16_autocast_training_runs_and_learns_in_fp32_master_weights(digits, t
     assert len(result.losses) == 3 and all(math.isfinite(v) for v in result.losses)
     state = load_global_state(ckpt_io.newest_valid(tmp_path / "run" / "checkpoints"), "model")
     assert state["blocks.0.moe.experts.gate_up_proj"].dtype == torch.float32
+
+
+def test_checkpoint_with_separate_gate_and_up_experts_loads(digits, tmp_path):
+    """Checkpoints written before routed experts kept their gate and up weights in one tensor hold ``gate_proj`` and
+    ``up_proj`` rows; their model and EMA weights still load (sampling, export, ``--init-from``)."""
+    train(smoke(digits, tmp_path / "run", steps=2), progress=False)
+    ckpt = ckpt_io.newest_valid(tmp_path / "run" / "checkpoints")
+    want = {kind: load_global_state(ckpt, kind) for kind in ("model", "ema")}
+    for f in ckpt.glob("*-experts-*.pt"):  # rewrite the expert files in the earlier layout
+        rows = torch.load(f)
+        for key in [k for k in rows if k.endswith(".gate_up_proj")]:
+            base = key.removesuffix("gate_up_proj")
+            halves = {gid: w.chunk(2) for gid, w in rows.pop(key).items()}
+            rows[f"{base}gate_proj"] = {gid: g.clone() for gid, (g, _) in halves.items()}
+            rows[f"{base}up_proj"] = {gid: u.clone() for gid, (_, u) in halves.items()}
+        assert "blocks.0.moe.experts.gate_proj" in rows
+        torch.save(rows, f)
+    for kind in ("model", "ema"):
+        got = load_global_state(ckpt, kind)
+        assert got.keys() == want[kind].keys()
+        assert all(torch.equal(got[k], want[kind][k]) for k in got), kind
+    # its optimizer state had one more tensor per MoE layer: resuming says how to go on
+    opt = torch.load(ckpt / "optimizer-rank0.pt")
+    opt["param_groups"][0]["params"].append(max(opt["param_groups"][0]["params"]) + 1)
+    torch.save(opt, ckpt / "optimizer-rank0.pt")
+    marker = json.loads((ckpt / ckpt_io.MARKER).read_text())  # committed as written
+    marker["sha256"] = {name: hashlib.sha256((ckpt / name).read_bytes()).hexdigest() for name in marker["sha256"]}
+    (ckpt / ckpt_io.MARKER).write_text(json.dumps(marker))
+    with pytest.raises(ConfigError, match=f"--init-from {ckpt}"):
+        train(smoke(digits, tmp_path / "run", steps=3, resume=True), progress=False)
 
 
 def test_wandb_offline_run_logs_utilisation_heatmap(digits, tmp_path, monkeypatch):

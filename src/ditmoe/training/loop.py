@@ -182,7 +182,13 @@ def train(
         DeepSpeedStepper(model, cfg, deepspeed_config(cfg, ctx), ctx.group_name) if use_ds else TorchStepper(model, cfg)
     )
     if found is not None:
-        stepper.load_state_dict(ckpt_io.load_file(found, f"optimizer-rank{ctx.rank}", trusted=True))
+        try:
+            stepper.load_state_dict(ckpt_io.load_file(found, f"optimizer-rank{ctx.rank}", trusted=True))
+        except ValueError as e:  # e.g. saved before the experts' gate and up weights became one tensor
+            raise ConfigError(
+                f"the optimizer state in {found} does not fit this model ({e}); its weights still load: start a "
+                f"new run with --init-from {found}"
+            ) from e
         state = ckpt_io.load_file(found, f"trainer-rank{ctx.rank}")
         step, data_state, wandb_id = state["step"], state["data"], state.get("wandb_id")
         skipped_total = state.get("skipped_steps", 0)

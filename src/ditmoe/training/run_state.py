@@ -23,6 +23,7 @@ from ditmoe.parallel.distributed import DistContext
 from ditmoe.parallel.expert_state import (
     ExpertRows,
     expert_slices,
+    join_gate_up,
     merge_expert_rows,
     split_expert_rows,
     stack_expert_rows,
@@ -55,7 +56,7 @@ def load_rows(ckpt: Path, kind: str, only: Path | None = None) -> ExpertRows:
     files = [only] if only is not None else expert_files(ckpt, kind)
     if not files:
         raise ckpt_io.CheckpointError(f"checkpoint {ckpt} holds no {kind} expert files")
-    return merge_expert_rows([ckpt_io.load_file(ckpt, f.stem) for f in files])
+    return join_gate_up(merge_expert_rows([ckpt_io.load_file(ckpt, f.stem) for f in files]))
 
 
 def load_state(
