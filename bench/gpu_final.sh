@@ -13,7 +13,7 @@ NAME=gpu_final
 source "$(dirname "$0")/gpu_common.sh"
 
 run_test_shards 75 \
-    "medium_cuda or bitwise or no_host_sync or swiglu_bwd_pass or dw_split or dw_tma or backward_uses" \
+    "medium_cuda or bitwise or no_host_sync or swiglu_bwd_pass or dw_tma or backward_uses" \
     "low_precision or ((grouped_mm or permute) and not property and not same_bits)" \
     "experts_fp32 and swiglu" \
     "autocast or dit_moe or (experts_fp32 and gelu)" \
