@@ -105,7 +105,7 @@ def _gmm_dw_kernel(
 
 
 def _gmm_dw(a, b, meta: Meta, *, with_db: bool = False, dtype=None) -> list:
-    """dW[e] = A[rows e]^T @ B[rows e] for every expert: [dW [E, O, I]] (+ db [E, O] with_db)."""
+    """dW[e] = A[rows e]^T @ B[rows e] for every expert: [dW] ([E, O, I]), or with_db [dW, db] (db [E, O])."""
     E = meta.E
     O, I = a.shape[1], b.shape[1]
     dtype = dtype or a.dtype

@@ -81,8 +81,9 @@ def join_gate_up(rows: ExpertRows) -> ExpertRows:
     """Rows saved before routed experts kept gate and up in one tensor: each ``X.gate_proj`` and ``X.up_proj``
     pair ([F, D] per expert) becomes ``X.gate_up_proj`` ([2F, D]); other keys pass through."""
     out = dict(rows)
-    for key in [k for k in rows if k.endswith(".gate_proj") and f"{k[: -len('gate_proj')]}up_proj" in rows]:
+    for key in [k for k in rows if k.endswith(".gate_proj")]:
         base = key.removesuffix("gate_proj")
-        gate, up = out.pop(key), out.pop(f"{base}up_proj")
-        out[f"{base}gate_up_proj"] = {gid: torch.cat([g, up[gid]]) for gid, g in gate.items()}
+        if f"{base}up_proj" in out:
+            gate, up = out.pop(key), out.pop(f"{base}up_proj")
+            out[f"{base}gate_up_proj"] = {gid: torch.cat([g, up[gid]]) for gid, g in gate.items()}
     return out
