@@ -406,7 +406,7 @@ def test_experts_tma(case, act, monkeypatch):
         if case == 0:
             check_experts(*TMA_CASES[case], act, torch.bfloat16)
     assert made and all(d is not None for d in made)
-    assert len(made) >= (8 if case == 1 else 10)  # but in case 1 also the dX weights (Kdim a multiple of BK)
+    assert len(made) >= (8 if case == 1 else 10)  # cases 0 and 2 also the dX weights (widths multiples of BK)
     if act == "swiglu":  # the gate/up weight as [E*2, F, D], a box of gate and up rows
         assert any(len(d.block_shape) == 3 for d in made)
 

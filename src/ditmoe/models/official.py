@@ -15,6 +15,7 @@ import torch
 
 from ditmoe.config import ModelConfig
 from ditmoe.models.dit import DiTMoE
+from ditmoe.parallel.expert_state import join_gate_up, stack_expert_rows
 
 _EXPERT = re.compile(r"^blocks\.(\d+)\.moe\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _RENAMES = [
@@ -39,15 +40,12 @@ def convert_official_state_dict(official: dict[str, torch.Tensor], num_experts: 
         for pattern, repl in _RENAMES:
             key = pattern.sub(repl, key)
         ours[key] = value
+    rows = {}
     for (block, proj), by_id in experts.items():
         if sorted(by_id) != list(range(num_experts)):
             raise KeyError(f"block {block} {proj}: expected experts 0..{num_experts - 1}, found {sorted(by_id)}")
-        ours[f"blocks.{block}.moe.experts.{proj}"] = torch.stack([by_id[j] for j in range(num_experts)])
-    for block, _ in sorted(k for k in experts if k[1] == "gate_proj"):
-        prefix = f"blocks.{block}.moe.experts."
-        if f"{prefix}up_proj" in ours:
-            ours[f"{prefix}gate_up_proj"] = torch.cat([ours.pop(f"{prefix}gate_proj"), ours.pop(f"{prefix}up_proj")], 1)
-    return ours
+        rows[f"blocks.{block}.moe.experts.{proj}"] = by_id
+    return {**ours, **stack_expert_rows(join_gate_up(rows))}  # as our own checkpoints' expert rows load
 
 
 def load_official(path: Path | str, cfg: ModelConfig, *, prefer: str = "ema") -> DiTMoE:
