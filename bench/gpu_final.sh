@@ -17,7 +17,7 @@ run_test_shards 75 \
     "low_precision or ((grouped_mm or permute) and not property and not same_bits)" \
     "experts_fp32 and swiglu" \
     "autocast or dit_moe or (experts_fp32 and gelu)" \
-    "experts_tma or tma_falls_back" \
+    "experts_tma or tma_falls_back or tma_stores" \
     "same_bits and pointer" \
     "(same_bits and not pointer) or fused_swiglu" \
     "reads_nothing_back"

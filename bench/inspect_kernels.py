@@ -10,7 +10,7 @@ The layer's forward and backward run once with every kernel launch intercepted (
 compiled ahead of time for sm_90 with the argument specialisation the JIT applies on a GPU (Triton's own
 specialisation function: 16-byte divisible pointers and integers, integers equal to 1 as constants). Per kernel it
 reports what decides its speed before any timing: registers per thread and spilled bytes (from ptxas), shared
-memory, resident blocks per SM, wgmma instructions, asynchronous copies (cp.async and TMA loads in the PTX),
+memory, resident blocks per SM, wgmma instructions, asynchronous copies (cp.async, TMA loads and stores in the PTX),
 whether the main loop is software-pipelined, and 16-byte vector loads. A static check between GPU sessions; it
 times nothing. The installed Triton compiles (GPU hosts may run another version).
 """
@@ -198,7 +198,8 @@ def inspect(fn, a, kw, dump_name):
         "wgmma": ptx.count("wgmma.mma_async"),
         "mma": ptx.count("mma.sync"),
         "cp_async": len(re.findall(r"cp\.async\.c[ag]", ptx)),
-        "tma": ptx.count("cp.async.bulk.tensor"),
+        "tma": len(re.findall(r"cp\.async\.bulk\.tensor\.\dd\.shared", ptx)),  # global -> shared
+        "tma_st": len(re.findall(r"cp\.async\.bulk\.tensor\.\dd\.global", ptx)),  # shared -> global
         "pipelined": pipelined,
         "v4_loads": len(re.findall(r"ld\.global(\.[a-z0-9]+)*\.v4", ptx)),
         "tiles": "x".join(str(const[n]) for n in ("BM", "BN", "BK", "BO", "BI", "BR", "BT", "BD", "BC") if n in const),
@@ -245,14 +246,14 @@ def main():
         print(f"[{time.time() - start:5.1f}s] compiled {label}: {name}", file=sys.stderr)
     print(
         "\n| op | kernel | tile | warps | stages | regs | spill st/ld B | smem KiB | blocks/SM | wgmma | cp.async "
-        "| TMA loads | pipelined | v4 loads |"
+        "| TMA loads | TMA stores | pipelined | v4 loads |"
     )
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|")
     for label, name, r in rows:
         print(
             f"| {label} | {name} | {r['tiles']} | {r.get('num_warps', '')} | {r.get('num_stages', '')} | {r['regs']} "
             f"| {r['spill_st']}/{r['spill_ld']} | {r['smem_kib']:.0f} | {r['blocks']} | {r['wgmma']} | {r['cp_async']} "
-            f"| {r['tma']} "
+            f"| {r['tma']} | {r['tma_st']} "
             f"| {'yes' if r['pipelined'] else 'no'} | {r['v4_loads']} |"
         )
     if args.check and (bad := problems(rows)):

@@ -1,7 +1,7 @@
 """The Triton kernels compile for Hopper (sm_90) on any machine, and every grouped GEMM uses wgmma with a
 software-pipelined main loop: ``bench/inspect_kernels.py --check`` for the default tiles, with pointer loads, with TMA,
 and with TMA plus the other tile options (x permuted before the first expert GEMM, the SwiGLU backward fused into dH,
-persistent programs)."""
+persistent programs, stores through descriptors)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def _inspect(*args: str) -> list[list[str]]:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in proc.stdout.splitlines()]
-    return [cells for cells in rows if len(cells) == 14 and cells[0] != "op" and not cells[0].startswith("---")]
+    return [cells for cells in rows if len(cells) == 15 and cells[0] != "op" and not cells[0].startswith("---")]
 
 
 def _gemms(rows: list[list[str]]) -> dict[str, list[str]]:
@@ -53,7 +53,8 @@ def test_pre_hopper_tiles_compile_pipelined_without_spills_for_sm80():
 def test_gemm_kernels_compile_pipelined_for_sm90(mode):
     """Every mode but "defaults" sets each option explicitly (the bf16 defaults turn several on). "tma-prefetch":
     the fused SwiGLU backward with its epilogue inputs loaded before the K loop (``PRE``; not persistent: with
-    ``PERSIST`` too it needs 255 registers and spills 6.6 KB)."""
+    ``PERSIST`` too it needs 255 registers and spills 6.6 KB), and the gate/up GEMM's and that epilogue's stores
+    through descriptors (``TMA_STORE``, not persistent either)."""
     cmd = ["--check"]
     tma, options, prefetch = mode != "pointer-loads", mode == "tma-options", mode == "tma-prefetch"
     if mode != "defaults":
@@ -64,6 +65,7 @@ def test_gemm_kernels_compile_pipelined_for_sm90(mode):
         for kind in ("gmm", "gmm_dx", "gmm_epi", "swiglu", "swiglu_bwd"):
             cmd += ["--set", f"{kind}.PERSIST={int(options)}"]
         cmd += ["--set", f"swiglu_bwd.PRE={int(prefetch)}", "--set", f"gmm_epi.PRE={int(prefetch)}"]
+        cmd += ["--set", f"swiglu.TMA_STORE={int(prefetch)}", "--set", f"swiglu_bwd.TMA_STORE={int(prefetch)}"]
     table = _inspect(*cmd)
     rows = _gemms(table)
     assert {"gate/up fwd", "down fwd", "down dX: dH", "gate/up dX", "down dW", "gate/up dW"} <= set(rows), rows
@@ -75,6 +77,11 @@ def test_gemm_kernels_compile_pipelined_for_sm90(mode):
         return
     cp_async = {op: int(cells[10]) for op, cells in rows.items()}
     tma_loads = {op: int(cells[11]) for op, cells in rows.items()}
+    tma_stores = {op: int(cells[12]) for op, cells in rows.items()}
+    # bulk-copy stores iff TMA_STORE: the gate/up fwd's h, g and u; the fused SwiGLU backward's h, dgate and dup in
+    # 4 column quarters; nothing else
+    stores = {"gate/up fwd": 3, "down dX: dH": 3 * 4}
+    assert tma_stores == {op: stores.get(op, 0) * int(prefetch) for op in rows}, tma_stores
     for op in ("gate/up fwd", "down fwd", "down dX: dH", "gate/up dX"):  # weights through descriptors iff TMA is on
         assert (tma_loads[op] > 0) == tma, (op, tma_loads[op])
     for op in ("down dW", "gate/up dW"):  # with TMA only an expert's last partial chunk takes pointer loads

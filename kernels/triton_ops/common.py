@@ -117,7 +117,7 @@ def grouped_order(pid, num_m, N, BN: tl.constexpr, GROUP_M: tl.constexpr):
 def group_block(tile, tab_ptr, NMB, num_m, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
     """Output tile ``tile`` of a grouped GEMM over the first ``num_m`` of the table's NMB M-blocks: group ``e``
     (-1: unused block, E: dropped rows), its first row and column, its row indices (int64) and N offsets, with
-    their masks, read from the block table."""
+    their masks, and whether all BM rows are the block's own; read from the block table."""
     pid_m, pid_n = grouped_order(tile, num_m, N, BN, GROUP_M)
     e = tl.load(tab_ptr + pid_m)
     rs = tl.load(tab_ptr + NMB + pid_m)
@@ -125,7 +125,22 @@ def group_block(tile, tab_ptr, NMB, num_m, N, BM: tl.constexpr, BN: tl.constexpr
     rows = (rs + tl.arange(0, BM)).to(tl.int64)
     n0 = pid_n * BN
     offs_n = n0 + tl.arange(0, BN)
-    return e, rs, n0, rows, rows < re, offs_n, offs_n < N
+    return e, rs, n0, rows, rows < re, offs_n, offs_n < N, rs + BM <= re
+
+
+@triton.jit
+def store_tile(ptr, offs, mask, val, desc, r0, c0, full, TMA_STORE: tl.constexpr):
+    """Store an output tile ``val`` at ``ptr + offs`` where ``mask``. TMA_STORE: a tile whose rows all belong to its
+    block (``full``) goes out through ``desc`` from (r0, c0), an asynchronous bulk copy that the next tile's loads
+    need not wait for (the descriptor clips columns past the tensor); a block's last, partial tile takes the masked
+    store, as a TMA box would overwrite the next group's rows."""
+    if TMA_STORE:
+        if full:
+            desc.store([r0, c0], val)
+        else:
+            tl.store(ptr + offs, val, mask=mask)
+    else:
+        tl.store(ptr + offs, val, mask=mask)
 
 
 @triton.jit
@@ -167,3 +182,13 @@ def tma_descs(pairs: list) -> list | None:
     """Descriptors for every (tensor, block) pair, or None unless all of them can be made."""
     descs = [tma_desc(t, block) for t, block in pairs]
     return None if any(d is None for d in descs) else descs
+
+
+def store_descs(kind: str, cfg: dict, pairs: list) -> list | None:
+    """``tma_descs`` for the output tiles of a kernel kind whose config sets ``TMA_STORE``, else None. Not with
+    ``PERSIST``: Triton 3.6 fails to compile a descriptor store under a branch in the flattened persistent loop."""
+    if not cfg.get("TMA_STORE"):
+        return None
+    if cfg.get("PERSIST"):
+        raise ValueError(f"{kind} tiles {cfg}: TMA_STORE does not go with PERSIST (Triton 3.6 cannot compile it)")
+    return tma_descs(pairs)
