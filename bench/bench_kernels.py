@@ -620,9 +620,11 @@ SWEEP = {
     # maxnreg = 128 (a register cap) keeps two persistent blocks per SM, one's epilogue beside the other's K loop
     # (3 stages: 8 bytes of spills; 2 stages: none, 80 KiB). TMA_STORE = 1: h, g and u of full blocks leave as bulk
     # copies from one 16 KiB staging tile, so the warps move on once shared memory is read out: 128 registers,
-    # 112 KiB, still two blocks per SM (not with PERSIST: Triton 3.6 cannot compile that). Run 5 (H100, XL; the
-    # kernel then had two accumulators of BN columns) dropped candidates: 4 stages, 64x128, gathered pointer
-    # loads, 4 warps.
+    # 112 KiB, still two blocks per SM. With PERSIST the tile loop then stays unflattened (Triton 3.6 fails to
+    # compile a descriptor store in a flattened one): two persistent programs per SM at 128 registers (no spills
+    # with Triton 3.6, 28 bytes with 3.9 under the cap), each one's epilogue and next K loop's start beside the
+    # other's K loop. Run 5 (H100, XL; the kernel then had two accumulators of BN columns) dropped candidates:
+    # 4 stages, 64x128, gathered pointer loads, 4 warps.
     "swiglu": (
         (*GEMM_KEYS, "GATHER", "PERSIST", "maxnreg", "TMA_STORE"),
         [
@@ -633,6 +635,7 @@ SWEEP = {
             (128, 64, 64, 8, 3, 1, 0, 2, 128, 0),
             (128, 64, 64, 8, 2, 1, 0, 2, 128, 0),
             (128, 64, 64, 8, 3, 1, 0, 0, None, 1),
+            (128, 64, 64, 8, 3, 1, 0, 2, 128, 1),
         ],
     ),
     # PERSIST = 1: one program per SM loops over the used tiles, and with TMA the compiler flattens tile and K loops
@@ -689,9 +692,10 @@ SWEEP = {
     # registers, one block per SM at 128x128; 111 and two blocks at 128x64). 128x64 without PRE: 69 registers,
     # three blocks per SM, so more epilogues overlap other blocks' K loops. Persistent: 142 registers at 128x128
     # (one block per SM; two with maxnreg = 128, 24 bytes of spills), 74 at 128x64 (two per SM), 78 at 128x64 with
-    # 2 stages (52 KiB: three per SM). TMA_STORE = 1 (not with PERSIST): h, dgate and dup of full blocks leave as
-    # bulk copies of column quarters, the warps free once shared memory is read out: 151 registers at 128x128 (157
-    # with Triton 3.6; one block per SM), 79 and 76 KiB at 128x64 (two). Untimed so far but the first three.
+    # 2 stages (52 KiB: three per SM). TMA_STORE = 1: h, dgate and dup of full blocks leave as bulk copies of
+    # column quarters, the warps free once shared memory is read out: 151 registers at 128x128 (157 with Triton
+    # 3.6; one block per SM); persistent (unflattened, as for swiglu) at 128x64, 97 registers and 76 KiB: two
+    # programs per SM. Untimed so far but the first three.
     "swiglu_bwd": (
         (*GEMM_KEYS, "PERSIST", "FUSED", "PRE", "maxnreg", "TMA_STORE"),
         [
@@ -706,7 +710,7 @@ SWEEP = {
             (128, 64, 64, 8, 3, 1, 2, 1, 0, None, 0),
             (128, 64, 64, 8, 2, 1, 3, 1, 0, None, 0),
             (128, 128, 64, 8, 3, 1, 0, 1, 0, None, 1),
-            (128, 64, 64, 8, 3, 1, 0, 1, 0, None, 1),
+            (128, 64, 64, 8, 3, 1, 2, 1, 0, None, 1),
         ],
     ),
     "ew": (("BR", "BC", "num_warps"), [(2, 1024, 8), (4, 512, 8), (8, 256, 8)]),

@@ -12,10 +12,10 @@ partial chunk of rows); ``PERSIST`` > 0 launches that many persistent programs p
 (``swiglu``, ``gmm_epi``; 1 where absent) picks gather-fused or permute-first input (see ``triton_ops``); ``PRE`` =
 1 (``swiglu_bwd``, ``gmm_epi``: the backward epilogues) loads the epilogue's input tiles before the K loop (not with
 ``PERSIST``: sm_90 then spills); ``TMA_STORE`` = 1 (``swiglu``, ``swiglu_bwd``) stores the output tiles of blocks
-whose rows are all their own through tensor descriptors, bulk copies the warps need not wait for (not with
-``PERSIST``: Triton 3.6 cannot compile it; refused); ``num_warps`` / ``num_stages`` / ``maxnreg`` (a cap on
-registers per thread, so that two blocks fit on an SM where the compiler would take a few more than half the
-register file) are launch options.
+whose rows are all their own through tensor descriptors, bulk copies the warps need not wait for (with
+``PERSIST``, the tile loop is not flattened: Triton 3.6 cannot compile that); ``num_warps`` / ``num_stages`` /
+``maxnreg`` (a cap on registers per thread, so that two blocks fit on an SM where the compiler would take a few more
+than half the register file) are launch options.
 
 Tables are fixed so results never depend on batch composition; ``tile_overrides`` lets a benchmark try others inside
 a ``with`` block. No Triton import here: benchmarks parse tile files before they know whether Triton runs.

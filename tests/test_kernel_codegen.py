@@ -49,14 +49,19 @@ def test_pre_hopper_tiles_compile_pipelined_without_spills_for_sm80():
 
 
 @pytest.mark.skipif(not _ptxas_available(), reason="this Triton build has no NVIDIA backend / bundled ptxas")
-@pytest.mark.parametrize("mode", ["pointer-loads", "tma", "tma-options", "tma-prefetch", "defaults"])
+@pytest.mark.parametrize(
+    "mode", ["pointer-loads", "tma", "tma-options", "tma-prefetch", "tma-store-persistent", "defaults"]
+)
 def test_gemm_kernels_compile_pipelined_for_sm90(mode):
     """Every mode but "defaults" sets each option explicitly (the bf16 defaults turn several on). "tma-prefetch":
     the fused SwiGLU backward with its epilogue inputs loaded before the K loop (``PRE``; not persistent: with
     ``PERSIST`` too it needs 255 registers and spills 6.6 KB), and the gate/up GEMM's and that epilogue's stores
-    through descriptors (``TMA_STORE``, not persistent either)."""
+    through descriptors (``TMA_STORE``). "tma-store-persistent": "tma-options" with those stores, whose persistent
+    tile loops are then not flattened (Triton 3.6 fails to compile a descriptor store in a flattened one)."""
     cmd = ["--check"]
-    tma, options, prefetch = mode != "pointer-loads", mode == "tma-options", mode == "tma-prefetch"
+    tma, prefetch = mode != "pointer-loads", mode == "tma-prefetch"
+    options = mode in ("tma-options", "tma-store-persistent")  # permute first, fused SwiGLU backward, persistent
+    store = mode in ("tma-prefetch", "tma-store-persistent")
     if mode != "defaults":
         for kind in ("gmm", "gmm_dx", "gmm_epi", "swiglu", "swiglu_bwd", "dw"):
             cmd += ["--set", f"{kind}.TMA={int(tma)}"]
@@ -65,7 +70,7 @@ def test_gemm_kernels_compile_pipelined_for_sm90(mode):
         for kind in ("gmm", "gmm_dx", "gmm_epi", "swiglu", "swiglu_bwd"):
             cmd += ["--set", f"{kind}.PERSIST={int(options)}"]
         cmd += ["--set", f"swiglu_bwd.PRE={int(prefetch)}", "--set", f"gmm_epi.PRE={int(prefetch)}"]
-        cmd += ["--set", f"swiglu.TMA_STORE={int(prefetch)}", "--set", f"swiglu_bwd.TMA_STORE={int(prefetch)}"]
+        cmd += ["--set", f"swiglu.TMA_STORE={int(store)}", "--set", f"swiglu_bwd.TMA_STORE={int(store)}"]
     table = _inspect(*cmd)
     rows = _gemms(table)
     assert {"gate/up fwd", "down fwd", "down dX: dH", "gate/up dX", "down dW", "gate/up dW"} <= set(rows), rows
@@ -81,7 +86,7 @@ def test_gemm_kernels_compile_pipelined_for_sm90(mode):
     # bulk-copy stores iff TMA_STORE: the gate/up fwd's h, g and u; the fused SwiGLU backward's h, dgate and dup in
     # 4 column quarters; nothing else
     stores = {"gate/up fwd": 3, "down dX: dH": 3 * 4}
-    assert tma_stores == {op: stores.get(op, 0) * int(prefetch) for op in rows}, tma_stores
+    assert tma_stores == {op: stores.get(op, 0) * int(store) for op in rows}, tma_stores
     for op in ("gate/up fwd", "down fwd", "down dX: dH", "gate/up dX"):  # weights through descriptors iff TMA is on
         assert (tma_loads[op] > 0) == tma, (op, tma_loads[op])
     for op in ("down dW", "gate/up dW"):  # with TMA only an expert's last partial chunk takes pointer loads

@@ -515,19 +515,16 @@ def test_persistent_swiglu_and_tma_stores_write_what_one_tile_per_program_writes
     """The gate/up GEMM's stores, not only the layer's results: h, g and u bit for bit, and zeros on dropped rows
     (which the persistent loop runs through expert 0's weights and must discard). 3 programs share the tiles.
     ``TMA_STORE``: full 16-row blocks store through descriptors, each expert's last partial block (2 rows here)
-    through masked stores; a descriptor store there would overwrite the next expert's first rows. Not both: the
-    pair is refused with a ValueError naming it."""
+    through masked stores; a descriptor store there would overwrite the next expert's first rows."""
     T, K, E, D, F = 40, 2, 4, 64, 44
     plan = ops.routing_plan(make_experts(T, K, E, seed=2, empty=(1,)), E, 18)  # capacity 18: drops
     meta = ops.plan_meta(plan)
     a = randn(T * K, D, seed=3, dtype=torch.float32)
     w_gate_up = randn(E, 2 * F, D, seed=4, dtype=torch.float32)
     outs = {}
-    for persist, store in ((0, 0), (1, 0), (0, 1)):
+    for persist, store in ((0, 0), (1, 0), (0, 1), (1, 1)):
         with ops.tile_overrides(swiglu={"PERSIST": persist, "TMA": tma, "TMA_STORE": store, **SMALL}):
             outs[persist, store] = ops._gmm_swiglu(a, w_gate_up, meta, gather=False)
-    with ops.tile_overrides(swiglu={"PERSIST": 1, "TMA_STORE": 1}), pytest.raises(ValueError, match="TMA_STORE"):
-        ops._gmm_swiglu(a, w_gate_up, meta, gather=False)  # Triton 3.6 cannot compile the two together
     counts = plan.counts_E.tolist()
     kept = sum(counts)
     assert kept < T * K and any(c > 16 and c % 16 for c in counts)  # full and partial blocks, and dropped rows
@@ -537,12 +534,14 @@ def test_persistent_swiglu_and_tma_stores_write_what_one_tile_per_program_writes
             assert not other[kept:].any(), f"{name}: dropped rows must be zero"
 
 
-@pytest.mark.parametrize("store", [0, 1], ids=["pointer-stores", "tma-stores"])
-def test_fused_swiglu_bwd_writes_what_the_pass_writes(store):
+@pytest.mark.parametrize(
+    "store,persist", [(0, 0), (1, 0), (1, 1)], ids=["pointer-stores", "tma-stores", "tma-stores-persistent"]
+)
+def test_fused_swiglu_bwd_writes_what_the_pass_writes(store, persist):
     """dH with the SwiGLU backward in its epilogue returns the separate pass's [dgate | dup] and h, bit for bit, and
     zeros for dropped pairs; 4 x 8-column quarters per interpreter tile, the last one partly past F. ``TMA_STORE``:
     full 16-row blocks store through descriptors (dgate's clipped at column F, where dup's begin), each expert's
-    last partial block through masked stores."""
+    last partial block through masked stores; with ``PERSIST`` too, 3 programs share the tiles out."""
     T, K, E, D, F = 40, 2, 4, 24, 44
     plan = ops.routing_plan(make_experts(T, K, E, seed=2, empty=(1,)), E, 18)  # capacity 18: drops
     meta = ops.plan_meta(plan)
@@ -556,7 +555,7 @@ def test_fused_swiglu_bwd_writes_what_the_pass_writes(store):
     with ops.tile_overrides(gmm_dx=SMALL):
         want = ops._swiglu_bwd(ops._gmm(dy, w_down, meta, transpose_w=False), g, u)
     made = []
-    with ops.tile_overrides(swiglu_bwd={"FUSED": 1, "TMA_STORE": store, **SMALL}):
+    with ops.tile_overrides(swiglu_bwd={"FUSED": 1, "TMA_STORE": store, "PERSIST": persist, **SMALL}):
         real = common.tma_descs
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(common, "tma_descs", lambda pairs: made.append(real(pairs)) or made[-1])

@@ -182,13 +182,3 @@ def tma_descs(pairs: list) -> list | None:
     """Descriptors for every (tensor, block) pair, or None unless all of them can be made."""
     descs = [tma_desc(t, block) for t, block in pairs]
     return None if any(d is None for d in descs) else descs
-
-
-def store_descs(kind: str, cfg: dict, pairs: list) -> list | None:
-    """``tma_descs`` for the output tiles of a kernel kind whose config sets ``TMA_STORE``, else None. Not with
-    ``PERSIST``: Triton 3.6 fails to compile a descriptor store under a branch in the flattened persistent loop."""
-    if not cfg.get("TMA_STORE"):
-        return None
-    if cfg.get("PERSIST"):
-        raise ValueError(f"{kind} tiles {cfg}: TMA_STORE does not go with PERSIST (Triton 3.6 cannot compile it)")
-    return tma_descs(pairs)

@@ -132,10 +132,11 @@ def _gmm_kernel(
     """
     # PERSIST: loop over the used blocks only (unused ones come last in the table), every tile running the full K
     # loop (a trip count that varies by tile stops the compiler from flattening the two loops into one pipelined
-    # loop). Otherwise one tile per program.
+    # loop). Otherwise one tile per program. TMA_STORE: not flattened (see swiglu._gmm_swiglu_kernel).
     num_m = tl.load(tab_ptr + 3 * NMB) if PERSIST else NMB
     stop = num_m * tl.cdiv(N, BN) if PERSIST else tl.program_id(0) + 1
-    for tile in tl.range(tl.program_id(0), stop, tl.num_programs(0) if PERSIST else 1, flatten=PERSIST):
+    step = tl.num_programs(0) if PERSIST else 1
+    for tile in tl.range(tl.program_id(0), stop, step, flatten=PERSIST and not TMA_STORE):
         _gmm_tile(
             tile,
             num_m,
@@ -578,8 +579,8 @@ def _gmm(
     if cfg.get("TMA") and not gather:
         a_desc = common.tma_desc(a, [BM, BK])
     c_descs = None
-    if epi == EPI_SWIGLU_BWD:  # its epilogue stores [BM, BN/4] column quarters
-        c_descs = common.store_descs(kind, cfg, [(t, [BM, BN // 4]) for t in (c, c2, c3)])
+    if epi == EPI_SWIGLU_BWD and cfg.get("TMA_STORE"):  # its epilogue stores [BM, BN/4] column quarters
+        c_descs = common.tma_descs([(t, [BM, BN // 4]) for t in (c, c2, c3)])
     n_tiles = nmb * common.cdiv(N, BN)
     persist = bool(cfg.get("PERSIST"))
     grid = (min(n_tiles, common.persistent_programs(a.device, cfg["PERSIST"])) if persist else n_tiles,)

@@ -60,11 +60,13 @@ def _gmm_swiglu_kernel(
     the permuted copy. TMA_A: A tiles through a descriptor over the permuted copy from the block's first row (as
     in ``gemm._mainloop``); TMA_B: the weight tile through one 3-D descriptor over W_gu as [E*2, N, Kdim], a
     [2, BN, BK] box (gate and up rows; rows past N read as zeros). PERSIST: programs loop over the used tiles, as
-    in ``gemm._gmm_kernel``, so one tile's stores of H, G and U overlap the next tile's loads. TMA_STORE (not with
-    PERSIST): H, G and U of a block's full tiles leave through descriptors (``common.store_tile``)."""
+    in ``gemm._gmm_kernel``, so one tile's stores of H, G and U overlap the next tile's loads. TMA_STORE: H, G and
+    U of a block's full tiles leave through descriptors (``common.store_tile``); with PERSIST the tile loop is then
+    not flattened (Triton 3.6 fails to compile a descriptor store under a branch in a flattened loop)."""
     num_m = tl.load(tab_ptr + 3 * NMB) if PERSIST else NMB
     stop = num_m * tl.cdiv(N, BN) if PERSIST else tl.program_id(0) + 1
-    for tile in tl.range(tl.program_id(0), stop, tl.num_programs(0) if PERSIST else 1, flatten=PERSIST):
+    step = tl.num_programs(0) if PERSIST else 1
+    for tile in tl.range(tl.program_id(0), stop, step, flatten=PERSIST and not TMA_STORE):
         # no early exits (see gemm._gmm_tile): an unused block masks every row, the dropped rows' block stores zeros
         e, rs, n0, rows, rmask, offs_n, nmask, full = group_block(tile, tab_ptr, NMB, num_m, N, BM, BN, GROUP_M)
         live = (e >= 0) & (e < NUM_E)
@@ -159,7 +161,7 @@ def _gmm_swiglu(a, w_gate_up, meta: Meta, *, gather: bool):
     upcast, prec = common.prec(a.dtype)
     w_descs = common.tma_descs([(w_gate_up.unflatten(1, (2, N)), [2, BN, BK])]) if cfg.get("TMA") else None
     a_descs = common.tma_descs([(a, [BM, BK])]) if cfg.get("TMA") and not gather else None
-    c_descs = common.store_descs("swiglu", cfg, [(t, [BM, BN]) for t in (h, g, u)])
+    c_descs = common.tma_descs([(t, [BM, BN]) for t in (h, g, u)]) if cfg.get("TMA_STORE") else None
     n_tiles = nmb * common.cdiv(N, BN)
     persist = bool(cfg.get("PERSIST"))
     grid = (min(n_tiles, common.persistent_programs(a.device, cfg["PERSIST"])) if persist else n_tiles,)
