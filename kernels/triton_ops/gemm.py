@@ -255,12 +255,12 @@ def _gmm_tile(
     b_row0 = e * (N if B_T else Kdim)
     # PRE: the epilogue's inputs in the column quarters it works in, loaded now (bf16: a quarter of the registers
     # of the fp32 accumulator each); otherwise each quarter loads its own after the K loop (placeholders here)
-    x0q0, x0q1, x0q2, x0q3 = rows, rows, rows, rows
-    x1q0, x1q1, x1q2, x1q3 = rows, rows, rows, rows
+    x0q = (rows, rows, rows, rows)
+    x1q = (rows, rows, rows, rows)
     if PRE and EPI >= 2:
-        x0q0, x0q1, x0q2, x0q3 = _epi_load_quarters(x0_ptr, rows, rmask, n0, N, s_x0r, s_x0n, BN // 4)
+        x0q = _epi_load_quarters(x0_ptr, rows, rmask, n0, N, s_x0r, s_x0n, BN // 4)
         if EPI == 3:
-            x1q0, x1q1, x1q2, x1q3 = _epi_load_quarters(x1_ptr, rows, rmask, n0, N, s_x0r, s_x0n, BN // 4)
+            x1q = _epi_load_quarters(x1_ptr, rows, rmask, n0, N, s_x0r, s_x0n, BN // 4)
     acc = tl.zeros([BM, BN], tl.float32)
     acc = _mainloop(
         acc,
@@ -303,63 +303,34 @@ def _gmm_tile(
         # The backward epilogues load and store extra tiles; they work in column quarters so that a quarter of
         # them is live at a time. At 128x128 (sm_90) the SwiGLU one needed 255 registers and spilled 700 bytes in
         # one piece, 128 in quarters; the GELU one 255 and 20 bytes of spills, 121 in quarters.
-        left, right = _halves(acc)
-        _epi_two(
-            left,
-            EPI,
-            rows,
-            rmask,
-            n0,
-            N,
-            c_ptr,
-            c2_ptr,
-            c3_ptr,
-            x0_ptr,
-            x1_ptr,
-            s_cr,
-            s_cn,
-            s_x0r,
-            s_x0n,
-            x0q0,
-            x0q1,
-            x1q0,
-            x1q1,
-            PRE,
-            c_desc,
-            c2_desc,
-            c3_desc,
-            rs,
-            full,
-            TMA_STORE,
-        )
-        _epi_two(
-            right,
-            EPI,
-            rows,
-            rmask,
-            n0 + BN // 2,
-            N,
-            c_ptr,
-            c2_ptr,
-            c3_ptr,
-            x0_ptr,
-            x1_ptr,
-            s_cr,
-            s_cn,
-            s_x0r,
-            s_x0n,
-            x0q2,
-            x0q3,
-            x1q2,
-            x1q3,
-            PRE,
-            c_desc,
-            c2_desc,
-            c3_desc,
-            rs,
-            full,
-            TMA_STORE,
-        )
+        quarters = _quarters(acc)
+        for q in tl.static_range(4):
+            _epi_tile(
+                quarters[q],
+                EPI,
+                rows,
+                rmask,
+                n0 + q * (BN // 4),
+                N,
+                c_ptr,
+                c2_ptr,
+                c3_ptr,
+                x0_ptr,
+                x1_ptr,
+                s_cr,
+                s_cn,
+                s_x0r,
+                s_x0n,
+                x0q[q],
+                x1q[q],
+                PRE,
+                c_desc,
+                c2_desc,
+                c3_desc,
+                rs,
+                full,
+                TMA_STORE,
+            )
 
 
 @triton.jit
@@ -371,89 +342,12 @@ def _halves(t):
 
 
 @triton.jit
-def _epi_two(
-    acc,
-    EPI: tl.constexpr,
-    rows,
-    rmask,
-    n0,
-    N,
-    c_ptr,
-    c2_ptr,
-    c3_ptr,
-    x0_ptr,
-    x1_ptr,
-    s_cr,
-    s_cn,
-    s_xr,
-    s_xn,
-    x0a,
-    x0b,
-    x1a,
-    x1b,
-    PRE: tl.constexpr,
-    c_desc,
-    c2_desc,
-    c3_desc,
-    rs,
-    full,
-    TMA_STORE: tl.constexpr,
-):
-    """``_epi_tile`` on the two column halves of ``acc`` in turn (with their prefetched inputs when PRE)."""
-    W: tl.constexpr = acc.shape[1] // 2
-    left, right = _halves(acc)
-    _epi_tile(
-        left,
-        EPI,
-        rows,
-        rmask,
-        n0,
-        N,
-        c_ptr,
-        c2_ptr,
-        c3_ptr,
-        x0_ptr,
-        x1_ptr,
-        s_cr,
-        s_cn,
-        s_xr,
-        s_xn,
-        x0a,
-        x1a,
-        PRE,
-        c_desc,
-        c2_desc,
-        c3_desc,
-        rs,
-        full,
-        TMA_STORE,
-    )
-    _epi_tile(
-        right,
-        EPI,
-        rows,
-        rmask,
-        n0 + W,
-        N,
-        c_ptr,
-        c2_ptr,
-        c3_ptr,
-        x0_ptr,
-        x1_ptr,
-        s_cr,
-        s_cn,
-        s_xr,
-        s_xn,
-        x0b,
-        x1b,
-        PRE,
-        c_desc,
-        c2_desc,
-        c3_desc,
-        rs,
-        full,
-        TMA_STORE,
-    )
+def _quarters(t):
+    """The four column quarters of a 2-D tile, left to right."""
+    left, right = _halves(t)
+    q0, q1 = _halves(left)
+    q2, q3 = _halves(right)
+    return q0, q1, q2, q3
 
 
 @triton.jit
