@@ -5,6 +5,7 @@
     python bench/inspect_kernels.py --set swiglu.TMA=1 --set gmm.BN=128   # try other tile settings
     python bench/inspect_kernels.py --check          # exit 1 unless every GEMM uses wgmma and is pipelined
     python bench/inspect_kernels.py --arch 80        # the tiles an A100 gets (no TMA, no wgmma)
+    python bench/inspect_kernels.py --candidates swiglu,swiglu_bwd   # each sweep candidate of these kinds
 
 The layer's forward and backward run once with every kernel launch intercepted (nothing executes); each launch is
 compiled ahead of time for sm_90 with the argument specialisation the JIT applies on a GPU (Triton's own
@@ -23,12 +24,12 @@ import re
 import subprocess
 import sys
 import tempfile
-import time
 
 os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU, not the interpreter
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+from sweep_candidates import SWEEP, candidate  # noqa: E402  (bench/, the script's folder)
 from triton._C.libtriton import native_specialize_impl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.nvidia.compiler import CUDABackend  # noqa: E402
@@ -51,7 +52,24 @@ ap.add_argument(
     "--check", action="store_true", help="exit 1 unless every GEMM kernel is pipelined (and on sm_90+ uses wgmma)"
 )
 ap.add_argument("--set", action="append", default=[], metavar="KIND.KEY=INT", help="override one tile setting")
+ap.add_argument(
+    "--candidates", metavar="KINDS", help="compile each tile candidate bench_kernels.py --sweep times for these kinds"
+)
 args = ap.parse_args()
+# the ops whose kernels a sweep candidate of each kind sets (as bench_kernels.py times them)
+KIND_OPS = {
+    "swiglu": ["gate/up fwd"],
+    "swiglu_bwd": ["down dX: dH", "swiglu bwd pass"],
+    "gmm_dx": ["gate/up dX"],
+    "dw": ["down dW", "gate/up dW"],
+    "gmm": ["down fwd"],
+    "gmm_epi": ["gelu fc1 fwd", "gelu fc2 dX"],
+    "ew": ["swiglu bwd pass"],
+    "rows": ["permute", "unpermute", "unpermute bwd"],
+}
+KINDS = [k.strip() for k in (args.candidates or "").split(",") if k.strip()]
+if unknown := sorted(set(KINDS) - set(SWEEP)):
+    ap.error(f"--candidates: no sweep candidates for {unknown} (kinds: {', '.join(SWEEP)})")
 ops.common.arch = lambda: args.arch  # the tile table of the target, not of this machine
 
 
@@ -128,7 +146,9 @@ def record_layer() -> list:
     modules = [m for name, m in sys.modules.items() if name.startswith(f"{ops.__name__}.")]  # its kernel modules
     for module in modules:
         for name, obj in list(vars(module).items()):
-            if isinstance(obj, triton.runtime.jit.JITFunction) and name.endswith("_kernel"):
+            if isinstance(obj, Recorder):  # an earlier call's: record into this call's list
+                obj.launches, obj.label = launches, label
+            elif isinstance(obj, triton.runtime.jit.JITFunction) and name.endswith("_kernel"):
                 setattr(module, name, Recorder(name, obj, launches, label))
     ops.common.check_device = lambda t: None  # CPU tensors stand in for CUDA ones: only shapes, strides, dtypes matter
     ops.common.persistent_programs = lambda device, per_sm: per_sm * 132  # an H100's SMs (the grid is not compiled in)
@@ -226,36 +246,64 @@ def problems(rows) -> list[str]:
     ]
 
 
+HEADER = (
+    "| kernel | tile | warps | stages | regs | spill st/ld B | smem KiB | blocks/SM | wgmma | cp.async | TMA loads "
+    "| TMA stores | pipelined | v4 loads |"
+)
+
+
+def cells(name: str, r: dict) -> str:
+    """The table cells of one compiled kernel, from its name on (see HEADER)."""
+    return (
+        f"{name} | {r['tiles']} | {r.get('num_warps', '')} | {r.get('num_stages', '')} | {r['regs']} "
+        f"| {r['spill_st']}/{r['spill_ld']} | {r['smem_kib']:.0f} | {r['blocks']} | {r['wgmma']} | {r['cp_async']} "
+        f"| {r['tma']} | {r['tma_st']} | {'yes' if r['pipelined'] else 'no'} | {r['v4_loads']} |"
+    )
+
+
+def compile_layer(tile_kinds: dict, labels: list[str] | None = None) -> list:
+    """(op, kernel, report) for every distinct kernel launch of the layer under these tiles (of the ops in
+    ``labels``, or all)."""
+    with ops.tile_overrides(**tile_kinds):
+        launches = record_layer()
+    rows, seen = [], set()
+    for label, name, fn, a, kw in launches:
+        key = (name, tuple(arg_key(v) for v in a), str(kw))
+        if key in seen or (labels is not None and label not in labels):
+            continue
+        seen.add(key)
+        rows.append((label, name, inspect(fn, a, kw, f"{len(rows):02d}-{name}")))
+        print(f"compiled {label}: {name}", file=sys.stderr)
+    return rows
+
+
 def main():
-    start = time.time()
     print(
         f"triton {triton.__version__}, sm_{args.arch}, {args.shape} {args.dtype}, {args.tokens} tokens, "
         f"top-{args.top_k}",
         file=sys.stderr,
     )
-    rows, seen = [], {}
-    with ops.tile_overrides(**overrides()):
-        launches = record_layer()
-    for label, name, fn, a, kw in launches:
-        key = (name, tuple(arg_key(v) for v in a), str(kw))
-        if key in seen:
-            continue
-        seen[key] = True
-        r = inspect(fn, a, kw, f"{len(rows):02d}-{name}")
-        rows.append((label, name, r))
-        print(f"[{time.time() - start:5.1f}s] compiled {label}: {name}", file=sys.stderr)
-    print(
-        "\n| op | kernel | tile | warps | stages | regs | spill st/ld B | smem KiB | blocks/SM | wgmma | cp.async "
-        "| TMA loads | TMA stores | pipelined | v4 loads |"
-    )
+    if KINDS:  # one table per kind: a row per candidate and kernel it sets
+        for kind in KINDS:
+            keys, values = SWEEP[kind]
+            print(f"\n{kind}: {', '.join(keys)}\n\n| candidate | op | {HEADER[2:]}")
+            print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|")
+            for v in values:
+                given = overrides()
+                try:
+                    rows = compile_layer({**given, kind: {**given.get(kind, {}), **candidate(keys, v)}}, KIND_OPS[kind])
+                except Exception as exc:  # a candidate the compiler refuses is a finding, not the end of the list
+                    print(f"| {v} | | {type(exc).__name__}: {str(exc).splitlines()[0][:120]} |" + " |" * 13)
+                    continue
+                for label, name, r in rows:
+                    if name != "_block_table_kernel":  # the same for every candidate
+                        print(f"| {v} | {label} | {cells(name, r)}")
+        return
+    rows = compile_layer(overrides())
+    print(f"\n| op | {HEADER[2:]}")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|")
     for label, name, r in rows:
-        print(
-            f"| {label} | {name} | {r['tiles']} | {r.get('num_warps', '')} | {r.get('num_stages', '')} | {r['regs']} "
-            f"| {r['spill_st']}/{r['spill_ld']} | {r['smem_kib']:.0f} | {r['blocks']} | {r['wgmma']} | {r['cp_async']} "
-            f"| {r['tma']} | {r['tma_st']} "
-            f"| {'yes' if r['pipelined'] else 'no'} | {r['v4_loads']} |"
-        )
+        print(f"| {label} | {cells(name, r)}")
     if args.check and (bad := problems(rows)):
         sys.exit("check failed:\n" + "\n".join(bad))
 

@@ -1,7 +1,7 @@
 """The Triton kernels compile for Hopper (sm_90) on any machine, and every grouped GEMM uses wgmma with a
 software-pipelined main loop: ``bench/inspect_kernels.py --check`` for the default tiles, with pointer loads, with TMA,
 and with TMA plus the other tile options (x permuted before the first expert GEMM, the SwiGLU backward fused into dH,
-persistent programs, stores through descriptors)."""
+persistent programs, stores through descriptors), and every sweep candidate of the SwiGLU kernels."""
 
 from __future__ import annotations
 
@@ -104,3 +104,25 @@ def test_maxnreg_caps_the_registers_of_one_kind():
     accumulator needs fails to compile: 128x256 wgmma needs at least 154.)"""
     regs = {op: int(cells[5]) for op, cells in _gemms(_inspect("--set", "gmm.maxnreg=160")).items()}
     assert regs["down fwd"] <= 160 < regs["down dW"], regs
+
+
+@pytest.mark.skipif(not _ptxas_available(), reason="this Triton build has no NVIDIA backend / bundled ptxas")
+def test_every_sweep_candidate_of_the_swiglu_kernels_compiles_pipelined():
+    """``inspect_kernels.py --candidates``: each tile candidate ``bench_kernels.py --sweep`` would time for the
+    gate/up GEMM and the SwiGLU backward compiles for sm_90 with wgmma and a pipelined main loop, so a GPU run does
+    not spend its minutes on candidates the compiler refuses."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        from sweep_candidates import SWEEP
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    cmd = [sys.executable, "-W", "ignore", str(REPO / "bench" / "inspect_kernels.py"), "--candidates"]
+    proc = subprocess.run([*cmd, "swiglu,swiglu_bwd"], capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in proc.stdout.splitlines()]
+    gemms = [cells for cells in rows if len(cells) == 16 and cells[2].startswith("_gmm")]
+    for kind, op in (("swiglu", "gate/up fwd"), ("swiglu_bwd", "down dX: dH")):
+        want = {str(v) for v in SWEEP[kind][1]}
+        got = {cells[0] for cells in gemms if cells[1] == op and cells[0] in want}
+        assert got == want, (kind, sorted(want - got), proc.stdout[-3000:])
+    assert all(int(cells[10]) > 0 and cells[14] == "yes" for cells in gemms), gemms  # wgmma, pipelined

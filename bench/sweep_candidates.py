@@ -1,0 +1,120 @@
+"""The tile candidates ``bench_kernels.py --sweep`` times per kernel kind, with what the compiler and earlier GPU
+runs said of them; ``inspect_kernels.py --candidates`` compiles them for sm_90 without a GPU."""
+
+from __future__ import annotations
+
+GEMM_KEYS = ("BM", "BN", "BK", "num_warps", "num_stages", "TMA")
+SWEEP = {
+    # kind: (tile keys, candidates; the first is what runs now at XL). A kind that serves several ops is timed on
+    # each of them and judged by their summed time. TMA = 1: weight tiles (and A tiles where A is not gathered)
+    # through tensor descriptors. From bench/inspect_kernels.py (sm_90): TMA cuts registers (gate/up dX 142 -> 90,
+    # dH 120 -> 90), so with 3 stages (96 KiB) two blocks fit on an SM where the pointer-load tiles fit one.
+    # The SwiGLU GEMM's BN counts gate and up columns each: its accumulator is [BM, 2*BN], one wgmma 2*BN wide.
+    # 128x64 (a 128x128 accumulator): 91 registers, two blocks per SM; 128x128: 183, one block (the shape of the
+    # down GEMM's 128x256 tiles). GATHER = 0 permutes x first (timed here with the permute; in the layer the
+    # backward then skips its own): A tiles through TMA too. PERSIST = 1 at 128x64: 132 registers, 112 KiB, one
+    # block per SM, but the stores of h, g and u overlap the next tile's loads; 173 at 128x128. PERSIST = 2 with
+    # maxnreg = 128 (a register cap) keeps two persistent blocks per SM, one's epilogue beside the other's K loop
+    # (3 stages: 8 bytes of spills; 2 stages: none, 80 KiB). TMA_STORE = 1: h, g and u of full blocks leave as bulk
+    # copies from one 16 KiB staging tile, so the warps move on once shared memory is read out: 128 registers,
+    # 112 KiB, still two blocks per SM. With PERSIST the tile loop then stays unflattened (Triton 3.6 fails to
+    # compile a descriptor store in a flattened one): two persistent programs per SM at 128 registers (no spills
+    # with Triton 3.6, 28 bytes with 3.9 under the cap), each one's epilogue and next K loop's start beside the
+    # other's K loop. Run 5 (H100, XL; the kernel then had two accumulators of BN columns) dropped candidates:
+    # 4 stages, 64x128, gathered pointer loads, 4 warps.
+    "swiglu": (
+        (*GEMM_KEYS, "GATHER", "PERSIST", "maxnreg", "TMA_STORE"),
+        [
+            (128, 64, 64, 8, 3, 1, 0, 0, None, 0),
+            (128, 128, 64, 8, 3, 1, 0, 0, None, 0),
+            (128, 64, 64, 8, 3, 1, 0, 1, None, 0),
+            (128, 128, 64, 8, 3, 1, 0, 1, None, 0),
+            (128, 64, 64, 8, 3, 1, 0, 2, 128, 0),
+            (128, 64, 64, 8, 2, 1, 0, 2, 128, 0),
+            (128, 64, 64, 8, 3, 1, 0, 0, None, 1),
+            (128, 64, 64, 8, 3, 1, 0, 2, 128, 1),
+        ],
+    ),
+    # PERSIST = 1: one program per SM loops over the used tiles, and with TMA the compiler flattens tile and K loops
+    # into one pipelined loop, so the next tile's loads overlap this tile's epilogue. Pointer loads need ~170
+    # registers that way; TMA ~110. Run 4 (H100, XL):
+    # 128x256 beat 128x128 with TMA on both the D = 1152 outputs (4.5 tiles wide) and the F = 4608 ones.
+    "gmm": (
+        (*GEMM_KEYS, "PERSIST"),
+        [
+            (128, 256, 64, 8, 3, 1, 1),
+            (128, 256, 64, 8, 3, 1, 0),
+            (128, 256, 64, 8, 4, 1, 1),
+            (256, 128, 64, 8, 3, 1, 1),
+            (128, 128, 64, 8, 3, 0, 0),
+        ],
+    ),
+    "gmm_dx": (
+        (*GEMM_KEYS, "PERSIST"),
+        [
+            (128, 256, 64, 8, 3, 1, 0),
+            (128, 256, 64, 8, 4, 1, 0),
+            (128, 256, 64, 8, 3, 1, 1),
+            (256, 128, 64, 8, 3, 1, 0),
+            (128, 128, 64, 8, 4, 0, 0),
+        ],
+    ),
+    # GELU experts (upcycled dense DiT): the backward epilogue works in column quarters (121 registers at 128x128, no
+    # spills; 102 with TMA); 128x64 fits two blocks per SM.
+    "gmm_epi": (
+        (*GEMM_KEYS, "GATHER"),
+        [(128, 128, 64, 8, 4, 0, 1), (128, 64, 64, 8, 4, 0, 1), (128, 64, 64, 8, 4, 1, 1), (128, 64, 64, 8, 4, 1, 0)],
+    ),
+    # dW at G walks 1024 rows per expert (XL: 2048), so each tile's pipeline fill and its store of the result weigh
+    # twice as much: run 5 (H100) timed 0.77 of dense at G against 0.91-0.94 at XL. 128x256 needs 195 registers
+    # (one block per SM: nothing overlaps a tile's store); TMA (whole chunks of rows through descriptors, the last
+    # partial one through pointer loads) cuts that to 174, and at 128x128 to 96: two blocks per SM (sm_90).
+    "dw": (
+        ("BO", "BI", "BR", "num_warps", "num_stages", "TMA"),
+        [
+            (128, 256, 32, 8, 4, 0),
+            (128, 256, 32, 8, 4, 1),
+            (256, 128, 32, 8, 4, 0),
+            (128, 128, 32, 8, 4, 0),
+            (128, 128, 32, 8, 4, 1),
+            (128, 128, 64, 8, 3, 1),
+        ],
+    ),
+    # The SwiGLU backward in dH's epilogue (FUSED = 1) or a plain dH + the elementwise pass (FUSED = 0: the other
+    # values then do not apply). The epilogue works in column quarters: at 128x128 it needs 128 registers (255 and
+    # 700 bytes of spills in one piece, run 2's 0.75 ms), so with TMA and 3 stages two blocks fit per SM; 128x64
+    # needs 64. Run 4 (H100, XL): fused with TMA 0.54 ms, dH + pass 0.64 ms. Run 5: 0.54 ms = the plain dH (0.27)
+    # plus the time of the epilogue's traffic at copy bandwidth (~0.27): the g/u reads after the K loop do not
+    # overlap it; 128x256 0.53, 4 stages 0.65 (dropped). PRE = 1 loads them before the K loop (sm_90: 218
+    # registers, one block per SM at 128x128; 111 and two blocks at 128x64). 128x64 without PRE: 69 registers,
+    # three blocks per SM, so more epilogues overlap other blocks' K loops. Persistent: 142 registers at 128x128
+    # (one block per SM; two with maxnreg = 128, 24 bytes of spills), 74 at 128x64 (two per SM), 78 at 128x64 with
+    # 2 stages (52 KiB: three per SM). TMA_STORE = 1: h, dgate and dup of full blocks leave as bulk copies of
+    # column quarters, the warps free once shared memory is read out: 151 registers at 128x128 (157 with Triton
+    # 3.6; one block per SM); persistent (unflattened, as for swiglu) at 128x64, 97 registers and 76 KiB: two
+    # programs per SM. Untimed so far but the first three.
+    "swiglu_bwd": (
+        (*GEMM_KEYS, "PERSIST", "FUSED", "PRE", "maxnreg", "TMA_STORE"),
+        [
+            (128, 128, 64, 8, 3, 1, 0, 1, 0, None, 0),
+            (128, 256, 64, 8, 3, 1, 0, 1, 0, None, 0),
+            (128, 128, 64, 8, 4, 0, 0, 0, 0, None, 0),
+            (128, 128, 64, 8, 3, 1, 1, 1, 0, None, 0),
+            (128, 128, 64, 8, 3, 1, 2, 1, 0, 128, 0),
+            (128, 128, 64, 8, 3, 1, 0, 1, 1, None, 0),
+            (128, 64, 64, 8, 3, 1, 0, 1, 0, None, 0),
+            (128, 64, 64, 8, 3, 1, 0, 1, 1, None, 0),
+            (128, 64, 64, 8, 3, 1, 2, 1, 0, None, 0),
+            (128, 64, 64, 8, 2, 1, 3, 1, 0, None, 0),
+            (128, 128, 64, 8, 3, 1, 0, 1, 0, None, 1),
+            (128, 64, 64, 8, 3, 1, 2, 1, 0, None, 1),
+        ],
+    ),
+    "ew": (("BR", "BC", "num_warps"), [(2, 1024, 8), (4, 512, 8), (8, 256, 8)]),
+    "rows": (("BT", "BD", "num_warps"), [(16, 128, 4), (16, 256, 8), (8, 256, 4)]),
+}
+
+
+def candidate(keys: tuple, values: tuple) -> dict:
+    """A sweep candidate as tile settings; None leaves a setting unset (e.g. no ``maxnreg`` cap)."""
+    return {k: v for k, v in zip(keys, values, strict=True) if v is not None}
