@@ -24,13 +24,15 @@ def _ptxas_available() -> bool:
         return False
 
 
-def _inspect(*args: str) -> list[list[str]]:
-    """Run ``bench/inspect_kernels.py`` with ``args`` and return the cells of its table's rows, one per kernel."""
+def _inspect(*args: str, width: int = 15) -> list[list[str]]:
+    """Run ``bench/inspect_kernels.py`` with ``args`` and return the cells of its tables' rows, one per kernel
+    (``width`` cells: 16 with ``--candidates``, whose rows start with the candidate)."""
     cmd = [sys.executable, "-W", "ignore", str(REPO / "bench" / "inspect_kernels.py"), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in proc.stdout.splitlines()]
-    return [cells for cells in rows if len(cells) == 15 and cells[0] != "op" and not cells[0].startswith("---")]
+    header = ("op", "candidate")
+    return [cells for cells in rows if len(cells) == width and cells[0] not in header and cells[0][:3] != "---"]
 
 
 def _gemms(rows: list[list[str]]) -> dict[str, list[str]]:
@@ -116,13 +118,10 @@ def test_every_sweep_candidate_of_the_swiglu_kernels_compiles_pipelined():
         from sweep_candidates import SWEEP
     finally:
         sys.path.remove(str(REPO / "bench"))
-    cmd = [sys.executable, "-W", "ignore", str(REPO / "bench" / "inspect_kernels.py"), "--candidates"]
-    proc = subprocess.run([*cmd, "swiglu,swiglu_bwd"], capture_output=True, text=True, timeout=900, cwd=REPO)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in proc.stdout.splitlines()]
-    gemms = [cells for cells in rows if len(cells) == 16 and cells[2].startswith("_gmm")]
+    rows = _inspect("--candidates", "swiglu,swiglu_bwd", width=16)
+    gemms = [cells for cells in rows if cells[2].startswith("_gmm")]
     for kind, op in (("swiglu", "gate/up fwd"), ("swiglu_bwd", "down dX: dH")):
         want = {str(v) for v in SWEEP[kind][1]}
         got = {cells[0] for cells in gemms if cells[1] == op and cells[0] in want}
-        assert got == want, (kind, sorted(want - got), proc.stdout[-3000:])
+        assert got == want, (kind, sorted(want - got), rows)
     assert all(int(cells[10]) > 0 and cells[14] == "yes" for cells in gemms), gemms  # wgmma, pipelined
