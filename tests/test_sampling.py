@@ -48,6 +48,7 @@ def test_sample_cli_writes_one_row_per_class(run, tmp_path, capsys):
     [
         (["--classes", "0,12"], "[12]"),
         (["--steps", "ddim0"], "ddim0"),
+        (["--kernel-tiles", '{"rows": {"BQ": 1}}'], "rows has no setting 'BQ'"),
     ],
 )
 def test_sample_cli_bad_input_is_one_clear_line(run, tmp_path, capsys, argv, needle):

@@ -116,6 +116,8 @@ def test_metrics_carry_per_layer_utilisation(digits, tmp_path):
         (["--precision", "fp16"], "precision='fp16' needs several ranks or DeepSpeed"),
         (["--resume", "--init-from", "x"], "pick one"),
         (["--batch-size", "8", "--grad-accum", "3"], "batch_size=8 does not split over 1 ranks x grad_accum=3"),
+        (["--kernel-tiles", "/nonexistent/tiles.json"], "kernel_tiles '/nonexistent/tiles.json'"),
+        (["--kernel-tiles", '{"gmm": {"BX": 1}}'], "gmm has no setting 'BX'"),
     ],
 )
 def test_train_cli_bad_input_is_one_clear_line(digits, tmp_path, capsys, argv, needle):
@@ -150,6 +152,27 @@ def test_a_stop_signal_saves_and_stops_a_single_process_run(digits, tmp_path, mo
     assert result.stopped_by_signal and result.step == 3
     assert ckpt_io.newest_valid(out / "checkpoints").name == ckpt_io.step_dir(Path(), 3).name
     assert (out / "REQUEUE").read_text().strip() == "3"
+
+
+def test_kernel_tiles_are_in_force_for_every_step_and_only_during_the_run(digits, tmp_path, monkeypatch):
+    """``kernel_tiles``: every training step (forward and backward: the kernels' autograd Functions carry the
+    forward's tiles into backward) runs under the file's overrides, and they are gone once ``train`` returns."""
+    from ditmoe.training import loop
+    from ditmoe_kernels import tiles
+
+    seen = []
+
+    def recording_step(*args, **kwargs):
+        seen.append(tiles.overrides())
+        return real_step(*args, **kwargs)
+
+    real_step = loop.train_step
+    monkeypatch.setattr(loop, "train_step", recording_step)
+    path = tmp_path / "tiles.json"
+    path.write_text(json.dumps({"swiglu": {"BN": 16}, "rows": {"BT": 8}}))
+    train(smoke(digits, tmp_path / "run", steps=3, kernel_tiles=str(path)), progress=False)
+    assert seen == [{"swiglu": {"BN": 16}, "rows": {"BT": 8}}] * 3
+    assert tiles.overrides() == {}
 
 
 def test_ema_warmup_and_update():

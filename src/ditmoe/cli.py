@@ -153,15 +153,24 @@ def cmd_prepare(args) -> int:
 
 def cmd_sample(args) -> int:
     from ditmoe.sampling.sample import generate, load_sampler, save_grid
+    from ditmoe.training.config import kernel_tiles
+    from ditmoe_kernels.tiles import tile_overrides
 
+    tiles = kernel_tiles(args.kernel_tiles)
     sampler = load_sampler(args.ckpt, ema=not args.no_ema)
     if sampler.data.get("format") == "latent":
         raise ConfigError(f"{sampler.checkpoint} generates VAE latents; decoding them needs a VAE (not supported yet)")
     classes = [int(c) for c in args.classes.split(",")] if args.classes else list(range(sampler.model.cfg.num_classes))
     labels = [c for c in classes for _ in range(args.per_class)]
-    images = generate(
-        sampler, labels, cfg_scale=args.cfg_scale, steps=args.steps, seed=args.seed, guide_channels=args.guide_channels
-    )
+    with tile_overrides(**tiles):
+        images = generate(
+            sampler,
+            labels,
+            cfg_scale=args.cfg_scale,
+            steps=args.steps,
+            seed=args.seed,
+            guide_channels=args.guide_channels,
+        )
     path = save_grid(images, args.out, nrow=args.per_class, upscale=args.upscale)
     print(f"wrote {len(classes)} classes x {args.per_class} samples from {sampler.checkpoint} to {path}")
     return 0
@@ -271,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--upscale", type=int, default=1, help="nearest-neighbour upscaling of the grid")
+    p.add_argument("--kernel-tiles", default="", help="Triton tile overrides: a JSON file (as train's) or JSON text")
     p.add_argument("--out", default="samples.png")
     p.set_defaults(func=cmd_sample)
 

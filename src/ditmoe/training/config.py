@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ditmoe.config import ConfigError, ModelConfig, model_config
+from ditmoe_kernels.tiles import load_tiles
 
 
 class TrainingAborted(RuntimeError):
@@ -43,6 +44,9 @@ class TrainConfig:
     deepspeed_config: str = ""  # DeepSpeed JSON (ds_configs/); default under a launcher: ZeRO-2 in `precision`
     max_skipped_steps: int = 10  # consecutive non-finite steps before the run aborts
     peak_tflops: float = 0.0  # per device, for MFU; 0: from the table of known devices
+    # Triton tile overrides for the whole run, {kind: {setting: value}}: a JSON file (bench_kernels.py --sweep
+    # --write-tiles tunes one on this GPU) or JSON text; "": the built-in tables
+    kernel_tiles: str = ""
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every", "ep_size", "max_skipped_steps"):
@@ -60,6 +64,7 @@ class TrainConfig:
             raise ConfigError("grad_clip, warmup_steps, weight_decay and peak_tflops must be >= 0")
         if self.resume and self.init_from:
             raise ConfigError("--resume continues this run's own checkpoints; --init-from starts a new run: pick one")
+        kernel_tiles(self.kernel_tiles)
 
     def micro_batch(self, world_size: int) -> int:
         """Samples per rank per forward; ConfigError unless the global batch splits evenly."""
@@ -72,6 +77,15 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def kernel_tiles(spec: str) -> dict[str, dict]:
+    """Tile overrides for ``tile_overrides(**tiles)`` from a ``kernel_tiles`` value ({} for ""); ConfigError naming
+    the file and what is wrong in it."""
+    try:
+        return load_tiles(spec) if spec else {}
+    except ValueError as exc:
+        raise ConfigError(f"kernel_tiles {exc}") from None
 
 
 TRAIN_PRESETS: dict[str, dict] = {

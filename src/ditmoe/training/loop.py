@@ -26,12 +26,13 @@ from ditmoe.parallel.distributed import DistContext, init_distributed, launched_
 from ditmoe.parallel.expert_state import expert_slices
 from ditmoe.training import checkpoint as ckpt_io
 from ditmoe.training import run_state
-from ditmoe.training.config import TrainConfig, TrainingAborted, model_config_for_data
+from ditmoe.training.config import TrainConfig, TrainingAborted, kernel_tiles, model_config_for_data
 from ditmoe.training.ema import EMA
 from ditmoe.training.metrics import MetricsLogger
 from ditmoe.training.signals import REQUEUE_MARKER, StopRequest, ignore_stop_signals
 from ditmoe.training.stepper import DeepSpeedStepper, TorchStepper
 from ditmoe.training.telemetry import Throughput, device_peak_flops, peak_memory
+from ditmoe_kernels.tiles import tile_overrides
 
 
 @dataclass
@@ -154,8 +155,14 @@ def restore_weights(model: DiTMoE, cfg: TrainConfig, ctx: DistContext, found: Pa
 def train(
     cfg: TrainConfig, *, device: str | None = None, progress: bool = True, batches: Iterator | None = None
 ) -> TrainResult:
-    """Train (or resume) ``cfg``. ``batches``: this rank's (x, y) micro-batches instead of the shard loader."""
+    """Train (or resume) ``cfg``, with its ``kernel_tiles`` in force throughout. ``batches``: this rank's (x, y)
+    micro-batches instead of the shard loader."""
     cfg.validate()
+    with tile_overrides(**kernel_tiles(cfg.kernel_tiles)):
+        return _train(cfg, device, progress, batches)
+
+
+def _train(cfg: TrainConfig, device: str | None, progress: bool, batches: Iterator | None) -> TrainResult:
     out_dir = Path(cfg.out)
     ckpt_root = out_dir / "checkpoints"
     manifest = read_manifest(cfg.data)
