@@ -4,6 +4,7 @@
     python bench/bench_kernels.py --sweep              # also time bench/sweep_candidates.py at XL (prints the best)
     python bench/bench_kernels.py --sweep --sweep-shapes XL,G --sweep-kinds dw   # dW tiles at XL and at G
     python bench/bench_kernels.py --shapes XL --sweep --sweep-kinds gmm_dx,dw,ew   # backward kinds only
+    python bench/bench_kernels.py --shapes XL --sweep --write-tiles tiles.json   # tune: ditmoe train --kernel-tiles
     TRITON_INTERPRET=1 python bench/bench_kernels.py   # CPU: tiny shapes, interpreter (correctness, not speed)
 
 Every shape: 8192 tokens (32 images x 256 tokens), top-2, bf16 on CUDA. Timings: CUDA events, warmup, L2 flushed
@@ -62,6 +63,12 @@ ap.add_argument(
     help="a JSON file of tile overrides {kind: {key: value}}: each shape's layer is also timed under them, e.g. "
     "bench/tiles/run3-bf16.json (at --shapes tiny the layer time is mostly host overhead)",
 )
+ap.add_argument(
+    "--write-tiles",
+    metavar="FILE",
+    help="with --sweep at one --sweep-shapes shape: write the tiles that made the whole layer fastest there (JSON; {} "
+    "when the built-in tables won), for `ditmoe train --kernel-tiles FILE`",
+)
 ap.add_argument("--budget", type=float, default=300.0, help="seconds; later sections are skipped past it")
 ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
 ap.add_argument("--try-deepspeed-build", action="store_true", help="JIT-build DeepSpeed's CUTLASS MoE GEMM (slow)")
@@ -83,6 +90,13 @@ SHAPES = {"S": (384, 1536, 8), "XL": (1152, 4608, 8), "G": (1408, 5632, 16), "ti
 SWEEP_SHAPES = [s.strip() for s in args.sweep_shapes.split(",") if s.strip()]
 if not set(SWEEP_SHAPES) <= SHAPES.keys():
     ap.error(f"--sweep-shapes: unknown {sorted(set(SWEEP_SHAPES) - SHAPES.keys())} (known: {', '.join(SHAPES)})")
+if args.write_tiles:
+    if not args.sweep:
+        ap.error("--write-tiles needs --sweep: the tiles it writes are the sweep's")
+    if len(SWEEP_SHAPES) != 1:
+        ap.error(f"--write-tiles: a tile file is tuned at one shape; --sweep-shapes gives {args.sweep_shapes!r}")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(args.write_tiles))):
+        ap.error(f"--write-tiles {args.write_tiles!r}: its folder does not exist")
 
 rows: list[dict] = []
 skipped: list[str] = []
@@ -187,7 +201,7 @@ def attempt(shape, op, impl, fn, **kw):
 # implementations under test
 # ---------------------------------------------------------------------------------------------------------------
 
-from sweep_candidates import SWEEP, candidate  # noqa: E402  (bench/, the script's folder)
+from sweep_candidates import SWEEP, adopted, candidate  # noqa: E402  (bench/, the script's folder)
 
 from ditmoe_kernels import reference as ref  # noqa: E402
 
@@ -689,24 +703,47 @@ def sweep(kinds, name: str):
                 best = (total, c)
         if best:
             ops_timed = " + ".join(op for op, *_ in work[kind])
-            log(f"best {kind}: {best[1]} {best[0]:.4f} ms ({ops_timed}; default now: {ops.common.config(kind, DTYPE)})")
-            if best[1] != configs[0]:
-                winners[kind] = candidate(keys, best[1])
+            in_use = ops.common.config(kind, DTYPE)
+            log(f"best {kind}: {best[1]} {best[0]:.4f} ms ({ops_timed}; default now: {in_use})")
+            chosen = candidate(keys, best[1])
+            if any(in_use.get(k) != v for k, v in chosen.items()):  # not the tiles in use (on this device and dtype)
+                winners[kind] = chosen
         write_results()
     winners.pop("gmm_epi", None)  # GELU experts only: the layer timed here is SwiGLU
+    verdict = ("tiles now", {}) if not winners else None  # the tiles in use won every kind
     if winners and not over_budget():
         # together, and one kind at a time where several won: a kind's gain can hide behind another's loss
         variants = {"sweep winners": winners}
         if len(winners) > 1:
             variants |= {f"sweep winner {kind}": {kind: cfg} for kind, cfg in winners.items()}
-        layer_with_tiles(shape, variants, x, probs, Wgu, Wd, ex, E)
+        now, timed = layer_with_tiles(shape, variants, x, probs, Wgu, Wd, ex, E)
+        verdict = adopted(now, timed) if now is not None else None
         write_results()
+    if args.write_tiles:
+        write_tiles(verdict, shape)
 
 
-def layer_with_tiles(shape, variants: dict[str, dict], x, probs, Wgu, Wd, experts_TK, E):
+def write_tiles(verdict: tuple[str, dict] | None, shape: str) -> None:
+    """``--write-tiles``: the adopted tiles as JSON that ``load_tiles`` reads; nothing when the layer was not
+    re-timed."""
+    if verdict is None:
+        skip("--write-tiles", f"the layer was not re-timed under the winners at {shape}: nothing written")
+        return
+    label, tiles = verdict
+    with open(args.write_tiles, "w") as f:
+        json.dump(tiles, f, indent=1)
+        f.write("\n")
+    note = "" if CUDA else " (interpreter timings: this checks the path, it tunes nothing)"
+    log(f"wrote {args.write_tiles} ({label} at {shape}): {json.dumps(tiles)}{note}")
+
+
+def layer_with_tiles(
+    shape, variants: dict[str, dict], x, probs, Wgu, Wd, experts_TK, E
+) -> tuple[float | None, dict[str, tuple[dict, float, float]]]:
     """The whole layer forward+backward with the tiles in use and then under each variant's tiles ({label: tiles}:
     the sweep's winners, or a file's), on the same inputs: the layer-level gain of adopting them, and their largest
-    output/gradient difference."""
+    output/gradient difference. Returns the ms with the tiles in use (None if that failed) and {label: (tiles, ms,
+    difference)} of the variants that ran."""
     T, D = x.shape
     R, F_ = T * experts_TK.shape[1], Wd.shape[2]
     params = [t.detach().clone().requires_grad_() for t in (x, probs, Wgu, Wd)]
@@ -717,7 +754,7 @@ def layer_with_tiles(shape, variants: dict[str, dict], x, probs, Wgu, Wd, expert
         return [out, *torch.autograd.grad(out, params, grad_out)]
 
     now = attempt(shape, "layer fwd+bwd", "triton (tiles now)", run, flops=18 * R * D * F_)
-    want = run()
+    want, timed = run(), {}
     for label, tiles in variants.items():
         if over_budget():
             skip(f"{shape} layer fwd+bwd triton ({label})", "over the time budget")
@@ -729,9 +766,12 @@ def layer_with_tiles(shape, variants: dict[str, dict], x, probs, Wgu, Wd, expert
             float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30))
             for a, b in zip(got, want, strict=True)
         )
+        if won:
+            timed[label] = (tiles, won["ms"], diff)
         if now and won:
             won["vs_tiles_now"] = round(now["ms"] / won["ms"], 3)
             log(f"{label} {tiles}: layer {now['ms']:.4f} -> {won['ms']:.4f} ms; max normalised difference {diff:.2e}")
+    return (now["ms"] if now else None), timed
 
 
 def device_name() -> str:

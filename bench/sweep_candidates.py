@@ -1,5 +1,6 @@
 """The tile candidates ``bench_kernels.py --sweep`` times per kernel kind, with what the compiler and earlier GPU
-runs said of them; ``inspect_kernels.py --candidates`` compiles them for sm_90 without a GPU."""
+runs said of them, and how it picks the tiles to adopt; ``inspect_kernels.py --candidates`` compiles them for sm_90
+without a GPU."""
 
 from __future__ import annotations
 
@@ -118,3 +119,12 @@ SWEEP = {
 def candidate(keys: tuple, values: tuple) -> dict:
     """A sweep candidate as tile settings; None leaves a setting unset (e.g. no ``maxnreg`` cap)."""
     return {k: v for k, v in zip(keys, values, strict=True) if v is not None}
+
+
+def adopted(now_ms: float, timed: dict[str, tuple[dict, float, float]]) -> tuple[str, dict]:
+    """The tiles to adopt after the whole layer was re-timed ({label: (tiles, layer ms, largest normalised difference
+    from the tiles in use)}): the fastest variant that beat the tiles in use (``now_ms``) with the same output and
+    gradients bit for bit, else ("tiles now", {}): no overrides. Tiles change speed, never results."""
+    same = {label: t for label, t in timed.items() if t[2] == 0.0}
+    label, (tiles, ms, _) = min(same.items(), key=lambda item: item[1][1], default=("tiles now", ({}, now_ms, 0.0)))
+    return (label, tiles) if ms < now_ms else ("tiles now", {})

@@ -1,0 +1,58 @@
+"""The kernel benchmark's tuning path: how the sweep picks the tiles to adopt, and ``--write-tiles`` end to end on
+CPU (the interpreter times nothing meaningful, so this checks the path, not the choice of a GPU run)."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ditmoe_kernels.tiles import load_tiles
+
+REPO = Path(__file__).parents[1]
+
+
+@pytest.fixture(scope="module")
+def adopted():
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        from sweep_candidates import adopted
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    return adopted
+
+
+def test_the_fastest_variant_with_the_same_bits_is_adopted(adopted):
+    a, b = {"ew": {"BR": 8}}, {"rows": {"BT": 8}}
+    assert adopted(2.0, {"winners": (a, 1.5, 0.0), "winner rows": (b, 1.8, 0.0)}) == ("winners", a)
+    assert adopted(2.0, {"winners": (a, 1.5, 1e-3), "winner rows": (b, 1.8, 0.0)}) == ("winner rows", b)
+
+
+def test_nothing_is_adopted_unless_it_beats_the_tiles_in_use(adopted):
+    assert adopted(1.0, {"winners": ({"ew": {"BR": 8}}, 1.2, 0.0)}) == ("tiles now", {})
+    assert adopted(1.0, {"winners": ({"ew": {"BR": 8}}, 0.5, 2e-2)}) == ("tiles now", {})  # faster, other bits
+    assert adopted(1.0, {}) == ("tiles now", {})
+
+
+def test_sweep_writes_a_tile_file_that_training_reads(tmp_path):
+    """CPU: the tiny benchmark, a sweep of the row kernels' tiles, the layer re-timed under any winner, and the
+    adopted tiles written as JSON that ``load_tiles`` (``ditmoe train --kernel-tiles``) accepts."""
+    out = tmp_path / "tiles.json"
+    cmd = [sys.executable, "-W", "ignore", str(REPO / "bench" / "bench_kernels.py"), "--shapes", "tiny", "--sweep"]
+    cmd += ["--sweep-kinds", "rows", "--write-tiles", str(out), "--out", str(tmp_path / "results")]
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| shape | op | impl | ms |" in proc.stdout  # the markdown table
+    assert len(list((tmp_path / "results").glob("*.json"))) == 1
+    said = re.search(rf"wrote {re.escape(str(out))} \((.+?) at .*\): (\{{.*\}}) \(interpreter", proc.stdout)
+    assert said, proc.stdout[-3000:]
+    written = load_tiles(str(out))
+    assert json.loads(said.group(2)) == written
+    if said.group(1) == "tiles now":  # nothing beat the tiles in use on the layer here
+        assert written == {}
+    else:  # a rows candidate that did
+        assert said.group(1) == "sweep winners" and set(written) == {"rows"}
