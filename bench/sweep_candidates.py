@@ -125,6 +125,8 @@ def adopted(now_ms: float, timed: dict[str, tuple[dict, float, float]]) -> tuple
     """The tiles to adopt after the whole layer was re-timed ({label: (tiles, layer ms, largest normalised difference
     from the tiles in use)}): the fastest variant that beat the tiles in use (``now_ms``) with the same output and
     gradients bit for bit, else ("tiles now", {}): no overrides. Tiles change speed, never results."""
-    same = {label: t for label, t in timed.items() if t[2] == 0.0}
-    label, (tiles, ms, _) = min(same.items(), key=lambda item: item[1][1], default=("tiles now", ({}, now_ms, 0.0)))
-    return (label, tiles) if ms < now_ms else ("tiles now", {})
+    better = [(ms, label, tiles) for label, (tiles, ms, diff) in timed.items() if diff == 0.0 and ms < now_ms]
+    if not better:
+        return "tiles now", {}
+    _, label, tiles = min(better, key=lambda b: b[0])
+    return label, tiles
