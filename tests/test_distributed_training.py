@@ -221,6 +221,26 @@ def test_launchers_run_the_training_module_on_two_ranks(digits, tmp_path, launch
     shutil.rmtree(tmp_path / "run")
 
 
+def process_group_threads_after_training(rank: int, world: int, data: str, out: str) -> list[str]:
+    from ditmoe.parallel.distributed import leave_distributed
+    from ditmoe.training.config import train_config
+    from ditmoe.training.loop import train
+
+    train(train_config("digits-smoke", data=data, out=out, steps=1, ep_size=2), progress=False)
+    leave_distributed()
+    names = [(task / "comm").read_text().strip() for task in Path("/proc/self/task").iterdir()]
+    return sorted(n for n in names if "gloo" in n)
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads through Linux /proc")
+def test_no_process_group_thread_outlives_a_finished_run(digits, tmp_path):
+    """A group still alive at interpreter exit runs its gloo threads while the process tears down, which now and
+    then aborted a rank that had finished (SIGABRT, "terminate called without an active exception"). After the
+    run and ``leave_distributed`` none may be left: not the engine's, not DeepSpeed's registries', not the world's."""
+    threads = run_local_ranks(process_group_threads_after_training, 2, timeout_s=240, args=(str(digits), str(tmp_path)))
+    assert threads == [[], []]
+
+
 def offload_rank(rank: int, world: int, data: str, out: str, steps: int, resume: bool) -> list[float]:
     from ditmoe.training.config import train_config
     from ditmoe.training.loop import train

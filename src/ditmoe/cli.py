@@ -69,10 +69,9 @@ def cmd_train(args) -> int:
     try:
         result = train(cfg)
     finally:
-        import torch.distributed as dist
+        from ditmoe.parallel.distributed import leave_distributed
 
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        leave_distributed()
     say = print if os.environ.get("RANK", "0") == "0" else (lambda *a: None)
     if result.stopped_by_signal:
         from ditmoe.training.signals import EXIT_REQUEUE

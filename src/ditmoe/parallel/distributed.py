@@ -4,12 +4,14 @@ Launchers and what they set:
     deepspeed --num_gpus N --module ditmoe.train    RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT
     torchrun --nproc-per-node N -m ditmoe.train     the same
     srun python -m ditmoe.train                     SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID (mapped here)
-A process started by none of them is a world of one.
+A process started by none of them is a world of one. ``leave_distributed`` is the way out.
 """
 
 from __future__ import annotations
 
+import gc
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -69,6 +71,17 @@ def launched_world_size(env: dict[str, str] | None = None) -> int:
     return int(env.get("WORLD_SIZE", "1"))
 
 
+def import_before_joining() -> None:
+    """Import the modules that bind the world group as a default argument (``group=GroupMember.WORLD``) at import.
+
+    torch.distributed.nn.functional (ten collectives; torch._dynamo imports it, e.g. through the optimizer) and
+    DeepSpeed's ``TorchBackend.barrier``: imported after the world exists, they hold its group, and its threads,
+    past ``destroy_process_group`` (see ``leave_distributed``). Call before joining; later calls cost nothing.
+    """
+    import deepspeed.comm.torch  # noqa: F401
+    import torch.distributed.nn.functional  # noqa: F401
+
+
 def init_distributed(ep_size: int, num_experts: int, *, timeout_s: float = 1800.0) -> DistContext:
     """Join the world set up by the launcher (or the one a caller already initialised) and build DeepSpeed's EP groups.
 
@@ -77,6 +90,7 @@ def init_distributed(ep_size: int, num_experts: int, *, timeout_s: float = 1800.
     import deepspeed
     from deepspeed.utils import groups as ds_groups
 
+    import_before_joining()
     os.environ.update(slurm_to_torch_env(dict(os.environ)))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
@@ -97,3 +111,22 @@ def init_distributed(ep_size: int, num_experts: int, *, timeout_s: float = 1800.
     ep_group = ds_groups._get_expert_parallel_group(name) if ep_size > 1 else None
     groups = ExpertParallelGroups(ep_size, ep_group, ds_groups._get_expert_data_parallel_group(name))
     return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device, groups, name)
+
+
+def leave_distributed() -> None:
+    """Destroy every process group and drop DeepSpeed's references to them, so their threads end now.
+
+    A group still referenced when the interpreter exits keeps its gloo threads running while the process tears
+    down, which now and then aborts a rank that finished its work ("terminate called without an active
+    exception"). Call it after the last collective (after ``DeepSpeedStepper.close``); a no-op without a world.
+    """
+    if not dist.is_initialized():
+        return
+    dist.destroy_process_group()
+    ds_groups = sys.modules.get("deepspeed.utils.groups")  # DeepSpeed keeps its groups in module-level registries
+    for name, value in list(vars(ds_groups).items() if ds_groups else ()):
+        if isinstance(value, dict) and any(isinstance(v, dist.ProcessGroup) for v in value.values()):
+            value.clear()
+        elif isinstance(value, dist.ProcessGroup):
+            setattr(ds_groups, name, None)
+    gc.collect()

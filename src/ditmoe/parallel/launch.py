@@ -34,6 +34,9 @@ def free_port() -> int:
 def _rank_main(
     fn: Callable, rank: int, world_size: int, port: int, out_dir: str, timeout_s: float, args: tuple, threads: int
 ):
+    from ditmoe.parallel.distributed import import_before_joining, leave_distributed
+
+    import_before_joining()
     torch.set_num_threads(threads)
     out = Path(out_dir)
     # What a launcher (torchrun, deepspeed) would export, for code that reads the environment.
@@ -48,9 +51,10 @@ def _rank_main(
             timeout=timedelta(seconds=timeout_s),
         )
         result = fn(rank, world_size, *args)
-        dist.barrier()
+        if dist.is_initialized():  # fn may have left the world itself
+            dist.barrier()
         torch.save(result, out / f"rank{rank}.pt")
-        dist.destroy_process_group()
+        leave_distributed()
     except BaseException:
         (out / f"rank{rank}.err").write_text(traceback.format_exc())
         raise SystemExit(1) from None

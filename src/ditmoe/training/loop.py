@@ -329,6 +329,7 @@ def _train(cfg: TrainConfig, device: str | None, progress: bool, batches: Iterat
         stop.restore()
         bar.close()
         logger.close()
+        stepper.close()
     result.step = step
     return result
 

@@ -74,6 +74,9 @@ class TorchStepper:
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state)
 
+    def close(self) -> None:
+        """Nothing to release: the optimizer goes with its last reference."""
+
 
 class DeepSpeedStepper:
     """The DeepSpeed engine (ZeRO-1/2, expert parameters reduced over their expert-data-parallel group).
@@ -121,6 +124,11 @@ class DeepSpeedStepper:
 
     def state_dict(self) -> dict:
         return self.engine.optimizer.state_dict()
+
+    def close(self) -> None:
+        """Release the engine: something outside Python's view keeps it, and the process groups its optimizer
+        holds, alive otherwise (see ``leave_distributed``)."""
+        self.engine.destroy()
 
     def load_state_dict(self, state: dict) -> None:
         """This rank's partition, saved by the same rank of a run with the same topology."""
