@@ -66,8 +66,8 @@ ap.add_argument(
 ap.add_argument(
     "--write-tiles",
     metavar="FILE",
-    help="with --sweep at one --sweep-shapes shape: write the tiles that made the whole layer fastest there (JSON; {} "
-    "when the built-in tables won), for `ditmoe train --kernel-tiles FILE`",
+    help="with --sweep at one --sweep-shapes shape: write the tiles that made the whole layer fastest there (JSON, "
+    "with the table they were tuned over; no kinds when the built-in tables won), for `ditmoe train --kernel-tiles`",
 )
 ap.add_argument("--budget", type=float, default=300.0, help="seconds; later sections are skipped past it")
 ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -213,6 +213,7 @@ if CUDA or INTERPRET:
         skip("triton kernels", f"import failed: {exc}")
 else:
     skip("triton kernels", "no CUDA device and TRITON_INTERPRET is not set")
+TABLE = ops.common.table_name(DTYPE) if ops is not None else None  # the tile table our launches read here
 
 try:
     from megatron.core.transformer.moe import moe_utils as mcore
@@ -598,7 +599,10 @@ def run_shape(name: str):
             shape, "layer fwd+bwd", "megatron permute+_grouped_mm", fwd_bwd(mg), flops=layer_flops
         )
     if ops is not None and COMPARE_TILES:
-        layer_with_tiles(shape, {args.compare_tiles: COMPARE_TILES}, x, probs, Wgu, Wd, experts_TK, E)
+        if COMPARE_TILES.get("table", TABLE) == TABLE:
+            layer_with_tiles(shape, {args.compare_tiles: COMPARE_TILES}, x, probs, Wgu, Wd, experts_TK, E)
+        else:
+            skip(f"--compare-tiles {args.compare_tiles}", f"tuned for {COMPARE_TILES['table']} launches; here: {TABLE}")
     if ops is not None:  # correctness at the real shape: ours vs the reference path, same dtype
         try:
             outs = {}
@@ -730,6 +734,7 @@ def write_tiles(verdict: tuple[str, dict] | None, shape: str) -> None:
         skip("--write-tiles", f"the layer was not re-timed under the winners at {shape}: nothing written")
         return
     label, tiles = verdict
+    tiles = {"table": TABLE, **tiles}  # tuned over this table: they apply to the launches that read it
     with open(args.write_tiles, "w") as f:
         json.dump(tiles, f, indent=1)
         f.write("\n")

@@ -18,7 +18,8 @@ whose rows are all their own through tensor descriptors, bulk copies the warps n
 than half the register file) are launch options.
 
 Tables are fixed so results never depend on batch composition; ``tile_overrides`` lets a benchmark try others inside
-a ``with`` block. No Triton import here: benchmarks parse tile files before they know whether Triton runs.
+a ``with`` block, and a run use a tuned file's (``--kernel-tiles``), for every table or for the one it was tuned on.
+No Triton import here: benchmarks parse tile files before they know whether Triton runs.
 """
 
 from __future__ import annotations
@@ -35,11 +36,15 @@ __all__ = [
     "FP32",
     "BF16_SM90",
     "BF16_SM80",
+    "TABLES",
+    "ANY",
     "SETTINGS",
     "LAUNCH_OPTIONS",
     "tile_overrides",
     "overrides",
+    "override",
     "exactly",
+    "check_table",
     "check_tiles",
     "load_tiles",
 ]
@@ -105,31 +110,44 @@ BF16_SM80 = MappingProxyType(
         "dw": dict(BO=128, BI=128, BR=32, GROUP_M=8, num_warps=8, num_stages=4),
     }
 )
+# Table names: the table a launch reads (``triton_ops.common.table_name``: dtype and architecture), and the launches
+# a tile file's overrides are for (its "table" entry: those tuned on one table need not even compile on another).
+TABLES = MappingProxyType({"interpret": INTERPRET, "fp32": FP32, "bf16-sm90": BF16_SM90, "bf16-sm80": BF16_SM80})
 # Settings passed to the launch, not to the kernel; any kind may hold them.
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "maxnreg")
 # kind -> the settings its config may hold: what ``tile_overrides`` accepts.
 SETTINGS = MappingProxyType(
-    {
-        kind: frozenset(LAUNCH_OPTIONS).union(*(t[kind] for t in (INTERPRET, FP32, BF16_SM90, BF16_SM80)))
-        for kind in BF16_SM90
-    }
+    {kind: frozenset(LAUNCH_OPTIONS).union(*(t[kind] for t in TABLES.values())) for kind in BF16_SM90}
 )
 
-# kind -> settings replacing a table's; set only inside ``tile_overrides`` blocks.
-_OVERRIDES: ContextVar[Mapping[str, Mapping]] = ContextVar("ditmoe_tile_overrides", default=MappingProxyType({}))
+ANY = "any"  # the scope of overrides for every table
+
+# scope (a table name or ANY) -> {kind: settings replacing the table's}; set only inside ``tile_overrides`` blocks.
+_OVERRIDES: ContextVar[Mapping[str, Mapping[str, Mapping]]] = ContextVar(
+    "ditmoe_tile_overrides", default=MappingProxyType({})
+)
 
 
-def overrides() -> Mapping[str, Mapping]:
-    """The overrides in force here: {kind: {setting: value}}."""
+def overrides() -> Mapping[str, Mapping[str, Mapping]]:
+    """The overrides in force here, by scope: {table name or "any": {kind: {setting: value}}}."""
     return _OVERRIDES.get()
 
 
+def override(kind: str, table: str) -> dict:
+    """The settings replacing ``table``'s for ``kind`` here: those for any table, then those for this one."""
+    scopes = _OVERRIDES.get()
+    return {**scopes.get(ANY, {}).get(kind, {}), **scopes.get(table, {}).get(kind, {})}
+
+
 @contextlib.contextmanager
-def tile_overrides(**kinds: Mapping) -> Iterator[None]:
-    """Replace the tile configs of some kinds inside the block, e.g. ``tile_overrides(route={"BLOCK": 16})``. An
-    unknown kind or setting raises ValueError."""
+def tile_overrides(table: str | None = None, **kinds: Mapping) -> Iterator[None]:
+    """Replace the tile configs of some kinds inside the block, e.g. ``tile_overrides(route={"BLOCK": 16})``; with
+    ``table`` (e.g. "bf16-sm90") only in the launches that read that table. An unknown table, kind or setting
+    raises ValueError."""
+    check_table(table)
     check_tiles(kinds)
-    with exactly(MappingProxyType({**_OVERRIDES.get(), **kinds})):
+    scopes, scope = _OVERRIDES.get(), table or ANY
+    with exactly(MappingProxyType({**scopes, scope: MappingProxyType({**scopes.get(scope, {}), **kinds})})):
         yield
 
 
@@ -156,9 +174,17 @@ def check_tiles(kinds: Mapping) -> None:
             raise ValueError(f"{kind} has no setting {', '.join(map(repr, unknown))} (known: {known})")
 
 
-def load_tiles(spec: str) -> dict[str, dict]:
-    """Overrides for ``tile_overrides(**tiles)`` from JSON text or a .json file of it, {kind: {setting: value}}
-    (e.g. ``bench/tiles/run3-bf16.json``). Raises ValueError naming what is wrong."""
+def check_table(table: str | None) -> None:
+    """Raise ValueError unless ``table`` is None or a table's name."""
+    if table is not None and table not in TABLES:
+        raise ValueError(f"unknown tile table {table!r} (known: {', '.join(TABLES)})")
+
+
+def load_tiles(spec: str) -> dict:
+    """Overrides for ``tile_overrides(**tiles)`` from JSON text or a .json file of it, {kind: {setting: value}} and
+    optionally "table": the table they were tuned over, so they apply only to launches that read it (as written by
+    ``bench_kernels.py --write-tiles``; e.g. ``bench/tiles/run3-bf16.json``). Raises ValueError naming what is
+    wrong."""
     try:
         tiles = json.loads(Path(spec).read_text() if spec.endswith(".json") else spec)
     except (OSError, json.JSONDecodeError) as exc:
@@ -166,7 +192,8 @@ def load_tiles(spec: str) -> dict[str, dict]:
     if not isinstance(tiles, dict):
         raise ValueError(f"{spec!r}: expected JSON {{kind: {{setting: value}}}}, got {type(tiles).__name__}")
     try:
-        check_tiles(tiles)
+        check_table(tiles.get("table"))
+        check_tiles({kind: cfg for kind, cfg in tiles.items() if kind != "table"})
     except ValueError as exc:
         raise ValueError(f"{spec!r}: {exc}") from None
     return tiles

@@ -31,6 +31,7 @@ except ImportError:  # pragma: no cover
     given = None
 
 from ditmoe_kernels import reference as ref  # noqa: E402
+from ditmoe_kernels import tiles  # noqa: E402
 from ditmoe_kernels import triton_ops as ops  # noqa: E402
 from ditmoe_kernels.triton_ops import common  # noqa: E402
 
@@ -431,6 +432,23 @@ def test_backward_uses_the_forward_tiles(act, monkeypatch):
     gemms = [(kind, cfg["GROUP_M"]) for kind, cfg in seen if kind in tiles]
     assert {"gmm_dx", "dw"} <= {kind for kind, _ in gemms}
     assert all(group_m == 2 for _, group_m in gemms), gemms
+
+
+def test_tiles_tuned_for_one_table_reach_only_the_launches_that_read_it():
+    """A tile file names the table it was tuned over (``"table"``): its tiles may not even compile on another (bf16
+    tiles in an fp32 launch overflow shared memory), so launches that read another table keep their own."""
+    here = common.table_name(torch.float32)
+    assert here == ("fp32" if DEVICE.type == "cuda" else "interpret")
+    other = next(name for name in tiles.TABLES if name != here)
+    built_in = common.config("gmm", torch.float32)
+    with ops.tile_overrides(table=other, gmm={"GROUP_M": 3}):
+        assert common.config("gmm", torch.float32) == built_in
+        with ops.tile_overrides(table=here, gmm={"BM": 8}):
+            assert common.config("gmm", torch.float32) == {**built_in, "BM": 8}
+    with ops.tile_overrides(gmm={"GROUP_M": 3}):  # no table: every launch
+        assert common.config("gmm", torch.float32) == {**built_in, "GROUP_M": 3}
+    with pytest.raises(ValueError, match="'bf16-sm75'"), ops.tile_overrides(table="bf16-sm75", gmm={"BM": 8}):
+        pass
 
 
 def _layer_out_and_grads(act, inputs, plan):

@@ -9,7 +9,7 @@ from ditmoe_kernels import tiles
 
 
 def test_every_table_covers_every_kind_with_known_settings():
-    for table in (tiles.INTERPRET, tiles.FP32, tiles.BF16_SM90, tiles.BF16_SM80):
+    for table in tiles.TABLES.values():
         assert set(table) == set(tiles.SETTINGS)
         tiles.check_tiles(table)
 
@@ -32,9 +32,18 @@ def test_unknown_kinds_and_settings_are_refused(bad, named):
 def test_overrides_nest_and_unwind():
     with tiles.tile_overrides(gmm={"BM": 64}):
         with tiles.tile_overrides(dw={"BR": 16}, gmm={"BN": 32}):
-            assert tiles.overrides() == {"gmm": {"BN": 32}, "dw": {"BR": 16}}
-        assert tiles.overrides() == {"gmm": {"BM": 64}}
+            assert tiles.overrides() == {"any": {"gmm": {"BN": 32}, "dw": {"BR": 16}}}
+        assert tiles.overrides() == {"any": {"gmm": {"BM": 64}}}
     assert tiles.overrides() == {}
+
+
+def test_overrides_for_a_table_add_to_those_for_every_table_there_only():
+    with tiles.tile_overrides(gmm={"BM": 64, "BN": 64}), tiles.tile_overrides(table="fp32", gmm={"BN": 32}):
+        assert tiles.override("gmm", "fp32") == {"BM": 64, "BN": 32}
+        assert tiles.override("gmm", "bf16-sm90") == {"BM": 64, "BN": 64}
+        assert tiles.override("dw", "fp32") == {}
+    with pytest.raises(ValueError, match="'fp16'"), tiles.tile_overrides(table="fp16", gmm={"BM": 64}):
+        pass
 
 
 def test_load_tiles_reads_text_and_files(tmp_path):
@@ -49,3 +58,7 @@ def test_load_tiles_reads_text_and_files(tmp_path):
         tiles.load_tiles(str(tmp_path / "missing.json"))
     with pytest.raises(ValueError, match="expected JSON"):
         tiles.load_tiles("[1, 2]")
+    assert shipped["table"] == "bf16-sm90"  # run 3's H100 tiles, for the launches that read that table
+    path.write_text(json.dumps({"table": "bf16_sm90", "ew": {"BR": 2}}))
+    with pytest.raises(ValueError, match=r"t\.json.*'bf16_sm90'"):
+        tiles.load_tiles(str(path))

@@ -169,9 +169,9 @@ def test_kernel_tiles_are_in_force_for_every_step_and_only_during_the_run(digits
     real_step = loop.train_step
     monkeypatch.setattr(loop, "train_step", recording_step)
     path = tmp_path / "tiles.json"
-    path.write_text(json.dumps({"swiglu": {"BN": 16}, "rows": {"BT": 8}}))
+    path.write_text(json.dumps({"table": "bf16-sm90", "swiglu": {"BN": 16}, "rows": {"BT": 8}}))
     train(smoke(digits, tmp_path / "run", steps=3, kernel_tiles=str(path)), progress=False)
-    assert seen == [{"swiglu": {"BN": 16}, "rows": {"BT": 8}}] * 3
+    assert seen == [{"bf16-sm90": {"swiglu": {"BN": 16}, "rows": {"BT": 8}}}] * 3
     assert tiles.overrides() == {}
 
 

@@ -33,13 +33,17 @@ def pow2(n: int) -> int:
 
 def config(kind: str, dtype: torch.dtype) -> dict:
     """Tile configuration of one kernel kind (see ``tiles``) for this dtype and device, with any overrides."""
+    table = table_name(dtype)
+    return {**tiles.TABLES[table][kind], **tiles.override(kind, table)}
+
+
+def table_name(dtype: torch.dtype) -> str:
+    """The name of the tile table (``tiles.TABLES``) that launches on ``dtype`` tensors read on this device."""
     if INTERPRET:
-        table = tiles.INTERPRET
-    elif dtype == torch.float32:
-        table = tiles.FP32
-    else:
-        table = tiles.BF16_SM90 if arch() >= 90 else tiles.BF16_SM80
-    return {**table[kind], **tiles.overrides().get(kind, {})}
+        return "interpret"
+    if dtype == torch.float32:
+        return "fp32"
+    return "bf16-sm90" if arch() >= 90 else "bf16-sm80"
 
 
 def arch() -> int:

@@ -101,7 +101,7 @@ def _gather_kernel(
 
 def _rows_cfg(dtype, D):
     cfg = common.config("rows", dtype)
-    if "BD" not in tiles.overrides().get("rows", {}):
+    if "BD" not in tiles.override("rows", common.table_name(dtype)):
         cfg["BD"] = min(cfg["BD"], common.pow2(max(D, 16)))
     return cfg
 
