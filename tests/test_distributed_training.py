@@ -241,6 +241,18 @@ def test_no_process_group_thread_outlives_a_finished_run(digits, tmp_path):
     assert threads == [[], []]
 
 
+def test_joining_needs_deepspeed_only_where_it_is_installed(monkeypatch):
+    """``run_local_ranks`` (plain gloo ranks: tests, ``bench_ep_cpu.py``) also runs where DeepSpeed is absent."""
+    import importlib.util
+
+    from ditmoe.parallel.distributed import import_before_joining
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else find_spec(name))
+    monkeypatch.setitem(sys.modules, "deepspeed.comm.torch", None)  # importing it would now raise ImportError
+    import_before_joining()
+
+
 def offload_rank(rank: int, world: int, data: str, out: str, steps: int, resume: bool) -> list[float]:
     from ditmoe.training.config import train_config
     from ditmoe.training.loop import train

@@ -10,6 +10,7 @@ A process started by none of them is a world of one. ``leave_distributed`` is th
 from __future__ import annotations
 
 import gc
+import importlib.util
 import os
 import sys
 from dataclasses import dataclass
@@ -78,8 +79,10 @@ def import_before_joining() -> None:
     DeepSpeed's ``TorchBackend.barrier``: imported after the world exists, they hold its group, and its threads,
     past ``destroy_process_group`` (see ``leave_distributed``). Call before joining; later calls cost nothing.
     """
-    import deepspeed.comm.torch  # noqa: F401
     import torch.distributed.nn.functional  # noqa: F401
+
+    if importlib.util.find_spec("deepspeed") is not None:  # plain gloo ranks (run_local_ranks) run without it
+        import deepspeed.comm.torch  # noqa: F401
 
 
 def init_distributed(ep_size: int, num_experts: int, *, timeout_s: float = 1800.0) -> DistContext:
