@@ -126,8 +126,8 @@ class DeepSpeedStepper:
         return self.engine.optimizer.state_dict()
 
     def close(self) -> None:
-        """Release the engine: something outside Python's view keeps it, and the process groups its optimizer
-        holds, alive otherwise (see ``leave_distributed``)."""
+        """Release the engine. ZeRO's gradient hooks sit on autograd nodes, out of the garbage collector's sight, and
+        keep it, and the process groups its optimizer holds, alive otherwise (see ``leave_distributed``)."""
         self.engine.destroy()
 
     def load_state_dict(self, state: dict) -> None:
