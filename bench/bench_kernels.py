@@ -201,7 +201,8 @@ def attempt(shape, op, impl, fn, **kw):
 # implementations under test
 # ---------------------------------------------------------------------------------------------------------------
 
-from sweep_candidates import SWEEP, adopted, candidate  # noqa: E402  (bench/, the script's folder)
+from bar import BAR, SKEW_BAR, skew_slowdowns  # noqa: E402  (bench/, the script's folder)
+from sweep_candidates import SWEEP, adopted, candidate  # noqa: E402
 
 from ditmoe_kernels import reference as ref  # noqa: E402
 
@@ -818,33 +819,18 @@ def print_table():
             f"| {r['shape']} | {r['op']} | {r['impl']} | {r['ms']:.4f} | {r.get('tflops', '')} | "
             f"{r.get('gbps', '')} | {vs} |"
         )
-    # the bar of /work/shared/notes/kernels.md: ours vs dense (GEMMs) and vs copy (permutes)
-    bar = {
-        "gate/up fwd": 0.9,
-        "down fwd": 0.85,
-        "down dX": 0.85,
-        "down dX: dH part": 0.85,
-        "gate/up dX": 0.85,
-        "down dW": 0.8,
-        "gate/up dW": 0.8,
-        "permute": 0.8,
-        "unpermute": 0.8,
-    }
-    ours = [r for r in rows if r["impl"].startswith("triton") and r["op"] in bar and "vs_baseline" in r]
+    ours = [r for r in rows if r["impl"].startswith("triton") and r["op"] in BAR and "vs_baseline" in r]
     if ours:
         # last column: against the baseline plus the extra traffic at copy bandwidth (see record): a fused
         # epilogue's, a permuted copy, a grouped dW's E outputs
         print("\n| shape | op | ours / baseline | bar | ok | ours / (baseline + epilogue bytes) |")
         print("|---|---|---:|---:|---|---:|")
         for r in ours:
-            ok = "yes" if r["vs_baseline"] >= bar[r["op"]] else "NO"
+            ok = "yes" if r["vs_baseline"] >= BAR[r["op"]] else "NO"
             epi = f"{r['vs_baseline_plus_epilogue']:.2f}" if "vs_baseline_plus_epilogue" in r else ""
-            print(f"| {r['shape']} | {r['op']} | {r['vs_baseline']:.2f} | {bar[r['op']]:.2f} | {ok} | {epi} |")
-    by = {(r["shape"], r["op"]): r for r in rows if r["impl"].startswith("triton")}
-    for shape in {r["shape"] for r in rows}:
-        if shape.endswith("skew") and (shape.split("-")[0], "layer fwd+bwd") in by and (shape, "layer fwd+bwd") in by:
-            a, b = by[(shape.split("-")[0], "layer fwd+bwd")], by[(shape, "layer fwd+bwd")]
-            print(f"\n{shape}: layer fwd+bwd {b['ms'] / a['ms'] - 1:+.1%} vs balanced (bar: <= +10%)")
+            print(f"| {r['shape']} | {r['op']} | {r['vs_baseline']:.2f} | {BAR[r['op']]:.2f} | {ok} | {epi} |")
+    for shape, slower in skew_slowdowns(rows).items():
+        print(f"\n{shape}: layer fwd+bwd {slower:+.1%} vs balanced (bar: <= +{SKEW_BAR:.0%})")
     for r in rows:
         if r["op"] == "check":
             print(f"\n{r['shape']} triton vs reference, max err / max |ref|: {r['nerr']}")

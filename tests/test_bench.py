@@ -1,6 +1,7 @@
 """The kernel benchmark's tuning path: how the sweep picks the tiles to adopt, and ``--write-tiles`` end to end on
 CPU (the interpreter times nothing meaningful, so this checks the path, not the choice of a GPU run)."""
 
+import importlib
 import json
 import os
 import re
@@ -15,14 +16,18 @@ from ditmoe_kernels.tiles import load_tiles
 REPO = Path(__file__).parents[1]
 
 
-@pytest.fixture(scope="module")
-def adopted():
+def _from_bench(module: str):
+    """A helper module of ``bench/`` (the scripts' folder, on their path when they run)."""
     sys.path.insert(0, str(REPO / "bench"))
     try:
-        from sweep_candidates import adopted
+        return importlib.import_module(module)
     finally:
         sys.path.remove(str(REPO / "bench"))
-    return adopted
+
+
+@pytest.fixture(scope="module")
+def adopted():
+    return _from_bench("sweep_candidates").adopted
 
 
 def test_the_fastest_variant_with_the_same_bits_is_adopted(adopted):
@@ -35,6 +40,26 @@ def test_nothing_is_adopted_unless_it_beats_the_tiles_in_use(adopted):
     assert adopted(1.0, {"winners": ({"ew": {"BR": 8}}, 1.2, 0.0)}) == ("tiles now", {})
     assert adopted(1.0, {"winners": ({"ew": {"BR": 8}}, 0.5, 2e-2)}) == ("tiles now", {})  # faster, other bits
     assert adopted(1.0, {}) == ("tiles now", {})
+
+
+def _layer(shape: str, impl: str, ms: float) -> dict:
+    return {"shape": shape, "op": "layer fwd+bwd", "impl": impl, "ms": ms}
+
+
+def test_the_skewed_layer_is_judged_against_the_balanced_one_under_the_tiles_in_use():
+    """Re-times under other tiles come after the plain rows (run 6 printed +11.3% from two of them: the skewed
+    layer under old tiles against the balanced one under a sweep winner; the tiles in use gave +1.1%)."""
+    rows = [
+        _layer("XL", "triton", 2.0),
+        _layer("XL", "reference", 6.0),
+        _layer("XL", "triton (sweep winner rows)", 1.6),
+        _layer("XL-skew", "triton", 2.1),
+        _layer("XL-skew", "triton (bench/tiles/run3-bf16.json)", 3.0),
+        _layer("G", "triton", 4.0),
+        _layer("G-skew", "reference", 9.0),  # no triton row: nothing to judge
+        {"shape": "XL-skew", "op": "permute", "impl": "triton", "ms": 0.1},
+    ]
+    assert _from_bench("bar").skew_slowdowns(rows) == pytest.approx({"XL-skew": 0.05})
 
 
 def test_sweep_writes_a_tile_file_that_training_reads(tmp_path):

@@ -1,0 +1,32 @@
+"""The performance bar (``/work/shared/notes/kernels.md``) judged on ``bench_kernels.py``'s rows: ours against the
+dense GEMM or copy baseline per op, and the whole layer's slowdown when one expert gets twice the average load."""
+
+from __future__ import annotations
+
+# op: the least ours / baseline that meets the bar (GEMMs against one dense GEMM of the same FLOPs, permutes
+# against device-to-device copy bandwidth)
+BAR = {
+    "gate/up fwd": 0.9,
+    "down fwd": 0.85,
+    "down dX": 0.85,
+    "down dX: dH part": 0.85,
+    "gate/up dX": 0.85,
+    "down dW": 0.8,
+    "gate/up dW": 0.8,
+    "permute": 0.8,
+    "unpermute": 0.8,
+}
+SKEW_BAR = 0.10  # the layer under the skewed load: at most 10% slower than under the balanced one
+
+LAYER = "layer fwd+bwd"
+
+
+def skew_slowdowns(rows: list[dict]) -> dict[str, float]:
+    """{skewed shape: its layer time / the balanced shape's - 1}, both from the rows of impl "triton" (the tiles in
+    use), not the re-times under other tiles ("triton (...)"), which come later and would stand in for them."""
+    ms = {r["shape"]: r["ms"] for r in rows if r["op"] == LAYER and r["impl"] == "triton"}
+    return {
+        shape: ms[shape] / ms[shape.split("-")[0]] - 1
+        for shape in ms
+        if shape.endswith("-skew") and shape.split("-")[0] in ms
+    }
