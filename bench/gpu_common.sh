@@ -13,6 +13,24 @@ mkdir -p "$LOGDIR"
 unset TRITON_INTERPRET
 STAMP=$(mktemp)
 
+# ditmoe / ditmoe_kernels without installing: a PYTHONPATH shim (the package layout maps kernels/ -> ditmoe_kernels)
+if ! "$PY" -c "import ditmoe, ditmoe_kernels" >/dev/null 2>&1; then
+    SHIM=$(mktemp -d)
+    ln -s "$REPO/kernels" "$SHIM/ditmoe_kernels"
+    export PYTHONPATH="$SHIM:$REPO/src:${PYTHONPATH:-}"
+    say "using a PYTHONPATH shim for ditmoe / ditmoe_kernels"
+fi
+# Carried wheels (.whl/*.whl: megatron-core for the peer rows, webdataset and braceexpand for the training modules
+# that the host-read tests import) go on PYTHONPATH where the package is not installed: their pure-python parts
+# import from the archive. The GPU hosts have no network to install them.
+#   pip download --no-deps -d .whl megatron-core==0.16.1 webdataset braceexpand     # here, once; then carry .whl
+for w in "$REPO"/.whl/*.whl; do
+    [ -f "$w" ] || continue
+    pkg=$(basename "$w")
+    pkg=${pkg%%-*}
+    "$PY" -c "import ${pkg/megatron_core/megatron.core}" >/dev/null 2>&1 || export PYTHONPATH="$w:${PYTHONPATH:-}"
+done
+
 say "environment"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -2
 timeout 30 "$PY" - <<'PYEOF' 2>&1 | tee "$LOGDIR/env.log"
@@ -22,27 +40,13 @@ logging.disable(logging.WARNING)
 import torch
 print("python", sys.version.split()[0], "| torch", torch.__version__, "| cuda", torch.version.cuda,
       "| device", torch.cuda.get_device_name() if torch.cuda.is_available() else None)
-for m in ("triton", "pytest", "hypothesis", "megatron.core", "deepspeed"):
+for m in ("triton", "pytest", "hypothesis", "megatron.core", "deepspeed", "webdataset"):
     try:
         mod = __import__(m)
         print(f"{m} {getattr(mod, '__version__', 'ok')}")
     except Exception as e:
         print(f"{m} missing ({type(e).__name__})")
 PYEOF
-
-# ditmoe / ditmoe_kernels without installing: a PYTHONPATH shim (the package layout maps kernels/ -> ditmoe_kernels)
-if ! "$PY" -c "import ditmoe, ditmoe_kernels" >/dev/null 2>&1; then
-    SHIM=$(mktemp -d)
-    ln -s "$REPO/kernels" "$SHIM/ditmoe_kernels"
-    export PYTHONPATH="$SHIM:$REPO/src:${PYTHONPATH:-}"
-    say "using a PYTHONPATH shim for ditmoe / ditmoe_kernels"
-fi
-# megatron-core for the peer rows: a carried .whl/megatron_core-*.whl (pure-python parts) on PYTHONPATH
-if ! "$PY" -c "import megatron.core" >/dev/null 2>&1; then
-    for w in "$REPO"/.whl/megatron_core-*.whl; do
-        [ -f "$w" ] && export PYTHONPATH="$w:$PYTHONPATH"
-    done
-fi
 "$PY" -c "import ditmoe_kernels.triton_ops as o; print('ditmoe_kernels.triton_ops from', o.__file__)" || exit 1
 
 # run_test_shards SECONDS "k-expr" ...: CUDA kernel tests, one shard per -k expression, in parallel (Triton compiles
@@ -56,10 +60,16 @@ run_test_shards() {
     fi
     say "kernel tests on CUDA ($# shards in parallel, $limit s limit)"
     # The device tool brings back at most 8 files: the shards log to a scratch folder, then into one tests.log.
-    local shards=("$@") pids=() i rc scratch
+    local shards=("$@") pids=() i rc scratch files=(tests/test_kernels.py)
+    # tests/test_host_reads.py trains a step: the training modules import webdataset (carry its wheel, see above)
+    if "$PY" -c "import webdataset" >/dev/null 2>&1; then
+        files+=(tests/test_host_reads.py)
+    else
+        say "webdataset is not importable: skipping tests/test_host_reads.py (carry its wheel, see above)"
+    fi
     scratch=$(mktemp -d)
     for i in "${!shards[@]}"; do
-        timeout "$limit" "$PY" -m pytest tests/test_kernels.py tests/test_host_reads.py -q -rs -p no:cacheprovider \
+        timeout "$limit" "$PY" -m pytest "${files[@]}" -q -rs -p no:cacheprovider \
             -k "${shards[$i]}" \
             >"$scratch/$i.log" 2>&1 &
         pids+=($!)
