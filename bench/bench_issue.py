@@ -1,0 +1,101 @@
+"""The host's time to issue one MoE layer forward+backward of our Triton kernels, under several tile sets.
+
+A small model's training step is paced by the host (bench_train's "host ms" equals its step time at S/2), and run 6
+gave S/2 87 ms of host time per step under run 3's tiles against 96 ms under the tiles now. This times, per tile set,
+the median time until the layer's forward and backward have queued their kernels ("issue ms", no synchronisation
+inside) and until they finished ("done ms"), then profiles the issue of the tiles now with cProfile: where the host's
+microseconds go (tensor descriptors, our wrappers, Triton's launcher, autograd).
+
+    python bench/bench_issue.py                       # S (D=384, F=1536, 8 experts), 8192 tokens, top-2
+    python bench/bench_issue.py --shape tiny --reps 100
+
+On CPU the kernels run under the Triton interpreter (set TRITON_INTERPRET=1): that checks the script, not the host's
+cost on a GPU. Prints a markdown table and writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import statistics
+import time
+
+import torch
+
+from ditmoe_kernels import triton_ops as ops
+from ditmoe_kernels.tiles import load_tiles
+
+SHAPES = {"tiny": (64, 256, 8), "S": (384, 1536, 8)}  # (D, F, E), as in bench_kernels.py
+ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+ap.add_argument("--shape", default="S", choices=sorted(SHAPES))
+ap.add_argument("--tokens", type=int, default=8192)
+ap.add_argument("--reps", type=int, default=50)
+ap.add_argument("--old-tiles", default="bench/tiles/run3-bf16.json")
+args = ap.parse_args()
+
+CUDA = torch.cuda.is_available()
+dev, dt = ("cuda", torch.bfloat16) if CUDA else ("cpu", torch.float32)
+D, F, E = SHAPES[args.shape]
+T, K = args.tokens, 2
+gen = torch.Generator(device=dev).manual_seed(0)
+x = torch.randn(T, D, device=dev, dtype=dt, generator=gen, requires_grad=True)
+probs, experts_TK = torch.randn(T, E, device=dev, generator=gen).softmax(-1).topk(K, dim=-1)
+probs = probs.to(dt).requires_grad_()
+w_gu = (torch.randn(E, 2 * F, D, device=dev, dtype=dt, generator=gen) * D**-0.5).requires_grad_()
+w_down = (torch.randn(E, D, F, device=dev, dtype=dt, generator=gen) * F**-0.5).requires_grad_()
+grad_out = torch.randn(T, D, device=dev, dtype=dt, generator=gen)
+params = [x, probs, w_gu, w_down]
+
+no_tma = {k: {"TMA": 0} for k in ("gmm", "gmm_dx", "swiglu", "swiglu_bwd")} | {"dw": {"TMA": 0}}
+TILE_SETS = {
+    "tiles now": {},
+    args.old_tiles: load_tiles(args.old_tiles),
+    "tiles now, no TMA": no_tma,
+    "tiles now, gathered x": {"swiglu": {"GATHER": 1}},
+    "tiles now, unfused SwiGLU backward": {"swiglu_bwd": {"FUSED": 0}},
+}
+
+
+def sync():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def layer():
+    out = ops.swiglu_experts(x, probs, ops.routing_plan(experts_TK, E), w_gu, w_down)
+    return torch.autograd.grad(out, params, grad_out)
+
+
+def time_layer() -> tuple[float, float]:
+    """Median (issue ms, done ms) over --reps runs, after 3 that compile and warm up."""
+    issue, done = [], []
+    for i in range(3 + args.reps):
+        sync()
+        t0 = time.perf_counter()
+        layer()
+        t1 = time.perf_counter()
+        sync()
+        if i >= 3:
+            issue.append(t1 - t0)
+            done.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(issue), 1e3 * statistics.median(done)
+
+
+print(f"{torch.cuda.get_device_name() if CUDA else 'CPU'}, {dt}, {args.shape} (D={D}, F={F}, E={E}), T={T}, top-{K}")
+print("\n| tiles | issue ms | done ms |\n|---|---:|---:|")
+for label, tiles in TILE_SETS.items():
+    with ops.tile_overrides(**tiles):
+        issue_ms, done_ms = time_layer()
+    print(f"| {label} | {issue_ms:.3f} | {done_ms:.3f} |", flush=True)
+
+# where the issue time of the tiles now goes: the functions that spend it themselves, and their callers' totals
+prof = cProfile.Profile()
+for _ in range(args.reps):
+    sync()
+    prof.enable()
+    layer()
+    prof.disable()
+print(f"\ncProfile of {args.reps} issues under the tiles now (the kernels run in between, unprofiled):")
+pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+pstats.Stats(prof).sort_stats("cumulative").print_stats(18)
