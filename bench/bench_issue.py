@@ -7,7 +7,7 @@ inside) and until they finished ("done ms"), then profiles the issue of the tile
 microseconds go (tensor descriptors, our wrappers, Triton's launcher, autograd).
 
     python bench/bench_issue.py                       # S (D=384, F=1536, 8 experts), 8192 tokens, top-2
-    python bench/bench_issue.py --shape tiny --reps 100
+    python bench/bench_issue.py --shape XL            # where the GPU sets the pace: done ms well above issue ms
 
 On CPU the kernels run under the Triton interpreter (set TRITON_INTERPRET=1): that checks the script, not the host's
 cost on a GPU. Prints a markdown table and writes nothing.
@@ -26,7 +26,7 @@ import torch
 from ditmoe_kernels import triton_ops as ops
 from ditmoe_kernels.tiles import load_tiles
 
-SHAPES = {"tiny": (64, 256, 8), "S": (384, 1536, 8)}  # (D, F, E), as in bench_kernels.py
+SHAPES = {"tiny": (64, 256, 8), "S": (384, 1536, 8), "XL": (1152, 4608, 8)}  # (D, F, E), as in bench_kernels.py
 ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 ap.add_argument("--shape", default="S", choices=sorted(SHAPES))
 ap.add_argument("--tokens", type=int, default=8192)

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Short GPU check (H100/H200), about 6 minutes: CUDA kernel tests for the key shards (9 in parallel, 90 s), then the
+# Short GPU check (H100/H200), about 7 minutes: CUDA kernel tests for the key shards (9 in parallel, 90 s), then the
 # kernel benchmark at tiny (host-bound), S, XL, G and XL with one expert at 2x load, each layer also under the tiles
 # before run 4, with a tile sweep of every kind at XL, G and S (S last: the budget cuts it first), then whole
 # training steps (bench_train.py: S/2 and XL/2, our kernels vs the torch reference vs the official loop, 160 s: XL/2
-# needs about 150 on an H200; S/2 under new and old tiles in turn, 3 rounds). Logs and JSON go to $OUT (else
-# bench/results/): at most 8 files, what the device tool brings back. The megatron-core rows and the host-read tests
-# need wheels the GPU hosts cannot download (see gpu_common.sh):
+# needs about 150 on an H200; S/2 under new and old tiles in turn, 3 rounds), then the host's time to issue one
+# layer per tile set at S and XL (bench_issue.py). Logs and JSON go to $OUT (else bench/results/): at most 8 files,
+# what the device tool brings back. The megatron-core rows and the host-read tests need wheels the GPU hosts cannot
+# download (see gpu_common.sh):
 #
 #   pip download --no-deps -d .whl megatron-core==0.16.1 webdataset braceexpand     # here, once
 #   bash bench/gpu_final.sh                                                            # there, with .whl carried
@@ -38,4 +39,8 @@ say "S/2 training step, new tiles vs the tiles before run 4, 3 interleaved round
 timeout 60 "$PY" -W ignore bench/bench_train.py --models DiT-MoE-S/2-8E2A --backends triton \
     --compare-tiles bench/tiles/run3-bf16.json --rounds 3 --out "$LOGDIR/tiles-ab" 2>&1 |
     tee -a "$LOGDIR/bench_train.log"
+say "host time to issue one MoE layer fwd+bwd per tile set, S and XL (bench_issue.py; run 6, S: TMA +0.3 ms; 2 x 60 s)"
+for shape in S XL; do
+    timeout 60 "$PY" -W ignore bench/bench_issue.py --shape $shape 2>&1 | tee -a "$LOGDIR/bench_train.log"
+done
 collect_results
