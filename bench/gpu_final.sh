@@ -21,7 +21,7 @@ run_test_shards 90 \
     "low_precision or ((grouped_mm or permute) and not property and not same_bits)" \
     "experts_fp32 and swiglu" \
     "autocast or dit_moe or (experts_fp32 and gelu)" \
-    "experts_tma or tma_falls_back or tma_stores" \
+    "experts_tma or tma_falls_back or persistent_swiglu" \
     "same_bits and pointer" \
     "same_bits and not pointer" \
     "fused_swiglu" \

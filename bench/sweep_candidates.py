@@ -13,27 +13,21 @@ SWEEP = {
     # The SwiGLU GEMM's BN counts gate and up columns each: its accumulator is [BM, 2*BN], one wgmma 2*BN wide.
     # 128x64 (a 128x128 accumulator): 91 registers, two blocks per SM; 128x128: 183, one block (the shape of the
     # down GEMM's 128x256 tiles). GATHER = 0 permutes x first (timed here with the permute; in the layer the
-    # backward then skips its own): A tiles through TMA too. PERSIST = 1 at 128x64: 132 registers, 112 KiB, one
-    # block per SM, but the stores of h, g and u overlap the next tile's loads; 173 at 128x128. PERSIST = 2 with
-    # maxnreg = 128 (a register cap) keeps two persistent blocks per SM, one's epilogue beside the other's K loop
-    # (3 stages: 8 bytes of spills; 2 stages: none, 80 KiB). TMA_STORE = 1: h, g and u of full blocks leave as bulk
-    # copies from one 16 KiB staging tile, so the warps move on once shared memory is read out: 128 registers,
-    # 112 KiB, still two blocks per SM. With PERSIST the tile loop then stays unflattened (Triton 3.6 fails to
-    # compile a descriptor store in a flattened one): two persistent programs per SM at 128 registers (no spills
-    # with Triton 3.6, 28 bytes with 3.9 under the cap), each one's epilogue and next K loop's start beside the
-    # other's K loop. Run 5 (H100, XL; the kernel then had two accumulators of BN columns) dropped candidates:
-    # 4 stages, 64x128, gathered pointer loads, 4 warps.
+    # backward then skips its own): A tiles through TMA too. PERSIST = 1 at 128x128: 173 registers, one block per
+    # SM, the stores of h, g and u overlapping the next tile's loads. PERSIST = 2 with maxnreg = 128 (a register
+    # cap) keeps two persistent blocks per SM at 128x64, one's epilogue beside the other's K loop (8 bytes of
+    # spills). Run 6 (H200): those two were the fastest kernels (XL 0.580 and 0.568 ms, G 0.815 and 0.816, against
+    # 0.597 and 0.842 now), yet the layer re-timed under them was not faster (XL 2.76 vs 2.74 ms, G 4.16 vs 3.98);
+    # dropped: PERSIST = 1 at 128x64 and PERSIST = 2 with 2 stages (0.76-1.10 ms), and stores through TMA (0.61
+    # alone, 0.65 persistent). Run 5 (H100, XL; then two accumulators of BN columns) dropped 4 stages, 64x128,
+    # gathered pointer loads, 4 warps.
     "swiglu": (
-        (*GEMM_KEYS, "GATHER", "PERSIST", "maxnreg", "TMA_STORE"),
+        (*GEMM_KEYS, "GATHER", "PERSIST", "maxnreg"),
         [
-            (128, 64, 64, 8, 3, 1, 0, 0, None, 0),
-            (128, 128, 64, 8, 3, 1, 0, 0, None, 0),
-            (128, 64, 64, 8, 3, 1, 0, 1, None, 0),
-            (128, 128, 64, 8, 3, 1, 0, 1, None, 0),
-            (128, 64, 64, 8, 3, 1, 0, 2, 128, 0),
-            (128, 64, 64, 8, 2, 1, 0, 2, 128, 0),
-            (128, 64, 64, 8, 3, 1, 0, 0, None, 1),
-            (128, 64, 64, 8, 3, 1, 0, 2, 128, 1),
+            (128, 64, 64, 8, 3, 1, 0, 0, None),
+            (128, 128, 64, 8, 3, 1, 0, 0, None),
+            (128, 128, 64, 8, 3, 1, 0, 1, None),
+            (128, 64, 64, 8, 3, 1, 0, 2, 128),
         ],
     ),
     # PERSIST = 1: one program per SM loops over the used tiles, and with TMA the compiler flattens tile and K loops
@@ -83,32 +77,18 @@ SWEEP = {
     ),
     # The SwiGLU backward in dH's epilogue (FUSED = 1) or a plain dH + the elementwise pass (FUSED = 0: the other
     # values then do not apply). The epilogue works in column quarters: at 128x128 it needs 128 registers (255 and
-    # 700 bytes of spills in one piece, run 2's 0.75 ms), so with TMA and 3 stages two blocks fit per SM; 128x64
-    # needs 64. Run 4 (H100, XL): fused with TMA 0.54 ms, dH + pass 0.64 ms. Run 5: 0.54 ms = the plain dH (0.27)
-    # plus the time of the epilogue's traffic at copy bandwidth (~0.27): the g/u reads after the K loop do not
-    # overlap it; 128x256 0.53, 4 stages 0.65 (dropped). PRE = 1 loads them before the K loop (sm_90: 218
-    # registers, one block per SM at 128x128; 111 and two blocks at 128x64). 128x64 without PRE: 69 registers,
-    # three blocks per SM, so more epilogues overlap other blocks' K loops. Persistent: 142 registers at 128x128
-    # (one block per SM; two with maxnreg = 128, 24 bytes of spills), 74 at 128x64 (two per SM), 78 at 128x64 with
-    # 2 stages (52 KiB: three per SM). TMA_STORE = 1: h, dgate and dup of full blocks leave as bulk copies of
-    # column quarters, the warps free once shared memory is read out: 151 registers at 128x128 (157 with Triton
-    # 3.6; one block per SM); persistent (unflattened, as for swiglu) at 128x64, 97 registers and 76 KiB: two
-    # programs per SM. Untimed so far but the first three.
+    # 700 bytes of spills in one piece, run 2's 0.75 ms), so with TMA and 3 stages two blocks fit per SM. Run 5
+    # (H100): 0.54 ms = the plain dH (0.27) plus the epilogue's traffic at copy bandwidth (~0.27): the g/u reads
+    # after the K loop do not overlap it. Run 6 (H200) the same: fused 0.504 (XL) and 0.663 ms (G), 128x256 0.500
+    # and 0.659, unfused 0.496 and 0.658 (dH 0.27 + the pass 0.23 at 3.9 TB/s). Every other candidate was slower:
+    # persistent programs (one or two per SM, or three at 2 stages; 0.51-0.89 ms), epilogue inputs loaded before
+    # the K loop (PRE; 0.50-0.87), 128x64 (0.64-0.86), TMA stores (0.73-0.99); dropped.
     "swiglu_bwd": (
-        (*GEMM_KEYS, "PERSIST", "FUSED", "PRE", "maxnreg", "TMA_STORE"),
+        (*GEMM_KEYS, "PERSIST", "FUSED", "PRE"),
         [
-            (128, 128, 64, 8, 3, 1, 0, 1, 0, None, 0),
-            (128, 256, 64, 8, 3, 1, 0, 1, 0, None, 0),
-            (128, 128, 64, 8, 4, 0, 0, 0, 0, None, 0),
-            (128, 128, 64, 8, 3, 1, 1, 1, 0, None, 0),
-            (128, 128, 64, 8, 3, 1, 2, 1, 0, 128, 0),
-            (128, 128, 64, 8, 3, 1, 0, 1, 1, None, 0),
-            (128, 64, 64, 8, 3, 1, 0, 1, 0, None, 0),
-            (128, 64, 64, 8, 3, 1, 0, 1, 1, None, 0),
-            (128, 64, 64, 8, 3, 1, 2, 1, 0, None, 0),
-            (128, 64, 64, 8, 2, 1, 3, 1, 0, None, 0),
-            (128, 128, 64, 8, 3, 1, 0, 1, 0, None, 1),
-            (128, 64, 64, 8, 3, 1, 2, 1, 0, None, 1),
+            (128, 128, 64, 8, 3, 1, 0, 1, 0),
+            (128, 256, 64, 8, 3, 1, 0, 1, 0),
+            (128, 128, 64, 8, 4, 0, 0, 0, 0),
         ],
     ),
     "ew": (("BR", "BC", "num_warps"), [(2, 1024, 8), (4, 512, 8), (8, 256, 8)]),

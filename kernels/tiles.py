@@ -11,11 +11,9 @@ Settings: ``TMA`` = 1 in a GEMM kind loads its tiles through tensor descriptors 
 partial chunk of rows); ``PERSIST`` > 0 launches that many persistent programs per SM (not ``dw``); ``GATHER``
 (``swiglu``, ``gmm_epi``; 1 where absent) picks gather-fused or permute-first input (see ``triton_ops``); ``PRE`` =
 1 (``swiglu_bwd``, ``gmm_epi``: the backward epilogues) loads the epilogue's input tiles before the K loop (not with
-``PERSIST``: sm_90 then spills); ``TMA_STORE`` = 1 (``swiglu``, ``swiglu_bwd``) stores the output tiles of blocks
-whose rows are all their own through tensor descriptors, bulk copies the warps need not wait for (with
-``PERSIST``, the tile loop is not flattened: Triton 3.6 cannot compile that); ``num_warps`` / ``num_stages`` /
-``maxnreg`` (a cap on registers per thread, so that two blocks fit on an SM where the compiler would take a few more
-than half the register file) are launch options.
+``PERSIST``: sm_90 then spills); ``num_warps`` / ``num_stages`` / ``maxnreg`` (a cap on registers per thread, so
+that two blocks fit on an SM where the compiler would take a few more than half the register file) are launch
+options.
 
 Tables are fixed so results never depend on batch composition; ``tile_overrides`` lets a benchmark try others inside
 a ``with`` block, and a run use a tuned file's (``--kernel-tiles``), for every table or for the one it was tuned on.
@@ -85,11 +83,9 @@ BF16_SM90 = MappingProxyType(
         "gmm": dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=1, PERSIST=1),
         "gmm_dx": dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=1, PERSIST=0),
         "gmm_epi": dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4, TMA=0, PERSIST=0, GATHER=1, PRE=0),
-        "swiglu": dict(
-            BM=128, BN=64, BK=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=1, PERSIST=0, GATHER=0, TMA_STORE=0
-        ),
+        "swiglu": dict(BM=128, BN=64, BK=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=1, PERSIST=0, GATHER=0),
         "swiglu_bwd": dict(
-            BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=1, PERSIST=0, FUSED=1, PRE=0, TMA_STORE=0
+            BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=1, PERSIST=0, FUSED=1, PRE=0
         ),
         "dw": dict(BO=128, BI=256, BR=32, GROUP_M=8, num_warps=8, num_stages=4, TMA=0),
         "rows": dict(BT=16, BD=128, num_warps=4),

@@ -1,7 +1,7 @@
 """The Triton kernels compile for Hopper (sm_90) on any machine, and every grouped GEMM uses wgmma with a
 software-pipelined main loop: ``bench/inspect_kernels.py --check`` for the default tiles, with pointer loads, with TMA,
 and with TMA plus the other tile options (x permuted before the first expert GEMM, the SwiGLU backward fused into dH,
-persistent programs, stores through descriptors), and every sweep candidate of the SwiGLU kernels."""
+persistent programs), and every sweep candidate of the SwiGLU kernels."""
 
 from __future__ import annotations
 
@@ -51,19 +51,14 @@ def test_pre_hopper_tiles_compile_pipelined_without_spills_for_sm80():
 
 
 @pytest.mark.skipif(not _ptxas_available(), reason="this Triton build has no NVIDIA backend / bundled ptxas")
-@pytest.mark.parametrize(
-    "mode", ["pointer-loads", "tma", "tma-options", "tma-prefetch", "tma-store-persistent", "defaults"]
-)
+@pytest.mark.parametrize("mode", ["pointer-loads", "tma", "tma-options", "tma-prefetch", "defaults"])
 def test_gemm_kernels_compile_pipelined_for_sm90(mode):
     """Every mode but "defaults" sets each option explicitly (the bf16 defaults turn several on). "tma-prefetch":
     the fused SwiGLU backward with its epilogue inputs loaded before the K loop (``PRE``; not persistent: with
-    ``PERSIST`` too it needs 255 registers and spills 6.6 KB), and the gate/up GEMM's and that epilogue's stores
-    through descriptors (``TMA_STORE``). "tma-store-persistent": "tma-options" with those stores, whose persistent
-    tile loops are then not flattened (Triton 3.6 fails to compile a descriptor store in a flattened one)."""
+    ``PERSIST`` too it needs 255 registers and spills 6.6 KB)."""
     cmd = ["--check"]
     tma, prefetch = mode != "pointer-loads", mode == "tma-prefetch"
-    options = mode in ("tma-options", "tma-store-persistent")  # permute first, fused SwiGLU backward, persistent
-    store = mode in ("tma-prefetch", "tma-store-persistent")
+    options = mode == "tma-options"  # permute first, fused SwiGLU backward, persistent
     if mode != "defaults":
         for kind in ("gmm", "gmm_dx", "gmm_epi", "swiglu", "swiglu_bwd", "dw"):
             cmd += ["--set", f"{kind}.TMA={int(tma)}"]
@@ -72,7 +67,6 @@ def test_gemm_kernels_compile_pipelined_for_sm90(mode):
         for kind in ("gmm", "gmm_dx", "gmm_epi", "swiglu", "swiglu_bwd"):
             cmd += ["--set", f"{kind}.PERSIST={int(options)}"]
         cmd += ["--set", f"swiglu_bwd.PRE={int(prefetch)}", "--set", f"gmm_epi.PRE={int(prefetch)}"]
-        cmd += ["--set", f"swiglu.TMA_STORE={int(store)}", "--set", f"swiglu_bwd.TMA_STORE={int(store)}"]
     table = _inspect(*cmd)
     rows = _gemms(table)
     assert {"gate/up fwd", "down fwd", "down dX: dH", "gate/up dX", "down dW", "gate/up dW"} <= set(rows), rows
@@ -84,11 +78,6 @@ def test_gemm_kernels_compile_pipelined_for_sm90(mode):
         return
     cp_async = {op: int(cells[10]) for op, cells in rows.items()}
     tma_loads = {op: int(cells[11]) for op, cells in rows.items()}
-    tma_stores = {op: int(cells[12]) for op, cells in rows.items()}
-    # bulk-copy stores iff TMA_STORE: the gate/up fwd's h, g and u; the fused SwiGLU backward's h, dgate and dup in
-    # 4 column quarters; nothing else
-    stores = {"gate/up fwd": 3, "down dX: dH": 3 * 4}
-    assert tma_stores == {op: stores.get(op, 0) * int(store) for op in rows}, tma_stores
     for op in ("gate/up fwd", "down fwd", "down dX: dH", "gate/up dX"):  # weights through descriptors iff TMA is on
         assert (tma_loads[op] > 0) == tma, (op, tma_loads[op])
     for op in ("down dW", "gate/up dW"):  # with TMA only an expert's last partial chunk takes pointer loads

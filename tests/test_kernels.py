@@ -472,10 +472,6 @@ SAME_BITS = {
         {kind: {"PERSIST": 1} for kind in ("gmm", "gmm_dx", "gmm_epi", "swiglu")}
         | {"swiglu_bwd": {"PERSIST": 1, "FUSED": 1}},
     ),
-    "tma-store": (  # 16-row blocks on a GPU too, so that the cases have full ones
-        {"swiglu": {"TMA_STORE": 0, **SMALL}, "swiglu_bwd": {"TMA_STORE": 0, "FUSED": 1, **SMALL}},
-        {"swiglu": {"TMA_STORE": 1, **SMALL}, "swiglu_bwd": {"TMA_STORE": 1, "FUSED": 1, **SMALL}},
-    ),
     "prefetch-epilogue": (
         {"swiglu_bwd": {"PRE": 0, "FUSED": 1}, "gmm_epi": {"PRE": 0}},
         {"swiglu_bwd": {"PRE": 1, "FUSED": 1}, "gmm_epi": {"PRE": 1}},
@@ -489,8 +485,6 @@ SAME_BITS_CASES = [
     ("persistent", "swiglu", 0),  # 3 programs share the tiles out (interpreter), incl. the dropped rows' blocks
     ("persistent", "swiglu", 2),  # E = 64
     ("persistent", "gelu", 0),
-    ("tma-store", "swiglu", 0),  # full blocks of dropped rows (zeros), each expert's one partial block
-    ("tma-store", "swiglu", 1),  # experts of 18 and 21 rows: a full block, then a partial one
     ("prefetch-epilogue", "swiglu", 0),  # drops, an empty expert
     ("prefetch-epilogue", "swiglu", 1),  # F = 72: the last quarter partly outside
     ("prefetch-epilogue", "gelu", 0),
@@ -502,11 +496,10 @@ SAME_BITS_CASES = [
 def test_tile_options_give_the_same_bits(option, act, case, tma, monkeypatch):
     """permute-first (``GATHER`` = 0: x is permuted before the first expert GEMM, whose A tiles then come through
     TMA when it is on), fused-swiglu-bwd (``swiglu_bwd`` FUSED = 1: the SwiGLU backward in dH's epilogue, in
-    column quarters), persistent (``PERSIST``: a few programs loop over the used tiles), tma-store (``TMA_STORE``:
-    the gate/up GEMM's and the fused SwiGLU backward's full blocks store through descriptors) and
-    prefetch-epilogue (``PRE``: the backward epilogues' input tiles loaded before the K loop) give the default path's
-    output and every gradient bit for bit, with drops and an empty expert. Permute-first costs no extra permute
-    pass: the backward reuses the copy instead of permuting x again."""
+    column quarters), persistent (``PERSIST``: a few programs loop over the used tiles) and prefetch-epilogue
+    (``PRE``: the backward epilogues' input tiles loaded before the K loop) give the default path's output and every
+    gradient bit for bit, with drops and an empty expert. Permute-first costs no extra permute pass: the backward
+    reuses the copy instead of permuting x again."""
     T, K, E, D, F, cap, empty = TMA_CASES[case]
     plan = ops.routing_plan(make_experts(T, K, E, seed=5, empty=empty, skew=0.2), E, cap)
     scatters = []
@@ -529,56 +522,43 @@ def test_tile_options_give_the_same_bits(option, act, case, tma, monkeypatch):
 
 
 @pytest.mark.parametrize("tma", [0, 1], ids=["pointer-loads", "tma"])
-def test_persistent_swiglu_and_tma_stores_write_what_one_tile_per_program_writes(tma):
+def test_persistent_swiglu_writes_what_one_tile_per_program_writes(tma):
     """The gate/up GEMM's stores, not only the layer's results: h, g and u bit for bit, and zeros on dropped rows
-    (which the persistent loop runs through expert 0's weights and must discard). 3 programs share the tiles.
-    ``TMA_STORE``: full 16-row blocks store through descriptors, each expert's last partial block (2 rows here)
-    through masked stores; a descriptor store there would overwrite the next expert's first rows."""
+    (which the persistent loop runs through expert 0's weights and must discard). 3 programs share the tiles."""
     T, K, E, D, F = 40, 2, 4, 64, 44
     plan = ops.routing_plan(make_experts(T, K, E, seed=2, empty=(1,)), E, 18)  # capacity 18: drops
     meta = ops.plan_meta(plan)
     a = randn(T * K, D, seed=3, dtype=torch.float32)
     w_gate_up = randn(E, 2 * F, D, seed=4, dtype=torch.float32)
-    outs = {}
-    for persist, store in ((0, 0), (1, 0), (0, 1), (1, 1)):
-        with ops.tile_overrides(swiglu={"PERSIST": persist, "TMA": tma, "TMA_STORE": store, **SMALL}):
-            outs[persist, store] = ops._gmm_swiglu(a, w_gate_up, meta, gather=False)
-    counts = plan.counts_E.tolist()
-    kept = sum(counts)
-    assert kept < T * K and any(c > 16 and c % 16 for c in counts)  # full and partial blocks, and dropped rows
-    for key, got in outs.items():
-        for name, one, other in zip("hgu", outs[0, 0], got, strict=True):
-            assert torch.equal(other, one), f"{name} with (PERSIST, TMA_STORE) = {key}"
-            assert not other[kept:].any(), f"{name}: dropped rows must be zero"
+    outs = []
+    for persist in (0, 1):
+        with ops.tile_overrides(swiglu={"PERSIST": persist, "TMA": tma, **SMALL}):
+            outs.append(ops._gmm_swiglu(a, w_gate_up, meta, gather=False))
+    kept = plan.counts_E.sum().item()
+    assert kept < T * K
+    for name, one, persistent in zip("hgu", *outs, strict=True):
+        assert torch.equal(persistent, one), name
+        assert not persistent[kept:].any(), f"{name}: dropped rows must be zero"
 
 
-@pytest.mark.parametrize(
-    "store,persist", [(0, 0), (1, 0), (1, 1)], ids=["pointer-stores", "tma-stores", "tma-stores-persistent"]
-)
-def test_fused_swiglu_bwd_writes_what_the_pass_writes(store, persist):
+@pytest.mark.parametrize("persist", [0, 1], ids=["one-tile-per-program", "persistent"])
+def test_fused_swiglu_bwd_writes_what_the_pass_writes(persist):
     """dH with the SwiGLU backward in its epilogue returns the separate pass's [dgate | dup] and h, bit for bit, and
-    zeros for dropped pairs; 4 x 8-column quarters per interpreter tile, the last one partly past F. ``TMA_STORE``:
-    full 16-row blocks store through descriptors (dgate's clipped at column F, where dup's begin), each expert's
-    last partial block through masked stores; with ``PERSIST`` too, 3 programs share the tiles out."""
+    zeros for dropped pairs; 4 x 8-column quarters per interpreter tile, the last one partly past F. With
+    ``PERSIST``, 3 programs share the tiles out."""
     T, K, E, D, F = 40, 2, 4, 24, 44
     plan = ops.routing_plan(make_experts(T, K, E, seed=2, empty=(1,)), E, 18)  # capacity 18: drops
     meta = ops.plan_meta(plan)
     dy = randn(T * K, D, seed=3, dtype=torch.float32)
     w_down = randn(E, D, F, seed=4, dtype=torch.float32)
     g, u = randn(T * K, F, seed=5, dtype=torch.float32, scale=3.0), randn(T * K, F, seed=6, dtype=torch.float32)
-    counts = plan.counts_E.tolist()
-    kept = sum(counts)
-    assert kept < T * K and any(c > 16 and c % 16 for c in counts)  # full and partial blocks, and dropped rows
+    kept = plan.counts_E.sum().item()
+    assert kept < T * K
     g[kept:], u[kept:] = 0, 0  # the forward stores zeros for dropped rows
     with ops.tile_overrides(gmm_dx=SMALL):
         want = ops._swiglu_bwd(ops._gmm(dy, w_down, meta, transpose_w=False), g, u)
-    made = []
-    with ops.tile_overrides(swiglu_bwd={"FUSED": 1, "TMA_STORE": store, "PERSIST": persist, **SMALL}):
-        real = common.tma_descs
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(common, "tma_descs", lambda pairs: made.append(real(pairs)) or made[-1])
-            got = ops._dh_swiglu_bwd(dy, w_down, g, u, meta)
-    assert (len(made) == 1 and made[0] is not None) if store else not made
+    with ops.tile_overrides(swiglu_bwd={"FUSED": 1, "PERSIST": persist, **SMALL}):
+        got = ops._dh_swiglu_bwd(dy, w_down, g, u, meta)
     for name, a, b in zip(["dgu", "h"], got, want, strict=True):
         assert a.shape == b.shape and torch.equal(a, b), name
     assert torch.count_nonzero(got[0][kept:]) == 0 and torch.count_nonzero(got[1][kept:]) == 0

@@ -53,9 +53,8 @@ Design (see /work/shared/notes/kernels.md):
   its group reads another group's rows or columns, which only reach outputs that are never stored; the dX
   weights use TMA only when Kdim is a multiple of BK, where that would reach the accumulator. In dW, where rows
   are the reduction, only whole chunks of an expert's rows come through descriptors and the last partial chunk
-  through masked pointer loads. Tensors TMA cannot address (strided, misaligned) take the pointer loads. With
-  ``TMA_STORE`` (``swiglu``, ``swiglu_bwd``; off until timed) output tiles leave through descriptors too, but only
-  those of blocks whose rows are all their own: a box past a group's last row would overwrite the next group's.
+  through masked pointer loads. Tensors TMA cannot address (strided, misaligned) take the pointer loads. Output
+  tiles leave through masked stores: TMA stores of full blocks (run 6, H200) were slower in every tile set tried.
   ``bench/inspect_kernels.py`` shows the sm_90 code.
 
 Tile configs (``tiles``) are fixed per (kind, dtype, architecture) so results never depend on batch composition;

@@ -121,7 +121,7 @@ def grouped_order(pid, num_m, N, BN: tl.constexpr, GROUP_M: tl.constexpr):
 def group_block(tile, tab_ptr, NMB, num_m, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
     """Output tile ``tile`` of a grouped GEMM over the first ``num_m`` of the table's NMB M-blocks: group ``e``
     (-1: unused block, E: dropped rows), its first row and column, its row indices (int64) and N offsets, with
-    their masks, and whether all BM rows are the block's own; read from the block table."""
+    their masks; read from the block table."""
     pid_m, pid_n = grouped_order(tile, num_m, N, BN, GROUP_M)
     e = tl.load(tab_ptr + pid_m)
     rs = tl.load(tab_ptr + NMB + pid_m)
@@ -129,22 +129,7 @@ def group_block(tile, tab_ptr, NMB, num_m, N, BM: tl.constexpr, BN: tl.constexpr
     rows = (rs + tl.arange(0, BM)).to(tl.int64)
     n0 = pid_n * BN
     offs_n = n0 + tl.arange(0, BN)
-    return e, rs, n0, rows, rows < re, offs_n, offs_n < N, rs + BM <= re
-
-
-@triton.jit
-def store_tile(ptr, offs, mask, val, desc, r0, c0, full, TMA_STORE: tl.constexpr):
-    """Store an output tile ``val`` at ``ptr + offs`` where ``mask``. TMA_STORE: a tile whose rows all belong to its
-    block (``full``) goes out through ``desc`` from (r0, c0), an asynchronous bulk copy that the next tile's loads
-    need not wait for (the descriptor clips columns past the tensor); a block's last, partial tile takes the masked
-    store, as a TMA box would overwrite the next group's rows."""
-    if TMA_STORE:
-        if full:
-            desc.store([r0, c0], val)
-        else:
-            tl.store(ptr + offs, val, mask=mask)
-    else:
-        tl.store(ptr + offs, val, mask=mask)
+    return e, rs, n0, rows, rows < re, offs_n, offs_n < N
 
 
 @triton.jit

@@ -9,7 +9,7 @@ import triton.language as tl
 
 from ditmoe_kernels.triton_ops import common
 from ditmoe_kernels.triton_ops.activations import gelu_tanh, gelu_tanh_grad, swiglu_grads
-from ditmoe_kernels.triton_ops.common import group_block, mma, rows_read, store_tile, to_dtype
+from ditmoe_kernels.triton_ops.common import group_block, mma, rows_read, to_dtype
 from ditmoe_kernels.triton_ops.routing import Meta
 
 EPI_NONE, EPI_GELU, EPI_GELU_BWD, EPI_SWIGLU_BWD = 0, 1, 2, 3
@@ -78,9 +78,6 @@ def _gmm_kernel(
     b_ptr,
     a_desc,
     b_desc,
-    c_desc,
-    c2_desc,
-    c3_desc,
     bias_ptr,
     tab_ptr,
     c_ptr,
@@ -109,7 +106,6 @@ def _gmm_kernel(
     PERSIST: tl.constexpr,
     TMA_A: tl.constexpr,
     TMA_B: tl.constexpr,
-    TMA_STORE: tl.constexpr,
     B_T: tl.constexpr,
     UPCAST: tl.constexpr,
     PREC: tl.constexpr,
@@ -132,11 +128,11 @@ def _gmm_kernel(
     """
     # PERSIST: loop over the used blocks only (unused ones come last in the table), every tile running the full K
     # loop (a trip count that varies by tile stops the compiler from flattening the two loops into one pipelined
-    # loop). Otherwise one tile per program. TMA_STORE: not flattened (see swiglu._gmm_swiglu_kernel).
+    # loop). Otherwise one tile per program.
     num_m = tl.load(tab_ptr + 3 * NMB) if PERSIST else NMB
     stop = num_m * tl.cdiv(N, BN) if PERSIST else tl.program_id(0) + 1
     step = tl.num_programs(0) if PERSIST else 1
-    for tile in tl.range(tl.program_id(0), stop, step, flatten=PERSIST and not TMA_STORE):
+    for tile in tl.range(tl.program_id(0), stop, step, flatten=PERSIST):
         _gmm_tile(
             tile,
             num_m,
@@ -145,9 +141,6 @@ def _gmm_kernel(
             b_ptr,
             a_desc,
             b_desc,
-            c_desc,
-            c2_desc,
-            c3_desc,
             bias_ptr,
             tab_ptr,
             c_ptr,
@@ -175,7 +168,6 @@ def _gmm_kernel(
             EPI,
             TMA_A,
             TMA_B,
-            TMA_STORE,
             B_T,
             UPCAST,
             PREC,
@@ -198,9 +190,6 @@ def _gmm_tile(
     b_ptr,
     a_desc,
     b_desc,
-    c_desc,
-    c2_desc,
-    c3_desc,
     bias_ptr,
     tab_ptr,
     c_ptr,
@@ -228,7 +217,6 @@ def _gmm_tile(
     EPI: tl.constexpr,
     TMA_A: tl.constexpr,
     TMA_B: tl.constexpr,
-    TMA_STORE: tl.constexpr,
     B_T: tl.constexpr,
     UPCAST: tl.constexpr,
     PREC: tl.constexpr,
@@ -244,7 +232,7 @@ def _gmm_tile(
     that a persistent loop can flatten over it: an unused block (e = -1) masks every row; the dropped rows' block
     (e = E) contributes a zero accumulator, so C gets zeros there (its epilogue inputs, the pre-activations of
     dropped rows, are zeros the forward wrote)."""
-    e, rs, n0, rows, rmask, offs_n, nmask, full = group_block(tile, tab_ptr, NMB, num_m, N, BM, BN, GROUP_M)
+    e, rs, n0, rows, rmask, offs_n, nmask = group_block(tile, tab_ptr, NMB, num_m, N, BM, BN, GROUP_M)
     live = (e >= 0) & (e < NUM_E)
     # PERSIST: a K loop the same length for every tile (see _gmm_kernel); the dropped rows' products are discarded
     k_len = Kdim if PERSIST else tl.where(live, Kdim, 0)
@@ -324,12 +312,6 @@ def _gmm_tile(
                 x0q[q],
                 x1q[q],
                 PRE,
-                c_desc,
-                c2_desc,
-                c3_desc,
-                rs,
-                full,
-                TMA_STORE,
             )
 
 
@@ -389,17 +371,10 @@ def _epi_tile(
     x0,
     x1,
     PRE: tl.constexpr,
-    c_desc,
-    c2_desc,
-    c3_desc,
-    rs,
-    full,
-    TMA_STORE: tl.constexpr,
 ):
     """A backward epilogue on one [BM, W] fp32 tile whose columns start at n0 (see ``_gmm_kernel``).
     EPI_GELU_BWD: C = acc * gelu'(z), C2 = gelu(z) from X0 = z. EPI_SWIGLU_BWD: C = dgate, C2 = dup, C3 = h from
-    dH = acc rounded to C's dtype, X0 = g and X1 = u. PRE: ``x0`` (and ``x1``) are those tiles, already loaded.
-    TMA_STORE (SwiGLU): C, C2 and C3 of a full block leave through descriptors of [BM, W] boxes (``store_tile``)."""
+    dH = acc rounded to C's dtype, X0 = g and X1 = u. PRE: ``x0`` (and ``x1``) are those tiles, already loaded."""
     W: tl.constexpr = acc.shape[1]
     offs_n = n0 + tl.arange(0, W)
     m = rmask[:, None] & (offs_n < N)[None, :]
@@ -416,9 +391,9 @@ def _epi_tile(
     if EPI == 3:
         dh = to_dtype(acc, c_ptr.dtype.element_ty).to(tl.float32)
         h, dgate, dup = swiglu_grads(dh, x0.to(tl.float32), x1.to(tl.float32))
-        store_tile(c3_ptr, x_off, m, to_dtype(h, c3_ptr.dtype.element_ty), c3_desc, rs, n0, full, TMA_STORE)
-        store_tile(c_ptr, c_off, m, to_dtype(dgate, c_ptr.dtype.element_ty), c_desc, rs, n0, full, TMA_STORE)
-        store_tile(c2_ptr, c_off, m, to_dtype(dup, c2_ptr.dtype.element_ty), c2_desc, rs, n0, full, TMA_STORE)
+        tl.store(c3_ptr + x_off, to_dtype(h, c3_ptr.dtype.element_ty), mask=m)
+        tl.store(c_ptr + c_off, to_dtype(dgate, c_ptr.dtype.element_ty), mask=m)
+        tl.store(c2_ptr + c_off, to_dtype(dup, c2_ptr.dtype.element_ty), mask=m)
 
 
 def _gmm(
@@ -472,9 +447,6 @@ def _gmm(
         b_desc = common.tma_desc(w, [BN, BK] if transpose_w else [BK, BN])
     if cfg.get("TMA") and not gather:
         a_desc = common.tma_desc(a, [BM, BK])
-    c_descs = None
-    if epi == EPI_SWIGLU_BWD and cfg.get("TMA_STORE"):  # its epilogue stores [BM, BN/4] column quarters
-        c_descs = common.tma_descs([(t, [BM, BN // 4]) for t in (c, c2, c3)])
     n_tiles = nmb * common.cdiv(N, BN)
     persist = bool(cfg.get("PERSIST"))
     grid = (min(n_tiles, common.persistent_programs(a.device, cfg["PERSIST"])) if persist else n_tiles,)
@@ -484,7 +456,6 @@ def _gmm(
         w,
         a if a_desc is None else a_desc,  # tensors stand in where unused
         w if b_desc is None else b_desc,
-        *(c_descs or [c, c2, dummy]),
         bias if bias is not None else dummy,
         tab,
         c,
@@ -513,7 +484,6 @@ def _gmm(
         persist,
         a_desc is not None,
         b_desc is not None,
-        c_descs is not None,
         transpose_w,
         upcast,
         prec,

@@ -10,7 +10,7 @@ import triton.language as tl
 
 from ditmoe_kernels.triton_ops import common
 from ditmoe_kernels.triton_ops.activations import sigmoid, swiglu_grads
-from ditmoe_kernels.triton_ops.common import group_block, mma, rows_read, store_tile, to_dtype
+from ditmoe_kernels.triton_ops.common import group_block, mma, rows_read, to_dtype
 from ditmoe_kernels.triton_ops.routing import Meta
 
 
@@ -21,9 +21,6 @@ def _gmm_swiglu_kernel(
     w_ptr,
     a_desc,
     w_desc,
-    h_desc,
-    g_desc,
-    u_desc,
     tab_ptr,
     h_ptr,
     g_ptr,
@@ -43,7 +40,6 @@ def _gmm_swiglu_kernel(
     PERSIST: tl.constexpr,
     TMA_A: tl.constexpr,
     TMA_B: tl.constexpr,
-    TMA_STORE: tl.constexpr,
     UPCAST: tl.constexpr,
     PREC: tl.constexpr,
     EVEN_K: tl.constexpr,
@@ -60,15 +56,13 @@ def _gmm_swiglu_kernel(
     the permuted copy. TMA_A: A tiles through a descriptor over the permuted copy from the block's first row (as
     in ``gemm._mainloop``); TMA_B: the weight tile through one 3-D descriptor over W_gu as [E*2, N, Kdim], a
     [2, BN, BK] box (gate and up rows; rows past N read as zeros). PERSIST: programs loop over the used tiles, as
-    in ``gemm._gmm_kernel``, so one tile's stores of H, G and U overlap the next tile's loads. TMA_STORE: H, G and
-    U of a block's full tiles leave through descriptors (``common.store_tile``); with PERSIST the tile loop is then
-    not flattened (Triton 3.6 fails to compile a descriptor store under a branch in a flattened loop)."""
+    in ``gemm._gmm_kernel``, so one tile's stores of H, G and U overlap the next tile's loads."""
     num_m = tl.load(tab_ptr + 3 * NMB) if PERSIST else NMB
     stop = num_m * tl.cdiv(N, BN) if PERSIST else tl.program_id(0) + 1
     step = tl.num_programs(0) if PERSIST else 1
-    for tile in tl.range(tl.program_id(0), stop, step, flatten=PERSIST and not TMA_STORE):
+    for tile in tl.range(tl.program_id(0), stop, step, flatten=PERSIST):
         # no early exits (see gemm._gmm_tile): an unused block masks every row, the dropped rows' block stores zeros
-        e, rs, n0, rows, rmask, offs_n, nmask, full = group_block(tile, tab_ptr, NMB, num_m, N, BM, BN, GROUP_M)
+        e, rs, n0, rows, rmask, offs_n, nmask = group_block(tile, tab_ptr, NMB, num_m, N, BM, BN, GROUP_M)
         live = (e >= 0) & (e < NUM_E)
         k_len = Kdim if PERSIST else tl.where(live, Kdim, 0)  # PERSIST: one trip count for every tile
         e = tl.where(live, e, 0)
@@ -104,11 +98,11 @@ def _gmm_swiglu_kernel(
         acc_g, acc_u = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN)), (0, 2, 1)))
         g = to_dtype(acc_g, h_ptr.dtype.element_ty)
         u = to_dtype(acc_u, h_ptr.dtype.element_ty)
-        store_tile(g_ptr, o, cmask, g, g_desc, rs, n0, full, TMA_STORE)
-        store_tile(u_ptr, o, cmask, u, u_desc, rs, n0, full, TMA_STORE)
+        tl.store(g_ptr + o, g, mask=cmask)
+        tl.store(u_ptr + o, u, mask=cmask)
         gf = g.to(tl.float32)
         h = to_dtype(gf * sigmoid(gf) * u.to(tl.float32), h_ptr.dtype.element_ty)
-        store_tile(h_ptr, o, cmask, h, h_desc, rs, n0, full, TMA_STORE)
+        tl.store(h_ptr + o, h, mask=cmask)
 
 
 @triton.jit
@@ -161,7 +155,6 @@ def _gmm_swiglu(a, w_gate_up, meta: Meta, *, gather: bool):
     upcast, prec = common.prec(a.dtype)
     w_descs = common.tma_descs([(w_gate_up.unflatten(1, (2, N)), [2, BN, BK])]) if cfg.get("TMA") else None
     a_descs = common.tma_descs([(a, [BM, BK])]) if cfg.get("TMA") and not gather else None
-    c_descs = common.tma_descs([(t, [BM, BN]) for t in (h, g, u)]) if cfg.get("TMA_STORE") else None
     n_tiles = nmb * common.cdiv(N, BN)
     persist = bool(cfg.get("PERSIST"))
     grid = (min(n_tiles, common.persistent_programs(a.device, cfg["PERSIST"])) if persist else n_tiles,)
@@ -171,7 +164,6 @@ def _gmm_swiglu(a, w_gate_up, meta: Meta, *, gather: bool):
         w_gate_up,
         *(a_descs or [a]),
         *(w_descs or [w_gate_up]),
-        *(c_descs or [h, g, u]),
         tab,
         h,
         g,
@@ -191,7 +183,6 @@ def _gmm_swiglu(a, w_gate_up, meta: Meta, *, gather: bool):
         persist,
         a_descs is not None,
         w_descs is not None,
-        c_descs is not None,
         upcast,
         prec,
         Kdim % BK == 0,
