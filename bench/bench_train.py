@@ -33,7 +33,8 @@ case N times in turn and reports the median round with the range; ``--compare-ti
 under other tiles to the rotation, an A/B within one process (e.g. ``--models DiT-MoE-S/2-8E2A --backends triton
 --compare-tiles bench/tiles/run3-bf16.json --rounds 3``). Peak memory: the CUDA allocator's peak of the case (reset
 before it), or on CPU the process's peak RSS (reset per case where /proc/self/clear_refs allows). Writes
-bench/results/<device-slug>-<YYYY-MM-DD>-train.json and prints a markdown table.
+bench/results/<device-slug>-<YYYY-MM-DD>-train.json and prints a markdown table, also when stopped early (SIGTERM,
+as from ``timeout``, or Ctrl-C): then with the cases that finished, the others listed as skipped.
 """
 
 from __future__ import annotations
@@ -42,10 +43,12 @@ import argparse
 import contextlib
 import datetime
 import gc
+import itertools
 import json
 import os
 import platform
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -265,10 +268,21 @@ for i, name in enumerate(models):
 
 if compare_tiles is not None and not any(label != backend for _, _, backend, label, _ in cases):
     skipped.append(f"--compare-tiles {args.compare_tiles}: the triton backend does not run here")
+
+
+class Stopped(BaseException):
+    """SIGTERM: not an Exception, so that no case's error handling takes it for a failure of that case."""
+
+
+def stop(signum, frame):
+    raise Stopped(signal.Signals(signum).name)
+
+
+signal.signal(signal.SIGTERM, stop)
 runs: dict[tuple, list[dict]] = {}
 T0 = time.time()
-for rnd in range(args.rounds):
-    for name, batch, backend, label, case_tiles in cases:
+try:
+    for rnd, (name, batch, backend, label, case_tiles) in itertools.product(range(args.rounds), cases):
         row = {"model": name, "backend": label, "batch": batch, "image_size": image_size, "dtype": dtype}
         os.environ["DITMOE_MOE_BACKEND"] = backend  # wins over the config; both say the same
         try:
@@ -285,8 +299,15 @@ for rnd in range(args.rounds):
             torch.cuda.empty_cache()
         runs.setdefault((name, label), []).append(row)
         rate = f"{row['images_per_s']:.1f} images/s" if row["status"] == "ok" else row["status"]
+        if row["status"] == "ok":
+            rate += f", step {1e3 * row['step_s']:.1f} ms, host {1e3 * row['host_s']:.1f} ms"
         done = f" (round {rnd + 1}/{args.rounds})" if args.rounds > 1 else ""
         print(f"[{time.time() - T0:6.1f}s] {name} {label} batch {batch}: {rate}{done}", flush=True)
+except (Stopped, KeyboardInterrupt) as exc:
+    left = args.rounds * len(cases) - sum(len(r) for r in runs.values())
+    skipped.append(f"{left} case runs: stopped ({exc or 'SIGINT'}) after {time.time() - T0:.0f} s")
+    print(f"\nstopped ({exc or 'SIGINT'}): the table has the {sum(len(r) for r in runs.values())} runs that finished")
+signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def median_round(results: list[dict]) -> dict:
