@@ -125,15 +125,15 @@ def over_budget(reserve: float = 0.0) -> bool:
 _flush = torch.empty(256 * 2**20 // 4, dtype=torch.float32, device=DEV) if CUDA else None
 
 
-def _gpu_pad() -> None:
-    """Keep the GPU busy (~0.5 ms spin) before the start event, so the host has queued fn's launches when the
-    timed region starts. Without it the events also time the host's launch latency whenever launching fn takes
-    longer than the L2 flush runs: tens of microseconds of Python/Triton launch overhead, which made the ~20 us
-    permute / unpermute / routing numbers of the H200 run 2 twice those of run 1 with identical kernels (the
-    run-2 sweep timed the same unpermute at 0.029 ms vs 0.048 ms in its table; megatron's permute and the torch
-    reference routing moved the same way)."""
+def _gpu_pad(issue_s: float) -> None:
+    """Keep the GPU busy before the start event, so the host has queued fn's launches when the timed region starts:
+    0.5 ms, or 1.5x the host's time to queue fn (``issue_s``; at most 50 ms). Without it the events also time the
+    host's launch latency: tens of microseconds for a kernel (the ~20 us permute / unpermute / routing numbers of
+    the H200 run 2 came out twice those of run 1 with identical kernels), and for a whole layer at S, whose host
+    issues its kernels in ~1.9 ms (bench_issue.py), the host's pace: run 6 timed the same tiles there at 1.57 and
+    2.36 ms. Host cost per tile set is bench_issue.py's to measure; these rows time the GPU."""
     if _sleep is not None:
-        _sleep(1_000_000)
+        _sleep(int(2_000_000 * min(50.0, max(0.5, 1.5e3 * issue_s))))  # ~2e6 cycles per ms (H100/H200 clocks)
 
 
 _sleep = getattr(torch.cuda, "_sleep", None) if CUDA else None
@@ -152,11 +152,15 @@ def bench(fn, reps=None) -> float:
             times.append((time.perf_counter() - t) * 1e3)
         return statistics.median(times)
     torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    issue_s = time.perf_counter() - t  # fn's launches queued (all of fn, where it waits for the GPU)
+    torch.cuda.synchronize()
     events = []
     for _ in range(reps):
         _flush.zero_()  # evict L2 so every repetition reads from HBM
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        _gpu_pad()
+        _gpu_pad(issue_s)
         s.record()
         fn()
         e.record()
