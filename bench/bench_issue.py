@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import os
 import pstats
 import statistics
+import sys
 import time
 
 import torch
@@ -35,6 +37,8 @@ ap.add_argument("--old-tiles", default="bench/tiles/run3-bf16.json")
 args = ap.parse_args()
 
 CUDA = torch.cuda.is_available()
+if not CUDA and not os.environ.get("TRITON_INTERPRET"):
+    sys.exit("bench_issue.py: no CUDA device; TRITON_INTERPRET=1 runs the script on CPU through the interpreter")
 dev, dt = ("cuda", torch.bfloat16) if CUDA else ("cpu", torch.float32)
 D, F, E = SHAPES[args.shape]
 T, K = args.tokens, 2
