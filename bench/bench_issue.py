@@ -24,13 +24,13 @@ import sys
 import time
 
 import torch
+from shapes import SHAPES  # bench/, the script's folder
 
 from ditmoe_kernels import triton_ops as ops
 from ditmoe_kernels.tiles import load_tiles
 
-SHAPES = {"tiny": (64, 256, 8), "S": (384, 1536, 8), "XL": (1152, 4608, 8)}  # (D, F, E), as in bench_kernels.py
 ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-ap.add_argument("--shape", default="S", choices=sorted(SHAPES))
+ap.add_argument("--shape", default="S", choices=["S", "XL", "tiny"])
 ap.add_argument("--tokens", type=int, default=8192)
 ap.add_argument("--reps", type=int, default=50)
 ap.add_argument("--old-tiles", default="bench/tiles/run3-bf16.json")
@@ -51,11 +51,10 @@ w_down = (torch.randn(E, D, F, device=dev, dtype=dt, generator=gen) * F**-0.5).r
 grad_out = torch.randn(T, D, device=dev, dtype=dt, generator=gen)
 params = [x, probs, w_gu, w_down]
 
-no_tma = {k: {"TMA": 0} for k in ("gmm", "gmm_dx", "swiglu", "swiglu_bwd")} | {"dw": {"TMA": 0}}
 TILE_SETS = {
     "tiles now": {},
     args.old_tiles: load_tiles(args.old_tiles),
-    "tiles now, no TMA": no_tma,
+    "tiles now, no TMA": {k: {"TMA": 0} for k in ("gmm", "gmm_dx", "swiglu", "swiglu_bwd", "dw")},
     "tiles now, gathered x": {"swiglu": {"GATHER": 1}},
     "tiles now, unfused SwiGLU backward": {"swiglu_bwd": {"FUSED": 0}},
 }

@@ -84,8 +84,7 @@ DEV = torch.device("cuda" if CUDA else "cpu")
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 
-# name: (D, F, E); F = 4 D as DiT-MoE's experts (mlp_ratio 4)
-SHAPES = {"S": (384, 1536, 8), "XL": (1152, 4608, 8), "G": (1408, 5632, 16), "tiny": (64, 256, 8)}
+from shapes import SHAPES  # noqa: E402  (bench/, the script's folder)
 
 SWEEP_SHAPES = [s.strip() for s in args.sweep_shapes.split(",") if s.strip()]
 if not set(SWEEP_SHAPES) <= SHAPES.keys():

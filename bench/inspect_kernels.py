@@ -29,7 +29,8 @@ os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU, not the interpr
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from sweep_candidates import SWEEP, candidate  # noqa: E402  (bench/, the script's folder)
+from shapes import SHAPES  # noqa: E402  (bench/, the script's folder)
+from sweep_candidates import SWEEP, candidate  # noqa: E402
 from triton._C.libtriton import native_specialize_impl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.nvidia.compiler import CUDABackend  # noqa: E402
@@ -39,10 +40,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 from ditmoe_kernels import tiles  # noqa: E402
 from ditmoe_kernels import triton_ops as ops  # noqa: E402
 
-SHAPES = {"S": (384, 1536, 8), "XL": (1152, 4608, 8), "G": (1408, 5632, 16)}  # D, F, E
-
 ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-ap.add_argument("--shape", default="XL", choices=sorted(SHAPES))
+ap.add_argument("--shape", default="XL", choices=["G", "S", "XL"])
 ap.add_argument("--tokens", type=int, default=8192)
 ap.add_argument("--top-k", type=int, default=2)
 ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
