@@ -7,13 +7,15 @@ stores extra tiles), ``swiglu`` (the gate/up GEMM: BN gate and BN up columns per
 the elementwise pass on ``ew`` tiles), ``dw`` (per-expert K-reduction: every weight gradient), ``rows``
 (permute/combine), ``ew`` (elementwise SwiGLU backward, [BR, BC] tiles), ``route`` (routing metadata).
 
-Settings: ``TMA`` = 1 in a GEMM kind loads its tiles through tensor descriptors (``dw``: all but an expert's last,
-partial chunk of rows); ``PERSIST`` > 0 launches that many persistent programs per SM (not ``dw``); ``GATHER``
-(``swiglu``, ``gmm_epi``; 1 where absent) picks gather-fused or permute-first input (see ``triton_ops``); ``PRE`` =
-1 (``swiglu_bwd``, ``gmm_epi``: the backward epilogues) loads the epilogue's input tiles before the K loop (not with
-``PERSIST``: sm_90 then spills); ``num_warps`` / ``num_stages`` / ``maxnreg`` (a cap on registers per thread, so
-that two blocks fit on an SM where the compiler would take a few more than half the register file) are launch
-options.
+Settings: ``TMA`` = 1 in a GEMM kind loads its tiles through tensor descriptors made on the host (``dw``: all but
+an expert's last, partial chunk of rows), 2 (not ``dw``) through descriptors the kernel makes (no encoding on the
+host at each launch); ``WS`` = 1 (with ``TMA`` = 2, ``PERSIST`` and 4 warps; not ``dw``) warp-specializes the
+persistent loop: one warp group loads, two compute; ``PERSIST`` > 0 launches that many persistent programs per SM
+(not ``dw``); ``GATHER`` (``swiglu``, ``gmm_epi``; 1 where absent) picks gather-fused or permute-first input (see
+``triton_ops``); ``PRE`` = 1 (``swiglu_bwd``, ``gmm_epi``: the backward epilogues) loads the epilogue's input
+tiles before the K loop (not with ``PERSIST``: sm_90 then spills); ``num_warps`` / ``num_stages`` / ``maxnreg`` (a
+cap on registers per thread, so that two blocks fit on an SM where the compiler would take a few more than half
+the register file) are launch options.
 
 Tables are fixed so results never depend on batch composition; ``tile_overrides`` lets a benchmark try others inside
 a ``with`` block, and a run use a tuned file's (``--kernel-tiles``), for every table or for the one it was tuned on.
@@ -80,12 +82,14 @@ FP32 = MappingProxyType(
 # 0.84 ms. gmm_epi (GELU experts): 128x128 pointer loads, gather-fused, stay best.
 BF16_SM90 = MappingProxyType(
     {
-        "gmm": dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=1, PERSIST=1),
-        "gmm_dx": dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=1, PERSIST=0),
-        "gmm_epi": dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4, TMA=0, PERSIST=0, GATHER=1, PRE=0),
-        "swiglu": dict(BM=128, BN=64, BK=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=1, PERSIST=0, GATHER=0),
+        "gmm": dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=1, PERSIST=1, WS=0),
+        "gmm_dx": dict(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=1, PERSIST=0, WS=0),
+        "gmm_epi": dict(
+            BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4, TMA=0, PERSIST=0, GATHER=1, PRE=0, WS=0
+        ),
+        "swiglu": dict(BM=128, BN=64, BK=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=1, PERSIST=0, GATHER=0, WS=0),
         "swiglu_bwd": dict(
-            BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=1, PERSIST=0, FUSED=1, PRE=0
+            BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=1, PERSIST=0, FUSED=1, PRE=0, WS=0
         ),
         "dw": dict(BO=128, BI=256, BR=32, GROUP_M=8, num_warps=8, num_stages=4, TMA=0),
         "rows": dict(BT=16, BD=128, num_warps=4),

@@ -564,17 +564,100 @@ def test_fused_swiglu_bwd_writes_what_the_pass_writes(persist):
     assert torch.count_nonzero(got[0][kept:]) == 0 and torch.count_nonzero(got[1][kept:]) == 0
 
 
-def test_tma_falls_back_where_tma_cannot_address():
-    """Tensors TMA cannot address take the pointer path with TMA on: transposed weights, rows whose stride is not
-    16-byte aligned (D = 18 fp32: 72 bytes), a base off 16-byte alignment."""
-    with ops.tile_overrides(**TMA_ON):
+@pytest.mark.parametrize("mode", [1, 2], ids=["host-descriptors", "kernel-descriptors"])
+def test_tma_falls_back_where_tma_cannot_address(mode):
+    """Tensors TMA cannot address take the pointer path with TMA on, whoever makes the descriptors: transposed
+    weights, rows whose stride is not 16-byte aligned (D = 18 fp32: 72 bytes), a base off 16-byte alignment."""
+    with ops.tile_overrides(**{kind: {"TMA": mode} for kind in TMA_ON}):
         check_experts(*TMA_CASES[1], "swiglu", torch.float32, noncontig=True)
         check_experts(29, 2, 4, 18, 40, None, (), "gelu", torch.float32)
     w = randn(3, 8, 16, seed=0, dtype=torch.float32)
-    assert common.tma_desc(w, [8, 8]) is not None
-    assert common.tma_desc(w.transpose(1, 2), [8, 8]) is None
-    assert common.tma_desc(randn(8, 18, seed=1, dtype=torch.float32), [8, 8]) is None
-    assert common.tma_desc(randn(8, 20, seed=1, dtype=torch.float32)[:, 1:17], [8, 8]) is None  # base + 4 bytes
+    assert common.descriptor(mode, w, [8, 8])[0] == mode
+    assert common.descriptor(mode, w.transpose(1, 2), [8, 8])[0] == 0
+    assert common.descriptor(mode, randn(8, 18, seed=1, dtype=torch.float32), [8, 8])[0] == 0
+    assert common.descriptor(mode, randn(8, 20, seed=1, dtype=torch.float32)[:, 1:17], [8, 8])[0] == 0  # base + 4 B
+
+
+class _Launches:
+    """Stands in for a kernel: records some of each launch's arguments by name, then launches it."""
+
+    def __init__(self, kernel, names: tuple[str, ...], log: list):
+        self.kernel, self.names, self.log = kernel, names, log
+
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            self.log.append({n: args[self.kernel.arg_names.index(n)] for n in self.names})
+            return self.kernel[grid](*args, **kw)
+
+        return launch
+
+
+# The kinds of the grouped GEMMs with TMA, their options for the tests below (the first GEMM's A permuted first, so
+# that it goes through TMA; the SwiGLU backward in dH's epilogue), and the tiles a warp-specialized kernel needs on
+# sm_90 (on CPU the interpreter's own).
+TMA_KINDS = {"gmm": {}, "gmm_dx": {}, "gmm_epi": {"GATHER": 0}, "swiglu": {"GATHER": 0}, "swiglu_bwd": {"FUSED": 1}}
+WS_TILES = {"BM": 128, "BN": 64, "num_warps": 4} if DEVICE.type == "cuda" else {}
+KERNEL_DESCRIPTORS = {
+    "kernel-descriptors": {"TMA": 2},
+    "warp-specialized": {"TMA": 2, "PERSIST": 1, "WS": 1, **WS_TILES},
+}
+
+
+@pytest.mark.parametrize("option", list(KERNEL_DESCRIPTORS))
+@pytest.mark.parametrize("case,act", [(0, "swiglu"), (0, "gelu"), (1, "swiglu")])
+def test_descriptors_made_in_the_kernel_give_the_same_bits(case, act, option, monkeypatch):
+    """TMA = 2 (the kernels make their descriptors: no encoding on the host per launch) and with it WS (the
+    persistent loop split into a loading and two computing warp groups; on CPU the interpreter runs it as one) give
+    host-made descriptors' output and gradients bit for bit (fp32; case 0 bf16 too). Every GEMM that TMA can
+    address takes the option (case 1: dX weights with widths not multiples of BK take pointer loads, and no WS)."""
+    if DEVICE.type == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs sm_90")
+    from ditmoe_kernels.triton_ops import gemm, swiglu
+
+    T, K, E, D, F, cap, empty = TMA_CASES[case]
+    plan = ops.routing_plan(make_experts(T, K, E, seed=5, empty=empty, skew=0.2), E, cap)
+    launches: list[dict] = []
+    names = ("TMA_A", "TMA_B", "WS")
+    monkeypatch.setattr(gemm, "_gmm_kernel", _Launches(gemm._gmm_kernel, names, launches))
+    monkeypatch.setattr(swiglu, "_gmm_swiglu_kernel", _Launches(swiglu._gmm_swiglu_kernel, names, launches))
+    host = {kind: {**opts, "TMA": 1} for kind, opts in TMA_KINDS.items()}
+    kernel = {kind: {**opts, **KERNEL_DESCRIPTORS[option]} for kind, opts in TMA_KINDS.items()}
+    for dtype in (torch.float32, torch.bfloat16) if case == 0 else (torch.float32,):
+        inputs = _expert_inputs(T, K, E, D, F, act, dtype, False, 0)
+        with ops.tile_overrides(**host):
+            want = _layer_out_and_grads(act, inputs, plan)
+        launches.clear()
+        with ops.tile_overrides(**kernel):
+            got = _layer_out_and_grads(act, inputs, plan)
+        for name, a, b in zip(["out", *NAMES[act]], got, want, strict=True):
+            assert torch.equal(a, b), f"{name} ({dtype}) differs with {option}"
+    assert len(launches) >= 3 and all(x["TMA_A"] in (0, 2) and x["TMA_B"] in (0, 2) for x in launches), launches
+    both = [x["TMA_A"] == 2 and x["TMA_B"] == 2 for x in launches]
+    assert sum(both) >= 2 and (all(both) or case == 1), launches  # the forward GEMMs at least; case 0 every one
+    assert [x["WS"] for x in launches] == (both if option == "warp-specialized" else [False] * len(launches))
+
+
+def test_kernel_descriptors_lend_an_allocator_only_inside_the_block():
+    """Descriptors made in a kernel need scratch from the allocator Triton reads at launch, a context variable that
+    autograd's backward threads do not inherit: ``device_descriptors`` sets one for its block in whatever thread
+    runs it, and puts back what was there (here, in a new thread: none)."""
+    from triton.runtime import _allocation
+
+    seen = []
+
+    def body():
+        before = _allocation._allocator.get()
+        with common.device_descriptors(False):
+            seen.append(_allocation._allocator.get() is before)
+        with common.device_descriptors(True):
+            seen.append(_allocation._allocator.get() is common._scratch)
+        seen.append(_allocation._allocator.get() is before)
+        seen.append(isinstance(before, _allocation.NullAllocator))
+
+    worker = threading.Thread(target=body)
+    worker.start()
+    worker.join()
+    assert seen == [True, True, True, True]
 
 
 @pytest.mark.parametrize("act", ["swiglu", "gelu"])

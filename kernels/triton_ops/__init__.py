@@ -55,7 +55,16 @@ Design (see /work/shared/notes/kernels.md):
   are the reduction, only whole chunks of an expert's rows come through descriptors and the last partial chunk
   through masked pointer loads. Tensors TMA cannot address (strided, misaligned) take the pointer loads. Output
   tiles leave through masked stores: TMA stores of full blocks (run 6, H200) were slower in every tile set tried.
-  ``bench/inspect_kernels.py`` shows the sm_90 code.
+  ``TMA`` = 2: the kernels make those descriptors themselves (``tl.make_tensor_descriptor``, from the pointer,
+  shape and strides, with scratch from torch's allocator), so Triton's launcher does not encode one on the host at
+  every launch (run 6: ~0.3 ms of host time per S layer). ``bench/inspect_kernels.py`` shows the sm_90 code.
+- Warp specialization (tile key ``WS``; with ``TMA`` = 2, ``PERSIST`` and 4 warps): the persistent tile loop is
+  split by the compiler into a producer warp group that issues the TMA loads and two consumer warp groups of BM/2
+  rows that run the wgmma products and the epilogue, registers moved to the consumers (``setmaxnreg``). Triton 3.6
+  and 3.9 build it for sm_90 only that way: with 8 warps or flattened loops they make no partitions, with host-made
+  descriptors at BM = 128 the pass fails, and 3.6 cannot reshape a split accumulator, so the gate/up GEMM keeps
+  gate and up in two accumulators there and the backward epilogues work on whole tiles. Untimed as yet
+  (``bench/tiles/ws-bf16.json``).
 
 Tile configs (``tiles``) are fixed per (kind, dtype, architecture) so results never depend on batch composition;
 ``tile_overrides`` lets a benchmark try others inside a ``with`` block (``bench/bench_kernels.py --sweep`` covers

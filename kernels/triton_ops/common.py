@@ -14,6 +14,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import _allocation  # the allocator context variable (see device_descriptors)
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ditmoe_kernels import tiles
@@ -153,18 +154,61 @@ def persistent_programs(device: torch.device, per_sm: int) -> int:
     return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def tma_desc(t: torch.Tensor, block: list[int]) -> TensorDescriptor | None:
-    """A TMA descriptor loading ``block`` tiles from ``t`` with its leading dimensions merged down to
-    ``len(block)`` ([E, X, Y] -> [E*X, Y] for a 2-D block), or None where TMA cannot address it: dimensions that
-    do not merge, a last stride other than 1, a base or other stride not 16-byte aligned, or no elements."""
-    while t.dim() > len(block):
+def tma_view(t: torch.Tensor, ndim: int) -> torch.Tensor | None:
+    """``t`` with its leading dimensions merged down to ``ndim`` ([E, X, Y] -> [E*X, Y] for 2), as a TMA descriptor
+    addresses it, or None where TMA cannot: dimensions that do not merge, a last stride other than 1, a base or
+    other stride not 16-byte aligned, or no elements."""
+    while t.dim() > ndim:
         if t.stride(0) != t.shape[1] * t.stride(1):
             return None
         t = t.flatten(0, 1)
     aligned = all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1]) and t.data_ptr() % 16 == 0
     if t.numel() == 0 or t.stride(-1) != 1 or not aligned:
         return None
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), block)
+    return t
+
+
+def tma_desc(t: torch.Tensor, block: list[int]) -> TensorDescriptor | None:
+    """A host-made TMA descriptor loading ``block`` tiles from ``tma_view(t, len(block))``, or None where TMA cannot
+    address ``t``."""
+    view = tma_view(t, len(block))
+    return None if view is None else TensorDescriptor(view, list(view.shape), list(view.stride()), block)
+
+
+def descriptor(mode: int, t: torch.Tensor, block: list[int]) -> tuple[int, object]:
+    """How a kernel reads ``t`` in ``block`` tiles under the tile setting TMA = ``mode``, as (its TMA constexpr, the
+    argument for its descriptor): (0, t) pointer loads (mode 0, or TMA cannot address ``t``); (1, a host-made
+    descriptor), which Triton's launcher encodes on the host at every launch; (2, t) the kernel makes the
+    descriptor itself from the tensor's pointer, shape and strides (``tl.make_tensor_descriptor``: no host
+    encoding, a device-side scratch instead; launch inside ``device_descriptors()``)."""
+    if mode == 1:
+        desc = tma_desc(t, block)
+        return (0, t) if desc is None else (1, desc)
+    if mode == 2 and tma_view(t, len(block)) is not None:
+        return 2, t
+    return 0, t
+
+
+def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+class device_descriptors:  # noqa: N801 (used as a ``with`` block, like a context manager function)
+    """Launches inside this block may make TMA descriptors on the device. Those need global scratch, which Triton
+    asks for at launch from the allocator in a context variable (``triton.set_allocator``); autograd runs backward
+    in threads that do not inherit the caller's. Here torch's caching allocator serves it; whatever allocator was
+    set before is back after the block. ``used`` False (no descriptor made on the device): nothing is set."""
+
+    def __init__(self, used: bool):
+        self._used = used
+
+    def __enter__(self):
+        if self._used:
+            self._token = _allocation._allocator.set(_scratch)
+
+    def __exit__(self, *exc):
+        if self._used:
+            _allocation._allocator.reset(self._token)
 
 
 def tma_descs(pairs: list) -> list | None:

@@ -89,6 +89,7 @@ def _gmm_kernel(
     Kdim,
     NMB,
     NUM_E,
+    RA,
     s_ar,
     s_ak,
     s_be,
@@ -115,6 +116,7 @@ def _gmm_kernel(
     BK: tl.constexpr,
     GROUP_M: tl.constexpr,
     PRE: tl.constexpr,
+    WS: tl.constexpr,
 ):
     """C[rows of group e] = A[rows] @ B[e] (+ bias[e]) with an epilogue.
 
@@ -125,14 +127,27 @@ def _gmm_kernel(
     C2 = dup, C3 = h = silu(g) * u, the math of ``swiglu._swiglu_bwd_kernel`` on dH rounded to C's dtype (the
     same bits as the separate pass); X0, X1 and C3 share strides. PRE (backward epilogues): X0 / X1 tiles are
     loaded before the K loop, so their reads overlap it instead of following it.
+
+    TMA_A / TMA_B = 2: those descriptors are made here from the pointers (A as [RA, Kdim]; B as [E*N, Kdim] for the
+    forward, [E*Kdim, N] for dX), not passed in. WS (with PERSIST, both descriptors made here, 4 warps): the tile
+    loop is split into a producer warp group issuing the TMA loads and two consumer warp groups of BM/2 rows (as
+    in ``swiglu._gmm_swiglu_kernel``); the backward epilogues then work on the whole tile, not in quarters (the
+    compiler's data partitioning cannot reshape an accumulator, and a consumer holds half the rows).
     """
+    if TMA_A == 2:
+        a_desc = tl.make_tensor_descriptor(a_ptr, [RA, Kdim], [s_ar, 1], [BM, BK])
+    if TMA_B == 2:
+        if B_T:  # noqa: SIM108 (constexpr branches)
+            b_desc = tl.make_tensor_descriptor(b_ptr, [NUM_E * N, Kdim], [s_bn, 1], [BN, BK])
+        else:
+            b_desc = tl.make_tensor_descriptor(b_ptr, [NUM_E * Kdim, N], [s_bk, 1], [BK, BN])
     # PERSIST: loop over the used blocks only (unused ones come last in the table), every tile running the full K
     # loop (a trip count that varies by tile stops the compiler from flattening the two loops into one pipelined
     # loop). Otherwise one tile per program.
     num_m = tl.load(tab_ptr + 3 * NMB) if PERSIST else NMB
     stop = num_m * tl.cdiv(N, BN) if PERSIST else tl.program_id(0) + 1
     step = tl.num_programs(0) if PERSIST else 1
-    for tile in tl.range(tl.program_id(0), stop, step, flatten=PERSIST):
+    for tile in tl.range(tl.program_id(0), stop, step, flatten=PERSIST and not WS, warp_specialize=WS):
         _gmm_tile(
             tile,
             num_m,
@@ -178,6 +193,7 @@ def _gmm_kernel(
             GROUP_M,
             PERSIST,
             PRE,
+            WS,
         )
 
 
@@ -227,6 +243,7 @@ def _gmm_tile(
     GROUP_M: tl.constexpr,
     PERSIST: tl.constexpr,
     PRE: tl.constexpr,
+    WS: tl.constexpr,
 ):
     """One output tile of ``_gmm_kernel``, numbered over the table's first ``num_m`` M-blocks. No early exits, so
     that a persistent loop can flatten over it: an unused block (e = -1) masks every row; the dropped rows' block
@@ -287,7 +304,28 @@ def _gmm_tile(
         z = to_dtype(acc, c2_ptr.dtype.element_ty)
         tl.store(c2_ptr + c_off, z, mask=cmask)
         tl.store(c_ptr + c_off, to_dtype(gelu_tanh(z.to(tl.float32)), c_ptr.dtype.element_ty), mask=cmask)
-    if EPI >= 2:
+    if EPI >= 2 and WS:
+        _epi_tile(
+            acc,
+            EPI,
+            rows,
+            rmask,
+            n0,
+            N,
+            c_ptr,
+            c2_ptr,
+            c3_ptr,
+            x0_ptr,
+            x1_ptr,
+            s_cr,
+            s_cn,
+            s_x0r,
+            s_x0n,
+            rows,
+            rows,
+            False,
+        )
+    if EPI >= 2 and not WS:
         # The backward epilogues load and store extra tiles; they work in column quarters so that a quarter of
         # them is live at a time. At 128x128 (sm_90) the SwiGLU one needed 255 registers and spilled 700 bytes in
         # one piece, 128 in quarters; the GELU one 255 and 20 bytes of spills, 121 in quarters.
@@ -442,57 +480,62 @@ def _gmm(
     tab, nmb = meta.table(BM)
     upcast, prec = common.prec(a.dtype)
     dummy = c
-    b_desc = a_desc = None
-    if cfg.get("TMA") and (transpose_w or Kdim % BK == 0):  # dX tiles must not run into the next expert's rows
-        b_desc = common.tma_desc(w, [BN, BK] if transpose_w else [BK, BN])
-    if cfg.get("TMA") and not gather:
-        a_desc = common.tma_desc(a, [BM, BK])
+    tma = cfg.get("TMA", 0)
+    # dX tiles must not run into the next expert's rows
+    tma_b, b_desc = common.descriptor(
+        tma if transpose_w or Kdim % BK == 0 else 0, w, [BN, BK] if transpose_w else [BK, BN]
+    )
+    tma_a, a_desc = common.descriptor(0 if gather else tma, a, [BM, BK])
     n_tiles = nmb * common.cdiv(N, BN)
     persist = bool(cfg.get("PERSIST"))
+    ws = bool(cfg.get("WS")) and persist and tma_a == 2 and tma_b == 2
     grid = (min(n_tiles, common.persistent_programs(a.device, cfg["PERSIST"])) if persist else n_tiles,)
-    _gmm_kernel[grid](
-        a,
-        meta.tok() if gather else dummy,
-        w,
-        a if a_desc is None else a_desc,  # tensors stand in where unused
-        w if b_desc is None else b_desc,
-        bias if bias is not None else dummy,
-        tab,
-        c,
-        c2,
-        c3 if c3 is not None else dummy,
-        x0 if x0 is not None else dummy,
-        x1 if x1 is not None else dummy,
-        N,
-        Kdim,
-        nmb,
-        E,
-        a.stride(0),
-        a.stride(1),
-        w.stride(0),
-        s_bk,
-        s_bn,
-        common.stride_or_zero(bias, 0),
-        common.stride_or_zero(bias, 1),
-        c.stride(0),
-        c.stride(1),
-        common.stride_or_zero(x0, 0),
-        common.stride_or_zero(x0, 1),
-        gather,
-        bias is not None,
-        epi,
-        persist,
-        a_desc is not None,
-        b_desc is not None,
-        transpose_w,
-        upcast,
-        prec,
-        Kdim % BK == 0,
-        BM,
-        BN,
-        BK,
-        cfg["GROUP_M"],
-        epi >= EPI_GELU_BWD and bool(cfg.get("PRE")),
-        **common.launch_opts(cfg),
-    )
+    with common.device_descriptors(tma_a == 2 or tma_b == 2):
+        _gmm_kernel[grid](
+            a,
+            meta.tok() if gather else dummy,
+            w,
+            a_desc,  # with pointer loads or descriptors made in the kernel: the tensor itself, unused
+            b_desc,
+            bias if bias is not None else dummy,
+            tab,
+            c,
+            c2,
+            c3 if c3 is not None else dummy,
+            x0 if x0 is not None else dummy,
+            x1 if x1 is not None else dummy,
+            N,
+            Kdim,
+            nmb,
+            E,
+            a.shape[0],
+            a.stride(0),
+            a.stride(1),
+            w.stride(0),
+            s_bk,
+            s_bn,
+            common.stride_or_zero(bias, 0),
+            common.stride_or_zero(bias, 1),
+            c.stride(0),
+            c.stride(1),
+            common.stride_or_zero(x0, 0),
+            common.stride_or_zero(x0, 1),
+            gather,
+            bias is not None,
+            epi,
+            persist,
+            tma_a,
+            tma_b,
+            transpose_w,
+            upcast,
+            prec,
+            Kdim % BK == 0,
+            BM,
+            BN,
+            BK,
+            cfg["GROUP_M"],
+            epi >= EPI_GELU_BWD and bool(cfg.get("PRE")),
+            ws,
+            **common.launch_opts(cfg),
+        )
     return result

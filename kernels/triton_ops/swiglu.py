@@ -29,6 +29,7 @@ def _gmm_swiglu_kernel(
     Kdim,
     NMB,
     NUM_E,
+    RA,
     s_ar,
     s_ak,
     s_we,
@@ -47,6 +48,7 @@ def _gmm_swiglu_kernel(
     BN: tl.constexpr,
     BK: tl.constexpr,
     GROUP_M: tl.constexpr,
+    WS: tl.constexpr,
 ):
     """[G | U] = A W_gu[e]^T for output columns n0..n0+BN of both halves of W_gu ([E, 2N, Kdim]: gate rows, then
     up rows) in one accumulator [BM, 2*BN]: each K step is one [BM, BK] x [BK, 2*BN] product, so on sm_90 one
@@ -56,11 +58,25 @@ def _gmm_swiglu_kernel(
     the permuted copy. TMA_A: A tiles through a descriptor over the permuted copy from the block's first row (as
     in ``gemm._mainloop``); TMA_B: the weight tile through one 3-D descriptor over W_gu as [E*2, N, Kdim], a
     [2, BN, BK] box (gate and up rows; rows past N read as zeros). PERSIST: programs loop over the used tiles, as
-    in ``gemm._gmm_kernel``, so one tile's stores of H, G and U overlap the next tile's loads."""
+    in ``gemm._gmm_kernel``, so one tile's stores of H, G and U overlap the next tile's loads. TMA_A / TMA_B = 2:
+    those descriptors are made here from the pointers (A as [RA, Kdim]), not passed in.
+
+    WS (with PERSIST, both descriptors made here, 4 warps): the compiler splits the tile loop into a producer warp
+    group that issues the TMA loads and two consumer warp groups of BM/2 rows each that run the products and the
+    epilogue, with the register file shifted to the consumers. Its data partitioning (Triton 3.6) cannot reshape
+    an accumulator, so this path keeps gate and up in two accumulators of BN columns, their weight tiles loaded
+    apart through a 2-D descriptor over W_gu as [E*2N, Kdim]."""
+    if TMA_A == 2:
+        a_desc = tl.make_tensor_descriptor(a_ptr, [RA, Kdim], [s_ar, 1], [BM, BK])
+    if TMA_B == 2:
+        if WS:  # noqa: SIM108 (constexpr branches)
+            w_desc = tl.make_tensor_descriptor(w_ptr, [2 * NUM_E * N, Kdim], [s_wn, 1], [BN, BK])
+        else:
+            w_desc = tl.make_tensor_descriptor(w_ptr, [2 * NUM_E, N, Kdim], [N * s_wn, s_wn, 1], [2, BN, BK])
     num_m = tl.load(tab_ptr + 3 * NMB) if PERSIST else NMB
     stop = num_m * tl.cdiv(N, BN) if PERSIST else tl.program_id(0) + 1
     step = tl.num_programs(0) if PERSIST else 1
-    for tile in tl.range(tl.program_id(0), stop, step, flatten=PERSIST):
+    for tile in tl.range(tl.program_id(0), stop, step, flatten=PERSIST and not WS, warp_specialize=WS):
         # no early exits (see gemm._gmm_tile): an unused block masks every row, the dropped rows' block stores zeros
         e, rs, n0, rows, rmask, offs_n, nmask = group_block(tile, tab_ptr, NMB, num_m, N, BM, BN, GROUP_M)
         live = (e >= 0) & (e < NUM_E)
@@ -75,27 +91,37 @@ def _gmm_swiglu_kernel(
         jmask = col < N
         a_ptrs = a_ptr + rows_read(tok_ptr, rows, rmask, GATHER)[:, None] * s_ar + offs_k[None, :] * s_ak
         w_ptrs = w_ptr + e.to(tl.int64) * s_we + (col + (offs_j // BN) * N)[None, :] * s_wn + offs_k[:, None] * s_wk
-        acc = tl.zeros([BM, 2 * BN], tl.float32)
-        for k0 in range(0, k_len, BK):
-            km = offs_k < Kdim - k0
-            if TMA_A:
+        if WS:
+            acc_g = tl.zeros([BM, BN], tl.float32)
+            acc_u = tl.zeros([BM, BN], tl.float32)
+            w_row = 2 * N * e + n0  # gate rows of the tile; its up rows are N further
+            for k0 in range(0, k_len, BK):
                 a = a_desc.load([rs, k0])
-            elif EVEN_K:
-                a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
-            else:
-                a = tl.load(a_ptrs, mask=rmask[:, None] & km[None, :], other=0.0)
-            if TMA_B:
-                w = tl.trans(tl.reshape(w_desc.load([2 * e, n0, k0]), (2 * BN, BK)))
-            elif EVEN_K:
-                w = tl.load(w_ptrs, mask=jmask[None, :], other=0.0)
-            else:
-                w = tl.load(w_ptrs, mask=km[:, None] & jmask[None, :], other=0.0)
-            acc = mma(a, w, acc, UPCAST, PREC)
-            a_ptrs += BK * s_ak
-            w_ptrs += BK * s_wk
+                acc_g = mma(a, tl.trans(w_desc.load([w_row, k0])), acc_g, UPCAST, PREC)
+                acc_u = mma(a, tl.trans(w_desc.load([w_row + N, k0])), acc_u, UPCAST, PREC)
+        else:
+            acc = tl.zeros([BM, 2 * BN], tl.float32)
+            for k0 in range(0, k_len, BK):
+                km = offs_k < Kdim - k0
+                if TMA_A:
+                    a = a_desc.load([rs, k0])
+                elif EVEN_K:
+                    a = tl.load(a_ptrs, mask=rmask[:, None], other=0.0)
+                else:
+                    a = tl.load(a_ptrs, mask=rmask[:, None] & km[None, :], other=0.0)
+                if TMA_B:
+                    w = tl.trans(tl.reshape(w_desc.load([2 * e, n0, k0]), (2 * BN, BK)))
+                elif EVEN_K:
+                    w = tl.load(w_ptrs, mask=jmask[None, :], other=0.0)
+                else:
+                    w = tl.load(w_ptrs, mask=km[:, None] & jmask[None, :], other=0.0)
+                acc = mma(a, w, acc, UPCAST, PREC)
+                a_ptrs += BK * s_ak
+                w_ptrs += BK * s_wk
+            acc_g, acc_u = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN)), (0, 2, 1)))
         if PERSIST:  # the dropped rows' products are discarded
-            acc = tl.where(live, acc, 0.0)
-        acc_g, acc_u = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN)), (0, 2, 1)))
+            acc_g = tl.where(live, acc_g, 0.0)
+            acc_u = tl.where(live, acc_u, 0.0)
         g = to_dtype(acc_g, h_ptr.dtype.element_ty)
         u = to_dtype(acc_u, h_ptr.dtype.element_ty)
         tl.store(g_ptr + o, g, mask=cmask)
@@ -153,43 +179,49 @@ def _gmm_swiglu(a, w_gate_up, meta: Meta, *, gather: bool):
     BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
     tab, nmb = meta.table(BM)
     upcast, prec = common.prec(a.dtype)
-    w_descs = common.tma_descs([(w_gate_up.unflatten(1, (2, N)), [2, BN, BK])]) if cfg.get("TMA") else None
-    a_descs = common.tma_descs([(a, [BM, BK])]) if cfg.get("TMA") and not gather else None
     n_tiles = nmb * common.cdiv(N, BN)
     persist = bool(cfg.get("PERSIST"))
+    tma_a, a_desc = common.descriptor(0 if gather else cfg.get("TMA", 0), a, [BM, BK])
+    ws = bool(cfg.get("WS")) and persist and tma_a == 2  # gate and up tiles apart: W_gu as [E*2N, Kdim]
+    w_view, w_block = (w_gate_up, [BN, BK]) if ws else (w_gate_up.unflatten(1, (2, N)), [2, BN, BK])
+    tma_b, w_desc = common.descriptor(cfg.get("TMA", 0), w_view, w_block)
+    ws = ws and tma_b == 2
     grid = (min(n_tiles, common.persistent_programs(a.device, cfg["PERSIST"])) if persist else n_tiles,)
-    _gmm_swiglu_kernel[grid](
-        a,
-        meta.tok() if gather else h,
-        w_gate_up,
-        *(a_descs or [a]),
-        *(w_descs or [w_gate_up]),
-        tab,
-        h,
-        g,
-        u,
-        N,
-        Kdim,
-        nmb,
-        E,
-        a.stride(0),
-        a.stride(1),
-        w_gate_up.stride(0),
-        w_gate_up.stride(1),
-        w_gate_up.stride(2),
-        h.stride(0),
-        h.stride(1),
-        gather,
-        persist,
-        a_descs is not None,
-        w_descs is not None,
-        upcast,
-        prec,
-        Kdim % BK == 0,
-        BM,
-        BN,
-        BK,
-        cfg["GROUP_M"],
-        **common.launch_opts(cfg),
-    )
+    with common.device_descriptors(tma_a == 2 or tma_b == 2):
+        _gmm_swiglu_kernel[grid](
+            a,
+            meta.tok() if gather else h,
+            w_gate_up,
+            a_desc,
+            w_desc,
+            tab,
+            h,
+            g,
+            u,
+            N,
+            Kdim,
+            nmb,
+            E,
+            a.shape[0],
+            a.stride(0),
+            a.stride(1),
+            w_gate_up.stride(0),
+            w_gate_up.stride(1),
+            w_gate_up.stride(2),
+            h.stride(0),
+            h.stride(1),
+            gather,
+            persist,
+            tma_a,
+            tma_b,
+            upcast,
+            prec,
+            Kdim % BK == 0,
+            BM,
+            BN,
+            BK,
+            cfg["GROUP_M"],
+            ws,
+            **common.launch_opts(cfg),
+        )
     return h, g, u
