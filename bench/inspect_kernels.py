@@ -221,6 +221,8 @@ def inspect(fn, a, kw, dump_name):
         "tma_st": len(re.findall(r"cp\.async\.bulk\.tensor\.\dd\.global", ptx)),  # shared -> global
         "pipelined": pipelined,
         "v4_loads": len(re.findall(r"ld\.global(\.[a-z0-9]+)*\.v4", ptx)),
+        # warp specialization: the partitions the tile loop was split into besides the default (loading) one
+        "ws": len(re.findall(r"^\s*partition\d+\(", ttgir, re.M)),
         "tiles": "x".join(str(const[n]) for n in ("BM", "BN", "BK", "BO", "BI", "BR", "BT", "BD", "BC") if n in const),
         **opts,
     }
@@ -247,7 +249,7 @@ def problems(rows) -> list[str]:
 
 HEADER = (
     "| kernel | tile | warps | stages | regs | spill st/ld B | smem KiB | blocks/SM | wgmma | cp.async | TMA loads "
-    "| TMA stores | pipelined | v4 loads |"
+    "| TMA stores | pipelined | v4 loads | WS partitions |"
 )
 
 
@@ -256,7 +258,7 @@ def cells(name: str, r: dict) -> str:
     return (
         f"{name} | {r['tiles']} | {r.get('num_warps', '')} | {r.get('num_stages', '')} | {r['regs']} "
         f"| {r['spill_st']}/{r['spill_ld']} | {r['smem_kib']:.0f} | {r['blocks']} | {r['wgmma']} | {r['cp_async']} "
-        f"| {r['tma']} | {r['tma_st']} | {'yes' if r['pipelined'] else 'no'} | {r['v4_loads']} |"
+        f"| {r['tma']} | {r['tma_st']} | {'yes' if r['pipelined'] else 'no'} | {r['v4_loads']} | {r['ws']} |"
     )
 
 
@@ -286,7 +288,7 @@ def main():
         for kind in KINDS:
             keys, values = SWEEP[kind]
             print(f"\n{kind}: {', '.join(keys)}\n\n| candidate | op | {HEADER[2:]}")
-            print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|")
+            print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|")
             for v in values:
                 given = overrides()
                 try:
@@ -300,7 +302,7 @@ def main():
         return
     rows = compile_layer(overrides())
     print(f"\n| op | {HEADER[2:]}")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|")
     for label, name, r in rows:
         print(f"| {label} | {cells(name, r)}")
     if args.check and (bad := problems(rows)):

@@ -21,37 +21,48 @@ SWEEP = {
     # dropped: PERSIST = 1 at 128x64 and PERSIST = 2 with 2 stages (0.76-1.10 ms), and stores through TMA (0.61
     # alone, 0.65 persistent). Run 5 (H100, XL; then two accumulators of BN columns) dropped 4 stages, 64x128,
     # gathered pointer loads, 4 warps.
+    # WS = 1 (TMA = 2: descriptors made in the kernel; 4 warps, persistent): a producer warp group issuing the TMA
+    # loads and two consumer warp groups of 64 rows each, gate and up in two accumulators (see the kernel). From
+    # inspect_kernels (sm_90, Triton 3.6 and 3.9): 2 partitions, 161 KiB of shared memory, no spills at 128x64;
+    # 128x128 spills 2.8 KB, left out. Untimed as yet.
     "swiglu": (
-        (*GEMM_KEYS, "GATHER", "PERSIST", "maxnreg"),
+        (*GEMM_KEYS, "GATHER", "PERSIST", "maxnreg", "WS"),
         [
-            (128, 64, 64, 8, 3, 1, 0, 0, None),
-            (128, 128, 64, 8, 3, 1, 0, 0, None),
-            (128, 128, 64, 8, 3, 1, 0, 1, None),
-            (128, 64, 64, 8, 3, 1, 0, 2, 128),
+            (128, 64, 64, 8, 3, 1, 0, 0, None, 0),
+            (128, 128, 64, 8, 3, 1, 0, 0, None, 0),
+            (128, 128, 64, 8, 3, 1, 0, 1, None, 0),
+            (128, 64, 64, 8, 3, 1, 0, 2, 128, 0),
+            (128, 64, 64, 4, 3, 2, 0, 1, None, 1),
+            (128, 64, 64, 4, 4, 2, 0, 1, None, 1),
         ],
     ),
     # PERSIST = 1: one program per SM loops over the used tiles, and with TMA the compiler flattens tile and K loops
     # into one pipelined loop, so the next tile's loads overlap this tile's epilogue. Pointer loads need ~170
     # registers that way; TMA ~110. Run 4 (H100, XL):
     # 128x256 beat 128x128 with TMA on both the D = 1152 outputs (4.5 tiles wide) and the F = 4608 ones.
+    # WS = 1 as in "swiglu": consumers of 64 x 256 (128 accumulator registers each) or 64 x 128; no spills.
     "gmm": (
-        (*GEMM_KEYS, "PERSIST"),
+        (*GEMM_KEYS, "PERSIST", "WS"),
         [
-            (128, 256, 64, 8, 3, 1, 1),
-            (128, 256, 64, 8, 3, 1, 0),
-            (128, 256, 64, 8, 4, 1, 1),
-            (256, 128, 64, 8, 3, 1, 1),
-            (128, 128, 64, 8, 3, 0, 0),
+            (128, 256, 64, 8, 3, 1, 1, 0),
+            (128, 256, 64, 8, 3, 1, 0, 0),
+            (128, 256, 64, 8, 4, 1, 1, 0),
+            (256, 128, 64, 8, 3, 1, 1, 0),
+            (128, 128, 64, 8, 3, 0, 0, 0),
+            (128, 256, 64, 4, 3, 2, 1, 1),
+            (128, 128, 64, 4, 4, 2, 1, 1),
         ],
     ),
     "gmm_dx": (
-        (*GEMM_KEYS, "PERSIST"),
+        (*GEMM_KEYS, "PERSIST", "WS"),
         [
-            (128, 256, 64, 8, 3, 1, 0),
-            (128, 256, 64, 8, 4, 1, 0),
-            (128, 256, 64, 8, 3, 1, 1),
-            (256, 128, 64, 8, 3, 1, 0),
-            (128, 128, 64, 8, 4, 0, 0),
+            (128, 256, 64, 8, 3, 1, 0, 0),
+            (128, 256, 64, 8, 4, 1, 0, 0),
+            (128, 256, 64, 8, 3, 1, 1, 0),
+            (256, 128, 64, 8, 3, 1, 0, 0),
+            (128, 128, 64, 8, 4, 0, 0, 0),
+            (128, 256, 64, 4, 3, 2, 1, 1),
+            (128, 128, 64, 4, 4, 2, 1, 1),
         ],
     ),
     # GELU experts (upcycled dense DiT): the backward epilogue works in column quarters (121 registers at 128x128, no
@@ -82,13 +93,16 @@ SWEEP = {
     # after the K loop do not overlap it. Run 6 (H200) the same: fused 0.504 (XL) and 0.663 ms (G), 128x256 0.500
     # and 0.659, unfused 0.496 and 0.658 (dH 0.27 + the pass 0.23 at 3.9 TB/s). Every other candidate was slower:
     # persistent programs (one or two per SM, or three at 2 stages; 0.51-0.89 ms), epilogue inputs loaded before
-    # the K loop (PRE; 0.50-0.87), 128x64 (0.64-0.86), TMA stores (0.73-0.99); dropped.
+    # the K loop (PRE; 0.50-0.87), 128x64 (0.64-0.86), TMA stores (0.73-0.99); dropped. WS = 1 (as in "swiglu"; the
+    # epilogue on the whole tile, a consumer holding 64 rows): 128x64 compiles without spills, 128x128 spills 0.8-3 KB.
     "swiglu_bwd": (
-        (*GEMM_KEYS, "PERSIST", "FUSED", "PRE"),
+        (*GEMM_KEYS, "PERSIST", "FUSED", "PRE", "WS"),
         [
-            (128, 128, 64, 8, 3, 1, 0, 1, 0),
-            (128, 256, 64, 8, 3, 1, 0, 1, 0),
-            (128, 128, 64, 8, 4, 0, 0, 0, 0),
+            (128, 128, 64, 8, 3, 1, 0, 1, 0, 0),
+            (128, 256, 64, 8, 3, 1, 0, 1, 0, 0),
+            (128, 128, 64, 8, 4, 0, 0, 0, 0, 0),
+            (128, 64, 64, 4, 3, 2, 1, 1, 0, 1),
+            (128, 64, 64, 4, 4, 2, 1, 1, 0, 1),
         ],
     ),
     "ew": (("BR", "BC", "num_warps"), [(2, 1024, 8), (4, 512, 8), (8, 256, 8)]),

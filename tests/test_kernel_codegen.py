@@ -24,9 +24,9 @@ def _ptxas_available() -> bool:
         return False
 
 
-def _inspect(*args: str, width: int = 15) -> list[list[str]]:
+def _inspect(*args: str, width: int = 16) -> list[list[str]]:
     """Run ``bench/inspect_kernels.py`` with ``args`` and return the cells of its tables' rows, one per kernel
-    (``width`` cells: 16 with ``--candidates``, whose rows start with the candidate)."""
+    (``width`` cells: 17 with ``--candidates``, whose rows start with the candidate)."""
     cmd = [sys.executable, "-W", "ignore", str(REPO / "bench" / "inspect_kernels.py"), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -98,19 +98,25 @@ def test_maxnreg_caps_the_registers_of_one_kind():
 
 
 @pytest.mark.skipif(not _ptxas_available(), reason="this Triton build has no NVIDIA backend / bundled ptxas")
-def test_every_sweep_candidate_of_the_swiglu_kernels_compiles_pipelined():
+def test_every_sweep_candidate_of_the_gemm_kernels_compiles_pipelined():
     """``inspect_kernels.py --candidates``: each tile candidate ``bench_kernels.py --sweep`` would time for the
-    gate/up GEMM and the SwiGLU backward compiles for sm_90 with wgmma and a pipelined main loop, so a GPU run does
-    not spend its minutes on candidates the compiler refuses."""
+    gate/up GEMM, the SwiGLU backward and the plain forward and dX GEMMs compiles for sm_90 with wgmma and a
+    pipelined main loop, and each warp-specialized one (``WS``) into a loading and two computing partitions, so a
+    GPU run does not spend its minutes on candidates the compiler refuses or quietly builds otherwise."""
     sys.path.insert(0, str(REPO / "bench"))
     try:
         from sweep_candidates import SWEEP
     finally:
         sys.path.remove(str(REPO / "bench"))
-    rows = _inspect("--candidates", "swiglu,swiglu_bwd", width=16)
+    kinds = {"swiglu": "gate/up fwd", "swiglu_bwd": "down dX: dH", "gmm": "down fwd", "gmm_dx": "gate/up dX"}
+    rows = _inspect("--candidates", ",".join(kinds), width=17)
     gemms = [cells for cells in rows if cells[2].startswith("_gmm")]
-    for kind, op in (("swiglu", "gate/up fwd"), ("swiglu_bwd", "down dX: dH")):
-        want = {str(v) for v in SWEEP[kind][1]}
-        got = {cells[0] for cells in gemms if cells[1] == op and cells[0] in want}
-        assert got == want, (kind, sorted(want - got), rows)
+    for kind, op in kinds.items():
+        keys, values = SWEEP[kind]
+        want = {str(v) for v in values}
+        got = {cells[0]: cells for cells in gemms if cells[1] == op and cells[0] in want}
+        assert set(got) == want, (kind, sorted(want - set(got)), rows)
+        for v in values:
+            ws = dict(zip(keys, v, strict=True)).get("WS", 0)
+            assert got[str(v)][16] == ("2" if ws else "0"), (kind, v, got[str(v)])  # partitions
     assert all(int(cells[10]) > 0 and cells[14] == "yes" for cells in gemms), gemms  # wgmma, pipelined
