@@ -33,7 +33,13 @@ ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 ap.add_argument("--shape", default="S", choices=["S", "XL", "tiny"])
 ap.add_argument("--tokens", type=int, default=8192)
 ap.add_argument("--reps", type=int, default=50)
-ap.add_argument("--old-tiles", default="bench/tiles/run3-bf16.json")
+ap.add_argument(
+    "--tiles",
+    action="append",
+    metavar="FILE",
+    help="a tile file to time besides the built-in sets; repeatable (default: bench/tiles/run3-bf16.json, run 3's "
+    "pointer-load tiles, and bench/tiles/ws-bf16.json, warp-specialized GEMMs)",
+)
 args = ap.parse_args()
 
 CUDA = torch.cuda.is_available()
@@ -51,10 +57,12 @@ w_down = (torch.randn(E, D, F, device=dev, dtype=dt, generator=gen) * F**-0.5).r
 grad_out = torch.randn(T, D, device=dev, dtype=dt, generator=gen)
 params = [x, probs, w_gu, w_down]
 
+TMA_KINDS = ("gmm", "gmm_dx", "swiglu", "swiglu_bwd")  # the kinds whose tiles now load through TMA
 TILE_SETS = {
     "tiles now": {},
-    args.old_tiles: load_tiles(args.old_tiles),
-    "tiles now, no TMA": {k: {"TMA": 0} for k in ("gmm", "gmm_dx", "swiglu", "swiglu_bwd", "dw")},
+    **{path: load_tiles(path) for path in args.tiles or ["bench/tiles/run3-bf16.json", "bench/tiles/ws-bf16.json"]},
+    "tiles now, no TMA": {k: {"TMA": 0} for k in TMA_KINDS},
+    "tiles now, descriptors made in the kernels": {k: {"TMA": 2} for k in TMA_KINDS},
     "tiles now, gathered x": {"swiglu": {"GATHER": 1}},
     "tiles now, unfused SwiGLU backward": {"swiglu_bwd": {"FUSED": 0}},
 }

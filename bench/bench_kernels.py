@@ -60,8 +60,11 @@ ap.add_argument(
 )
 ap.add_argument(
     "--compare-tiles",
+    action="append",
+    default=[],
+    metavar="FILE",
     help="a JSON file of tile overrides {kind: {key: value}}: each shape's layer is also timed under them, e.g. "
-    "bench/tiles/run3-bf16.json (at --shapes tiny the layer time is mostly host overhead)",
+    "bench/tiles/run3-bf16.json (at --shapes tiny the layer time is mostly host overhead); repeatable",
 )
 ap.add_argument(
     "--write-tiles",
@@ -74,7 +77,7 @@ ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__
 ap.add_argument("--try-deepspeed-build", action="store_true", help="JIT-build DeepSpeed's CUTLASS MoE GEMM (slow)")
 args = ap.parse_args()
 try:
-    COMPARE_TILES = load_tiles(args.compare_tiles) if args.compare_tiles else None
+    COMPARE_TILES = {path: load_tiles(path) for path in args.compare_tiles}
 except ValueError as exc:
     ap.error(f"--compare-tiles {exc}")
 
@@ -603,10 +606,12 @@ def run_shape(name: str):
             shape, "layer fwd+bwd", "megatron permute+_grouped_mm", fwd_bwd(mg), flops=layer_flops
         )
     if ops is not None and COMPARE_TILES:
-        if COMPARE_TILES.get("table", TABLE) == TABLE:
-            layer_with_tiles(shape, {args.compare_tiles: COMPARE_TILES}, x, probs, Wgu, Wd, experts_TK, E)
-        else:
-            skip(f"--compare-tiles {args.compare_tiles}", f"tuned for {COMPARE_TILES['table']} launches; here: {TABLE}")
+        here = {path: tiles for path, tiles in COMPARE_TILES.items() if tiles.get("table", TABLE) == TABLE}
+        for path, tiles in COMPARE_TILES.items():
+            if path not in here:
+                skip(f"--compare-tiles {path}", f"tuned for {tiles['table']} launches; here: {TABLE}")
+        if here:
+            layer_with_tiles(shape, here, x, probs, Wgu, Wd, experts_TK, E)
     if ops is not None:  # correctness at the real shape: ours vs the reference path, same dtype
         try:
             outs = {}

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Short GPU check (H100/H200), about 7 minutes: CUDA kernel tests for the key shards (9 in parallel, 90 s), then the
+# Short GPU check (H100/H200), about 7 minutes: CUDA kernel tests for the key shards (10 in parallel, 90 s), then the
 # kernel benchmark at tiny (host-bound), S, XL, G and XL with one expert at 2x load, each layer also under the tiles
-# before run 4, with a tile sweep of every kind at XL, G and S (S last: the budget cuts it first), then whole
+# before run 4 and under warp-specialized GEMMs (bench/tiles/ws-bf16.json: descriptors made in the kernels, first
+# timing), with a tile sweep of every kind at XL, G and S (S last: the budget cuts it first), then whole
 # training steps (bench_train.py: S/2 and XL/2, our kernels vs the torch reference vs the official loop, 160 s: XL/2
 # needs about 150 on an H200; S/2 under new and old tiles in turn, 3 rounds), then the host's time to issue one
 # layer per tile set at S and XL (bench_issue.py). Logs and JSON go to $OUT (else bench/results/): at most 8 files,
@@ -25,11 +26,12 @@ run_test_shards 90 \
     "same_bits and pointer" \
     "same_bits and not pointer" \
     "fused_swiglu" \
+    "descriptors_made_in_the_kernel or kernel_descriptors_lend" \
     "reads_nothing_back"
 
-say "benchmark: S, XL, G + tile sweeps incl. TMA (200 s limit)"
+say "benchmark: S, XL, G + tile sweeps incl. warp-specialized candidates (200 s limit)"
 timeout 200 "$PY" -W ignore bench/bench_kernels.py --shapes tiny,S,XL,G,XL-skew --reps 15 --budget 180 \
-    --compare-tiles bench/tiles/run3-bf16.json \
+    --compare-tiles bench/tiles/run3-bf16.json --compare-tiles bench/tiles/ws-bf16.json \
     --sweep --sweep-shapes XL,G,S --sweep-kinds swiglu,swiglu_bwd,gmm_dx,dw,gmm,ew,rows,gmm_epi 2>&1 | grep --line-buffered -v "^  warnings.warn" | tee "$LOGDIR/bench.log"
 say "benchmark exit ${PIPESTATUS[0]}"
 say "training throughput: S/2 and XL/2-8E2A, triton vs torch vs naive (160 s limit)"
@@ -40,6 +42,7 @@ timeout 60 "$PY" -W ignore bench/bench_train.py --models DiT-MoE-S/2-8E2A --back
     --compare-tiles bench/tiles/run3-bf16.json --rounds 3 --out "$LOGDIR/tiles-ab" 2>&1 |
     tee -a "$LOGDIR/bench_train.log"
 say "host time to issue one MoE layer fwd+bwd per tile set, S and XL (bench_issue.py; run 6, S: TMA +0.3 ms; 2 x 60 s)"
+# new: descriptors made in the kernels (no encoding on the host) and the warp-specialized tiles
 for shape in S XL; do
     timeout 60 "$PY" -W ignore bench/bench_issue.py --shape $shape 2>&1 | tee -a "$LOGDIR/bench_train.log"
 done
