@@ -304,39 +304,20 @@ def _gmm_tile(
         z = to_dtype(acc, c2_ptr.dtype.element_ty)
         tl.store(c2_ptr + c_off, z, mask=cmask)
         tl.store(c_ptr + c_off, to_dtype(gelu_tanh(z.to(tl.float32)), c_ptr.dtype.element_ty), mask=cmask)
-    if EPI >= 2 and WS:
-        _epi_tile(
-            acc,
-            EPI,
-            rows,
-            rmask,
-            n0,
-            N,
-            c_ptr,
-            c2_ptr,
-            c3_ptr,
-            x0_ptr,
-            x1_ptr,
-            s_cr,
-            s_cn,
-            s_x0r,
-            s_x0n,
-            rows,
-            rows,
-            False,
-        )
-    if EPI >= 2 and not WS:
+    if EPI >= 2:
         # The backward epilogues load and store extra tiles; they work in column quarters so that a quarter of
         # them is live at a time. At 128x128 (sm_90) the SwiGLU one needed 255 registers and spilled 700 bytes in
-        # one piece, 128 in quarters; the GELU one 255 and 20 bytes of spills, 121 in quarters.
-        quarters = _quarters(acc)
-        for q in tl.static_range(4):
+        # one piece, 128 in quarters; the GELU one 255 and 20 bytes of spills, 121 in quarters. WS: in one piece
+        # (a consumer warp group holds half the rows, and the compiler's data partitioning cannot split the tile).
+        NQ: tl.constexpr = 1 if WS else 4
+        pieces = (acc,) if WS else _quarters(acc)
+        for q in tl.static_range(NQ):
             _epi_tile(
-                quarters[q],
+                pieces[q],
                 EPI,
                 rows,
                 rmask,
-                n0 + q * (BN // 4),
+                n0 + q * (BN // NQ),
                 N,
                 c_ptr,
                 c2_ptr,
@@ -534,7 +515,7 @@ def _gmm(
             BN,
             BK,
             cfg["GROUP_M"],
-            epi >= EPI_GELU_BWD and bool(cfg.get("PRE")),
+            epi >= EPI_GELU_BWD and bool(cfg.get("PRE")) and not ws,  # WS: epilogue inputs loaded after the K loop
             ws,
             **common.launch_opts(cfg),
         )
