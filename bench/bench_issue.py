@@ -40,6 +40,7 @@ ap.add_argument(
     help="a tile file to time besides the built-in sets; repeatable (default: bench/tiles/run3-bf16.json, run 3's "
     "pointer-load tiles, and bench/tiles/ws-bf16.json, warp-specialized GEMMs)",
 )
+ap.add_argument("--no-kernel-descriptors", action="store_true", help="leave out the tile set with TMA = 2")
 args = ap.parse_args()
 
 CUDA = torch.cuda.is_available()
@@ -62,7 +63,11 @@ TILE_SETS = {
     "tiles now": {},
     **{path: load_tiles(path) for path in args.tiles or ["bench/tiles/run3-bf16.json", "bench/tiles/ws-bf16.json"]},
     "tiles now, no TMA": {k: {"TMA": 0} for k in TMA_KINDS},
-    "tiles now, descriptors made in the kernels": {k: {"TMA": 2} for k in TMA_KINDS},
+    **(
+        {}
+        if args.no_kernel_descriptors
+        else {"tiles now, descriptors made in the kernels": {k: {"TMA": 2} for k in TMA_KINDS}}
+    ),
     "tiles now, gathered x": {"swiglu": {"GATHER": 1}},
     "tiles now, unfused SwiGLU backward": {"swiglu_bwd": {"FUSED": 0}},
 }

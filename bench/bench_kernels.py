@@ -72,6 +72,11 @@ ap.add_argument(
     help="with --sweep at one --sweep-shapes shape: write the tiles that made the whole layer fastest there (JSON, "
     "with the table they were tuned over; no kinds when the built-in tables won), for `ditmoe train --kernel-tiles`",
 )
+ap.add_argument(
+    "--no-ws",
+    action="store_true",
+    help="leave out the warp-specialized sweep candidates (WS = 1; gpu_final.sh passes it when their tests failed)",
+)
 ap.add_argument("--budget", type=float, default=300.0, help="seconds; later sections are skipped past it")
 ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
 ap.add_argument("--try-deepspeed-build", action="store_true", help="JIT-build DeepSpeed's CUTLASS MoE GEMM (slow)")
@@ -702,6 +707,8 @@ def sweep(kinds, name: str):
             skip(f"sweep {kind}", f"unknown kind (known: {', '.join(SWEEP)})")
             continue
         keys, configs = SWEEP[kind]
+        if args.no_ws:
+            configs = [c for c in configs if not candidate(keys, c).get("WS")]
         best = None
         for c in configs:
             if over_budget(reserve=LAYER_RESERVE_S):

@@ -50,7 +50,8 @@ PYEOF
 "$PY" -c "import ditmoe_kernels.triton_ops as o; print('ditmoe_kernels.triton_ops from', o.__file__)" || exit 1
 
 # run_test_shards SECONDS "k-expr" ...: CUDA kernel tests, one shard per -k expression, in parallel (Triton compiles
-# overlap), each capped at SECONDS.
+# overlap), each capped at SECONDS. SHARD_RC["k-expr"] holds each shard's exit status (none when pytest is missing).
+declare -A SHARD_RC
 run_test_shards() {
     local limit=$1
     shift
@@ -77,6 +78,7 @@ run_test_shards() {
     for i in "${!shards[@]}"; do
         wait "${pids[$i]}"
         rc=$?
+        SHARD_RC["${shards[$i]}"]=$rc
         say "shard $i ('${shards[$i]}') exit $rc$([ $rc = 124 ] && echo ' (timed out)')"
         grep -E "^(FAILED|ERROR)|passed|failed|error" "$scratch/$i.log" | tail -n 8
         { echo "=== shard $i: -k '${shards[$i]}' (exit $rc)"; cat "$scratch/$i.log"; } >>"$LOGDIR/tests.log"

@@ -17,6 +17,7 @@
 NAME=gpu_final
 source "$(dirname "$0")/gpu_common.sh"
 
+WS_SHARD="descriptors_made_in_the_kernel or kernel_descriptors_lend"
 run_test_shards 90 \
     "medium_cuda or bitwise or no_host_sync or swiglu_bwd_pass or dw_tma or backward_uses" \
     "low_precision or ((grouped_mm or permute) and not property and not same_bits)" \
@@ -26,12 +27,21 @@ run_test_shards 90 \
     "same_bits and pointer" \
     "same_bits and not pointer" \
     "fused_swiglu" \
-    "descriptors_made_in_the_kernel or kernel_descriptors_lend" \
+    "$WS_SHARD" \
     "reads_nothing_back"
 
-say "benchmark: S, XL, G + tile sweeps incl. warp-specialized candidates (200 s limit)"
+# The warp-specialized kernels and kernel-made descriptors are untimed: should their tests fail or hang, leave them
+# out of what follows rather than lose the benchmark to them (without pytest no shard ran: they stay in).
+WS_BENCH=(--compare-tiles bench/tiles/ws-bf16.json)
+ISSUE_TILES=()
+if [ "${SHARD_RC[$WS_SHARD]:-0}" != 0 ]; then
+    say "the WS / kernel-descriptor tests failed (exit ${SHARD_RC[$WS_SHARD]}): benchmarks without them"
+    WS_BENCH=(--no-ws)
+    ISSUE_TILES=(--tiles bench/tiles/run3-bf16.json --no-kernel-descriptors)
+fi
+say "benchmark: S, XL, G + tile sweeps (200 s limit)"
 timeout 200 "$PY" -W ignore bench/bench_kernels.py --shapes tiny,S,XL,G,XL-skew --reps 15 --budget 180 \
-    --compare-tiles bench/tiles/run3-bf16.json --compare-tiles bench/tiles/ws-bf16.json \
+    --compare-tiles bench/tiles/run3-bf16.json "${WS_BENCH[@]}" \
     --sweep --sweep-shapes XL,G,S --sweep-kinds swiglu,swiglu_bwd,gmm_dx,dw,gmm,ew,rows,gmm_epi 2>&1 | grep --line-buffered -v "^  warnings.warn" | tee "$LOGDIR/bench.log"
 say "benchmark exit ${PIPESTATUS[0]}"
 say "training throughput: S/2 and XL/2-8E2A, triton vs torch vs naive (160 s limit)"
@@ -44,6 +54,7 @@ timeout 60 "$PY" -W ignore bench/bench_train.py --models DiT-MoE-S/2-8E2A --back
 say "host time to issue one MoE layer fwd+bwd per tile set, S and XL (bench_issue.py; run 6, S: TMA +0.3 ms; 2 x 60 s)"
 # new: descriptors made in the kernels (no encoding on the host) and the warp-specialized tiles
 for shape in S XL; do
-    timeout 60 "$PY" -W ignore bench/bench_issue.py --shape $shape 2>&1 | tee -a "$LOGDIR/bench_train.log"
+    timeout 60 "$PY" -W ignore bench/bench_issue.py --shape $shape ${ISSUE_TILES[@]+"${ISSUE_TILES[@]}"} 2>&1 |
+        tee -a "$LOGDIR/bench_train.log"
 done
 collect_results
