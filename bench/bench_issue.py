@@ -59,18 +59,17 @@ grad_out = torch.randn(T, D, device=dev, dtype=dt, generator=gen)
 params = [x, probs, w_gu, w_down]
 
 TMA_KINDS = ("gmm", "gmm_dx", "swiglu", "swiglu_bwd")  # the kinds whose tiles now load through TMA
+KERNEL_DESCRIPTORS = "tiles now, descriptors made in the kernels"
 TILE_SETS = {
     "tiles now": {},
     **{path: load_tiles(path) for path in args.tiles or ["bench/tiles/run3-bf16.json", "bench/tiles/ws-bf16.json"]},
     "tiles now, no TMA": {k: {"TMA": 0} for k in TMA_KINDS},
-    **(
-        {}
-        if args.no_kernel_descriptors
-        else {"tiles now, descriptors made in the kernels": {k: {"TMA": 2} for k in TMA_KINDS}}
-    ),
+    KERNEL_DESCRIPTORS: {k: {"TMA": 2} for k in TMA_KINDS},
     "tiles now, gathered x": {"swiglu": {"GATHER": 1}},
     "tiles now, unfused SwiGLU backward": {"swiglu_bwd": {"FUSED": 0}},
 }
+if args.no_kernel_descriptors:
+    del TILE_SETS[KERNEL_DESCRIPTORS]
 
 
 def sync():
