@@ -75,6 +75,8 @@ SWEEP = {
     # twice as much: run 5 (H100) timed 0.77 of dense at G against 0.91-0.94 at XL. 128x256 needs 195 registers
     # (one block per SM: nothing overlaps a tile's store); TMA (whole chunks of rows through descriptors, the last
     # partial one through pointer loads) cuts that to 174, and at 128x128 to 96: two blocks per SM (sm_90).
+    # Run 6 (H200): (128, 128, 64, 8, 3, 1) was best at S, XL and G (2-11% below the tiles now), but there the
+    # 128x256 gate/up dW still computed its empty last tile column (8-33% of its tiles); it now runs transposed.
     "dw": (
         ("BO", "BI", "BR", "num_warps", "num_stages", "TMA"),
         [

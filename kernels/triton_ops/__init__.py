@@ -46,6 +46,8 @@ Design (see /work/shared/notes/kernels.md):
   no rows writes zeros. Bias gradients are fp32 row sums. The gate/up dW is one K-reduction over the
   [dgate | dup] buffer (O = 2F) against the permuted x: a single accumulator and no gathered rows, the shape of
   the down dW that ran at 0.95 of dense (a dual-accumulator kernel over gathered x reached 0.47, run 3).
+  Where it takes fewer tiles the kernel computes dW[e]^T = B^T A and stores it transposed: with 128x256 tiles
+  the gate/up dW (I = D, not a multiple of 256 at S, XL or G) otherwise computes 8-33% empty columns.
 - fp32/bf16/fp16 inputs, fp32 accumulation. fp32 matmuls follow ``torch.backends.cuda.matmul.allow_tf32``.
 - TMA (tile key ``TMA`` of the GEMM kinds; on in bf16 except ``gmm_epi`` and ``dw``, from run 4's sweep): weight
   tiles, and A tiles where A is not gathered, load through host-made tensor descriptors over 2-D views ([E, X, Y]

@@ -13,11 +13,13 @@ from ditmoe_kernels.triton_ops.routing import Meta
 
 
 @triton.jit
-def _dw_chunk(acc, dbacc, a, b, HAS_DB: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
-    """One chunk of rows of a dW K-reduction: acc += a^T b, and (HAS_DB) dbacc += the column sums of a."""
+def _dw_chunk(acc, dbacc, a, b, DB: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """One chunk of rows of a dW K-reduction: acc += a^T b, and dbacc += the column sums of a (DB = 1) or b (2)."""
     acc = mma(tl.trans(a), b, acc, UPCAST, PREC)
-    if HAS_DB:
+    if DB == 1:
         dbacc += tl.sum(a.to(tl.float32), 0)
+    if DB == 2:
+        dbacc += tl.sum(b.to(tl.float32), 0)
     return acc, dbacc
 
 
@@ -42,7 +44,7 @@ def _gmm_dw_kernel(
     s_wi,
     s_dbe,
     s_dbo,
-    HAS_DB: tl.constexpr,
+    DB: tl.constexpr,
     TMA: tl.constexpr,
     UPCAST: tl.constexpr,
     PREC: tl.constexpr,
@@ -51,8 +53,8 @@ def _gmm_dw_kernel(
     BR: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """dW[e] = A[rows e]^T @ B[rows e] ([O, I]) as a K-reduction over the expert's rows; HAS_DB: db[e] = sum of
-    A's rows. Empty experts write zeros.
+    """dW[e] = A[rows e]^T @ B[rows e] ([O, I], stored through the strides s_wo / s_wi) as a K-reduction over the
+    expert's rows; DB = 1: db[e] = the sum of A's rows ([O]), 2: of B's rows ([I]). Empty experts write zeros.
 
     The loop is a plain counted loop over [BR, BO] / [BR, BI] tiles whose pointers advance by BR rows: every
     load is row-contiguous (coalesced, 16-byte vectors) and feeds tl.dot directly (A through tl.trans), so the
@@ -73,35 +75,43 @@ def _gmm_dw_kernel(
     a_ptrs = a_ptr + rows[:, None] * s_ar + offs_o[None, :] * s_ao
     b_ptrs = b_ptr + rows[:, None] * s_br + offs_i[None, :] * s_bi
     acc = tl.zeros([BO, BI], tl.float32)
-    dbacc = tl.zeros([BO], tl.float32)
+    dbacc = tl.zeros([BI if DB == 2 else BO], tl.float32)
     if TMA:
         n_full = n_rows // BR
         for it in range(0, n_full):
             a = a_desc.load([start + it * BR, pid_o * BO])
             b = b_desc.load([start + it * BR, pid_i * BI])
-            acc, dbacc = _dw_chunk(acc, dbacc, a, b, HAS_DB, UPCAST, PREC)
+            acc, dbacc = _dw_chunk(acc, dbacc, a, b, DB, UPCAST, PREC)
         if n_rows > n_full * BR:
             tail = (n_full * BR).to(tl.int64)
             rm = offs_r < n_rows - n_full * BR
             a = tl.load(a_ptrs + tail * s_ar, mask=rm[:, None] & om[None, :], other=0.0)
             b = tl.load(b_ptrs + tail * s_br, mask=rm[:, None] & im[None, :], other=0.0)
-            acc, dbacc = _dw_chunk(acc, dbacc, a, b, HAS_DB, UPCAST, PREC)
+            acc, dbacc = _dw_chunk(acc, dbacc, a, b, DB, UPCAST, PREC)
     else:
         for it in range(0, tl.cdiv(n_rows, BR)):
             rm = offs_r < n_rows - it * BR
             a = tl.load(a_ptrs, mask=rm[:, None] & om[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=rm[:, None] & im[None, :], other=0.0)
-            acc, dbacc = _dw_chunk(acc, dbacc, a, b, HAS_DB, UPCAST, PREC)
+            acc, dbacc = _dw_chunk(acc, dbacc, a, b, DB, UPCAST, PREC)
             a_ptrs += BR * s_ar
             b_ptrs += BR * s_br
     w_off = e * s_we + offs_o[:, None] * s_wo + offs_i[None, :] * s_wi
     tl.store(dw_ptr + w_off, to_dtype(acc, dw_ptr.dtype.element_ty), mask=om[:, None] & im[None, :])
-    if HAS_DB:
-        tl.store(
-            db_ptr + e * s_dbe + offs_o * s_dbo,
-            to_dtype(dbacc, db_ptr.dtype.element_ty),
-            mask=offs_o < tl.where(pid_i == 0, O, 0),
-        )
+    if DB == 1:  # by the programs of the first I-block
+        db_m = offs_o < tl.where(pid_i == 0, O, 0)
+        tl.store(db_ptr + e * s_dbe + offs_o * s_dbo, to_dtype(dbacc, db_ptr.dtype.element_ty), mask=db_m)
+    if DB == 2:  # by those of the first O-block
+        db_m = offs_i < tl.where(pid_o == 0, I, 0)
+        tl.store(db_ptr + e * s_dbe + offs_i * s_dbo, to_dtype(dbacc, db_ptr.dtype.element_ty), mask=db_m)
+
+
+def transposed(O: int, I: int, BO: int, BI: int) -> bool:
+    """Whether to compute dW[e]^T = B^T A ([I, O] tiles, stored transposed) rather than dW[e]: when that takes fewer
+    [BO, BI] tiles. A tile computes all its columns, so with BO != BI the orientation decides how much is wasted:
+    gate/up dW at G (O = 2F = 11264, I = D = 1408) takes 88 x 6 tiles of 128x256, the last column of them half
+    empty (8% of the work), and 11 x 44 transposed, none empty."""
+    return common.cdiv(I, BO) * common.cdiv(O, BI) < common.cdiv(O, BO) * common.cdiv(I, BI)
 
 
 def _gmm_dw(a, b, meta: Meta, *, with_db: bool = False, dtype=None) -> list:
@@ -115,6 +125,10 @@ def _gmm_dw(a, b, meta: Meta, *, with_db: bool = False, dtype=None) -> list:
         cfg = common.config("dw", a.dtype)
         BO, BI, BR = cfg["BO"], cfg["BI"], cfg["BR"]
         upcast, prec = common.prec(a.dtype)
+        s_wo, s_wi = dw.stride(1), dw.stride(2)
+        db_of = 1  # db: the column sums of the kernel's A
+        if transposed(O, I, BO, BI):  # the kernel's A is B: its [I, O] result lands in dW through swapped strides
+            a, b, O, I, s_wo, s_wi, db_of = b, a, I, O, s_wi, s_wo, 2
         descs = common.tma_descs([(a, [BR, BO]), (b, [BR, BI])]) if cfg.get("TMA") else None
         grid = (common.cdiv(O, BO) * common.cdiv(I, BI), E)
         _gmm_dw_kernel[grid](
@@ -132,11 +146,11 @@ def _gmm_dw(a, b, meta: Meta, *, with_db: bool = False, dtype=None) -> list:
             b.stride(0),
             b.stride(1),
             dw.stride(0),
-            dw.stride(1),
-            dw.stride(2),
+            s_wo,
+            s_wi,
             db.stride(0) if with_db else 0,
             db.stride(1) if with_db else 0,
-            with_db,
+            db_of if with_db else 0,
             descs is not None,
             upcast,
             prec,
