@@ -97,15 +97,19 @@ SWEEP = {
     # persistent programs (one or two per SM, or three at 2 stages; 0.51-0.89 ms), epilogue inputs loaded before
     # the K loop (PRE; 0.50-0.87), 128x64 (0.64-0.86), TMA stores (0.73-0.99); dropped. WS = 1 (as in "swiglu"; the
     # epilogue on the whole tile, a consumer holding 64 rows): 128x64 compiles without spills on 3.6 (3.9: 336 bytes),
-    # 128x128 spills 0.8-3 KB.
+    # 128x128 spills 0.8-3 KB. PRE = 2 (each quarter's g and u read while the quarter before computes and stores,
+    # two quarters' reads in flight instead of one): 137 registers, one block per SM; capped at 128, two blocks and
+    # 20-24 bytes of spills (Triton 3.6 / 3.9). Untimed as yet.
     "swiglu_bwd": (
-        (*GEMM_KEYS, "PERSIST", "FUSED", "PRE", "WS"),
+        (*GEMM_KEYS, "PERSIST", "FUSED", "PRE", "WS", "maxnreg"),
         [
-            (128, 128, 64, 8, 3, 1, 0, 1, 0, 0),
-            (128, 256, 64, 8, 3, 1, 0, 1, 0, 0),
-            (128, 128, 64, 8, 4, 0, 0, 0, 0, 0),
-            (128, 64, 64, 4, 3, 2, 1, 1, 0, 1),
-            (128, 64, 64, 4, 4, 2, 1, 1, 0, 1),
+            (128, 128, 64, 8, 3, 1, 0, 1, 0, 0, None),
+            (128, 256, 64, 8, 3, 1, 0, 1, 0, 0, None),
+            (128, 128, 64, 8, 4, 0, 0, 0, 0, 0, None),
+            (128, 64, 64, 4, 3, 2, 1, 1, 0, 1, None),
+            (128, 64, 64, 4, 4, 2, 1, 1, 0, 1, None),
+            (128, 128, 64, 8, 3, 1, 0, 1, 2, 0, None),
+            (128, 128, 64, 8, 3, 1, 0, 1, 2, 0, 128),
         ],
     ),
     "ew": (("BR", "BC", "num_warps"), [(2, 1024, 8), (4, 512, 8), (8, 256, 8)]),

@@ -12,8 +12,9 @@ an expert's last, partial chunk of rows), 2 (not ``dw``) through descriptors the
 host at each launch); ``WS`` = 1 (with ``TMA`` = 2, ``PERSIST`` and 4 warps; not ``dw``) warp-specializes the
 persistent loop: one warp group loads, two compute; ``PERSIST`` > 0 launches that many persistent programs per SM
 (not ``dw``); ``GATHER`` (``swiglu``, ``gmm_epi``; 1 where absent) picks gather-fused or permute-first input (see
-``triton_ops``); ``PRE`` = 1 (``swiglu_bwd``, ``gmm_epi``: the backward epilogues) loads the epilogue's input
-tiles before the K loop (not with ``PERSIST``: sm_90 then spills); ``num_warps`` / ``num_stages`` / ``maxnreg`` (a
+``triton_ops``); ``PRE`` (``swiglu_bwd``, ``gmm_epi``: the backward epilogues) = 1 loads the epilogue's input
+tiles before the K loop (not with ``PERSIST``: sm_90 then spills), 2 each column quarter's while the one before
+is computed and stored; ``num_warps`` / ``num_stages`` / ``maxnreg`` (a
 cap on registers per thread, so that two blocks fit on an SM where the compiler would take a few more than half
 the register file) are launch options.
 

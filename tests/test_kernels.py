@@ -514,6 +514,10 @@ SAME_BITS = {
         {"swiglu_bwd": {"PRE": 0, "FUSED": 1}, "gmm_epi": {"PRE": 0}},
         {"swiglu_bwd": {"PRE": 1, "FUSED": 1}, "gmm_epi": {"PRE": 1}},
     ),
+    "epilogue-reads-ahead": (
+        {"swiglu_bwd": {"PRE": 0, "FUSED": 1}, "gmm_epi": {"PRE": 0}},
+        {"swiglu_bwd": {"PRE": 2, "FUSED": 1}, "gmm_epi": {"PRE": 2}},
+    ),
 }
 SAME_BITS_CASES = [
     ("permute-first", "swiglu", 0),
@@ -526,6 +530,9 @@ SAME_BITS_CASES = [
     ("prefetch-epilogue", "swiglu", 0),  # drops, an empty expert
     ("prefetch-epilogue", "swiglu", 1),  # F = 72: the last quarter partly outside
     ("prefetch-epilogue", "gelu", 0),
+    ("epilogue-reads-ahead", "swiglu", 0),
+    ("epilogue-reads-ahead", "swiglu", 1),
+    ("epilogue-reads-ahead", "gelu", 1),
 ]
 
 
@@ -534,8 +541,9 @@ SAME_BITS_CASES = [
 def test_tile_options_give_the_same_bits(option, act, case, tma, monkeypatch):
     """permute-first (``GATHER`` = 0: x is permuted before the first expert GEMM, whose A tiles then come through
     TMA when it is on), fused-swiglu-bwd (``swiglu_bwd`` FUSED = 1: the SwiGLU backward in dH's epilogue, in
-    column quarters), persistent (``PERSIST``: a few programs loop over the used tiles) and prefetch-epilogue
-    (``PRE``: the backward epilogues' input tiles loaded before the K loop) give the default path's output and every
+    column quarters), persistent (``PERSIST``: a few programs loop over the used tiles), prefetch-epilogue
+    (``PRE`` = 1: the backward epilogues' input tiles loaded before the K loop) and epilogue-reads-ahead (``PRE`` =
+    2: each quarter's loaded before the stores of the one before) give the default path's output and every
     gradient bit for bit, with drops and an empty expert. Permute-first costs no extra permute pass: the backward
     reuses the copy instead of permuting x again."""
     T, K, E, D, F, cap, empty = TMA_CASES[case]

@@ -125,8 +125,11 @@ def _gmm_kernel(
     EPI_GELU: C = gelu(z), C2 = z.  EPI_GELU_BWD: X0 = z, C = acc * gelu'(z), C2 = gelu(z) (the activation the
     forward produced, for the dW of the second weight). EPI_SWIGLU_BWD (acc = dH): X0 = g, X1 = u; C = dgate,
     C2 = dup, C3 = h = silu(g) * u, the math of ``swiglu._swiglu_bwd_kernel`` on dH rounded to C's dtype (the
-    same bits as the separate pass); X0, X1 and C3 share strides. PRE (backward epilogues): X0 / X1 tiles are
-    loaded before the K loop, so their reads overlap it instead of following it.
+    same bits as the separate pass); X0, X1 and C3 share strides. PRE (backward epilogues), when the X0 / X1 tiles
+    are loaded: 0, each column quarter's after the K loop, just before its math; 1, all before the K loop, so their
+    reads overlap it; 2, the first quarter's after the K loop and each next one's before the stores of the one
+    before, so that its reads overlap that quarter's math and stores (program order, because the compiler may not
+    move loads above stores it cannot prove to be elsewhere).
 
     TMA_A / TMA_B = 2: those descriptors are made here from the pointers (A as [RA, Kdim]; B as [E*N, Kdim] for the
     forward, [E*Kdim, N] for dX), not passed in. WS (with PERSIST, both descriptors made here, 4 warps): the tile
@@ -262,7 +265,7 @@ def _gmm_tile(
     # of the fp32 accumulator each); otherwise each quarter loads its own after the K loop (placeholders here)
     x0q = (rows, rows, rows, rows)
     x1q = (rows, rows, rows, rows)
-    if PRE and EPI >= 2:
+    if PRE == 1 and EPI >= 2:
         x0q = _epi_load_quarters(x0_ptr, rows, rmask, n0, N, s_x0r, s_x0n, BN // 4)
         if EPI == 3:
             x1q = _epi_load_quarters(x1_ptr, rows, rmask, n0, N, s_x0r, s_x0n, BN // 4)
@@ -311,7 +314,15 @@ def _gmm_tile(
         # (a consumer warp group holds half the rows, and the compiler's data partitioning cannot split the tile).
         NQ: tl.constexpr = 1 if WS else 4
         pieces = (acc,) if WS else _quarters(acc)
+        if PRE == 2:
+            next0, next1 = _epi_load_pair(x0_ptr, x1_ptr, EPI, rows, rmask, n0, N, s_x0r, s_x0n, BN // NQ)
         for q in tl.static_range(NQ):
+            x0, x1 = x0q[q], x1q[q]
+            if PRE == 2:
+                x0, x1 = next0, next1
+                if q + 1 < NQ:
+                    q0 = n0 + (q + 1) * (BN // NQ)
+                    next0, next1 = _epi_load_pair(x0_ptr, x1_ptr, EPI, rows, rmask, q0, N, s_x0r, s_x0n, BN // NQ)
             _epi_tile(
                 pieces[q],
                 EPI,
@@ -328,9 +339,9 @@ def _gmm_tile(
                 s_cn,
                 s_x0r,
                 s_x0n,
-                x0q[q],
-                x1q[q],
-                PRE,
+                x0,
+                x1,
+                PRE > 0,
             )
 
 
@@ -357,6 +368,16 @@ def _epi_load(x_ptr, rows, rmask, n0, N, s_xr, s_xn, W: tl.constexpr):
     offs_n = n0 + tl.arange(0, W)
     m = rmask[:, None] & (offs_n < N)[None, :]
     return tl.load(x_ptr + rows[:, None] * s_xr + offs_n[None, :] * s_xn, mask=m, other=0.0)
+
+
+@triton.jit
+def _epi_load_pair(x0_ptr, x1_ptr, EPI: tl.constexpr, rows, rmask, n0, N, s_xr, s_xn, W: tl.constexpr):
+    """The X0 tile and, for the SwiGLU backward, the X1 tile (else X0 again) at columns n0.. (``_epi_load``)."""
+    x0 = _epi_load(x0_ptr, rows, rmask, n0, N, s_xr, s_xn, W)
+    x1 = x0
+    if EPI == 3:
+        x1 = _epi_load(x1_ptr, rows, rmask, n0, N, s_xr, s_xn, W)
+    return x0, x1
 
 
 @triton.jit
@@ -389,17 +410,17 @@ def _epi_tile(
     s_xn,
     x0,
     x1,
-    PRE: tl.constexpr,
+    LOADED: tl.constexpr,
 ):
     """A backward epilogue on one [BM, W] fp32 tile whose columns start at n0 (see ``_gmm_kernel``).
     EPI_GELU_BWD: C = acc * gelu'(z), C2 = gelu(z) from X0 = z. EPI_SWIGLU_BWD: C = dgate, C2 = dup, C3 = h from
-    dH = acc rounded to C's dtype, X0 = g and X1 = u. PRE: ``x0`` (and ``x1``) are those tiles, already loaded."""
+    dH = acc rounded to C's dtype, X0 = g and X1 = u. LOADED: ``x0`` (and ``x1``) are those tiles, already loaded."""
     W: tl.constexpr = acc.shape[1]
     offs_n = n0 + tl.arange(0, W)
     m = rmask[:, None] & (offs_n < N)[None, :]
     x_off = rows[:, None] * s_xr + offs_n[None, :] * s_xn
     c_off = rows[:, None] * s_cr + offs_n[None, :] * s_cn
-    if not PRE:
+    if not LOADED:
         x0 = _epi_load(x0_ptr, rows, rmask, n0, N, s_xr, s_xn, W)
         if EPI == 3:
             x1 = _epi_load(x1_ptr, rows, rmask, n0, N, s_xr, s_xn, W)
@@ -515,7 +536,7 @@ def _gmm(
             BN,
             BK,
             cfg["GROUP_M"],
-            epi >= EPI_GELU_BWD and bool(cfg.get("PRE")) and not ws,  # WS: epilogue inputs loaded after the K loop
+            cfg.get("PRE", 0) if epi >= EPI_GELU_BWD and not ws else 0,  # WS: epilogue inputs after the K loop
             ws,
             **common.launch_opts(cfg),
         )
