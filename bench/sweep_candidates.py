@@ -77,6 +77,8 @@ SWEEP = {
     # partial one through pointer loads) cuts that to 174, and at 128x128 to 96: two blocks per SM (sm_90).
     # Run 6 (H200): (128, 128, 64, 8, 3, 1) was best at S, XL and G (2-11% below the tiles now), but there the
     # 128x256 gate/up dW still computed its empty last tile column (8-33% of its tiles); it now runs transposed.
+    # TMA = 2 (descriptors over each expert's rows, made in the kernel: every chunk through TMA, no pointer-load
+    # tail): 154-162 registers at 128x256 against 174 with TMA = 1, 90 at 128x128x64 (sm_90). Untimed as yet.
     "dw": (
         ("BO", "BI", "BR", "num_warps", "num_stages", "TMA"),
         [
@@ -86,6 +88,8 @@ SWEEP = {
             (128, 128, 32, 8, 4, 0),
             (128, 128, 32, 8, 4, 1),
             (128, 128, 64, 8, 3, 1),
+            (128, 256, 32, 8, 4, 2),
+            (128, 128, 64, 8, 3, 2),
         ],
     ),
     # The SwiGLU backward in dH's epilogue (FUSED = 1) or a plain dH + the elementwise pass (FUSED = 0: the other

@@ -7,16 +7,16 @@ stores extra tiles), ``swiglu`` (the gate/up GEMM: BN gate and BN up columns per
 the elementwise pass on ``ew`` tiles), ``dw`` (per-expert K-reduction: every weight gradient), ``rows``
 (permute/combine), ``ew`` (elementwise SwiGLU backward, [BR, BC] tiles), ``route`` (routing metadata).
 
-Settings: ``TMA`` = 1 in a GEMM kind loads its tiles through tensor descriptors made on the host (``dw``: all but
-an expert's last, partial chunk of rows), 2 (not ``dw``) through descriptors the kernel makes (no encoding on the
-host at each launch); ``WS`` = 1 (with ``TMA`` = 2, ``PERSIST`` and 4 warps; not ``dw``) warp-specializes the
-persistent loop: one warp group loads, two compute; ``PERSIST`` > 0 launches that many persistent programs per SM
-(not ``dw``); ``GATHER`` (``swiglu``, ``gmm_epi``; 1 where absent) picks gather-fused or permute-first input (see
-``triton_ops``); ``PRE`` (``swiglu_bwd``, ``gmm_epi``: the backward epilogues) = 1 loads the epilogue's input
-tiles before the K loop (not with ``PERSIST``: sm_90 then spills), 2 each column quarter's while the one before
-is computed and stored; ``num_warps`` / ``num_stages`` / ``maxnreg`` (a
-cap on registers per thread, so that two blocks fit on an SM where the compiler would take a few more than half
-the register file) are launch options.
+Settings: ``TMA`` = 1 in a GEMM kind loads its tiles through tensor descriptors made on the host (``dw``: all but an
+expert's last, partial chunk of rows), 2 through descriptors the kernel makes (no encoding on the host at each
+launch; ``dw``: over each expert's rows, so its last chunk too); ``WS`` = 1 (with ``TMA`` = 2, ``PERSIST`` and 4
+warps; not ``dw``) warp-specializes the persistent loop: one warp group loads, two compute; ``PERSIST`` > 0 launches
+that many persistent programs per SM (not ``dw``); ``GATHER`` (``swiglu``, ``gmm_epi``; 1 where absent) picks
+gather-fused or permute-first input (see ``triton_ops``); ``PRE`` (``swiglu_bwd``, ``gmm_epi``: the backward
+epilogues) = 1 loads the epilogue's input tiles before the K loop (not with ``PERSIST``: sm_90 then spills), 2 each
+column quarter's while the one before is computed and stored; ``num_warps`` / ``num_stages`` / ``maxnreg`` (a cap on
+registers per thread, so that two blocks fit on an SM where the compiler would take a few more than half the
+register file) are launch options.
 
 Tables are fixed so results never depend on batch composition; ``tile_overrides`` lets a benchmark try others inside
 a ``with`` block, and a run use a tuned file's (``--kernel-tiles``), for every table or for the one it was tuned on.

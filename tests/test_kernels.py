@@ -350,11 +350,14 @@ def test_swiglu_bwd_pass(dtype):
     assert torch.count_nonzero(dgu[-5:]) == 0 and torch.count_nonzero(h[-5:]) == 0
 
 
+@pytest.mark.parametrize("mode", [1, 2], ids=["host-descriptors", "kernel-descriptors"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_dw_tma_gives_the_same_bits(dtype, monkeypatch):
-    """dW with TMA (whole chunks of rows through descriptors, an expert's last partial chunk through masked pointer
-    loads) equals the pointer-load dW bit for bit: row counts below, at and past a multiple of BR (16 under the
-    interpreter, 32 on GPUs), an empty expert, O and I not multiples of the tile, and the bias gradient."""
+def test_dw_tma_gives_the_same_bits(dtype, mode, monkeypatch):
+    """dW through TMA equals the pointer-load dW bit for bit: with host-made descriptors (TMA = 1: whole chunks of
+    rows through them, an expert's last partial chunk through masked pointer loads) and with descriptors each
+    program makes over its expert's rows (TMA = 2: every chunk, rows past the expert read as zeros). Row counts
+    below, at and past a multiple of BR (16 under the interpreter, 32 on GPUs), an empty expert, O and I not
+    multiples of the tile, and the bias gradient."""
     E, O, I = 6, 40, 24
     experts = torch.cat([torch.full((n,), e) for e, n in enumerate([16, 0, 5, 33, 1, 32])])
     experts = experts[torch.randperm(len(experts), generator=torch.Generator().manual_seed(0))]
@@ -363,19 +366,18 @@ def test_dw_tma_gives_the_same_bits(dtype, monkeypatch):
     meta = ops.plan_meta(plan)
     a = randn(len(experts), 2 * O, seed=4, dtype=dtype)
     b = randn(len(experts), I, seed=5, dtype=dtype)
-    made = []
-    real = common.tma_descs
-    monkeypatch.setattr(common, "tma_descs", lambda pairs: made.append(real(pairs)) or made[-1])
+    modes = []
+    real = common.descriptor
+    monkeypatch.setattr(common, "descriptor", lambda *args: modes.append(real(*args)[0]) or real(*args))
     for kw in [{}, {"with_db": True}]:
         with ops.tile_overrides(dw={"TMA": 0}):
             want = ops._gmm_dw(a, b, meta, **kw)
-        assert not made
-        with ops.tile_overrides(dw={"TMA": 1}):
+        with ops.tile_overrides(dw={"TMA": mode}):
             got = ops._gmm_dw(a, b, meta, **kw)
-        assert made.pop() is not None
         for i, (x, y) in enumerate(zip(got, want, strict=True)):
-            assert torch.equal(x, y), f"output {i} of dW {kw} differs with TMA"
+            assert torch.equal(x, y), f"output {i} of dW {kw} differs with TMA = {mode}"
         assert torch.count_nonzero(got[0][1]) == 0  # the empty expert
+    assert modes == [0, 0, mode, mode] * 2  # both operands through TMA when asked, neither otherwise
 
 
 def test_dw_computes_the_orientation_with_fewer_tiles():

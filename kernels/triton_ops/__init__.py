@@ -50,16 +50,17 @@ Design (see /work/shared/notes/kernels.md):
   the gate/up dW (I = D, not a multiple of 256 at S, XL or G) otherwise computes 8-33% empty columns.
 - fp32/bf16/fp16 inputs, fp32 accumulation. fp32 matmuls follow ``torch.backends.cuda.matmul.allow_tf32``.
 - TMA (tile key ``TMA`` of the GEMM kinds; on in bf16 except ``gmm_epi`` and ``dw``, from run 4's sweep): weight
-  tiles, and A tiles where A is not gathered, load through host-made tensor descriptors over 2-D views ([E, X, Y]
-  -> [E*X, Y]; W_gu as [E*2, F, D] in 3-D, so a gate/up box stops at row F of each half). A tile that runs past
-  its group reads another group's rows or columns, which only reach outputs that are never stored; the dX
-  weights use TMA only when Kdim is a multiple of BK, where that would reach the accumulator. In dW, where rows
-  are the reduction, only whole chunks of an expert's rows come through descriptors and the last partial chunk
-  through masked pointer loads. Tensors TMA cannot address (strided, misaligned) take the pointer loads. Output
-  tiles leave through masked stores: TMA stores of full blocks (run 6, H200) were slower in every tile set tried.
-  ``TMA`` = 2: the kernels make those descriptors themselves (``tl.make_tensor_descriptor``, from the pointer,
-  shape and strides, with scratch from torch's allocator), so Triton's launcher does not encode one on the host at
-  every launch (run 6: ~0.3 ms of host time per S layer). ``bench/inspect_kernels.py`` shows the sm_90 code.
+  tiles, and A tiles where A is not gathered, load through host-made tensor descriptors over 2-D views ([E, X, Y] ->
+  [E*X, Y]; W_gu as [E*2, F, D] in 3-D, so a gate/up box stops at row F of each half). A tile that runs past its
+  group reads another group's rows or columns, which only reach outputs that are never stored; the dX weights use
+  TMA only when Kdim is a multiple of BK, where that would reach the accumulator. In dW, where rows are the
+  reduction, only whole chunks of an expert's rows come through descriptors and the last partial chunk through
+  masked pointer loads. Tensors TMA cannot address (strided, misaligned) take the pointer loads. Output tiles leave
+  through masked stores: TMA stores of full blocks (run 6, H200) were slower in every tile set tried. ``TMA`` = 2:
+  the kernels make those descriptors themselves (``tl.make_tensor_descriptor``, from the pointer, shape and strides,
+  with scratch from torch's allocator), so Triton's launcher does not encode one on the host at every launch (run 6:
+  ~0.3 ms of host time per S layer). dW's descriptors then span one expert's rows, and TMA reads the rows past them
+  as zeros: its last partial chunk comes through them too. ``bench/inspect_kernels.py`` shows the sm_90 code.
 - Warp specialization (tile key ``WS``; with ``TMA`` = 2, ``PERSIST`` and 4 warps): the persistent tile loop is
   split by the compiler into a producer warp group that issues the TMA loads and two consumer warp groups of BM/2
   rows that run the wgmma products and the epilogue, registers moved to the consumers (``setmaxnreg``). Triton 3.6

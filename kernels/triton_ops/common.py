@@ -209,9 +209,3 @@ class device_descriptors:  # noqa: N801 (used as a ``with`` block, like a contex
     def __exit__(self, *exc):
         if self._used:
             _allocation._allocator.reset(self._token)
-
-
-def tma_descs(pairs: list) -> list | None:
-    """Descriptors for every (tensor, block) pair, or None unless all of them can be made."""
-    descs = [tma_desc(t, block) for t, block in pairs]
-    return None if any(d is None for d in descs) else descs

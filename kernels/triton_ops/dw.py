@@ -61,7 +61,9 @@ def _gmm_dw_kernel(
     compiler pipelines it into shared memory; fp32 accumulation. TMA: the whole BR-row chunks come through the
     descriptors ``a_desc`` / ``b_desc`` over A and B ([R, O], [R, I]; columns past O or I read as zeros) and only
     the last, partial chunk, whose rows past the expert must not be read, through masked pointer loads: the same
-    chunks in the same order, so the same bits."""
+    chunks in the same order, so the same bits. TMA = 2: each program makes descriptors over its expert's rows
+    alone ([n_rows, O], [n_rows, I]), which read rows past them as zeros: every chunk, the last too, comes through
+    them (the same bits again)."""
     pid_o, pid_i = grouped_order(tl.program_id(0), tl.cdiv(O, BO), I, BI, GROUP_M)
     e = tl.load(order_ptr + tl.program_id(1)).to(tl.int64)
     start = tl.load(offs_ptr + e).to(tl.int32)
@@ -76,7 +78,16 @@ def _gmm_dw_kernel(
     b_ptrs = b_ptr + rows[:, None] * s_br + offs_i[None, :] * s_bi
     acc = tl.zeros([BO, BI], tl.float32)
     dbacc = tl.zeros([BI if DB == 2 else BO], tl.float32)
-    if TMA:
+    if TMA == 2:
+        row0 = start.to(tl.int64)
+        n_desc = tl.maximum(n_rows, 1)  # an empty expert loads nothing, but its descriptor needs a row
+        a_desc = tl.make_tensor_descriptor(a_ptr + row0 * s_ar, [n_desc, O], [s_ar, 1], [BR, BO])
+        b_desc = tl.make_tensor_descriptor(b_ptr + row0 * s_br, [n_desc, I], [s_br, 1], [BR, BI])
+        for it in range(0, tl.cdiv(n_rows, BR)):
+            a = a_desc.load([it * BR, pid_o * BO])
+            b = b_desc.load([it * BR, pid_i * BI])
+            acc, dbacc = _dw_chunk(acc, dbacc, a, b, DB, UPCAST, PREC)
+    elif TMA == 1:
         n_full = n_rows // BR
         for it in range(0, n_full):
             a = a_desc.load([start + it * BR, pid_o * BO])
@@ -129,37 +140,46 @@ def _gmm_dw(a, b, meta: Meta, *, with_db: bool = False, dtype=None) -> list:
         db_of = 1  # db: the column sums of the kernel's A
         if transposed(O, I, BO, BI):  # the kernel's A is B: its [I, O] result lands in dW through swapped strides
             a, b, O, I, s_wo, s_wi, db_of = b, a, I, O, s_wi, s_wo, 2
-        descs = common.tma_descs([(a, [BR, BO]), (b, [BR, BI])]) if cfg.get("TMA") else None
-        grid = (common.cdiv(O, BO) * common.cdiv(I, BI), E)
-        _gmm_dw_kernel[grid](
-            a,
-            b,
-            *(descs or [a, b]),  # tensors stand in where unused
-            meta.offsets,
-            meta.order(),
-            dw,
-            db,
-            O,
-            I,
-            a.stride(0),
-            a.stride(1),
-            b.stride(0),
-            b.stride(1),
-            dw.stride(0),
-            s_wo,
-            s_wi,
-            db.stride(0) if with_db else 0,
-            db.stride(1) if with_db else 0,
-            db_of if with_db else 0,
-            descs is not None,
-            upcast,
-            prec,
-            BO,
-            BI,
-            BR,
-            cfg["GROUP_M"],
-            **common.launch_opts(cfg),
+        # both operands through TMA, or neither; with pointer loads or descriptors made in the kernel the tensors
+        # stand in for the descriptor arguments
+        (tma_a, a_desc), (tma_b, b_desc) = (
+            common.descriptor(cfg.get("TMA", 0), t, blk) for t, blk in ((a, [BR, BO]), (b, [BR, BI]))
         )
+        tma = tma_a if tma_a == tma_b else 0
+        if tma == 0:
+            a_desc, b_desc = a, b
+        grid = (common.cdiv(O, BO) * common.cdiv(I, BI), E)
+        with common.device_descriptors(tma == 2):
+            _gmm_dw_kernel[grid](
+                a,
+                b,
+                a_desc,
+                b_desc,
+                meta.offsets,
+                meta.order(),
+                dw,
+                db,
+                O,
+                I,
+                a.stride(0),
+                a.stride(1),
+                b.stride(0),
+                b.stride(1),
+                dw.stride(0),
+                s_wo,
+                s_wi,
+                db.stride(0) if with_db else 0,
+                db.stride(1) if with_db else 0,
+                db_of if with_db else 0,
+                tma,
+                upcast,
+                prec,
+                BO,
+                BI,
+                BR,
+                cfg["GROUP_M"],
+                **common.launch_opts(cfg),
+            )
     else:
         for t in (dw, db):
             t.zero_()
