@@ -73,9 +73,10 @@ ap.add_argument(
     "with the table they were tuned over; no kinds when the built-in tables won), for `ditmoe train --kernel-tiles`",
 )
 ap.add_argument(
-    "--no-ws",
+    "--no-kernel-descriptors",
     action="store_true",
-    help="leave out the warp-specialized sweep candidates (WS = 1; gpu_final.sh passes it when their tests failed)",
+    help="leave out the sweep candidates whose kernels make their own TMA descriptors (TMA = 2, all the "
+    "warp-specialized ones among them; gpu_final.sh passes it when their tests failed)",
 )
 ap.add_argument("--budget", type=float, default=300.0, help="seconds; later sections are skipped past it")
 ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -707,8 +708,8 @@ def sweep(kinds, name: str):
             skip(f"sweep {kind}", f"unknown kind (known: {', '.join(SWEEP)})")
             continue
         keys, configs = SWEEP[kind]
-        if args.no_ws:
-            configs = [c for c in configs if not candidate(keys, c).get("WS")]
+        if args.no_kernel_descriptors:
+            configs = [c for c in configs if candidate(keys, c).get("TMA") != 2]
         best = None
         for c in configs:
             if over_budget(reserve=LAYER_RESERVE_S):

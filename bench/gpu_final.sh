@@ -17,9 +17,9 @@
 NAME=gpu_final
 source "$(dirname "$0")/gpu_common.sh"
 
-WS_SHARD="descriptors_made_in_the_kernel or kernel_descriptors_lend"
+WS_SHARD="descriptors_made_in_the_kernel or kernel_descriptors_lend or dw_options"
 run_test_shards 90 \
-    "medium_cuda or bitwise or no_host_sync or swiglu_bwd_pass or dw_tma or backward_uses" \
+    "medium_cuda or bitwise or no_host_sync or swiglu_bwd_pass or dw_in_either or backward_uses" \
     "low_precision or ((grouped_mm or permute) and not property and not same_bits)" \
     "experts_fp32 and swiglu" \
     "autocast or dit_moe or (experts_fp32 and gelu)" \
@@ -36,7 +36,7 @@ WS_BENCH=(--compare-tiles bench/tiles/ws-bf16.json)
 ISSUE_TILES=()
 if [ "${SHARD_RC[$WS_SHARD]:-0}" != 0 ]; then
     say "the WS / kernel-descriptor tests failed (exit ${SHARD_RC[$WS_SHARD]}): benchmarks without them"
-    WS_BENCH=(--no-ws)
+    WS_BENCH=(--no-kernel-descriptors)
     ISSUE_TILES=(--tiles bench/tiles/run3-bf16.json --no-kernel-descriptors)
 fi
 say "benchmark: S, XL, G + tile sweeps (200 s limit)"

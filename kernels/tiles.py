@@ -10,13 +10,12 @@ the elementwise pass on ``ew`` tiles), ``dw`` (per-expert K-reduction: every wei
 Settings: ``TMA`` = 1 in a GEMM kind loads its tiles through tensor descriptors made on the host (``dw``: all but an
 expert's last, partial chunk of rows), 2 through descriptors the kernel makes (no encoding on the host at each
 launch; ``dw``: over each expert's rows, so its last chunk too); ``WS`` = 1 (with ``TMA`` = 2, ``PERSIST`` and 4
-warps; not ``dw``) warp-specializes the persistent loop: one warp group loads, two compute; ``PERSIST`` > 0 launches
-that many persistent programs per SM (not ``dw``); ``GATHER`` (``swiglu``, ``gmm_epi``; 1 where absent) picks
-gather-fused or permute-first input (see ``triton_ops``); ``PRE`` (``swiglu_bwd``, ``gmm_epi``: the backward
-epilogues) = 1 loads the epilogue's input tiles before the K loop (not with ``PERSIST``: sm_90 then spills), 2 each
-column quarter's while the one before is computed and stored; ``num_warps`` / ``num_stages`` / ``maxnreg`` (a cap on
-registers per thread, so that two blocks fit on an SM where the compiler would take a few more than half the
-register file) are launch options.
+warps) warp-specializes the persistent loop: one warp group loads, two compute; ``PERSIST`` > 0 launches that many
+persistent programs per SM; ``GATHER`` (``swiglu``, ``gmm_epi``; 1 where absent) picks gather-fused or permute-first
+input (see ``triton_ops``); ``PRE`` (``swiglu_bwd``, ``gmm_epi``: the backward epilogues) = 1 loads the epilogue's
+input tiles before the K loop (not with ``PERSIST``: sm_90 then spills), 2 each column quarter's while the one
+before is computed and stored; ``num_warps`` / ``num_stages`` / ``maxnreg`` (a cap on registers per thread, so that
+two blocks fit on an SM where the compiler would take a few more than half the register file) are launch options.
 
 Tables are fixed so results never depend on batch composition; ``tile_overrides`` lets a benchmark try others inside
 a ``with`` block, and a run use a tuned file's (``--kernel-tiles``), for every table or for the one it was tuned on.
@@ -92,7 +91,7 @@ BF16_SM90 = MappingProxyType(
         "swiglu_bwd": dict(
             BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=1, PERSIST=0, FUSED=1, PRE=0, WS=0
         ),
-        "dw": dict(BO=128, BI=256, BR=32, GROUP_M=8, num_warps=8, num_stages=4, TMA=0),
+        "dw": dict(BO=128, BI=256, BR=32, GROUP_M=8, num_warps=8, num_stages=4, TMA=0, PERSIST=0, WS=0),
         "rows": dict(BT=16, BD=128, num_warps=4),
         "ew": dict(BR=2, BC=1024, num_warps=8),
         "route": dict(BLOCK=0),

@@ -101,7 +101,7 @@ def test_maxnreg_caps_the_registers_of_one_kind():
 @pytest.mark.skipif(not _ptxas_available(), reason="this Triton build has no NVIDIA backend / bundled ptxas")
 def test_every_sweep_candidate_of_the_gemm_kernels_compiles_pipelined():
     """``inspect_kernels.py --candidates``: each tile candidate ``bench_kernels.py --sweep`` would time for the
-    gate/up GEMM, the SwiGLU backward and the plain forward and dX GEMMs compiles for sm_90 with wgmma and a
+    gate/up GEMM, the SwiGLU backward, the plain forward and dX GEMMs and dW compiles for sm_90 with wgmma and a
     pipelined main loop, and each warp-specialized one (``WS``) into a loading and two computing partitions, so a
     GPU run does not spend its minutes on candidates the compiler refuses or quietly builds otherwise."""
     sys.path.insert(0, str(REPO / "bench"))
@@ -109,7 +109,13 @@ def test_every_sweep_candidate_of_the_gemm_kernels_compiles_pipelined():
         from sweep_candidates import SWEEP
     finally:
         sys.path.remove(str(REPO / "bench"))
-    kinds = {"swiglu": "gate/up fwd", "swiglu_bwd": "down dX: dH", "gmm": "down fwd", "gmm_dx": "gate/up dX"}
+    kinds = {
+        "swiglu": "gate/up fwd",
+        "swiglu_bwd": "down dX: dH",
+        "gmm": "down fwd",
+        "gmm_dx": "gate/up dX",
+        "dw": "gate/up dW",
+    }
     rows = _inspect("--candidates", ",".join(kinds), width=17)
     gemms = [cells for cells in rows if cells[2].startswith("_gmm")]
     for kind, op in kinds.items():

@@ -350,14 +350,26 @@ def test_swiglu_bwd_pass(dtype):
     assert torch.count_nonzero(dgu[-5:]) == 0 and torch.count_nonzero(h[-5:]) == 0
 
 
-@pytest.mark.parametrize("mode", [1, 2], ids=["host-descriptors", "kernel-descriptors"])
+DW_OPTIONS = {
+    "host-descriptors": {"TMA": 1},
+    "kernel-descriptors": {"TMA": 2},
+    "persistent": {"PERSIST": 1},
+    "persistent-kernel-descriptors": {"TMA": 2, "PERSIST": 1},
+    "warp-specialized": {"TMA": 2, "PERSIST": 1, "WS": 1, **({"num_warps": 4} if DEVICE.type == "cuda" else {})},
+}
+
+
+@pytest.mark.parametrize("option", list(DW_OPTIONS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_dw_tma_gives_the_same_bits(dtype, mode, monkeypatch):
-    """dW through TMA equals the pointer-load dW bit for bit: with host-made descriptors (TMA = 1: whole chunks of
-    rows through them, an expert's last partial chunk through masked pointer loads) and with descriptors each
-    program makes over its expert's rows (TMA = 2: every chunk, rows past the expert read as zeros). Row counts
-    below, at and past a multiple of BR (16 under the interpreter, 32 on GPUs), an empty expert, O and I not
-    multiples of the tile, and the bias gradient."""
+def test_dw_options_give_the_same_bits(dtype, option, monkeypatch):
+    """dW under each tile option equals the one-tile-per-program pointer-load dW bit for bit: TMA = 1 (host-made
+    descriptors; an expert's last partial chunk through masked pointer loads), TMA = 2 (descriptors each tile makes
+    over its expert's rows: every chunk, rows past the expert read as zeros), PERSIST (a few programs loop over the
+    tiles, 3 under the interpreter) and WS (that loop warp-specialized). Row counts below, at and past a multiple of
+    BR (16 under the interpreter, 32 on GPUs), an empty expert, O and I not multiples of the tile, the bias
+    gradient; the options must reach the kernel."""
+    if DEVICE.type == "cuda" and torch.cuda.get_device_capability()[0] < 9 and "TMA" in DW_OPTIONS[option]:
+        pytest.skip("TMA needs sm_90")
     E, O, I = 6, 40, 24
     experts = torch.cat([torch.full((n,), e) for e, n in enumerate([16, 0, 5, 33, 1, 32])])
     experts = experts[torch.randperm(len(experts), generator=torch.Generator().manual_seed(0))]
@@ -366,18 +378,19 @@ def test_dw_tma_gives_the_same_bits(dtype, mode, monkeypatch):
     meta = ops.plan_meta(plan)
     a = randn(len(experts), 2 * O, seed=4, dtype=dtype)
     b = randn(len(experts), I, seed=5, dtype=dtype)
-    modes = []
-    real = common.descriptor
-    monkeypatch.setattr(common, "descriptor", lambda *args: modes.append(real(*args)[0]) or real(*args))
+    launches: list[dict] = []
+    monkeypatch.setattr(dw_mod, "_gmm_dw_kernel", _Launches(dw_mod._gmm_dw_kernel, ("TMA", "PERSIST", "WS"), launches))
+    opts = DW_OPTIONS[option]
     for kw in [{}, {"with_db": True}]:
-        with ops.tile_overrides(dw={"TMA": 0}):
+        with ops.tile_overrides(dw={"TMA": 0, "PERSIST": 0}):
             want = ops._gmm_dw(a, b, meta, **kw)
-        with ops.tile_overrides(dw={"TMA": mode}):
+        with ops.tile_overrides(dw=opts):
             got = ops._gmm_dw(a, b, meta, **kw)
         for i, (x, y) in enumerate(zip(got, want, strict=True)):
-            assert torch.equal(x, y), f"output {i} of dW {kw} differs with TMA = {mode}"
+            assert torch.equal(x, y), f"output {i} of dW {kw} differs with {option}"
         assert torch.count_nonzero(got[0][1]) == 0  # the empty expert
-    assert modes == [0, 0, mode, mode] * 2  # both operands through TMA when asked, neither otherwise
+    reached = {"TMA": opts.get("TMA", 0), "PERSIST": bool(opts.get("PERSIST")), "WS": bool(opts.get("WS"))}
+    assert launches == [{"TMA": 0, "PERSIST": False, "WS": False}, reached] * 2, launches
 
 
 def test_dw_computes_the_orientation_with_fewer_tiles():

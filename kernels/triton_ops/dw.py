@@ -35,6 +35,84 @@ def _gmm_dw_kernel(
     db_ptr,
     O,
     I,
+    NUM_E,
+    s_ar,
+    s_ao,
+    s_br,
+    s_bi,
+    s_we,
+    s_wo,
+    s_wi,
+    s_dbe,
+    s_dbo,
+    DB: tl.constexpr,
+    TMA: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PREC: tl.constexpr,
+    BO: tl.constexpr,
+    BI: tl.constexpr,
+    BR: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    PERSIST: tl.constexpr,
+    WS: tl.constexpr,
+):
+    """dW[e] = A[rows e]^T @ B[rows e] ([O, I], stored through the strides s_wo / s_wi) as a K-reduction over the
+    expert's rows; DB = 1: db[e] = the sum of A's rows ([O]), 2: of B's rows ([I]). Empty experts write zeros.
+    One [BO, BI] tile of one expert per program (grid: tiles x experts, largest experts first), or PERSIST: a few
+    programs loop over them in that order; WS (with PERSIST and TMA = 2, 4 warps) splits that loop into a warp
+    group issuing the TMA loads and two computing, so the next tile's loads overlap a tile's store."""
+    n_ot = tl.cdiv(O, BO) * tl.cdiv(I, BI)
+    # tiles numbered expert slot by slot; one per program, or PERSIST every num_programs-th
+    first = tl.program_id(0) if PERSIST else tl.program_id(1) * n_ot + tl.program_id(0)
+    stop = n_ot * NUM_E if PERSIST else first + 1
+    for t in tl.range(first, stop, tl.num_programs(0) if PERSIST else 1, flatten=False, warp_specialize=WS):
+        _dw_tile(
+            t % n_ot,
+            t // n_ot,
+            a_ptr,
+            b_ptr,
+            a_desc,
+            b_desc,
+            offs_ptr,
+            order_ptr,
+            dw_ptr,
+            db_ptr,
+            O,
+            I,
+            s_ar,
+            s_ao,
+            s_br,
+            s_bi,
+            s_we,
+            s_wo,
+            s_wi,
+            s_dbe,
+            s_dbo,
+            DB,
+            TMA,
+            UPCAST,
+            PREC,
+            BO,
+            BI,
+            BR,
+            GROUP_M,
+        )
+
+
+@triton.jit
+def _dw_tile(
+    tile,
+    slot,
+    a_ptr,
+    b_ptr,
+    a_desc,
+    b_desc,
+    offs_ptr,
+    order_ptr,
+    dw_ptr,
+    db_ptr,
+    O,
+    I,
     s_ar,
     s_ao,
     s_br,
@@ -53,8 +131,7 @@ def _gmm_dw_kernel(
     BR: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """dW[e] = A[rows e]^T @ B[rows e] ([O, I], stored through the strides s_wo / s_wi) as a K-reduction over the
-    expert's rows; DB = 1: db[e] = the sum of A's rows ([O]), 2: of B's rows ([I]). Empty experts write zeros.
+    """Output tile ``tile`` (grouped order) of the expert in ``slot`` of the order (see ``_gmm_dw_kernel``).
 
     The loop is a plain counted loop over [BR, BO] / [BR, BI] tiles whose pointers advance by BR rows: every
     load is row-contiguous (coalesced, 16-byte vectors) and feeds tl.dot directly (A through tl.trans), so the
@@ -64,8 +141,8 @@ def _gmm_dw_kernel(
     chunks in the same order, so the same bits. TMA = 2: each program makes descriptors over its expert's rows
     alone ([n_rows, O], [n_rows, I]), which read rows past them as zeros: every chunk, the last too, comes through
     them (the same bits again)."""
-    pid_o, pid_i = grouped_order(tl.program_id(0), tl.cdiv(O, BO), I, BI, GROUP_M)
-    e = tl.load(order_ptr + tl.program_id(1)).to(tl.int64)
+    pid_o, pid_i = grouped_order(tile, tl.cdiv(O, BO), I, BI, GROUP_M)
+    e = tl.load(order_ptr + slot).to(tl.int64)
     start = tl.load(offs_ptr + e).to(tl.int32)
     n_rows = tl.load(offs_ptr + e + 1).to(tl.int32) - start
     offs_o = pid_o * BO + tl.arange(0, BO)
@@ -148,7 +225,10 @@ def _gmm_dw(a, b, meta: Meta, *, with_db: bool = False, dtype=None) -> list:
         tma = tma_a if tma_a == tma_b else 0
         if tma == 0:
             a_desc, b_desc = a, b
-        grid = (common.cdiv(O, BO) * common.cdiv(I, BI), E)
+        n_tiles = common.cdiv(O, BO) * common.cdiv(I, BI)
+        persist = bool(cfg.get("PERSIST"))
+        ws = bool(cfg.get("WS")) and persist and tma == 2
+        grid = (min(n_tiles * E, common.persistent_programs(a.device, cfg["PERSIST"])),) if persist else (n_tiles, E)
         with common.device_descriptors(tma == 2):
             _gmm_dw_kernel[grid](
                 a,
@@ -161,6 +241,7 @@ def _gmm_dw(a, b, meta: Meta, *, with_db: bool = False, dtype=None) -> list:
                 db,
                 O,
                 I,
+                E,
                 a.stride(0),
                 a.stride(1),
                 b.stride(0),
@@ -178,6 +259,8 @@ def _gmm_dw(a, b, meta: Meta, *, with_db: bool = False, dtype=None) -> list:
                 BI,
                 BR,
                 cfg["GROUP_M"],
+                persist,
+                ws,
                 **common.launch_opts(cfg),
             )
     else:
