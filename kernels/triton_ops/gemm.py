@@ -261,7 +261,7 @@ def _gmm_tile(
     c_off = rows[:, None] * s_cr + offs_n[None, :] * s_cn
     e64 = e.to(tl.int64)
     b_row0 = e * (N if B_T else Kdim)
-    # PRE: the epilogue's inputs in the column quarters it works in, loaded now (bf16: a quarter of the registers
+    # PRE = 1: the epilogue's inputs in the column quarters it works in, loaded now (bf16: a quarter of the registers
     # of the fp32 accumulator each); otherwise each quarter loads its own after the K loop (placeholders here)
     x0q = (rows, rows, rows, rows)
     x1q = (rows, rows, rows, rows)
