@@ -206,12 +206,18 @@ def record(shape, op, impl, ms, flops=None, nbytes=None, base_ms=None, base_name
     return r
 
 
+def reason(exc: Exception) -> str:
+    """An exception in one line, for the skipped list: its type and the first line of its message."""
+    first = str(exc).splitlines()[0][:160] if str(exc) else ""
+    return f"{type(exc).__name__}: {first}"
+
+
 def attempt(shape, op, impl, fn, **kw):
     """Time fn and record it; failures are reported as skipped with their reason."""
     try:
         return record(shape, op, impl, bench(fn), **kw)
     except Exception as exc:
-        skip(f"{shape} {op} {impl}", f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+        skip(f"{shape} {op} {impl}", reason(exc))
         return None
 
 
@@ -261,7 +267,7 @@ if CUDA:
         else:
             skip("deepspeed MoEGEMM", "cutlass_ops not prebuilt (JIT build takes minutes: --try-deepspeed-build)")
     except Exception as exc:
-        skip("deepspeed MoEGEMM", f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}")
+        skip("deepspeed MoEGEMM", reason(exc))
 else:
     skip("deepspeed MoEGEMM", "CUDA only")
 
@@ -794,7 +800,7 @@ def layer_with_tiles(
             with ops.tile_overrides(**tiles):
                 got = run()
         except Exception as exc:
-            skip(f"{shape} layer fwd+bwd triton ({label})", f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+            skip(f"{shape} layer fwd+bwd triton ({label})", reason(exc))
             continue
         sets[label] = tiles
         diffs[label] = max(
@@ -811,9 +817,7 @@ def layer_with_tiles(
                 with ops.tile_overrides(**sets[label]):
                     times[label].append(bench(run))
             except Exception as exc:
-                skip(
-                    f"{shape} layer fwd+bwd triton ({label})", f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
-                )
+                skip(f"{shape} layer fwd+bwd triton ({label})", reason(exc))
                 del times[label]
     now = times.get("tiles now")
     note = lambda n: f"median of {n} interleaved rounds"  # noqa: E731
