@@ -812,7 +812,7 @@ def layer_with_tiles(
         if r and over_budget():
             skip(f"{shape} layer re-times after round {r}", "over the time budget")
             break
-        for label in [lb for lb in sets if lb in times]:
+        for label in list(times):  # those that have not failed
             try:
                 with ops.tile_overrides(**sets[label]):
                     times[label].append(bench(run))

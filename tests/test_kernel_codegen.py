@@ -1,8 +1,8 @@
 """The Triton kernels compile for Hopper (sm_90) on any machine, and every grouped GEMM uses wgmma with a
 software-pipelined main loop: ``bench/inspect_kernels.py --check`` for the default tiles, with pointer loads, with TMA,
 and with TMA plus the other tile options (x permuted before the first expert GEMM, the SwiGLU backward fused into dH,
-persistent programs), and every sweep candidate of the four GEMM kinds with warp-specialized ones (those split into
-their partitions)."""
+persistent programs), and every sweep candidate of the GEMM kinds with warp-specialized ones, dW included (those
+split into their partitions)."""
 
 from __future__ import annotations
 
