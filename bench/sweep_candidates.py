@@ -108,7 +108,9 @@ SWEEP = {
     # epilogue on the whole tile, a consumer holding 64 rows): 128x64 compiles without spills on 3.6 (3.9: 336 bytes),
     # 128x128 spills 0.8-3 KB. PRE = 2 (each quarter's g and u read while the quarter before computes and stores,
     # two quarters' reads in flight instead of one): 137 registers, one block per SM; capped at 128, two blocks and
-    # 20-24 bytes of spills (Triton 3.6 / 3.9). Untimed as yet.
+    # 20-24 bytes of spills (Triton 3.6 / 3.9). PRE = 3 (the quarters as a loop the compiler software-pipelines, each
+    # quarter's g and u copied into shared memory two quarters ahead: cp.async, no registers held in flight): 167-177
+    # registers at 128x128, one block per SM; 80 at 128x64, three. No spills (3.6 and 3.9). Untimed as yet.
     "swiglu_bwd": (
         (*GEMM_KEYS, "PERSIST", "FUSED", "PRE", "WS", "maxnreg"),
         [
@@ -119,9 +121,14 @@ SWEEP = {
             (128, 64, 64, 4, 4, 2, 1, 1, 0, 1, None),
             (128, 128, 64, 8, 3, 1, 0, 1, 2, 0, None),
             (128, 128, 64, 8, 3, 1, 0, 1, 2, 0, 128),
+            (128, 128, 64, 8, 3, 1, 0, 1, 3, 0, None),
+            (128, 64, 64, 8, 3, 1, 0, 1, 3, 0, None),
         ],
     ),
-    "ew": (("BR", "BC", "num_warps"), [(2, 1024, 8), (4, 512, 8), (8, 256, 8)]),
+    # The elementwise SwiGLU backward. (128, 32) and (128, 64) read and write in the pattern of the fused epilogue's
+    # column quarters at BN = 128 and 256 (128 rows of 64 or 128 bytes each per tensor): set against the wide tiles,
+    # they tell how much of the fused kernel's slow epilogue that pattern alone costs.
+    "ew": (("BR", "BC", "num_warps"), [(2, 1024, 8), (4, 512, 8), (8, 256, 8), (128, 32, 8), (128, 64, 8)]),
     "rows": (("BT", "BD", "num_warps"), [(16, 128, 4), (16, 256, 8), (8, 256, 4)]),
 }
 

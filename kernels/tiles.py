@@ -14,8 +14,10 @@ warps) warp-specializes the persistent loop: one warp group loads, two compute; 
 persistent programs per SM; ``GATHER`` (``swiglu``, ``gmm_epi``; 1 where absent) picks gather-fused or permute-first
 input (see ``triton_ops``); ``PRE`` (``swiglu_bwd``, ``gmm_epi``: the backward epilogues) = 1 loads the epilogue's
 input tiles before the K loop (not with ``PERSIST``: sm_90 then spills), 2 each column quarter's while the one
-before is computed and stored; ``num_warps`` / ``num_stages`` / ``maxnreg`` (a cap on registers per thread, so that
-two blocks fit on an SM where the compiler would take a few more than half the register file) are launch options.
+before is computed and stored, 3 runs the quarters as a loop the compiler software-pipelines (each quarter's inputs
+copied into shared memory two quarters ahead); ``num_warps`` / ``num_stages`` / ``maxnreg`` (a cap on registers per
+thread, so that two blocks fit on an SM where the compiler would take a few more than half the register file) are
+launch options.
 
 Tables are fixed so results never depend on batch composition; ``tile_overrides`` lets a benchmark try others inside
 a ``with`` block, and a run use a tuned file's (``--kernel-tiles``), for every table or for the one it was tuned on.

@@ -102,8 +102,9 @@ def test_maxnreg_caps_the_registers_of_one_kind():
 def test_every_sweep_candidate_of_the_gemm_kernels_compiles_pipelined():
     """``inspect_kernels.py --candidates``: each tile candidate ``bench_kernels.py --sweep`` would time for the
     gate/up GEMM, the SwiGLU backward, the plain forward and dX GEMMs and dW compiles for sm_90 with wgmma and a
-    pipelined main loop, and each warp-specialized one (``WS``) into a loading and two computing partitions, so a
-    GPU run does not spend its minutes on candidates the compiler refuses or quietly builds otherwise."""
+    pipelined main loop, each warp-specialized one (``WS``) into a loading and two computing partitions, and each
+    fused SwiGLU backward with ``PRE`` = 3 (and TMA) into a pipelined epilogue of cp.async copies, so a GPU run
+    does not spend its minutes on candidates the compiler refuses or quietly builds otherwise."""
     sys.path.insert(0, str(REPO / "bench"))
     try:
         from sweep_candidates import SWEEP
@@ -124,6 +125,8 @@ def test_every_sweep_candidate_of_the_gemm_kernels_compiles_pipelined():
         got = {cells[0]: cells for cells in gemms if cells[1] == op and cells[0] in want}
         assert set(got) == want, (kind, sorted(want - set(got)), rows)
         for v in values:
-            ws = dict(zip(keys, v, strict=True)).get("WS", 0)
-            assert got[str(v)][16] == ("2" if ws else "0"), (kind, v, got[str(v)])  # partitions
+            cfg = dict(zip(keys, v, strict=True))
+            assert got[str(v)][16] == ("2" if cfg.get("WS", 0) else "0"), (kind, v, got[str(v)])  # partitions
+            if kind == "swiglu_bwd" and cfg["FUSED"] and cfg["TMA"]:  # the K loop through TMA: cp.async is PRE = 3's
+                assert (int(got[str(v)][11]) > 0) == (cfg["PRE"] == 3), (v, got[str(v)])
     assert all(int(cells[10]) > 0 and cells[14] == "yes" for cells in gemms), gemms  # wgmma, pipelined

@@ -533,6 +533,10 @@ SAME_BITS = {
         {"swiglu_bwd": {"PRE": 0, "FUSED": 1}, "gmm_epi": {"PRE": 0}},
         {"swiglu_bwd": {"PRE": 2, "FUSED": 1}, "gmm_epi": {"PRE": 2}},
     ),
+    "epilogue-pipelined": (
+        {"swiglu_bwd": {"PRE": 0, "FUSED": 1}, "gmm_epi": {"PRE": 0}},
+        {"swiglu_bwd": {"PRE": 3, "FUSED": 1}, "gmm_epi": {"PRE": 3}},
+    ),
 }
 SAME_BITS_CASES = [
     ("permute-first", "swiglu", 0),
@@ -548,6 +552,9 @@ SAME_BITS_CASES = [
     ("epilogue-reads-ahead", "swiglu", 0),
     ("epilogue-reads-ahead", "swiglu", 1),
     ("epilogue-reads-ahead", "gelu", 1),
+    ("epilogue-pipelined", "swiglu", 0),
+    ("epilogue-pipelined", "swiglu", 1),
+    ("epilogue-pipelined", "gelu", 1),
 ]
 
 
@@ -557,10 +564,11 @@ def test_tile_options_give_the_same_bits(option, act, case, tma, monkeypatch):
     """permute-first (``GATHER`` = 0: x is permuted before the first expert GEMM, whose A tiles then come through
     TMA when it is on), fused-swiglu-bwd (``swiglu_bwd`` FUSED = 1: the SwiGLU backward in dH's epilogue, in
     column quarters), persistent (``PERSIST``: a few programs loop over the used tiles), prefetch-epilogue
-    (``PRE`` = 1: the backward epilogues' input tiles loaded before the K loop) and epilogue-reads-ahead (``PRE`` =
-    2: each quarter's loaded before the stores of the one before) give the default path's output and every
-    gradient bit for bit, with drops and an empty expert. Permute-first costs no extra permute pass: the backward
-    reuses the copy instead of permuting x again."""
+    (``PRE`` = 1: the backward epilogues' input tiles loaded before the K loop), epilogue-reads-ahead (``PRE`` = 2:
+    each quarter's loaded before the stores of the one before) and epilogue-pipelined (``PRE`` = 3: the quarters as
+    a software-pipelined loop) give the default path's output and every gradient bit for bit, with drops and an
+    empty expert. Permute-first costs no extra permute pass: the backward reuses the copy instead of permuting x
+    again."""
     T, K, E, D, F, cap, empty = TMA_CASES[case]
     plan = ops.routing_plan(make_experts(T, K, E, seed=5, empty=empty, skew=0.2), E, cap)
     scatters = []

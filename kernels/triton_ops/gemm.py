@@ -129,7 +129,9 @@ def _gmm_kernel(
     are loaded: 0, each column quarter's after the K loop, just before its math; 1, all before the K loop, so their
     reads overlap it; 2, the first quarter's after the K loop and each next one's before the stores of the one
     before, so that its reads overlap that quarter's math and stores (program order, because the compiler may not
-    move loads above stores it cannot prove to be elsewhere).
+    move loads above stores it cannot prove to be elsewhere); 3, the quarters as a loop the compiler
+    software-pipelines: each quarter's tiles copied into shared memory (cp.async) two quarters ahead, holding no
+    registers while in flight.
 
     TMA_A / TMA_B = 2: those descriptors are made here from the pointers (A as [RA, Kdim]; B as [E*N, Kdim] for the
     forward, [E*Kdim, N] for dX), not passed in. WS (with PERSIST, both descriptors made here, 4 warps): the tile
@@ -316,7 +318,11 @@ def _gmm_tile(
         pieces = (acc,) if WS else _quarters(acc)
         if PRE == 2:
             next0, next1 = _epi_load_pair(x0_ptr, x1_ptr, EPI, rows, rmask, n0, N, s_x0r, s_x0n, BN // NQ)
-        for q in tl.static_range(NQ):
+        if PRE == 3:
+            _epi_pipelined(
+                pieces, EPI, rows, rmask, n0, N, c_ptr, c2_ptr, c3_ptr, x0_ptr, x1_ptr, s_cr, s_cn, s_x0r, s_x0n
+            )
+        for q in tl.static_range(0 if PRE == 3 else NQ):
             x0, x1 = x0q[q], x1q[q]
             if PRE == 2:
                 x0, x1 = next0, next1
@@ -343,6 +349,40 @@ def _gmm_tile(
                 x1,
                 PRE > 0,
             )
+
+
+@triton.jit
+def _epi_pipelined(
+    pieces, EPI: tl.constexpr, rows, rmask, n0, N, c_ptr, c2_ptr, c3_ptr, x0_ptr, x1_ptr, s_cr, s_cn, s_xr, s_xn
+):
+    """``_epi_tile`` on each of the four column quarters ``pieces`` in a loop of 3 stages, which the compiler
+    software-pipelines: quarter q+2's input tiles are copied into shared memory while quarter q computes and stores.
+    The quarter is picked by selects on the loop index: a loop-carried rotation of the quarters would yield the
+    loop's own arguments, and the pipeliner refuses such loops."""
+    p0, p1, p2, p3 = pieces
+    W: tl.constexpr = p0.shape[1]
+    for q in tl.range(0, 4, num_stages=3):
+        piece = tl.where(q == 0, p0, tl.where(q == 1, p1, tl.where(q == 2, p2, p3)))
+        _epi_tile(
+            piece,
+            EPI,
+            rows,
+            rmask,
+            n0 + q * W,
+            N,
+            c_ptr,
+            c2_ptr,
+            c3_ptr,
+            x0_ptr,
+            x1_ptr,
+            s_cr,
+            s_cn,
+            s_xr,
+            s_xn,
+            piece,
+            piece,
+            False,
+        )
 
 
 @triton.jit
