@@ -322,33 +322,34 @@ def _gmm_tile(
             _epi_pipelined(
                 pieces, EPI, rows, rmask, n0, N, c_ptr, c2_ptr, c3_ptr, x0_ptr, x1_ptr, s_cr, s_cn, s_x0r, s_x0n
             )
-        for q in tl.static_range(0 if PRE == 3 else NQ):
-            x0, x1 = x0q[q], x1q[q]
-            if PRE == 2:
-                x0, x1 = next0, next1
-                if q + 1 < NQ:
-                    q0 = n0 + (q + 1) * (BN // NQ)
-                    next0, next1 = _epi_load_pair(x0_ptr, x1_ptr, EPI, rows, rmask, q0, N, s_x0r, s_x0n, BN // NQ)
-            _epi_tile(
-                pieces[q],
-                EPI,
-                rows,
-                rmask,
-                n0 + q * (BN // NQ),
-                N,
-                c_ptr,
-                c2_ptr,
-                c3_ptr,
-                x0_ptr,
-                x1_ptr,
-                s_cr,
-                s_cn,
-                s_x0r,
-                s_x0n,
-                x0,
-                x1,
-                PRE > 0,
-            )
+        else:
+            for q in tl.static_range(NQ):
+                x0, x1 = x0q[q], x1q[q]
+                if PRE == 2:
+                    x0, x1 = next0, next1
+                    if q + 1 < NQ:
+                        q0 = n0 + (q + 1) * (BN // NQ)
+                        next0, next1 = _epi_load_pair(x0_ptr, x1_ptr, EPI, rows, rmask, q0, N, s_x0r, s_x0n, BN // NQ)
+                _epi_tile(
+                    pieces[q],
+                    EPI,
+                    rows,
+                    rmask,
+                    n0 + q * (BN // NQ),
+                    N,
+                    c_ptr,
+                    c2_ptr,
+                    c3_ptr,
+                    x0_ptr,
+                    x1_ptr,
+                    s_cr,
+                    s_cn,
+                    s_x0r,
+                    s_x0n,
+                    x0,
+                    x1,
+                    PRE > 0,
+                )
 
 
 @triton.jit
