@@ -820,10 +820,11 @@ def layer_with_tiles(
                 skip(f"{shape} layer fwd+bwd triton ({label})", reason(exc))
                 del times[label]
     now = times.get("tiles now")
+    now_ms = statistics.median(now) if now else None
     note = lambda n: f"median of {n} interleaved rounds"  # noqa: E731
     flops = 18 * R * D * F_
     if now:
-        record(shape, "layer fwd+bwd", "triton (tiles now)", statistics.median(now), flops=flops, note=note(len(now)))
+        record(shape, "layer fwd+bwd", "triton (tiles now)", now_ms, flops=flops, note=note(len(now)))
     timed = {}
     for label, ms in times.items():
         if label == "tiles now" or not ms:
@@ -834,12 +835,12 @@ def layer_with_tiles(
         if now:
             gain = statistics.median(a / b for a, b in zip(now, ms, strict=False))  # rounds both ran
             row["vs_tiles_now"] = round(gain, 3)
-            timed[label] = (sets[label], statistics.median(now) / gain, diffs[label])
+            timed[label] = (sets[label], now_ms / gain, diffs[label])
             log(
-                f"{label} {sets[label]}: layer {statistics.median(now):.4f} -> {statistics.median(ms):.4f} ms "
+                f"{label} {sets[label]}: layer {now_ms:.4f} -> {row['ms']:.4f} ms "
                 f"(x{gain:.3f} round by round); max normalised difference {diffs[label]:.2e}"
             )
-    return (statistics.median(now) if now else None), timed
+    return now_ms, timed
 
 
 def device_name() -> str:
