@@ -24,6 +24,7 @@ import pytest
 import torch
 
 triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
 
 try:  # GPU hosts may lack hypothesis: only the property test needs it
     from hypothesis import HealthCheck, given, settings
@@ -67,6 +68,33 @@ def assert_near(a, b, dtype, what=""):
     assert torch.isfinite(a.float()).all(), f"{what}: non-finite values"
     err = _nerr(a, b)
     assert err <= TOL[dtype], f"{what}: normalised error {err:.3g} > {TOL[dtype]:.3g} ({dtype})"
+
+
+@triton.jit
+def _mma_kernel(
+    a_ptr, b_ptr, c_ptr, M: tl.constexpr, K: tl.constexpr, N: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr
+):
+    """C[:, :N] = A[M, K] @ B[K, :N] through ``common.mma`` (B and C have 64 columns)."""
+    m, k, n = tl.arange(0, M), tl.arange(0, K), tl.arange(0, N)
+    a = tl.load(a_ptr + m[:, None] * K + k[None, :])
+    b = tl.load(b_ptr + k[:, None] * 64 + n[None, :])
+    tl.store(c_ptr + m[:, None] * 64 + n[None, :], common.mma(a, b, tl.zeros([M, N], tl.float32), UPCAST, PREC))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mma_bits_do_not_depend_on_the_tile_width(dtype):
+    """A GEMM tile's output element sums over k in the same order at any tile width, so that tile options (e.g. gate
+    and up in one accumulator or two) give the same bits. Under the interpreter tl.dot calls the CPU's BLAS, whose
+    order changes with the shape on some CPUs; ``mma`` must not depend on it."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(16, 32, generator=g).to(DEVICE, dtype)
+    b = torch.randn(32, 64, generator=g).to(DEVICE, dtype)
+    upcast, prec = common.prec(dtype)
+    wide, narrow = (torch.zeros(16, 64, device=DEVICE) for _ in range(2))
+    _mma_kernel[(1,)](a, b, wide, 16, 32, 64, upcast, prec)
+    _mma_kernel[(1,)](a, b, narrow, 16, 32, 32, upcast, prec)
+    assert torch.equal(wide[:, :32], narrow[:, :32])
+    assert_near(wide, (a.double() @ b.double()).float(), torch.float32, "mma")
 
 
 def make_experts(T, K, E, seed, empty=(), skew=0.0):

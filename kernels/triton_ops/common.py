@@ -66,7 +66,7 @@ def launch_opts(cfg: dict) -> dict:
 
 
 def prec(dtype: torch.dtype):
-    """(UPCAST, PREC) constexprs for tl.dot."""
+    """(UPCAST, PREC) constexprs for ``mma``."""
     if INTERPRET:
         return True, "ieee"
     if dtype == torch.float32:
@@ -99,8 +99,12 @@ def to_dtype(x, dtype: tl.constexpr):
 
 @triton.jit
 def mma(a, b, acc, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """acc + a @ b ([M, K] x [K, N]), fp32 accumulation. UPCAST (the interpreter, see ``prec``): in fp32, as a sum
+    over k in order, so an output element's bits do not depend on the tile's width or height (the GPU tests ask the
+    same of the MMA instructions). The interpreter's tl.dot calls numpy's BLAS, whose summation order changes with
+    the matrix shape on some CPUs (OpenBLAS on AMD Zen 4), so tile options would differ in the last bit there."""
     if UPCAST:
-        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        acc += tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
     else:
         acc = tl.dot(a, b, acc, input_precision=PREC)
     return acc
