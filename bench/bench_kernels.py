@@ -221,6 +221,32 @@ def attempt(shape, op, impl, fn, **kw):
         return None
 
 
+def overlap_rows(shape: str, gemm, memory_pass) -> None:
+    """Time the down dW GEMM (compute-bound) and the SwiGLU backward pass (memory-bound, independent of it once h
+    is at hand) one after the other on one stream, then side by side on two: whether a pass's traffic hides under
+    a GEMM's when their blocks share the SMs. The fused dH + pass hides none of it (run 6: fused = dH + pass to
+    the microsecond); if two streams save most of the pass's time, a backward that keeps the forward's h (one R x F
+    tensor more per layer) can run the pass beside down dW."""
+    side = torch.cuda.Stream()
+
+    def one_stream():
+        gemm()
+        memory_pass()
+
+    def two_streams():
+        main = torch.cuda.current_stream()
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            memory_pass()
+        gemm()
+        main.wait_stream(side)
+
+    one = attempt(shape, "down dW + swiglu pass", "one stream", one_stream)
+    two = attempt(shape, "down dW + swiglu pass", "two streams", two_streams)
+    if one and two:
+        log(f"{shape:8s} two streams save {one['ms'] - two['ms']:.4f} ms of the pair")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # implementations under test
 # ---------------------------------------------------------------------------------------------------------------
@@ -469,6 +495,8 @@ def run_shape(name: str):
                 base_name="d2d copy GB/s",
             )
             dgu, hb = ops._swiglu_bwd(dh, g, u)
+            if CUDA:
+                overlap_rows(shape, lambda: ops._gmm_dw(dy, hb, meta), lambda: ops._swiglu_bwd(dh, g, u))
             del dh
             attempt(
                 shape,
