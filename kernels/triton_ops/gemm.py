@@ -264,13 +264,10 @@ def _gmm_tile(
     e64 = e.to(tl.int64)
     b_row0 = e * (N if B_T else Kdim)
     # PRE = 1: the epilogue's inputs in the column quarters it works in, loaded now (bf16: a quarter of the registers
-    # of the fp32 accumulator each); otherwise each quarter loads its own after the K loop (placeholders here)
-    x0q = (rows, rows, rows, rows)
-    x1q = (rows, rows, rows, rows)
+    # of the fp32 accumulator each); otherwise each quarter loads its own after the K loop
     if PRE == 1 and EPI >= 2:
         x0q = _epi_load_quarters(x0_ptr, rows, rmask, n0, N, s_x0r, s_x0n, BN // 4)
-        if EPI == 3:
-            x1q = _epi_load_quarters(x1_ptr, rows, rmask, n0, N, s_x0r, s_x0n, BN // 4)
+        x1q = _epi_load_quarters(x1_ptr, rows, rmask, n0, N, s_x0r, s_x0n, BN // 4) if EPI == 3 else x0q
     acc = tl.zeros([BM, BN], tl.float32)
     acc = _mainloop(
         acc,
@@ -324,7 +321,9 @@ def _gmm_tile(
             )
         else:
             for q in tl.static_range(NQ):
-                x0, x1 = x0q[q], x1q[q]
+                x0, x1 = pieces[q], pieces[q]  # read only where loaded ahead (PRE 1 and 2)
+                if PRE == 1:
+                    x0, x1 = x0q[q], x1q[q]
                 if PRE == 2:
                     x0, x1 = next0, next1
                     if q + 1 < NQ:
