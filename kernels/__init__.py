@@ -8,6 +8,8 @@ config. Backends:
     naive   ``naive``: the official DiT-MoE per-expert loop over boolean masks (any device), a baseline to compare
             against; same routing plan, results equal to ``torch``
     auto    triton on CUDA where available, torch elsewhere
+Every backend checks its inputs alike (``checks``): expert ids out of range and shapes that do not fit the routing
+plan raise ValueError naming them.
 """
 
 from __future__ import annotations

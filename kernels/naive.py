@@ -26,6 +26,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from ditmoe_kernels import checks
 from ditmoe_kernels.reference import RoutingPlan, permute, routing_plan, unpermute
 
 __all__ = ["RoutingPlan", "flat_experts", "gelu_experts", "permute", "routing_plan", "swiglu_experts", "unpermute"]
@@ -62,6 +63,7 @@ def _per_expert_loop(
 def swiglu_experts(x_TD, weights_TK, plan, gate_up_E2FD, down_EDF) -> torch.Tensor:
     """Routed SwiGLU experts ``down(silu(gate(x)) * up(x))``, one expert at a time (``gate_up`` [E, 2F, D]: the
     official per-expert gate and up weights, stacked)."""
+    checks.check_swiglu(x_TD, weights_TK, plan, gate_up_E2FD, down_EDF)
     F_ = gate_up_E2FD.shape[1] // 2
 
     def expert(e, x):
@@ -73,6 +75,7 @@ def swiglu_experts(x_TD, weights_TK, plan, gate_up_E2FD, down_EDF) -> torch.Tens
 
 def gelu_experts(x_TD, weights_TK, plan, fc1_EFD, fc1_bias_EF, fc2_EDF, fc2_bias_ED) -> torch.Tensor:
     """Routed GELU (tanh) experts as DiT's MLP, one expert at a time."""
+    checks.check_gelu(x_TD, weights_TK, plan, fc1_EFD, fc1_bias_EF, fc2_EDF, fc2_bias_ED)
 
     def expert(e, x):
         return F.linear(F.gelu(F.linear(x, fc1_EFD[e], fc1_bias_EF[e]), approximate="tanh"), fc2_EDF[e], fc2_bias_ED[e])

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ditmoe_kernels import checks
+
 
 @dataclass
 class RoutingPlan:
@@ -37,8 +39,9 @@ def routing_plan(experts_TK: torch.Tensor, num_experts: int, capacity: int | Non
 
     With ``capacity``, each expert keeps at most that many pairs; priority goes to first choices over second
     choices, then to earlier tokens (GShard order). Dropped pairs are routed to a sentinel expert ``E`` so every
-    shape stays static at R = T*K.
+    shape stays static at R = T*K. Ids outside [0, num_experts) raise ValueError (see ``checks``).
     """
+    checks.check_routing(experts_TK, num_experts, capacity)
     T, K = experts_TK.shape
     flat_R = experts_TK.reshape(-1).long()
     if capacity is not None:
@@ -58,11 +61,13 @@ def routing_plan(experts_TK: torch.Tensor, num_experts: int, capacity: int | Non
 
 def permute(x_TD: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
     """Gather one copy of each token per choice into expert-sorted order: [R, D]."""
+    checks.check_permute(x_TD, plan)
     return x_TD.index_select(0, plan.sorted_flat_R // plan.top_k)
 
 
 def grouped_mm(x_RI: torch.Tensor, w_EOI: torch.Tensor, plan: RoutingPlan, bias_EO: torch.Tensor | None = None):
     """Per-expert ``x @ w[e].T (+ b[e])`` on contiguous row groups; rows past the kept ones are zero. [R, O]."""
+    checks.check_grouped_mm(x_RI, w_EOI, plan, bias_EO)
     y_RO = _GroupedMM.apply(x_RI, w_EOI, plan.counts_E.tolist())  # the reference path may sync; Triton does not
     if bias_EO is None:
         return y_RO
@@ -122,6 +127,7 @@ def swiglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 def unpermute(y_RD: torch.Tensor, weights_TK: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
     """Weighted sum of each token's K expert outputs, accumulated in fp32, in the dtype of y. [T, D]."""
+    checks.check_unpermute(y_RD, weights_TK, plan)
     T, K = weights_TK.shape
     y_flat = torch.empty_like(y_RD).index_copy(0, plan.sorted_flat_R, y_RD)  # back to flat order (inverse perm)
     out = (y_flat.view(T, K, y_RD.shape[-1]).float() * weights_TK.float().unsqueeze(-1)).sum(1)
@@ -131,23 +137,15 @@ def unpermute(y_RD: torch.Tensor, weights_TK: torch.Tensor, plan: RoutingPlan) -
 def swiglu_experts(x_TD, weights_TK, plan, gate_up_E2FD, down_EDF) -> torch.Tensor:
     """Routed SwiGLU experts: ``down(silu(gate(x)) * up(x))`` per expert (``gate_up`` [E, 2F, D]: the gate rows,
     then the up rows), combined with the routing weights."""
-    check_gate_up(gate_up_E2FD, down_EDF)
+    checks.check_swiglu(x_TD, weights_TK, plan, gate_up_E2FD, down_EDF)
     x_RD = permute(x_TD, plan)
     h_RF = swiglu(*grouped_mm(x_RD, gate_up_E2FD, plan).chunk(2, dim=-1))
     return unpermute(grouped_mm(h_RF, down_EDF, plan), weights_TK, plan)
 
 
-def check_gate_up(gate_up_E2FD: torch.Tensor, down_EDF: torch.Tensor) -> None:
-    """Raise ValueError unless ``gate_up`` holds 2F rows per expert for the F columns of ``down``."""
-    if gate_up_E2FD.shape[1] != 2 * down_EDF.shape[2]:
-        raise ValueError(
-            f"gate_up {tuple(gate_up_E2FD.shape)} must hold 2F rows per expert (gate, then up) for down "
-            f"{tuple(down_EDF.shape)} with F = {down_EDF.shape[2]}"
-        )
-
-
 def gelu_experts(x_TD, weights_TK, plan, fc1_EFD, fc1_bias_EF, fc2_EDF, fc2_bias_ED) -> torch.Tensor:
     """Routed GELU (tanh) experts as in DiT's MLP, for upcycling a dense DiT."""
+    checks.check_gelu(x_TD, weights_TK, plan, fc1_EFD, fc1_bias_EF, fc2_EDF, fc2_bias_ED)
     x_RD = permute(x_TD, plan)
     h_RF = F.gelu(grouped_mm(x_RD, fc1_EFD, plan, fc1_bias_EF), approximate="tanh")
     return unpermute(grouped_mm(h_RF, fc2_EDF, plan, fc2_bias_ED), weights_TK, plan)

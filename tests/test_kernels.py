@@ -18,6 +18,8 @@ Routing metadata and permutes are compared exactly.
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -32,8 +34,8 @@ try:  # GPU hosts may lack hypothesis: only the property test needs it
 except ImportError:  # pragma: no cover
     given = None
 
+from ditmoe_kernels import naive, tiles  # noqa: E402
 from ditmoe_kernels import reference as ref  # noqa: E402
-from ditmoe_kernels import tiles  # noqa: E402
 from ditmoe_kernels import triton_ops as ops  # noqa: E402
 from ditmoe_kernels.triton_ops import common  # noqa: E402
 from ditmoe_kernels.triton_ops import dw as dw_mod  # noqa: E402
@@ -457,13 +459,98 @@ def test_dw_in_either_orientation(dtype, tma, monkeypatch):
     assert picked == [False, True]
 
 
-def test_gate_up_must_hold_two_halves():
-    """A gate/up weight whose rows are not twice down's F is refused, naming both shapes, on either path."""
+# Bad inputs: every backend refuses them with the same ValueError, naming the argument and its value, before any
+# kernel reads through them (the Triton kernels would read or write out of bounds: a permute with too few token rows
+# crashed the interpreter, and out-of-range expert ids wrote past the routing buffers).
+BACKENDS = {"reference": ref, "naive": naive, "triton": ops}
+
+
+@pytest.mark.parametrize(
+    "case,match",
+    [
+        ("id >= E", r"experts_TK\[1, 0\] = 3 is not an expert id in \[0, 3\) \(1 of 18 ids out of range\)"),
+        ("id < 0", r"experts_TK\[8, 1\] = -1 is not an expert id in \[0, 3\)"),
+        ("float ids", r"integer expert ids, got dtype torch.float32"),
+        ("1-D ids", r"experts_TK must be a \[T, K\] tensor .* got \(9,\)"),
+        ("no experts", r"num_experts must be a positive integer, got 0"),
+        ("capacity < 0", r"capacity must be None \(dropless\) or an integer >= 0, got -2"),
+    ],
+)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_routing_refuses_bad_expert_ids(backend, case, match):
+    """Checked on the host for CPU tensors (also on GPU machines, before the Triton path asks for CUDA)."""
+    ex = make_experts(9, 2, 3, seed=1).cpu()
+    E, cap = 3, None
+    if case == "id >= E":
+        ex[1, 0] = 3
+    elif case == "id < 0":
+        ex[8, 1] = -1
+    elif case == "float ids":
+        ex = ex.float()
+    elif case == "1-D ids":
+        ex = ex[:, 0]
+    elif case == "no experts":
+        E = 0
+    else:
+        cap = -2
+    with pytest.raises(ValueError, match=match):
+        BACKENDS[backend].routing_plan(ex, E, cap)
+
+
+SHAPE_CASES = {
+    "gate_up not 2F rows": r"gate_up \(3, 47, 16\) must be \[E, 2F, D\] = \[3, 48, 16\].*F = 24 columns of down",
+    "x with another T": r"x_TD \(10, 16\) must be \[T, D\] = \[9, any\]: T = 9 tokens in the routing plan",
+    "x with another D": r"down \(3, 16, 24\) must be \[E, D, F\] = \[3, 17, any\].*D = 17 columns of x",
+    "weights_TK shape": r"weights_TK \(9, 1\) must be \[T, K\] = \[9, 2\]",
+    "weights of 2 experts": r"down \(2, 16, 24\) must be \[E, D, F\] = \[3, 16, any\]: E = 3 experts",
+    "gelu bias": r"fc1_bias \(3, 25\) must be \[E, F\] = \[3, 24\]",
+    "permute rows": r"x_TD \(8, 16\) must be \[T, D\] = \[9, any\]",
+    "unpermute rows": r"y_RD \(17, 16\) must be \[R, D\] = \[18, any\]: R = 18 rows .*\(9 tokens x 2\)",
+    "grouped_mm columns": r"w_EOI \(3, 48, 16\) must be \[E, O, I\] = \[3, any, 15\]",
+    "grouped_mm bias": r"bias_EO \(3, 47\) must be \[E, O\] = \[3, 48\]",
+}
+
+
+@pytest.mark.parametrize(
+    "backend,case",
+    # naive differs from the reference only in its experts: it has no grouped_mm
+    [(b, c) for b in BACKENDS for c in SHAPE_CASES if not (b == "naive" and c.startswith("grouped_mm"))],
+)
+def test_dispatch_refuses_shapes_that_do_not_fit_the_plan(backend, case):
+    """Shapes are checked against the routing plan and each other before anything runs."""
+    mod = BACKENDS[backend]
     x, w, gu, d = _expert_inputs(9, 2, 3, 16, 24, "swiglu", torch.float32)
-    plan = ops.routing_plan(make_experts(9, 2, 3, seed=1), 3)
-    for mod in (ops, ref):
-        with pytest.raises(ValueError, match=r"gate_up \(3, 47, 16\).*F = 24"):
-            mod.swiglu_experts(x, w, plan, gu[:, :47], d)
+    _, _, fc1, b1, fc2, b2 = _expert_inputs(9, 2, 3, 16, 24, "gelu", torch.float32)
+    plan = mod.routing_plan(make_experts(9, 2, 3, seed=1), 3)
+    x_RD = torch.cat([x, x])
+    calls = {
+        "gate_up not 2F rows": lambda: mod.swiglu_experts(x, w, plan, gu[:, :47], d),
+        "x with another T": lambda: mod.swiglu_experts(torch.cat([x, x[:1]]), w, plan, gu, d),
+        "x with another D": lambda: mod.swiglu_experts(torch.cat([x, x[:, :1]], 1), w, plan, gu, d),
+        "weights_TK shape": lambda: mod.swiglu_experts(x, w[:, :1], plan, gu, d),
+        "weights of 2 experts": lambda: mod.swiglu_experts(x, w, plan, gu[:2], d[:2]),
+        "gelu bias": lambda: mod.gelu_experts(x, w, plan, fc1, torch.cat([b1, b1[:, :1]], 1), fc2, b2),
+        "permute rows": lambda: mod.permute(x[:8], plan),
+        "unpermute rows": lambda: mod.unpermute(x_RD[:17], w, plan),
+        "grouped_mm columns": lambda: mod.grouped_mm(x_RD[:, :15], gu, plan),
+        "grouped_mm bias": lambda: mod.grouped_mm(x_RD, gu, plan, gu[:, :47, 0]),
+    }
+    with pytest.raises(ValueError, match=SHAPE_CASES[case]):
+        calls[case]()
+
+
+@needs_cuda
+def test_out_of_range_ids_assert_on_cuda():
+    """On a GPU the id check runs on the device (no host sync): a bad id fails the next synchronising call with a
+    device-side assert instead of writing past the routing buffers. In a subprocess: the assert ends its context."""
+    code = (
+        "import torch\n"
+        "from ditmoe_kernels import triton_ops as ops\n"
+        "ops.routing_plan(torch.tensor([[0, 1], [2, 7]], device='cuda'), 4)\n"
+        "torch.cuda.synchronize()\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "device-side assert" in r.stderr, r.stderr[-2000:]
 
 
 TMA_ON = {kind: {"TMA": 1} for kind in ("gmm", "gmm_dx", "gmm_epi", "swiglu", "swiglu_bwd", "dw")}

@@ -82,8 +82,8 @@ import functools
 
 import torch
 
-from ditmoe_kernels import tiles
-from ditmoe_kernels.reference import RoutingPlan, check_gate_up
+from ditmoe_kernels import checks, tiles
+from ditmoe_kernels.reference import RoutingPlan
 from ditmoe_kernels.tiles import check_tiles, load_tiles, tile_overrides
 from ditmoe_kernels.triton_ops import common
 from ditmoe_kernels.triton_ops.dw import _gmm_dw
@@ -270,17 +270,20 @@ def _cast(t, dtype):
 
 def permute(x_TD: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
     """Gather one copy of each token per choice into expert-sorted order: [R, D]."""
+    checks.check_permute(x_TD, plan)
     return _Permute.apply(x_TD, plan_meta(plan))
 
 
 def unpermute(y_RD: torch.Tensor, weights_TK: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
     """Weighted sum of each token's K expert outputs, accumulated in fp32, in the dtype of y. [T, D]."""
+    checks.check_unpermute(y_RD, weights_TK, plan)
     return _Unpermute.apply(y_RD, weights_TK, plan_meta(plan))
 
 
 def grouped_mm(x_RI: torch.Tensor, w_EOI: torch.Tensor, plan: RoutingPlan, bias_EO: torch.Tensor | None = None):
     """Per-expert ``x @ w[e].T (+ b[e])`` on contiguous row groups; rows past the kept ones are zero. [R, O].
     Weights and bias are cast to the dtype of x (to the autocast dtype under autocast)."""
+    checks.check_grouped_mm(x_RI, w_EOI, plan, bias_EO)
     dt = _compute_dtype(x_RI)
     with torch.autocast(x_RI.device.type, enabled=False):
         return _GroupedMM.apply(_cast(x_RI, dt), _cast(w_EOI, dt), _cast(bias_EO, dt), plan_meta(plan))
@@ -289,7 +292,7 @@ def grouped_mm(x_RI: torch.Tensor, w_EOI: torch.Tensor, plan: RoutingPlan, bias_
 def swiglu_experts(x_TD, weights_TK, plan, gate_up_E2FD, down_EDF) -> torch.Tensor:
     """Routed SwiGLU experts: ``down(silu(gate(x)) * up(x))`` per expert (``gate_up`` [E, 2F, D]: the gate rows,
     then the up rows), combined with the routing weights."""
-    check_gate_up(gate_up_E2FD, down_EDF)
+    checks.check_swiglu(x_TD, weights_TK, plan, gate_up_E2FD, down_EDF)
     dt = _compute_dtype(x_TD)
     with torch.autocast(x_TD.device.type, enabled=False):
         return _SwigluExperts.apply(
@@ -299,6 +302,7 @@ def swiglu_experts(x_TD, weights_TK, plan, gate_up_E2FD, down_EDF) -> torch.Tens
 
 def gelu_experts(x_TD, weights_TK, plan, fc1_EFD, fc1_bias_EF, fc2_EDF, fc2_bias_ED) -> torch.Tensor:
     """Routed GELU (tanh) experts as in DiT's MLP, for upcycling a dense DiT."""
+    checks.check_gelu(x_TD, weights_TK, plan, fc1_EFD, fc1_bias_EF, fc2_EDF, fc2_bias_ED)
     dt = _compute_dtype(x_TD)
     with torch.autocast(x_TD.device.type, enabled=False):
         return _GeluExperts.apply(

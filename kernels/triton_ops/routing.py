@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ditmoe_kernels import reference
+from ditmoe_kernels import checks, reference
 from ditmoe_kernels.reference import RoutingPlan
 from ditmoe_kernels.triton_ops import common
 
@@ -190,6 +190,7 @@ def _route_pass(flat, rank, cap, T, K, NB, prio, capped, add_start, write_meta):
 
 def routing_plan(experts_TK: torch.Tensor, num_experts: int, capacity: int | None = None) -> TritonRoutingPlan:
     """Same contract as ``reference.routing_plan``; computed by Triton kernels without host synchronisation."""
+    checks.check_routing(experts_TK, num_experts, capacity)
     T, K = experts_TK.shape
     E = num_experts
     common.check_device(experts_TK)
