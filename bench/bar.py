@@ -21,6 +21,20 @@ SKEW_BAR = 0.10  # the layer under the skewed load: at most 10% slower than unde
 LAYER = "layer fwd+bwd"
 
 
+def judged(rows: list[dict]) -> list[dict]:
+    """Our rows that the bar applies to, in order: {shape, op, impl, ratio (ours / baseline), bar, ok, and
+    ratio_epilogue (against the baseline plus the extra traffic at copy bandwidth) where the row has one}."""
+    out = []
+    for r in rows:
+        if r["impl"].startswith("triton") and r["op"] in BAR and "vs_baseline" in r:
+            j = {"shape": r["shape"], "op": r["op"], "impl": r["impl"], "ratio": r["vs_baseline"], "bar": BAR[r["op"]]}
+            j["ok"] = j["ratio"] >= j["bar"]
+            if "vs_baseline_plus_epilogue" in r:
+                j["ratio_epilogue"] = r["vs_baseline_plus_epilogue"]
+            out.append(j)
+    return out
+
+
 def skew_slowdowns(rows: list[dict]) -> dict[str, float]:
     """{skewed shape: its layer time / the balanced shape's - 1}, both from the rows of impl "triton" (the tiles in
     use), not the re-times under other tiles ("triton (...)"), which come later and would stand in for them."""

@@ -251,7 +251,7 @@ def overlap_rows(shape: str, gemm, memory_pass) -> None:
 # implementations under test
 # ---------------------------------------------------------------------------------------------------------------
 
-from bar import BAR, SKEW_BAR, skew_slowdowns  # noqa: E402  (bench/, the script's folder)
+from bar import SKEW_BAR, judged, skew_slowdowns  # noqa: E402  (bench/, the script's folder)
 from sweep_candidates import SWEEP, adopted, candidate  # noqa: E402
 
 from ditmoe_kernels import reference as ref  # noqa: E402
@@ -910,16 +910,16 @@ def print_table():
             f"| {r['shape']} | {r['op']} | {r['impl']} | {r['ms']:.4f} | {r.get('tflops', '')} | "
             f"{r.get('gbps', '')} | {vs} |"
         )
-    ours = [r for r in rows if r["impl"].startswith("triton") and r["op"] in BAR and "vs_baseline" in r]
+    ours = judged(rows)
     if ours:
         # last column: against the baseline plus the extra traffic at copy bandwidth (see record): a fused
         # epilogue's, a permuted copy, a grouped dW's E outputs
         print("\n| shape | op | ours / baseline | bar | ok | ours / (baseline + epilogue bytes) |")
         print("|---|---|---:|---:|---|---:|")
-        for r in ours:
-            ok = "yes" if r["vs_baseline"] >= BAR[r["op"]] else "NO"
-            epi = f"{r['vs_baseline_plus_epilogue']:.2f}" if "vs_baseline_plus_epilogue" in r else ""
-            print(f"| {r['shape']} | {r['op']} | {r['vs_baseline']:.2f} | {BAR[r['op']]:.2f} | {ok} | {epi} |")
+        for j in ours:
+            epi = f"{j['ratio_epilogue']:.2f}" if "ratio_epilogue" in j else ""
+            ok = "yes" if j["ok"] else "NO"
+            print(f"| {j['shape']} | {j['op']} | {j['ratio']:.2f} | {j['bar']:.2f} | {ok} | {epi} |")
     for shape, slower in skew_slowdowns(rows).items():
         print(f"\n{shape}: layer fwd+bwd {slower:+.1%} vs balanced (bar: <= +{SKEW_BAR:.0%})")
     for r in rows:

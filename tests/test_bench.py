@@ -82,3 +82,44 @@ def test_sweep_writes_a_tile_file_that_training_reads(tmp_path):
         assert set(written) == {"table"}
     else:  # a rows candidate that did
         assert said.group(1) == "sweep winners" and set(written) == {"table", "rows"}
+
+
+def _row(shape: str, op: str, ratio: float, **extra) -> dict:
+    return {"shape": shape, "op": op, "impl": "triton", "ms": 1.0, "vs_baseline": ratio, **extra}
+
+
+def test_the_bar_plot_draws_a_result_and_lists_what_misses(tmp_path):
+    """plot_bar.py on a small result: a PNG, and the rows below the bar named with their ratio (three decimals where
+    two would round onto the bar)."""
+    rows = [
+        _row("XL", "gate/up fwd", 0.77, vs_baseline_plus_epilogue=0.87),
+        _row("XL", "down fwd", 0.89),
+        _row("G", "down dW", 0.7964),
+        _row("G", "permute", 0.92),
+        {"shape": "G", "op": "down dW", "impl": "dense torch.mm", "ms": 0.5},  # a baseline: not judged
+        _layer("XL", "triton", 2.0),
+        _layer("XL-skew", "triton", 2.3),
+    ]
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"meta": {"device": "NVIDIA H200"}, "rows": rows, "skipped": []}))
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "plot_bar.py"), str(results)], capture_output=True, text=True, cwd=REPO
+    )
+    assert proc.returncode == 0, proc.stderr
+    png = tmp_path / "results-bar.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "2 of 4 rows meet the bar; below it:"
+    assert [line.split() for line in lines[1:3]] == [
+        ["XL", "gate/up", "fwd", "0.77", "(bar", "0.90)"],
+        ["G", "down", "dW", "0.796", "(bar", "0.80)"],
+    ]
+
+
+def test_the_bar_plot_refuses_a_result_without_rows(tmp_path):
+    bad = tmp_path / "cpu.json"
+    bad.write_text(json.dumps({"meta": {}, "rows": [{"shape": "tiny", "op": "permute", "impl": "reference", "ms": 1}]}))
+    cmd = [sys.executable, str(REPO / "bench" / "plot_bar.py"), str(bad)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode != 0 and "no rows of ours against a baseline" in proc.stderr
+    assert not list(tmp_path.glob("*.png"))
