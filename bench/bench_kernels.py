@@ -298,13 +298,14 @@ else:
     skip("deepspeed MoEGEMM", "CUDA only")
 
 
-def first_gemm(x_TD, W, meta, kind, **kw):
+def first_gemm(x_TD, W, meta, kind, save=True, **kw):
     """The expert layer's first GEMM as the layer runs it: gather-fused, or x permuted first (tile key GATHER = 0,
-    the permute then counts here; in the layer the backward reuses the copy)."""
+    the permute then counts here; in the layer the backward reuses the copy). save=False: as sampling runs it,
+    without storing the pre-activations for a backward."""
     a, gather = ops._expert_input(x_TD, meta, kind)
     if kind == "swiglu":
-        return ops._gmm_swiglu(a, W, meta, gather=gather)
-    return ops._gmm(a, W, meta, transpose_w=True, gather=gather, **kw)
+        return ops._gmm_swiglu(a, W, meta, gather=gather, save=save)
+    return ops._gmm(a, W, meta, transpose_w=True, gather=gather, save=save, **kw)
 
 
 def naive_layer(x_TD, experts_TK, w_TK, Wgu, Wd):
@@ -445,6 +446,14 @@ def run_shape(name: str):
                 f"triton ({'gather' if gathered else 'permute first'}+swiglu)",
                 lambda: first_gemm(x, Wgu, meta, "swiglu"),
                 epilogue_ms=epilogue_bytes / (copy_gbps * 1e6),
+                **vs_dense("gate/up fwd"),
+            )
+            # sampling: h alone (R x F where the dense GEMM writes R x 2F); not an op of the bar, which is training's
+            attempt(
+                shape,
+                "gate/up fwd (no grad)",
+                f"triton ({'gather' if gathered else 'permute first'}+swiglu, h only)",
+                lambda: first_gemm(x, Wgu, meta, "swiglu", save=False),
                 **vs_dense("gate/up fwd"),
             )
             attempt(
@@ -642,6 +651,15 @@ def run_shape(name: str):
         fwd_bwd(lambda x, p, gu, d: naive_layer(x, experts_TK, p, gu, d)),
         flops=layer_flops,
     )
+    # the layer as sampling runs it (forward only, no autograd: ours store no pre-activations)
+    for impl, mod in (("reference", ref), ("triton", ops)):
+        if mod is not None:
+
+            def no_grad_fwd(mod=mod):
+                with torch.no_grad():
+                    mod.swiglu_experts(params[0], params[1], mod.routing_plan(experts_TK, E), *params[2:])
+
+            attempt(shape, "layer fwd (no grad)", impl, no_grad_fwd, flops=6 * R * D * F_)
     if mcore is not None and HAS_GROUPED_MM and CUDA:
 
         def mg(x, p, gu, d):

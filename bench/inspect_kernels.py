@@ -169,6 +169,7 @@ def record_layer() -> list:
     meta.counts = torch.full((E,), R // E, dtype=torch.int64)  # argsort of the dW order needs real counts
     a, gather = step("permute", ops._expert_input, x, meta, "swiglu")  # launches only with swiglu.GATHER=0
     h, g, u = step("gate/up fwd", ops._gmm_swiglu, a, Wgu, meta, gather=gather)
+    step("gate/up fwd (no grad)", ops._gmm_swiglu, a, Wgu, meta, gather=gather, save=False)  # sampling: h alone
     y = step("down fwd", ops._gmm, h, Wd, meta, transpose_w=True)
     step("unpermute", ops._gather, y, meta, probs)
     step("unpermute bwd", ops._scatter, x, meta, probs, y)
@@ -183,6 +184,19 @@ def record_layer() -> list:
     step("gate/up dX", ops._gmm, dgu, Wgu, meta, transpose_w=False)
     a, gather = step("permute", ops._expert_input, x, meta, "gmm_epi")
     step("gelu fc1 fwd", ops._gmm, a, W1, meta, transpose_w=True, gather=gather, bias=empty(E, F), epi=ops.EPI_GELU)
+    b1 = empty(E, F)
+    step(
+        "gelu fc1 fwd (no grad)",
+        ops._gmm,
+        a,
+        W1,
+        meta,
+        transpose_w=True,
+        gather=gather,
+        bias=b1,
+        epi=ops.EPI_GELU,
+        save=False,
+    )
     step("gelu fc2 dX", ops._gmm, dy, Wd, meta, transpose_w=False, epi=ops.EPI_GELU_BWD, x0=g)
     step("gelu dW+db", ops._gmm_dw, dy, hb, meta, with_db=True)
     return launches

@@ -844,6 +844,41 @@ def test_kernel_descriptors_lend_an_allocator_only_inside_the_block():
     assert seen == [True, True, True, True]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("act", ["swiglu", "gelu"])
+def test_without_grad_the_forward_stores_no_pre_activations(act, dtype, monkeypatch):
+    """Sampling (no_grad, inference_mode, or nothing that needs a gradient) runs the first expert GEMM without
+    storing what only the backward reads (SwiGLU: g and u, two thirds of its epilogue's stores; GELU: z), with the
+    same output bits as a training forward."""
+    T, K, E, D, F = 37, 2, 5, 40, 72
+    x, w, *params = _expert_inputs(T, K, E, D, F, act, dtype)
+    plan = ops.routing_plan(make_experts(T, K, E, seed=3, empty=(2,)), E, 30)  # an empty expert and drops
+    fn, name = (ops.swiglu_experts, "_gmm_swiglu") if act == "swiglu" else (ops.gelu_experts, "_gmm")
+    inner, saves = getattr(ops, name), []
+
+    def spy(*args, **kw):  # what the first expert GEMM was asked to save
+        if act == "swiglu" or kw.get("epi") == ops.EPI_GELU:
+            saves.append(kw["save"])
+        return inner(*args, **kw)
+
+    monkeypatch.setattr(ops, name, spy)
+    trained = fn(x, w, plan, *params)
+    with torch.no_grad():
+        sampled = fn(x, w, plan, *params)
+    with torch.inference_mode():
+        inferred = fn(x, w, plan, *params)
+    frozen = fn(*(t.detach() for t in (x, w)), plan, *(t.detach() for t in params))
+    assert saves == [True, False, False, False]
+    for out in (sampled, inferred, frozen):
+        assert not out.requires_grad and torch.equal(out, trained.detach())
+    if act == "swiglu":  # the kernel itself: h alone, the same h
+        meta = ops.plan_meta(plan)
+        a = ops._scatter(x.detach(), meta)
+        h, g, u = inner(a, params[0].detach(), meta, gather=False)
+        h2, g2, u2 = inner(a, params[0].detach(), meta, gather=False, save=False)
+        assert g2 is None and u2 is None and torch.equal(h, h2)
+
+
 @pytest.mark.parametrize("act", ["swiglu", "gelu"])
 def test_experts_noncontiguous(act):
     check_experts(29, 2, 4, 40, 56, None, (), act, torch.float32, noncontig=True)

@@ -23,7 +23,9 @@ Design (see /work/shared/notes/kernels.md):
   x first instead: the GEMM's A tiles can then load through TMA, and the backward reuses the copy for the first
   weight's dW, which needs it permuted anyway (so the copy costs no extra pass, only R x D of saved activations
   in place of T x D). Both give the same bits; bf16 permutes first (run 4, H100, XL: 0.65 ms against 0.77).
-- SwiGLU / GELU run in the epilogue of the first GEMM, which also stores the pre-activations. Backward
+- SwiGLU / GELU run in the epilogue of the first GEMM, which also stores the pre-activations where a backward
+  may follow (autograd records the call): sampling's forward stores h alone, a third of the SwiGLU epilogue's
+  stores (g and u are the other two). Backward
   re-materialises the activation h from the saved pre-activations (h is not kept from the forward), so the dW of
   the second weight is a plain K-reduction dy^T h: no elementwise work inside any GEMM main loop, where it would
   stall the pipelining. SwiGLU: dH = dy W2 is a plain grouped GEMM and one elementwise pass writes h and
@@ -203,12 +205,14 @@ class _GroupedMM(torch.autograd.Function):
 @_backward_under_forward_tiles
 class _SwigluExperts(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_TD, weights_TK, w_gate_up, w_down, meta):
+    def forward(ctx, x_TD, weights_TK, w_gate_up, w_down, meta, train):
+        # train False (no backward will run: sampling): the gate/up epilogue stores h alone, not g and u
         a, ctx.gathered = _expert_input(x_TD, meta, "swiglu")
-        h, g, u = _gmm_swiglu(a, w_gate_up, meta, gather=ctx.gathered)
+        h, g, u = _gmm_swiglu(a, w_gate_up, meta, gather=ctx.gathered, save=train)
         y = _gmm(h, w_down, meta, transpose_w=True)
         ctx.meta = meta
-        ctx.save_for_backward(a, weights_TK, w_gate_up, w_down, g, u, y)
+        if train:
+            ctx.save_for_backward(a, weights_TK, w_gate_up, w_down, g, u, y)
         return _gather(y, meta, weights_TK)
 
     @staticmethod
@@ -226,18 +230,20 @@ class _SwigluExperts(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             dw_gate_up = _gmm_dw(dgu, _scatter(a, meta) if ctx.gathered else a, meta)[0]
         dx = _gather(_gmm(dgu, w_gate_up, meta, transpose_w=False), meta) if ctx.needs_input_grad[0] else None
-        return dx, dw_TK.to(w_TK.dtype), dw_gate_up, dw_down, None
+        return dx, dw_TK.to(w_TK.dtype), dw_gate_up, dw_down, None, None
 
 
 @_backward_under_forward_tiles
 class _GeluExperts(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_TD, weights_TK, w1, b1, w2, b2, meta):
+    def forward(ctx, x_TD, weights_TK, w1, b1, w2, b2, meta, train):
+        # train False (sampling): the first GEMM's epilogue stores h alone, not the pre-activation z
         a, ctx.gathered = _expert_input(x_TD, meta, "gmm_epi")
-        h, z = _gmm(a, w1, meta, transpose_w=True, gather=ctx.gathered, bias=b1, epi=EPI_GELU)
+        h, z = _gmm(a, w1, meta, transpose_w=True, gather=ctx.gathered, bias=b1, epi=EPI_GELU, save=train)
         y = _gmm(h, w2, meta, transpose_w=True, bias=b2)
         ctx.meta = meta
-        ctx.save_for_backward(a, weights_TK, w1, w2, z, y)
+        if train:
+            ctx.save_for_backward(a, weights_TK, w1, w2, z, y)
         return _gather(y, meta, weights_TK)
 
     @staticmethod
@@ -250,7 +256,7 @@ class _GeluExperts(torch.autograd.Function):
         del h
         dw1, db1 = _gmm_dw(dz, _scatter(a, meta) if ctx.gathered else a, meta, with_db=True)
         dx = _gather(_gmm(dz, w1, meta, transpose_w=False), meta) if ctx.needs_input_grad[0] else None
-        return dx, dw_TK.to(w_TK.dtype), dw1, db1, dw2, db2, None
+        return dx, dw_TK.to(w_TK.dtype), dw1, db1, dw2, db2, None, None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -266,6 +272,11 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 def _cast(t, dtype):
     return None if t is None else (t if t.dtype == dtype else t.to(dtype))
+
+
+def _training(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd will record this call: a backward may follow, so the forward saves what it needs."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def permute(x_TD: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
@@ -295,8 +306,9 @@ def swiglu_experts(x_TD, weights_TK, plan, gate_up_E2FD, down_EDF) -> torch.Tens
     checks.check_swiglu(x_TD, weights_TK, plan, gate_up_E2FD, down_EDF)
     dt = _compute_dtype(x_TD)
     with torch.autocast(x_TD.device.type, enabled=False):
+        train = _training(x_TD, weights_TK, gate_up_E2FD, down_EDF)
         return _SwigluExperts.apply(
-            _cast(x_TD, dt), weights_TK, _cast(gate_up_E2FD, dt), _cast(down_EDF, dt), plan_meta(plan)
+            _cast(x_TD, dt), weights_TK, _cast(gate_up_E2FD, dt), _cast(down_EDF, dt), plan_meta(plan), train
         )
 
 
@@ -313,4 +325,5 @@ def gelu_experts(x_TD, weights_TK, plan, fc1_EFD, fc1_bias_EF, fc2_EDF, fc2_bias
             _cast(fc2_EDF, dt),
             _cast(fc2_bias_ED, dt),
             plan_meta(plan),
+            _training(x_TD, weights_TK, fc1_EFD, fc1_bias_EF, fc2_EDF, fc2_bias_ED),
         )

@@ -117,21 +117,21 @@ def _gmm_kernel(
     GROUP_M: tl.constexpr,
     PRE: tl.constexpr,
     WS: tl.constexpr,
+    SAVE: tl.constexpr,
 ):
     """C[rows of group e] = A[rows] @ B[e] (+ bias[e]) with an epilogue.
 
-    B[e] is addressed as a [Kdim, N] matrix through strides, so the forward (B = W[e]^T) and dX (B = W[e]) share
-    this kernel. GATHER: A row r is token ``tok[r]`` of A (A is x itself, never permuted). C and C2 share strides.
-    EPI_GELU: C = gelu(z), C2 = z.  EPI_GELU_BWD: X0 = z, C = acc * gelu'(z), C2 = gelu(z) (the activation the
-    forward produced, for the dW of the second weight). EPI_SWIGLU_BWD (acc = dH): X0 = g, X1 = u; C = dgate,
-    C2 = dup, C3 = h = silu(g) * u, the math of ``swiglu._swiglu_bwd_kernel`` on dH rounded to C's dtype (the
-    same bits as the separate pass); X0, X1 and C3 share strides. PRE (backward epilogues), when the X0 / X1 tiles
-    are loaded: 0, each column quarter's after the K loop, just before its math; 1, all before the K loop, so their
-    reads overlap it; 2, the first quarter's after the K loop and each next one's before the stores of the one
-    before, so that its reads overlap that quarter's math and stores (program order, because the compiler may not
-    move loads above stores it cannot prove to be elsewhere); 3, the quarters as a loop the compiler
-    software-pipelines: each quarter's tiles copied into shared memory (cp.async) two quarters ahead, holding no
-    registers while in flight.
+    B[e] is addressed as a [Kdim, N] matrix through strides, so the forward (B = W[e]^T) and dX (B = W[e]) share this
+    kernel. GATHER: A row r is token ``tok[r]`` of A (A is x itself, never permuted). C and C2 share strides. EPI_GELU:
+    C = gelu(z), C2 = z (only where SAVE: without it no backward follows).  EPI_GELU_BWD: X0 = z, C = acc * gelu'(z), C2
+    = gelu(z) (the activation the forward produced, for the dW of the second weight). EPI_SWIGLU_BWD (acc = dH): X0 = g,
+    X1 = u; C = dgate, C2 = dup, C3 = h = silu(g) * u, the math of ``swiglu._swiglu_bwd_kernel`` on dH rounded to C's
+    dtype (the same bits as the separate pass); X0, X1 and C3 share strides. PRE (backward epilogues), when the X0 / X1
+    tiles are loaded: 0, each column quarter's after the K loop, just before its math; 1, all before the K loop, so
+    their reads overlap it; 2, the first quarter's after the K loop and each next one's before the stores of the one
+    before, so that its reads overlap that quarter's math and stores (program order, because the compiler may not move
+    loads above stores it cannot prove to be elsewhere); 3, the quarters as a loop the compiler software-pipelines: each
+    quarter's tiles copied into shared memory (cp.async) two quarters ahead, holding no registers while in flight.
 
     TMA_A / TMA_B = 2: those descriptors are made here from the pointers (A as [RA, Kdim]; B as [E*N, Kdim] for the
     forward, [E*Kdim, N] for dX), not passed in. WS (with PERSIST, both descriptors made here, 4 warps): the tile
@@ -199,6 +199,7 @@ def _gmm_kernel(
             PERSIST,
             PRE,
             WS,
+            SAVE,
         )
 
 
@@ -249,6 +250,7 @@ def _gmm_tile(
     PERSIST: tl.constexpr,
     PRE: tl.constexpr,
     WS: tl.constexpr,
+    SAVE: tl.constexpr,
 ):
     """One output tile of ``_gmm_kernel``, numbered over the table's first ``num_m`` M-blocks. No early exits, so
     that a persistent loop can flatten over it: an unused block (e = -1) masks every row; the dropped rows' block
@@ -304,7 +306,8 @@ def _gmm_tile(
         tl.store(c_ptr + c_off, to_dtype(acc, c_ptr.dtype.element_ty), mask=cmask)
     if EPI == 1:
         z = to_dtype(acc, c2_ptr.dtype.element_ty)
-        tl.store(c2_ptr + c_off, z, mask=cmask)
+        if SAVE:
+            tl.store(c2_ptr + c_off, z, mask=cmask)
         tl.store(c_ptr + c_off, to_dtype(gelu_tanh(z.to(tl.float32)), c_ptr.dtype.element_ty), mask=cmask)
     if EPI >= 2:
         # The backward epilogues load and store extra tiles; they work in column quarters so that a quarter of
@@ -488,14 +491,18 @@ def _gmm(
     x0=None,
     x1=None,
     out_dtype=None,
+    save: bool = True,
 ):
     """Grouped GEMM over the plan's expert groups.
 
     transpose_w=True (forward): C = A @ W[e]^T, W [E, N, Kdim]. False (dX): C = A @ W[e], W [E, Kdim, N].
     gather: A is [T, Kdim] and row r reads token ``sorted_flat[r] // K``. Returns C, [R, N] (rows of dropped
     pairs are zero), or for the epilogues a pair: EPI_GELU (h, z), EPI_GELU_BWD (dz, h), EPI_SWIGLU_BWD (dGU, h)
-    with dGU = [dgate | dup] ([R, 2N]) from x0 = g, x1 = u.
+    with dGU = [dgate | dup] ([R, 2N]) from x0 = g, x1 = u. EPI_GELU with save=False (no backward follows:
+    sampling) stores h alone and returns (h, None).
     """
+    if not save and epi != EPI_GELU:
+        raise ValueError(f"save=False leaves out the GELU forward's z; epilogue {epi} has nothing to leave out")
     E = w.shape[0]
     if transpose_w:
         N, Kdim = w.shape[1], w.shape[2]
@@ -512,8 +519,8 @@ def _gmm(
         result = (dgu, c3)
     else:
         c = torch.empty(R, N, dtype=dtype, device=a.device)
-        c2 = torch.empty_like(c) if epi != EPI_NONE else c
-        result = (c, c2) if epi != EPI_NONE else c
+        c2 = torch.empty_like(c) if epi != EPI_NONE and save else c  # c: unused
+        result = (c, c2 if save else None) if epi != EPI_NONE else c
     if R == 0 or N == 0:
         return result
     kind = {EPI_NONE: "gmm" if transpose_w else "gmm_dx", EPI_SWIGLU_BWD: "swiglu_bwd"}.get(epi, "gmm_epi")
@@ -578,6 +585,7 @@ def _gmm(
             cfg["GROUP_M"],
             cfg.get("PRE", 0) if epi >= EPI_GELU_BWD and not ws else 0,  # WS: epilogue inputs after the K loop
             ws,
+            save,
             **common.launch_opts(cfg),
         )
     return result

@@ -49,17 +49,18 @@ def _gmm_swiglu_kernel(
     BK: tl.constexpr,
     GROUP_M: tl.constexpr,
     WS: tl.constexpr,
+    SAVE: tl.constexpr,
 ):
     """[G | U] = A W_gu[e]^T for output columns n0..n0+BN of both halves of W_gu ([E, 2N, Kdim]: gate rows, then
-    up rows) in one accumulator [BM, 2*BN]: each K step is one [BM, BK] x [BK, 2*BN] product, so on sm_90 one
-    wgmma of width 2*BN (two products of width BN re-read A from shared memory for each and need its bandwidth at
-    full rate). H = silu(G) * U. G and U are stored (rounded to the output dtype) for backward; H is computed from
-    the rounded values so the backward can recompute it bit for bit. GATHER: x read through the permutation, else
-    the permuted copy. TMA_A: A tiles through a descriptor over the permuted copy from the block's first row (as
-    in ``gemm._mainloop``); TMA_B: the weight tile through one 3-D descriptor over W_gu as [E*2, N, Kdim], a
-    [2, BN, BK] box (gate and up rows; rows past N read as zeros). PERSIST: programs loop over the used tiles, as
-    in ``gemm._gmm_kernel``, so one tile's stores of H, G and U overlap the next tile's loads. TMA_A / TMA_B = 2:
-    those descriptors are made here from the pointers (A as [RA, Kdim]), not passed in.
+    up rows) in one accumulator [BM, 2*BN]: each K step is one [BM, BK] x [BK, 2*BN] product, so on sm_90 one wgmma of
+    width 2*BN (two products of width BN re-read A from shared memory for each and need its bandwidth at full rate). H =
+    silu(G) * U. SAVE: G and U are stored (rounded to the output dtype) for backward; H is computed from the rounded
+    values either way, so the backward can recompute it bit for bit. GATHER: x read through the permutation, else the
+    permuted copy. TMA_A: A tiles through a descriptor over the permuted copy from the block's first row (as in
+    ``gemm._mainloop``); TMA_B: the weight tile through one 3-D descriptor over W_gu as [E*2, N, Kdim], a [2, BN, BK]
+    box (gate and up rows; rows past N read as zeros). PERSIST: programs loop over the used tiles, as in
+    ``gemm._gmm_kernel``, so one tile's stores of H, G and U overlap the next tile's loads. TMA_A / TMA_B = 2: those
+    descriptors are made here from the pointers (A as [RA, Kdim]), not passed in.
 
     WS (with PERSIST, both descriptors made here, 4 warps): the compiler splits the tile loop into a producer warp
     group that issues the TMA loads and two consumer warp groups of BM/2 rows each that run the products and the
@@ -124,8 +125,9 @@ def _gmm_swiglu_kernel(
             acc_u = tl.where(live, acc_u, 0.0)
         g = to_dtype(acc_g, h_ptr.dtype.element_ty)
         u = to_dtype(acc_u, h_ptr.dtype.element_ty)
-        tl.store(g_ptr + o, g, mask=cmask)
-        tl.store(u_ptr + o, u, mask=cmask)
+        if SAVE:
+            tl.store(g_ptr + o, g, mask=cmask)
+            tl.store(u_ptr + o, u, mask=cmask)
         gf = g.to(tl.float32)
         h = to_dtype(gf * sigmoid(gf) * u.to(tl.float32), h_ptr.dtype.element_ty)
         tl.store(h_ptr + o, h, mask=cmask)
@@ -164,15 +166,16 @@ def _swiglu_bwd(dh, g, u):
     return dgu, h
 
 
-def _gmm_swiglu(a, w_gate_up, meta: Meta, *, gather: bool):
+def _gmm_swiglu(a, w_gate_up, meta: Meta, *, gather: bool, save: bool = True):
     """h, g, u [R, F] with [g | u] = A @ W_gu[e]^T per expert (W_gu [E, 2F, D]: gate rows, then up rows) and
     h = silu(g) * u. gather: A is x [T, D], row r reads token ``sorted_flat[r] // K``; else A is the permuted copy
-    [R, D]."""
+    [R, D]. save=False (no backward to follow: sampling) writes h alone, a third of the epilogue's stores, and
+    returns None for g and u."""
     E, N2, Kdim = w_gate_up.shape
     N = N2 // 2
     R = meta.R
     h = torch.empty(R, N, dtype=a.dtype, device=a.device)
-    g, u = torch.empty_like(h), torch.empty_like(h)
+    g, u = (torch.empty_like(h), torch.empty_like(h)) if save else (None, None)
     if R == 0 or N == 0:
         return h, g, u
     cfg = common.config("swiglu", a.dtype)
@@ -196,8 +199,8 @@ def _gmm_swiglu(a, w_gate_up, meta: Meta, *, gather: bool):
             w_desc,
             tab,
             h,
-            g,
-            u,
+            g if save else h,  # unused without save
+            u if save else h,
             N,
             Kdim,
             nmb,
@@ -222,6 +225,7 @@ def _gmm_swiglu(a, w_gate_up, meta: Meta, *, gather: bool):
             BK,
             cfg["GROUP_M"],
             ws,
+            save,
             **common.launch_opts(cfg),
         )
     return h, g, u
