@@ -652,14 +652,19 @@ def run_shape(name: str):
         flops=layer_flops,
     )
     # the layer as sampling runs it (forward only, no autograd: ours store no pre-activations)
-    for impl, mod in (("reference", ref), ("triton", ops)):
-        if mod is not None:
+    sampling = {
+        "reference": lambda x, p, gu, d: ref.swiglu_experts(x, p, ref.routing_plan(experts_TK, E), gu, d),
+        "naive (official loop)": lambda x, p, gu, d: naive_layer(x, experts_TK, p, gu, d),
+    }
+    if ops is not None:
+        sampling["triton"] = lambda x, p, gu, d: ops.swiglu_experts(x, p, ops.routing_plan(experts_TK, E), gu, d)
+    for impl, fn in sampling.items():
 
-            def no_grad_fwd(mod=mod):
-                with torch.no_grad():
-                    mod.swiglu_experts(params[0], params[1], mod.routing_plan(experts_TK, E), *params[2:])
+        def no_grad_fwd(fn=fn):
+            with torch.no_grad():
+                fn(*params)
 
-            attempt(shape, "layer fwd (no grad)", impl, no_grad_fwd, flops=6 * R * D * F_)
+        attempt(shape, "layer fwd (no grad)", impl, no_grad_fwd, flops=6 * R * D * F_)
     if mcore is not None and HAS_GROUPED_MM and CUDA:
 
         def mg(x, p, gu, d):
