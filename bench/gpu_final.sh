@@ -39,9 +39,13 @@ if [ "${SHARD_RC[$WS_SHARD]:-0}" != 0 ]; then
     WS_BENCH=(--no-kernel-descriptors)
     ISSUE_TILES=(--tiles bench/tiles/run3-bf16.json --no-kernel-descriptors)
 fi
+# keep-h*: the forward's h kept for the down dW (R x F more saved per layer), which then runs beside the SwiGLU
+# backward on a second stream (beside) or after it (keep-h); see tiles.py KEEP_H
+KEEP_H=(--compare-tiles bench/tiles/keep-h-bf16.json --compare-tiles bench/tiles/keep-h-beside-bf16.json
+    --compare-tiles bench/tiles/keep-h-beside-pass-bf16.json)
 say "benchmark: S, XL, G + tile sweeps (200 s limit)"
 timeout 200 "$PY" -W ignore bench/bench_kernels.py --shapes tiny,S,XL,G,XL-skew --reps 15 --budget 180 \
-    --compare-tiles bench/tiles/run3-bf16.json "${WS_BENCH[@]}" \
+    --compare-tiles bench/tiles/run3-bf16.json "${WS_BENCH[@]}" "${KEEP_H[@]}" \
     --sweep --sweep-shapes XL,G,S --sweep-kinds swiglu,swiglu_bwd,gmm_dx,dw,gmm,ew,rows,gmm_epi 2>&1 | grep --line-buffered -v "^  warnings.warn" | tee "$LOGDIR/bench.log"
 say "benchmark exit ${PIPESTATUS[0]}"
 say "training throughput: S/2 and XL/2-8E2A, triton vs torch vs naive (160 s limit)"

@@ -175,9 +175,11 @@ def record_layer() -> list:
     step("unpermute bwd", ops._scatter, x, meta, probs, y)
     if ops.common.config("swiglu_bwd", dt).get("FUSED", 0):
         dgu, hb = step("down dX: dH", ops._dh_swiglu_bwd, dy, Wd, g, u, meta)  # + SwiGLU backward epilogue
+        step("down dX: dH (h kept)", ops._dh_swiglu_bwd, dy, Wd, g, u, meta, save=False)  # KEEP_H: no h written
     else:
         dh = step("down dX: dH", ops._gmm, dy, Wd, meta, transpose_w=False)
         dgu, hb = step("swiglu bwd pass", ops._swiglu_bwd, dh, g, u)
+        step("swiglu bwd pass (h kept)", ops._swiglu_bwd, dh, g, u, save=False)
     step("down dW", ops._gmm_dw, dy, hb, meta)
     xp = step("permute", ops._scatter, x, meta)
     step("gate/up dW", ops._gmm_dw, dgu, xp, meta)

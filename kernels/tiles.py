@@ -15,9 +15,11 @@ persistent programs per SM; ``GATHER`` (``swiglu``, ``gmm_epi``; 1 where absent)
 input (see ``triton_ops``); ``PRE`` (``swiglu_bwd``, ``gmm_epi``: the backward epilogues) = 1 loads the epilogue's
 input tiles before the K loop (not with ``PERSIST``: sm_90 then spills), 2 each column quarter's while the one
 before is computed and stored, 3 runs the quarters as a loop the compiler software-pipelines (each quarter's inputs
-copied into shared memory two quarters ahead); ``num_warps`` / ``num_stages`` / ``maxnreg`` (a cap on registers per
-thread, so that two blocks fit on an SM where the compiler would take a few more than half the register file) are
-launch options.
+copied into shared memory two quarters ahead); ``KEEP_H`` (``swiglu_bwd``) = 1 keeps the forward's h for the down
+dW (R x F more saved per layer) so that the SwiGLU backward writes no h, 2 also runs that dW on a second CUDA stream
+beside dH and the SwiGLU backward, which no longer wait for each other (elsewhere 2 acts as 1); ``num_warps`` /
+``num_stages`` / ``maxnreg`` (a cap on registers per thread, so that two blocks fit on an SM where the compiler
+would take a few more than half the register file) are launch options.
 
 Tables are fixed so results never depend on batch composition; ``tile_overrides`` lets a benchmark try others inside
 a ``with`` block, and a run use a tuned file's (``--kernel-tiles``), for every table or for the one it was tuned on.
@@ -58,7 +60,7 @@ INTERPRET = MappingProxyType(
         "gmm_dx": dict(BM=16, BN=32, BK=32, GROUP_M=4),
         "gmm_epi": dict(BM=16, BN=32, BK=32, GROUP_M=4),
         "swiglu": dict(BM=16, BN=32, BK=32, GROUP_M=4),
-        "swiglu_bwd": dict(BM=16, BN=32, BK=32, GROUP_M=4, FUSED=0),
+        "swiglu_bwd": dict(BM=16, BN=32, BK=32, GROUP_M=4, FUSED=0, KEEP_H=0),
         "dw": dict(BO=32, BI=32, BR=16, GROUP_M=4),
         "rows": dict(BT=16, BD=64),
         "ew": dict(BR=4, BC=64),
@@ -71,7 +73,7 @@ FP32 = MappingProxyType(
         "gmm_dx": dict(BM=64, BN=64, BK=32, GROUP_M=8, num_warps=4, num_stages=3),
         "gmm_epi": dict(BM=64, BN=64, BK=32, GROUP_M=8, num_warps=4, num_stages=3),
         "swiglu": dict(BM=64, BN=64, BK=32, GROUP_M=8, num_warps=4, num_stages=3),
-        "swiglu_bwd": dict(BM=64, BN=64, BK=32, GROUP_M=8, num_warps=4, num_stages=3, FUSED=0),
+        "swiglu_bwd": dict(BM=64, BN=64, BK=32, GROUP_M=8, num_warps=4, num_stages=3, FUSED=0, KEEP_H=0),
         "dw": dict(BO=64, BI=64, BR=32, GROUP_M=8, num_warps=4, num_stages=3),
         "rows": dict(BT=8, BD=128, num_warps=4),
         "ew": dict(BR=2, BC=512, num_warps=4),
@@ -91,7 +93,18 @@ BF16_SM90 = MappingProxyType(
         ),
         "swiglu": dict(BM=128, BN=64, BK=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=1, PERSIST=0, GATHER=0, WS=0),
         "swiglu_bwd": dict(
-            BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=1, PERSIST=0, FUSED=1, PRE=0, WS=0
+            BM=128,
+            BN=128,
+            BK=64,
+            GROUP_M=8,
+            num_warps=8,
+            num_stages=3,
+            TMA=1,
+            PERSIST=0,
+            FUSED=1,
+            PRE=0,
+            WS=0,
+            KEEP_H=0,
         ),
         "dw": dict(BO=128, BI=256, BR=32, GROUP_M=8, num_warps=8, num_stages=4, TMA=0, PERSIST=0, WS=0),
         "rows": dict(BT=16, BD=128, num_warps=4),
@@ -108,7 +121,9 @@ BF16_SM80 = MappingProxyType(
         "gmm": dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=0, PERSIST=0),
         "gmm_dx": dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4, TMA=0, PERSIST=0),
         "swiglu": dict(BM=128, BN=64, BK=64, GROUP_M=8, num_warps=8, num_stages=3, TMA=0, PERSIST=0, GATHER=1),
-        "swiglu_bwd": dict(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4, TMA=0, PERSIST=0, FUSED=0),
+        "swiglu_bwd": dict(
+            BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4, TMA=0, PERSIST=0, FUSED=0, KEEP_H=0
+        ),
         "dw": dict(BO=128, BI=128, BR=32, GROUP_M=8, num_warps=8, num_stages=4),
     }
 )

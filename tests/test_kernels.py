@@ -652,6 +652,14 @@ SAME_BITS = {
         {"swiglu_bwd": {"PRE": 0, "FUSED": 1}, "gmm_epi": {"PRE": 0}},
         {"swiglu_bwd": {"PRE": 3, "FUSED": 1}, "gmm_epi": {"PRE": 3}},
     ),
+    # the forward's h kept for the down dW: the SwiGLU backward (pass, fused epilogue, pipelined epilogue) writes
+    # no h; with KEEP_H = 2 the dW runs on a second stream on CUDA (elsewhere as 1)
+    "keep-h-pass": ({"swiglu_bwd": {"KEEP_H": 0, "FUSED": 0}}, {"swiglu_bwd": {"KEEP_H": 1, "FUSED": 0}}),
+    "keep-h-beside": ({"swiglu_bwd": {"KEEP_H": 0, "FUSED": 1}}, {"swiglu_bwd": {"KEEP_H": 2, "FUSED": 1}}),
+    "keep-h-pipelined": (
+        {"swiglu_bwd": {"KEEP_H": 0, "FUSED": 1, "PRE": 3}},
+        {"swiglu_bwd": {"KEEP_H": 1, "FUSED": 1, "PRE": 3}},
+    ),
 }
 SAME_BITS_CASES = [
     ("permute-first", "swiglu", 0),
@@ -670,6 +678,9 @@ SAME_BITS_CASES = [
     ("epilogue-pipelined", "swiglu", 0),
     ("epilogue-pipelined", "swiglu", 1),
     ("epilogue-pipelined", "gelu", 1),
+    ("keep-h-pass", "swiglu", 0),
+    ("keep-h-beside", "swiglu", 1),
+    ("keep-h-pipelined", "swiglu", 0),
 ]
 
 
@@ -703,6 +714,25 @@ def test_tile_options_give_the_same_bits(option, act, case, tma, monkeypatch):
             assert sorted(scatters) == n_default, (scatters, n_default)
         for name, a, b in zip(["out", *NAMES[act]], got, want, strict=True):
             assert torch.equal(a, b), f"{name} ({dtype}) differs with {option}"
+
+
+@pytest.mark.parametrize("keep", [0, 1, 2])
+def test_keep_h_saves_h_and_the_backward_writes_none(keep, monkeypatch):
+    """KEEP_H >= 1: the forward saves h (R x F) beside g and u, and the SwiGLU backward is asked for no h; 0: it
+    re-makes h. (The bits are test_tile_options_give_the_same_bits's.)"""
+    T, K, E, D, F = 21, 2, 4, 24, 40
+    x, w, gu, d = _expert_inputs(T, K, E, D, F, "swiglu", torch.float32)
+    plan = ops.routing_plan(make_experts(T, K, E, seed=2), E)
+    real, asked = ops._dh_swiglu_bwd, []
+    monkeypatch.setattr(ops, "_dh_swiglu_bwd", lambda *a, **kw: asked.append(kw.get("save", True)) or real(*a, **kw))
+    with ops.tile_overrides(swiglu_bwd={"KEEP_H": keep}):
+        out = ops.swiglu_experts(x, w, plan, gu, d)
+    kept = out.grad_fn.saved_tensors[-1]  # the Function's context: (a, weights, W_gu, W_down, g, u, y, h or None)
+    assert (kept is not None) == (keep > 0)
+    if keep:
+        assert kept.shape == (T * K, F)
+    out.sum().backward()
+    assert asked == [keep == 0]
 
 
 @pytest.mark.parametrize("tma", [0, 1], ids=["pointer-loads", "tma"])

@@ -23,12 +23,13 @@ Design (see /work/shared/notes/kernels.md):
   x first instead: the GEMM's A tiles can then load through TMA, and the backward reuses the copy for the first
   weight's dW, which needs it permuted anyway (so the copy costs no extra pass, only R x D of saved activations
   in place of T x D). Both give the same bits; bf16 permutes first (run 4, H100, XL: 0.65 ms against 0.77).
-- SwiGLU / GELU run in the epilogue of the first GEMM, which also stores the pre-activations where a backward
-  may follow (autograd records the call): sampling's forward stores h alone, a third of the SwiGLU epilogue's
-  stores (g and u are the other two). Backward
-  re-materialises the activation h from the saved pre-activations (h is not kept from the forward), so the dW of
-  the second weight is a plain K-reduction dy^T h: no elementwise work inside any GEMM main loop, where it would
-  stall the pipelining. SwiGLU: dH = dy W2 is a plain grouped GEMM and one elementwise pass writes h and
+- SwiGLU / GELU run in the epilogue of the first GEMM, which also stores the pre-activations where a backward may
+  follow (autograd records the call): sampling's forward stores h alone, a third of the SwiGLU epilogue's stores (g
+  and u are the other two). Backward re-materialises the activation h from the saved pre-activations (h is not kept
+  from the forward, unless tile setting ``KEEP_H`` of ``swiglu_bwd`` trades R x F of saved activations for not writing
+  it again, and with 2 runs the down dW on a second CUDA stream beside the SwiGLU backward), so the dW of the second
+  weight is a plain K-reduction dy^T h: no elementwise work inside any GEMM main loop, where it would stall the
+  pipelining. SwiGLU: dH = dy W2 is a plain grouped GEMM and one elementwise pass writes h and
   [dgate | dup] side by side in one [R, 2F] buffer. Fusing that pass into dH's epilogue (kind ``swiglu_bwd``,
   FUSED = 1) saves writing and re-reading dH. Run 2 timed a fused version at 0.75 vs 0.54 ms (XL): its 128x128
   epilogue spilled (255 registers) and one block per SM left it unhidden. The epilogue now works in column
@@ -137,14 +138,50 @@ def _expert_input(x_TD: torch.Tensor, meta: Meta, kind: str) -> tuple[torch.Tens
     return _scatter(x_TD, meta), False
 
 
-def _dh_swiglu_bwd(dy, w_down, g, u, meta: Meta):
+def _dh_swiglu_bwd(dy, w_down, g, u, meta: Meta, save: bool = True):
     """(dGU [R, 2F] = [dgate | dup], h [R, F]) from dy and the saved pre-activations: dH = dy W_down in a grouped
     GEMM whose epilogue runs the SwiGLU backward (``swiglu_bwd`` FUSED = 1), or a plain dH GEMM and then the
-    elementwise pass (0). Both give the same bits."""
+    elementwise pass (0). Both give the same bits. save=False (h kept from the forward): no h, None in its place."""
     if common.config("swiglu_bwd", dy.dtype).get("FUSED", 0):
         g, u = g.contiguous(), u.contiguous()
-        return _gmm(dy, w_down, meta, transpose_w=False, epi=EPI_SWIGLU_BWD, x0=g, x1=u)
-    return _swiglu_bwd(_gmm(dy, w_down, meta, transpose_w=False), g, u)
+        return _gmm(dy, w_down, meta, transpose_w=False, epi=EPI_SWIGLU_BWD, x0=g, x1=u, save=save)
+    return _swiglu_bwd(_gmm(dy, w_down, meta, transpose_w=False), g, u, save=save)
+
+
+def _beside(first, second, side: bool):
+    """(first(), second()): in turn, or (side) first on a second CUDA stream (from torch's pool) while second runs
+    on this one, which then waits for it. What first reads must outlive this call: this stream's wait for the
+    other is queued before any of it can be freed, so the allocator cannot hand its memory out early. first's
+    result, made on the other stream, is marked as used on this one."""
+    if not side:
+        return first(), second()
+    here = torch.cuda.current_stream()
+    other = torch.cuda.Stream()
+    other.wait_stream(here)
+    with torch.cuda.stream(other):
+        out_first = first()
+    out_second = second()
+    here.wait_stream(other)
+    out_first.record_stream(here)
+    return out_first, out_second
+
+
+def _swiglu_backward(dy, w_down, g, u, h, meta: Meta, want_dw: bool):
+    """([dgate | dup], the down weight's dW or None) from dy and the forward's g and u. h None: the SwiGLU backward
+    re-makes h and the dW follows it. h kept (``swiglu_bwd`` KEEP_H >= 1): the dW needs nothing of the SwiGLU
+    backward; with KEEP_H = 2 on CUDA it runs on a second stream beside it (a compute-bound GEMM beside dH's
+    memory-bound epilogue or pass)."""
+    if h is None:
+        dgu, h = _dh_swiglu_bwd(dy, w_down, g, u, meta)
+        return dgu, _gmm_dw(dy, h, meta)[0] if want_dw else None
+    if not want_dw:
+        return _dh_swiglu_bwd(dy, w_down, g, u, meta, save=False)[0], None
+    side = dy.is_cuda and common.config("swiglu_bwd", dy.dtype).get("KEEP_H", 0) == 2
+    meta.order()  # the dW's expert order, cached in the plan: made on this stream, before the other reads it
+    dw_down, (dgu, _) = _beside(
+        lambda: _gmm_dw(dy, h, meta)[0], lambda: _dh_swiglu_bwd(dy, w_down, g, u, meta, save=False), side
+    )
+    return dgu, dw_down
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -211,20 +248,19 @@ class _SwigluExperts(torch.autograd.Function):
         h, g, u = _gmm_swiglu(a, w_gate_up, meta, gather=ctx.gathered, save=train)
         y = _gmm(h, w_down, meta, transpose_w=True)
         ctx.meta = meta
-        if train:
-            ctx.save_for_backward(a, weights_TK, w_gate_up, w_down, g, u, y)
+        if train:  # h too with KEEP_H: the backward then does not re-make it
+            keep = common.config("swiglu_bwd", a.dtype).get("KEEP_H", 0)
+            ctx.save_for_backward(a, weights_TK, w_gate_up, w_down, g, u, y, h if keep else None)
         return _gather(y, meta, weights_TK)
 
     @staticmethod
     def backward(ctx, dout_TD):
-        a, w_TK, w_gate_up, w_down, g, u, y = ctx.saved_tensors
+        a, w_TK, w_gate_up, w_down, g, u, y, h = ctx.saved_tensors
         meta = ctx.meta
         dy, dw_TK = _scatter(dout_TD.to(y.dtype), meta, w_TK, y)
-        # dH = dy W_down and the SwiGLU backward make [dgate | dup] and re-materialise h = silu(g) * u (not kept
-        # from the forward: only g and u are saved), so the down dW is a plain K-reduction dy^T h.
-        dgu, h = _dh_swiglu_bwd(dy, w_down, g, u, meta)
-        dw_down = _gmm_dw(dy, h, meta)[0] if ctx.needs_input_grad[3] else None
-        del h
+        # dH = dy W_down and the SwiGLU backward make [dgate | dup]; they re-materialise h = silu(g) * u unless the
+        # forward kept it (KEEP_H), so the down dW is a plain K-reduction dy^T h.
+        dgu, dw_down = _swiglu_backward(dy, w_down, g, u, h, meta, ctx.needs_input_grad[3])
         # [dgate | dup] has the column order of W_gu's rows: its dW and dX are single GEMMs over K = 2F
         dw_gate_up = None
         if ctx.needs_input_grad[2]:

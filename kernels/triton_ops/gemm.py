@@ -123,7 +123,7 @@ def _gmm_kernel(
 
     B[e] is addressed as a [Kdim, N] matrix through strides, so the forward (B = W[e]^T) and dX (B = W[e]) share this
     kernel. GATHER: A row r is token ``tok[r]`` of A (A is x itself, never permuted). C and C2 share strides. EPI_GELU:
-    C = gelu(z), C2 = z (only where SAVE: without it no backward follows).  EPI_GELU_BWD: X0 = z, C = acc * gelu'(z), C2
+    C = gelu(z), C2 = z (only where SAVE: without it no backward follows). EPI_GELU_BWD: X0 = z, C = acc * gelu'(z), C2
     = gelu(z) (the activation the forward produced, for the dW of the second weight). EPI_SWIGLU_BWD (acc = dH): X0 = g,
     X1 = u; C = dgate, C2 = dup, C3 = h = silu(g) * u, the math of ``swiglu._swiglu_bwd_kernel`` on dH rounded to C's
     dtype (the same bits as the separate pass); X0, X1 and C3 share strides. PRE (backward epilogues), when the X0 / X1
@@ -320,7 +320,7 @@ def _gmm_tile(
             next0, next1 = _epi_load_pair(x0_ptr, x1_ptr, EPI, rows, rmask, n0, N, s_x0r, s_x0n, BN // NQ)
         if PRE == 3:
             _epi_pipelined(
-                pieces, EPI, rows, rmask, n0, N, c_ptr, c2_ptr, c3_ptr, x0_ptr, x1_ptr, s_cr, s_cn, s_x0r, s_x0n
+                pieces, EPI, rows, rmask, n0, N, c_ptr, c2_ptr, c3_ptr, x0_ptr, x1_ptr, s_cr, s_cn, s_x0r, s_x0n, SAVE
             )
         else:
             for q in tl.static_range(NQ):
@@ -351,12 +351,28 @@ def _gmm_tile(
                     x0,
                     x1,
                     PRE > 0,
+                    SAVE,
                 )
 
 
 @triton.jit
 def _epi_pipelined(
-    pieces, EPI: tl.constexpr, rows, rmask, n0, N, c_ptr, c2_ptr, c3_ptr, x0_ptr, x1_ptr, s_cr, s_cn, s_xr, s_xn
+    pieces,
+    EPI: tl.constexpr,
+    rows,
+    rmask,
+    n0,
+    N,
+    c_ptr,
+    c2_ptr,
+    c3_ptr,
+    x0_ptr,
+    x1_ptr,
+    s_cr,
+    s_cn,
+    s_xr,
+    s_xn,
+    SAVE: tl.constexpr,
 ):
     """``_epi_tile`` on each of the four column quarters ``pieces`` in a loop of 3 stages, which the compiler
     software-pipelines: quarter q+2's input tiles are copied into shared memory while quarter q computes and stores.
@@ -385,6 +401,7 @@ def _epi_pipelined(
             piece,
             piece,
             False,
+            SAVE,
         )
 
 
@@ -454,10 +471,12 @@ def _epi_tile(
     x0,
     x1,
     LOADED: tl.constexpr,
+    SAVE: tl.constexpr,
 ):
     """A backward epilogue on one [BM, W] fp32 tile whose columns start at n0 (see ``_gmm_kernel``).
-    EPI_GELU_BWD: C = acc * gelu'(z), C2 = gelu(z) from X0 = z. EPI_SWIGLU_BWD: C = dgate, C2 = dup, C3 = h from
-    dH = acc rounded to C's dtype, X0 = g and X1 = u. LOADED: ``x0`` (and ``x1``) are those tiles, already loaded."""
+    EPI_GELU_BWD: C = acc * gelu'(z), C2 = gelu(z) from X0 = z. EPI_SWIGLU_BWD: C = dgate, C2 = dup, C3 = h (only
+    where SAVE) from dH = acc rounded to C's dtype, X0 = g and X1 = u. LOADED: ``x0`` (and ``x1``) are those tiles,
+    already loaded."""
     W: tl.constexpr = acc.shape[1]
     offs_n = n0 + tl.arange(0, W)
     m = rmask[:, None] & (offs_n < N)[None, :]
@@ -474,7 +493,8 @@ def _epi_tile(
     if EPI == 3:
         dh = to_dtype(acc, c_ptr.dtype.element_ty).to(tl.float32)
         h, dgate, dup = swiglu_grads(dh, x0.to(tl.float32), x1.to(tl.float32))
-        tl.store(c3_ptr + x_off, to_dtype(h, c3_ptr.dtype.element_ty), mask=m)
+        if SAVE:
+            tl.store(c3_ptr + x_off, to_dtype(h, c3_ptr.dtype.element_ty), mask=m)
         tl.store(c_ptr + c_off, to_dtype(dgate, c_ptr.dtype.element_ty), mask=m)
         tl.store(c2_ptr + c_off, to_dtype(dup, c2_ptr.dtype.element_ty), mask=m)
 
@@ -498,11 +518,11 @@ def _gmm(
     transpose_w=True (forward): C = A @ W[e]^T, W [E, N, Kdim]. False (dX): C = A @ W[e], W [E, Kdim, N].
     gather: A is [T, Kdim] and row r reads token ``sorted_flat[r] // K``. Returns C, [R, N] (rows of dropped
     pairs are zero), or for the epilogues a pair: EPI_GELU (h, z), EPI_GELU_BWD (dz, h), EPI_SWIGLU_BWD (dGU, h)
-    with dGU = [dgate | dup] ([R, 2N]) from x0 = g, x1 = u. EPI_GELU with save=False (no backward follows:
-    sampling) stores h alone and returns (h, None).
+    with dGU = [dgate | dup] ([R, 2N]) from x0 = g, x1 = u. save=False: EPI_GELU (no backward follows: sampling)
+    stores h alone and returns (h, None); EPI_SWIGLU_BWD (h kept from the forward) returns (dGU, None).
     """
-    if not save and epi != EPI_GELU:
-        raise ValueError(f"save=False leaves out the GELU forward's z; epilogue {epi} has nothing to leave out")
+    if not save and epi not in (EPI_GELU, EPI_SWIGLU_BWD):
+        raise ValueError(f"save=False leaves out GELU's z or the SwiGLU backward's h; epilogue {epi} has neither")
     E = w.shape[0]
     if transpose_w:
         N, Kdim = w.shape[1], w.shape[2]
@@ -515,7 +535,7 @@ def _gmm(
     c3 = None
     if epi == EPI_SWIGLU_BWD:
         dgu = torch.empty(R, 2 * N, dtype=dtype, device=a.device)
-        c, c2, c3 = dgu[:, :N], dgu[:, N:], torch.empty_like(x0)
+        c, c2, c3 = dgu[:, :N], dgu[:, N:], torch.empty_like(x0) if save else None
         result = (dgu, c3)
     else:
         c = torch.empty(R, N, dtype=dtype, device=a.device)

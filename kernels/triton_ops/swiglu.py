@@ -134,10 +134,12 @@ def _gmm_swiglu_kernel(
 
 
 @triton.jit
-def _swiglu_bwd_kernel(dh_ptr, g_ptr, u_ptr, dgu_ptr, h_ptr, R, F, s_r, s_gur, BR: tl.constexpr, BC: tl.constexpr):
+def _swiglu_bwd_kernel(
+    dh_ptr, g_ptr, u_ptr, dgu_ptr, h_ptr, R, F, s_r, s_gur, BR: tl.constexpr, BC: tl.constexpr, SAVE: tl.constexpr
+):
     """Elementwise SwiGLU backward on [BR, BC] tiles: with dH, gate and up pre-activations ([R, F], row stride
     s_r), dgate = dH * u * silu'(g) into columns [0, F) of dGU ([R, 2F], row stride s_gur), dup = dH * silu(g)
-    into columns [F, 2F), and h = silu(g) * u (fp32 math)."""
+    into columns [F, 2F), and (SAVE) h = silu(g) * u (fp32 math)."""
     r = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)
     c = tl.program_id(1) * BC + tl.arange(0, BC)
     m = (r < R)[:, None] & (c < F)[None, :]
@@ -146,23 +148,27 @@ def _swiglu_bwd_kernel(dh_ptr, g_ptr, u_ptr, dgu_ptr, h_ptr, R, F, s_r, s_gur, B
     g = tl.load(g_ptr + off, mask=m, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + off, mask=m, other=0.0).to(tl.float32)
     h, dgate, dup = swiglu_grads(dh, g, u)
-    tl.store(h_ptr + off, to_dtype(h, h_ptr.dtype.element_ty), mask=m)
+    if SAVE:
+        tl.store(h_ptr + off, to_dtype(h, h_ptr.dtype.element_ty), mask=m)
     gu_off = r[:, None] * s_gur + c[None, :]
     tl.store(dgu_ptr + gu_off, to_dtype(dgate, dgu_ptr.dtype.element_ty), mask=m)
     tl.store(dgu_ptr + gu_off + F, to_dtype(dup, dgu_ptr.dtype.element_ty), mask=m)
 
 
-def _swiglu_bwd(dh, g, u):
+def _swiglu_bwd(dh, g, u, save: bool = True):
     """(dGU [R, 2F] = [dgate | dup], h [R, F]) from dH = dy W_down and the saved pre-activations ([R, F] each):
-    one elementwise pass after the plain dH GEMM. Rows of dropped pairs have dH = g = u = 0 and come out zero."""
+    one elementwise pass after the plain dH GEMM. Rows of dropped pairs have dH = g = u = 0 and come out zero.
+    save=False (h kept from the forward): h is not written, and None comes back in its place."""
     dh, g, u = dh.contiguous(), g.contiguous(), u.contiguous()
     R, F = dh.shape
     dgu = torch.empty(R, 2 * F, dtype=dh.dtype, device=dh.device)
-    h = torch.empty_like(dh)
+    h = torch.empty_like(dh) if save else None
     if dh.numel():
         cfg = common.config("ew", dh.dtype)
         grid = (common.cdiv(R, cfg["BR"]), common.cdiv(F, cfg["BC"]))
-        _swiglu_bwd_kernel[grid](dh, g, u, dgu, h, R, F, F, 2 * F, cfg["BR"], cfg["BC"], **common.launch_opts(cfg))
+        _swiglu_bwd_kernel[grid](
+            dh, g, u, dgu, h if save else dgu, R, F, F, 2 * F, cfg["BR"], cfg["BC"], save, **common.launch_opts(cfg)
+        )
     return dgu, h
 
 
