@@ -1,9 +1,10 @@
 """What the dispatch API accepts, checked alike by every backend (``reference``, ``triton_ops``, ``naive``).
 
-Each check raises ValueError naming the bad argument and its value before any kernel runs: the Triton kernels index
-memory through the routing plan and these shapes, so an expert id out of range or a tensor of the wrong size would
-otherwise read or write out of bounds, or silently mix rows. Expert ids on a GPU are checked without a host sync
-(``torch._assert_async``): a bad id there fails at the next CUDA call that waits for the GPU.
+Each check raises ValueError naming the bad argument and its value before any kernel reads through it: the Triton
+kernels index memory through the routing plan and these shapes, so an expert id out of range or a tensor of the wrong
+size would otherwise read or write out of bounds, or silently mix rows. Expert ids are the one value checked on the
+device, without a host sync (``torch._assert_async``): a bad id on a GPU fails at the next CUDA call that waits for
+it. The Triton routing kernels check the ids as they read them, and route a bad one nowhere.
 
 Shape suffixes as in ``reference``: T tokens, K top-k, E experts, R = T*K rows, D model width, F expert width.
 """
@@ -15,8 +16,9 @@ import numbers
 import torch
 
 
-def check_routing(experts_TK: torch.Tensor, num_experts: int, capacity: int | None = None) -> None:
-    """``experts_TK`` [T, K] integer ids in [0, num_experts); ``num_experts`` >= 1; ``capacity`` None or >= 0."""
+def check_routing_args(experts_TK: torch.Tensor, num_experts: int, capacity: int | None = None) -> None:
+    """``experts_TK`` a [T, K] integer tensor; ``num_experts`` >= 1; ``capacity`` None or >= 0. On the host only:
+    the ids themselves are ``check_ids``'s."""
     if isinstance(num_experts, bool) or not isinstance(num_experts, numbers.Integral) or num_experts < 1:
         raise ValueError(f"num_experts must be a positive integer, got {num_experts!r}")
     if capacity is not None and (
@@ -28,12 +30,12 @@ def check_routing(experts_TK: torch.Tensor, num_experts: int, capacity: int | No
         raise ValueError(f"experts_TK must be a [T, K] tensor of expert ids (tokens x choices), got {shape}")
     if experts_TK.dtype == torch.bool or experts_TK.dtype.is_floating_point or experts_TK.dtype.is_complex:
         raise ValueError(f"experts_TK must hold integer expert ids, got dtype {experts_TK.dtype}")
-    if experts_TK.numel() == 0:
-        return
-    # The same ops on every device, none of which reads a GPU value back (tests/test_host_reads.py): on a GPU the
-    # assert runs there; on the CPU it raises at once, and only then are the bad ids looked up, to name them.
-    lo, hi = torch.aminmax(experts_TK)
-    in_range = (lo >= 0) & (hi < num_experts)
+
+
+def check_ids(experts_TK: torch.Tensor, num_experts: int, in_range: torch.Tensor) -> None:
+    """Fail unless ``in_range`` (one element, on the ids' device: nonzero when every id is in [0, num_experts)) holds,
+    without reading it back from a GPU: there the assert runs on the device and fails the next CUDA call that waits
+    for it. On the CPU it raises ValueError at once, naming a bad id."""
     if experts_TK.device.type != "cpu":
         torch._assert_async(in_range, f"experts_TK holds ids outside [0, {num_experts})")
         return
@@ -46,6 +48,15 @@ def check_routing(experts_TK: torch.Tensor, num_experts: int, capacity: int | No
             f"experts_TK[{t}, {k}] = {int(experts_TK[t, k])} is not an expert id in [0, {num_experts}) "
             f"({len(bad_N2)} of {experts_TK.numel()} ids out of range)"
         ) from None
+
+
+def check_routing(experts_TK: torch.Tensor, num_experts: int, capacity: int | None = None) -> None:
+    """Both checks, the ids' range from their min and max (the same ops on every device, none of which reads a GPU
+    value back: tests/test_host_reads.py). The Triton routing kernels check the ids as they read them instead."""
+    check_routing_args(experts_TK, num_experts, capacity)
+    if experts_TK.numel():
+        lo, hi = torch.aminmax(experts_TK)
+        check_ids(experts_TK, num_experts, (lo >= 0) & (hi < num_experts))
 
 
 def plan_sizes(plan) -> tuple[int, int, int]:

@@ -188,6 +188,13 @@ def test_routing_plan_matches_reference(T, K, E, cap, empty, block):
         assert torch.equal(a, b), f"{field}: {a} != {b}"
     inv = plan.row_of_flat_R
     assert torch.equal(plan.sorted_flat_R[inv], torch.arange(T * K, device=DEVICE))
+    check_kernel_tables(plan, K)
+
+
+def check_kernel_tables(plan, K):
+    """What the routing kernels make for the expert kernels: each permuted row's token, the dW's expert order."""
+    assert torch.equal(plan.token_of_row_R, (plan.sorted_flat_R // K).int())
+    assert torch.equal(plan.expert_order_E, torch.argsort(plan.counts_E, descending=True, stable=True).int())
 
 
 def test_routing_plan_accepts_int32_and_noncontiguous():
@@ -461,7 +468,8 @@ def test_dw_in_either_orientation(dtype, tma, monkeypatch):
 
 # Bad inputs: every backend refuses them with the same ValueError, naming the argument and its value, before any
 # kernel reads through them (the Triton kernels would read or write out of bounds: a permute with too few token rows
-# crashed the interpreter, and out-of-range expert ids wrote past the routing buffers).
+# crashed the interpreter, and out-of-range expert ids wrote past the routing buffers until the routing kernels sent
+# them to the sentinel bucket).
 BACKENDS = {"reference": ref, "naive": naive, "triton": ops}
 
 
@@ -470,6 +478,9 @@ BACKENDS = {"reference": ref, "naive": naive, "triton": ops}
     [
         ("id >= E", r"experts_TK\[1, 0\] = 3 is not an expert id in \[0, 3\) \(1 of 18 ids out of range\)"),
         ("id < 0", r"experts_TK\[8, 1\] = -1 is not an expert id in \[0, 3\)"),
+        # an int64 id that a 32-bit cast would wrap onto expert 1
+        ("id 2**32 + 1", r"experts_TK\[2, 1\] = 4294967297 is not an expert id in \[0, 3\)"),
+        ("id >= E, capacity 2", r"experts_TK\[5, 0\] = 7 is not an expert id in \[0, 3\)"),
         ("float ids", r"integer expert ids, got dtype torch.float32"),
         ("1-D ids", r"experts_TK must be a \[T, K\] tensor .* got \(9,\)"),
         ("no experts", r"num_experts must be a positive integer, got 0"),
@@ -485,6 +496,10 @@ def test_routing_refuses_bad_expert_ids(backend, case, match):
         ex[1, 0] = 3
     elif case == "id < 0":
         ex[8, 1] = -1
+    elif case == "id 2**32 + 1":
+        ex[2, 1] = 2**32 + 1
+    elif case == "id >= E, capacity 2":
+        ex[5, 0], cap = 7, 2
     elif case == "float ids":
         ex = ex.float()
     elif case == "1-D ids":
@@ -495,6 +510,28 @@ def test_routing_refuses_bad_expert_ids(backend, case, match):
         cap = -2
     with pytest.raises(ValueError, match=match):
         BACKENDS[backend].routing_plan(ex, E, cap)
+
+
+@pytest.mark.parametrize("cap", [None, 2])
+def test_routing_kernels_send_bad_ids_nowhere(cap):
+    """The Triton routing kernels read every id once: one out of range goes to the sentinel bucket (with the dropped
+    pairs), so the plan stays a permutation of in-range rows and nothing is written through the id; the kernels' flag
+    says so, for ``check_ids``."""
+    from ditmoe_kernels.triton_ops import routing
+
+    ex = make_experts(9, 2, 3, seed=1)
+    ex[1, 0], ex[4, 1] = 3, -5
+    flat = ex.reshape(-1)
+    rank = None if cap is None else routing._route_pass(flat, None, 0, 9, 2, 3, True, False, False, False).pos
+    r = routing._route_pass(flat, rank, cap or 0, 9, 2, 3, False, cap is not None, True, True)
+    assert int(r.ids_ok) == 0
+    assert torch.equal(r.sorted_flat.sort().values, torch.arange(18, device=DEVICE))
+    assert torch.equal(r.sorted_flat[r.pos], torch.arange(18, device=DEVICE))
+    kept = r.offsets[-1]
+    assert int(r.dropped) == 18 - int(kept) >= 2 and {2, 9} <= set(r.sorted_flat[kept:].tolist())
+    ex[1, 0], ex[4, 1] = 0, 0
+    r = routing._route_pass(flat, rank, cap or 0, 9, 2, 3, False, cap is not None, True, True)
+    assert int(r.ids_ok) == 1
 
 
 SHAPE_CASES = {
@@ -948,6 +985,7 @@ if given is not None:
         want = ref.routing_plan(ex, E, cap)
         for field in ("sorted_flat_R", "counts_E", "offsets_E1", "dropped"):
             assert torch.equal(getattr(plan, field), getattr(want, field)), field
+        check_kernel_tables(plan, K)
 
 else:
 

@@ -12,6 +12,8 @@ Design (see /work/shared/notes/kernels.md):
 - Routing metadata on device, no host sync, stable: per-block histogram -> one-program scan -> rank within block.
   With a capacity, a first pass ranks pairs in priority order (slot-major, then token) to decide which are kept;
   the second pass places kept pairs per expert in flat order and dropped pairs in a sentinel group E at the end.
+  The same three kernels write each permuted row's token and the dW's expert order and flag ids outside [0, E)
+  (routed to the sentinel), in place of eight torch ops per plan.
 - Grouped GEMMs launch a static grid over ``cdiv(R, BM) + E + 1`` M-blocks (the upper bound) x N-tiles. A block
   table computed on device gives each M-block one group (expert) and its row range: indices are padded, tensors
   are not. The sentinel group's blocks write zeros (dropped rows), unused blocks do no work. Tile key ``PERSIST``

@@ -1,5 +1,10 @@
 """Routing metadata on device: per-expert counts, offsets and the stable permutation, with no host sync; and the
-per-plan block tables the grouped GEMMs read (``Meta``)."""
+per-plan block tables the grouped GEMMs read (``Meta``).
+
+The three routing kernels also make what the expert kernels read besides the permutation (the token of each permuted
+row, the dW's expert order) and check the ids: torch ops would each cost a launch per layer, and the host's launch
+rate paces small models. An id outside [0, E) goes to the last bucket, where dropped pairs go, so nothing is read or
+written through it, and the plan's check fails (``checks.check_ids``)."""
 
 from __future__ import annotations
 
@@ -16,19 +21,22 @@ from ditmoe_kernels.triton_ops import common
 
 @triton.jit
 def _route_ids(exp_ptr, rank_ptr, cap, i, n, T, K, NB, PRIO: tl.constexpr, CAPPED: tl.constexpr):
-    """Bucket of processing index ``i``. PRIO: ``i`` walks slot-major (GShard priority) instead of flat order.
-    CAPPED: pairs whose priority rank reached the capacity go to the sentinel bucket NB - 1."""
+    """Bucket of processing index ``i`` among NB = E + 1: the E experts, then the sentinel. PRIO: ``i`` walks
+    slot-major (GShard priority) instead of flat order. CAPPED: pairs whose priority rank reached the capacity go to
+    the sentinel, as do ids outside [0, E) (``bad``, compared before any narrowing cast)."""
     m = i < n
     if PRIO:  # noqa: SIM108 (constexpr branches)
         f = (i % T) * K + i // T
     else:
         f = i
-    e = tl.load(exp_ptr + f, mask=m, other=0).to(tl.int32)
+    raw = tl.load(exp_ptr + f, mask=m, other=0)
+    bad = m & ((raw < 0) | (raw >= NB - 1))
+    e = tl.where(bad, NB - 1, raw.to(tl.int32))
     if CAPPED:
         r = tl.load(rank_ptr + f, mask=m, other=0)
         e = tl.where(r < cap, e, NB - 1)
     e = tl.where(m, e, NB)  # masked lanes fall outside every bucket
-    return f, e, m
+    return f, e, m, bad
 
 
 @triton.jit
@@ -36,6 +44,7 @@ def _route_hist_kernel(
     exp_ptr,
     rank_ptr,
     hist_ptr,
+    bad_ptr,
     cap,
     n,
     T,
@@ -48,19 +57,23 @@ def _route_hist_kernel(
 ):
     pid = tl.program_id(0)
     i = pid * BLOCK + tl.arange(0, BLOCK)
-    f, e, m = _route_ids(exp_ptr, rank_ptr, cap, i, n, T, K, NB, PRIO, CAPPED)
+    f, e, m, bad = _route_ids(exp_ptr, rank_ptr, cap, i, n, T, K, NB, PRIO, CAPPED)
     b = tl.arange(0, NB_PAD)
     onehot = (e[:, None] == b[None, :]).to(tl.int32)
     tl.store(hist_ptr + pid * NB + b, tl.sum(onehot, 0), mask=b < NB)
+    tl.store(bad_ptr + pid, tl.sum(bad.to(tl.int32), 0))
 
 
 @triton.jit
 def _route_scan_kernel(
     hist_ptr,
+    bad_ptr,
     base_ptr,
     counts_ptr,
     offsets_ptr,
     dropped_ptr,
+    order_ptr,
+    ok_ptr,
     nblk,
     NB,
     ADD_START: tl.constexpr,
@@ -68,14 +81,17 @@ def _route_scan_kernel(
     CH: tl.constexpr,
     NB_PAD: tl.constexpr,
 ):
-    """One program: per-bucket exclusive prefix over blocks (+ the bucket's start), bucket totals and starts."""
+    """One program: per-bucket exclusive prefix over blocks (+ the bucket's start), bucket totals and starts. With
+    WRITE_META also whether every id was in range and the experts in the dW's order."""
     b = tl.arange(0, NB_PAD)
     bm = b < NB
     c = tl.arange(0, CH)
     tot = tl.zeros([NB_PAD], tl.int32)
+    bad = tl.zeros([CH], tl.int32)
     for c0 in range(0, nblk, CH):
         hm = ((c0 + c)[:, None] < nblk) & bm[None, :]
         tot += tl.sum(tl.load(hist_ptr + (c0 + c)[:, None] * NB + b[None, :], mask=hm, other=0), 0)
+        bad += tl.load(bad_ptr + c0 + c, mask=c0 + c < nblk, other=0)
     if ADD_START:  # noqa: SIM108
         carry = tl.cumsum(tot, 0) - tot
     else:
@@ -90,6 +106,11 @@ def _route_scan_kernel(
         tl.store(counts_ptr + b, tot.to(tl.int64), mask=b < NB - 1)
         tl.store(offsets_ptr + b, start.to(tl.int64), mask=bm)
         tl.store(dropped_ptr, tl.sum(tl.where(b == NB - 1, tot, 0), 0).to(tl.int64))
+        tl.store(ok_ptr, tl.sum(bad, 0) == 0)
+        # the dW's order: experts by decreasing row count, ties by id (a stable descending sort of the E counts)
+        e, j = b[:, None], b[None, :]
+        ahead = (j < NB - 1) & ((tot[None, :] > tot[:, None]) | ((tot[None, :] == tot[:, None]) & (j < e)))
+        tl.store(order_ptr + tl.sum(ahead.to(tl.int32), 1), b, mask=b < NB - 1)
 
 
 @triton.jit
@@ -99,6 +120,7 @@ def _route_rank_kernel(
     base_ptr,
     pos_ptr,
     sorted_ptr,
+    tok_ptr,
     cap,
     n,
     T,
@@ -112,7 +134,7 @@ def _route_rank_kernel(
 ):
     pid = tl.program_id(0)
     i = pid * BLOCK + tl.arange(0, BLOCK)
-    f, e, m = _route_ids(exp_ptr, rank_ptr, cap, i, n, T, K, NB, PRIO, CAPPED)
+    f, e, m, _ = _route_ids(exp_ptr, rank_ptr, cap, i, n, T, K, NB, PRIO, CAPPED)
     b = tl.arange(0, NB_PAD)
     onehot = (e[:, None] == b[None, :]).to(tl.int32)
     within = tl.sum(tl.cumsum(onehot, 0) * onehot, 1) - 1  # earlier pairs of the same bucket in this block
@@ -120,6 +142,7 @@ def _route_rank_kernel(
     tl.store(pos_ptr + f, pos.to(tl.int64), mask=m)
     if WRITE_SORTED:
         tl.store(sorted_ptr + pos, f.to(tl.int64), mask=m)
+        tl.store(tok_ptr + pos, (f // K).to(tl.int32), mask=m)
 
 
 @triton.jit
@@ -154,9 +177,12 @@ def _block_table_kernel(offsets_ptr, tab_ptr, R, NB, NMB, BM: tl.constexpr, NB_P
 
 @dataclass
 class TritonRoutingPlan(RoutingPlan):
-    """A ``RoutingPlan`` that also carries the inverse permutation and caches kernel metadata."""
+    """A ``RoutingPlan`` that also carries the inverse permutation, what the expert kernels read, and caches kernel
+    metadata."""
 
     row_of_flat_R: torch.Tensor | None = None  # int64 [R]: permuted row of each flat pair
+    token_of_row_R: torch.Tensor | None = None  # int32 [R]: the token each permuted row reads (sorted_flat // K)
+    expert_order_E: torch.Tensor | None = None  # int32 [E]: experts by decreasing row count, ties by id
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
 
@@ -166,31 +192,51 @@ def _route_block(nb_pad: int) -> int:
     return block or max(16, min(1024, 8192 // nb_pad))
 
 
-def _route_pass(flat, rank, cap, T, K, NB, prio, capped, add_start, write_meta):
-    """histogram -> scan -> rank. Returns pos [R] (bucket start + rank when ``add_start``), sorted, meta."""
-    dev, n = flat.device, flat.numel()
-    nb_pad = common.pow2(max(NB, 2))
+@dataclass
+class _Pass:
+    """What one histogram -> scan -> rank pass made; all but ``pos`` only when it wrote the plan (``write_meta``)."""
+
+    pos: torch.Tensor  # int64 [R]: bucket start + rank when ``add_start``, else the rank within the bucket
+    sorted_flat: torch.Tensor
+    tok: torch.Tensor
+    counts: torch.Tensor
+    offsets: torch.Tensor
+    dropped: torch.Tensor
+    order: torch.Tensor
+    ids_ok: torch.Tensor  # bool []: every id was in [0, E)
+
+
+def _route_pass(flat, rank, cap, T, K, E, prio, capped, add_start, write_meta) -> _Pass:
+    """histogram -> scan -> rank over E + 1 buckets (the experts, then the sentinel)."""
+    dev, n, NB = flat.device, flat.numel(), E + 1
+    nb_pad = common.pow2(NB)
     BLOCK = _route_block(nb_pad)
     nblk = common.cdiv(n, BLOCK)
     hist = torch.empty(nblk, NB, dtype=torch.int32, device=dev)
     base = torch.empty_like(hist)
+    bad = torch.empty(nblk, dtype=torch.int32, device=dev)
     rank_arg = rank if rank is not None else flat
-    _route_hist_kernel[(nblk,)](flat, rank_arg, hist, cap, n, T, K, NB, prio, capped, BLOCK, nb_pad)
-    counts = torch.empty(NB - 1 if write_meta else 1, dtype=torch.int64, device=dev)
-    offsets = torch.empty(NB if write_meta else 1, dtype=torch.int64, device=dev)
-    dropped = torch.empty((), dtype=torch.int64, device=dev)
-    _route_scan_kernel[(1,)](hist, base, counts, offsets, dropped, nblk, NB, add_start, write_meta, 16, nb_pad)
+    _route_hist_kernel[(nblk,)](flat, rank_arg, hist, bad, cap, n, T, K, NB, prio, capped, BLOCK, nb_pad)
+
+    def meta(size, dtype=torch.int64):
+        return torch.empty(size if write_meta else 1, dtype=dtype, device=dev)
+
+    counts, offsets, dropped, order, ok = meta(E), meta(NB), meta(()), meta(E, torch.int32), meta((), torch.bool)
+    _route_scan_kernel[(1,)](
+        hist, bad, base, counts, offsets, dropped, order, ok, nblk, NB, add_start, write_meta, 16, nb_pad
+    )
     pos = torch.empty(n, dtype=torch.int64, device=dev)
     sorted_flat = torch.empty(n, dtype=torch.int64, device=dev) if write_meta else pos
+    tok = meta(n, torch.int32)
     _route_rank_kernel[(nblk,)](
-        flat, rank_arg, base, pos, sorted_flat, cap, n, T, K, NB, prio, capped, write_meta, BLOCK, nb_pad
+        flat, rank_arg, base, pos, sorted_flat, tok, cap, n, T, K, NB, prio, capped, write_meta, BLOCK, nb_pad
     )
-    return pos, sorted_flat, counts, offsets, dropped
+    return _Pass(pos, sorted_flat, tok, counts, offsets, dropped, order, ok)
 
 
 def routing_plan(experts_TK: torch.Tensor, num_experts: int, capacity: int | None = None) -> TritonRoutingPlan:
     """Same contract as ``reference.routing_plan``; computed by Triton kernels without host synchronisation."""
-    checks.check_routing(experts_TK, num_experts, capacity)
+    checks.check_routing_args(experts_TK, num_experts, capacity)
     T, K = experts_TK.shape
     E = num_experts
     common.check_device(experts_TK)
@@ -203,16 +249,26 @@ def routing_plan(experts_TK: torch.Tensor, num_experts: int, capacity: int | Non
             p.dropped,
             p.top_k,
             row_of_flat_R=torch.empty_like(p.sorted_flat_R),
+            token_of_row_R=torch.empty(0, dtype=torch.int32, device=experts_TK.device),
+            expert_order_E=torch.arange(E, dtype=torch.int32, device=experts_TK.device),
         )
     flat = experts_TK.reshape(-1)
     rank = None
     if capacity is not None:
-        rank = _route_pass(flat, None, 0, T, K, E, True, False, False, False)[0]
+        rank = _route_pass(flat, None, 0, T, K, E, True, False, False, False).pos
     cap = 0 if capacity is None else int(capacity)
-    pos, sorted_flat, counts, offsets, dropped = _route_pass(
-        flat, rank, cap, T, K, E + 1, False, capacity is not None, True, True
+    r = _route_pass(flat, rank, cap, T, K, E, False, capacity is not None, True, True)
+    checks.check_ids(experts_TK, E, r.ids_ok)
+    return TritonRoutingPlan(
+        r.sorted_flat,
+        r.counts,
+        r.offsets,
+        r.dropped,
+        K,
+        row_of_flat_R=r.pos,
+        token_of_row_R=r.tok,
+        expert_order_E=r.order,
     )
-    return TritonRoutingPlan(sorted_flat, counts, offsets, dropped, K, row_of_flat_R=pos)
 
 
 class Meta:
@@ -232,8 +288,8 @@ class Meta:
             row = torch.empty_like(s).scatter_(0, s, torch.arange(self.R, device=s.device, dtype=s.dtype))
         self.row_of_flat = row
         self._tables: dict[int, tuple[torch.Tensor, int]] = {}
-        self._order = None
-        self._tok = None
+        self._order = getattr(plan, "expert_order_E", None)
+        self._tok = getattr(plan, "token_of_row_R", None)
 
     def tok(self) -> torch.Tensor:
         """int32 [R]: the token each permuted row reads (``sorted_flat // K``), so gathering GEMMs do no 64-bit
