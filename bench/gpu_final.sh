@@ -20,7 +20,7 @@ source "$(dirname "$0")/gpu_common.sh"
 WS_SHARD="descriptors_made_in_the_kernel or kernel_descriptors_lend or dw_options"
 run_test_shards 90 \
     "medium_cuda or bitwise or no_host_sync or out_of_range_ids or refuses or stores_no_pre or swiglu_bwd_pass or dw_in_either or backward_uses or mma_bits" \
-    "low_precision or ((grouped_mm or permute) and not property and not same_bits)" \
+    "low_precision or routing_plan or send_bad_ids or ((grouped_mm or permute) and not property and not same_bits)" \
     "experts_fp32 and swiglu" \
     "autocast or dit_moe or (experts_fp32 and gelu)" \
     "experts_tma or tma_falls_back or persistent_swiglu" \
