@@ -5,13 +5,15 @@
     python bench/inspect_kernels.py --set swiglu.TMA=1 --set gmm.BN=128   # try other tile settings
     python bench/inspect_kernels.py --check          # exit 1 unless every GEMM uses wgmma and is pipelined
     python bench/inspect_kernels.py --arch 80        # the tiles an A100 gets (no TMA, no wgmma)
+    python bench/inspect_kernels.py --arch 100 --check   # B200: the Hopper tiles, tcgen05 MMAs
     python bench/inspect_kernels.py --candidates swiglu,swiglu_bwd   # each sweep candidate of these kinds
 
 The layer's forward and backward run once with every kernel launch intercepted (nothing executes); each launch is
 compiled ahead of time for sm_90 with the argument specialisation the JIT applies on a GPU (Triton's own
 specialisation function: 16-byte divisible pointers and integers, integers equal to 1 as constants). Per kernel it
 reports what decides its speed before any timing: registers per thread and spilled bytes (from ptxas), shared
-memory, resident blocks per SM, wgmma instructions, asynchronous copies (cp.async, TMA loads and stores in the PTX),
+memory, resident blocks per SM, the target's tensor-core MMA instructions (wgmma on sm_90, tcgen05.mma on
+sm_100-sm_110, mma.sync elsewhere), asynchronous copies (cp.async, TMA loads and stores in the PTX),
 whether the main loop is software-pipelined, and 16-byte vector loads. A static check between GPU sessions; it
 times nothing. The installed Triton compiles (GPU hosts may run another version).
 """
@@ -48,7 +50,9 @@ ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
 ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
 ap.add_argument("--dump", help="folder for each kernel's TTGIR and PTX")
 ap.add_argument(
-    "--check", action="store_true", help="exit 1 unless every GEMM kernel is pipelined (and on sm_90+ uses wgmma)"
+    "--check",
+    action="store_true",
+    help="exit 1 unless every GEMM kernel is pipelined and uses the target's tensor-core MMA instruction",
 )
 ap.add_argument("--set", action="append", default=[], metavar="KIND.KEY=INT", help="override one tile setting")
 ap.add_argument(
@@ -70,6 +74,10 @@ KINDS = [k.strip() for k in (args.candidates or "").split(",") if k.strip()]
 if unknown := sorted(set(KINDS) - set(SWEEP)):
     ap.error(f"--candidates: no sweep candidates for {unknown} (kinds: {', '.join(SWEEP)})")
 ops.common.arch = lambda: args.arch  # the tile table of the target, not of this machine
+# the tensor-core MMA a GEMM should compile to: wgmma on Hopper, tcgen05 (accumulators in tensor memory) on datacenter
+# Blackwell, the warp-level mma.sync elsewhere (Ampere, Ada, and consumer Blackwell sm_120, which has neither)
+MMA = "wgmma" if 90 <= args.arch < 100 else "tcgen05.mma" if 100 <= args.arch < 120 else "mma.sync"
+MMA_PTX = {"wgmma": "wgmma.mma_async", "tcgen05.mma": "tcgen05.mma", "mma.sync": "mma.sync"}[MMA]
 
 
 def overrides() -> dict:
@@ -230,8 +238,7 @@ def inspect(fn, a, kw, dump_name):
         **report,
         "smem_kib": k.metadata.shared / 1024,
         "blocks": blocks_per_sm(report["regs"], k.metadata.shared, k.metadata.num_warps),
-        "wgmma": ptx.count("wgmma.mma_async"),
-        "mma": ptx.count("mma.sync"),
+        "mma": ptx.count(MMA_PTX),
         "cp_async": len(re.findall(r"cp\.async\.c[ag]", ptx)),
         "tma": len(re.findall(r"cp\.async\.bulk\.tensor\.\dd\.shared", ptx)),  # global -> shared
         "tma_st": len(re.findall(r"cp\.async\.bulk\.tensor\.\dd\.global", ptx)),  # shared -> global
@@ -254,17 +261,16 @@ def arg_key(v) -> str:
 
 
 def problems(rows) -> list[str]:
-    """GEMM kernels whose main loop is not software-pipelined, or on Hopper (sm_90+) that do not use wgmma."""
-    hopper = args.arch >= 90
+    """GEMM kernels without the target's tensor-core MMA or whose main loop is not software-pipelined."""
     return [
-        f"{label}: {name} {'has no wgmma' if hopper and not r['wgmma'] else 'is not pipelined'}"
+        f"{label}: {name} {f'has no {MMA}' if not r['mma'] else 'is not pipelined'}"
         for label, name, r in rows
-        if "gmm" in name and not ((r["wgmma"] or not hopper) and r["pipelined"])
+        if "gmm" in name and not (r["mma"] and r["pipelined"])
     ]
 
 
 HEADER = (
-    "| kernel | tile | warps | stages | regs | spill st/ld B | smem KiB | blocks/SM | wgmma | cp.async | TMA loads "
+    f"| kernel | tile | warps | stages | regs | spill st/ld B | smem KiB | blocks/SM | {MMA} | cp.async | TMA loads "
     "| TMA stores | pipelined | v4 loads | WS partitions |"
 )
 
@@ -273,7 +279,7 @@ def cells(name: str, r: dict) -> str:
     """The table cells of one compiled kernel, from its name on (see HEADER)."""
     return (
         f"{name} | {r['tiles']} | {r.get('num_warps', '')} | {r.get('num_stages', '')} | {r['regs']} "
-        f"| {r['spill_st']}/{r['spill_ld']} | {r['smem_kib']:.0f} | {r['blocks']} | {r['wgmma']} | {r['cp_async']} "
+        f"| {r['spill_st']}/{r['spill_ld']} | {r['smem_kib']:.0f} | {r['blocks']} | {r['mma']} | {r['cp_async']} "
         f"| {r['tma']} | {r['tma_st']} | {'yes' if r['pipelined'] else 'no'} | {r['v4_loads']} | {r['ws']} |"
     )
 

@@ -2,7 +2,7 @@
 software-pipelined main loop: ``bench/inspect_kernels.py --check`` for the default tiles, with pointer loads, with TMA,
 and with TMA plus the other tile options (x permuted before the first expert GEMM, the SwiGLU backward fused into dH,
 persistent programs), and every sweep candidate of the GEMM kinds with warp-specialized ones, dW included (those
-split into their partitions)."""
+split into their partitions). Before Hopper and on Blackwell the target's own tensor-core MMA instead."""
 
 from __future__ import annotations
 
@@ -49,6 +49,19 @@ def test_pre_hopper_tiles_compile_pipelined_without_spills_for_sm80():
     assert {"gate/up fwd", "down fwd", "down dX: dH", "gate/up dX", "down dW", "gate/up dW"} <= set(gemms), gemms
     for op, cells in gemms.items():
         assert cells[6] == "0/0" and int(cells[10]) > 0 and cells[11] == "0", (op, cells)  # spills, cp.async, TMA
+
+
+@pytest.mark.skipif(not _ptxas_available(), reason="this Triton build has no NVIDIA backend / bundled ptxas")
+@pytest.mark.parametrize("arch", [100, 120])
+def test_blackwell_compiles_the_hopper_tiles_to_its_tensor_cores(arch):
+    """Blackwell takes the Hopper tiles (compute capability >= 90). The datacenter parts (sm_100: B200, GB200) run
+    every grouped GEMM on tcgen05 MMAs, the consumer ones (sm_120: RTX 50 series), which have neither wgmma nor
+    tcgen05, on mma.sync; pipelined and without spills either way (``--check`` fails on a GEMM without the target's
+    MMA). Untimed on either."""
+    gemms = _gemms(_inspect("--check", "--arch", str(arch)))
+    assert {"gate/up fwd", "down fwd", "down dX: dH", "gate/up dX", "down dW", "gate/up dW"} <= set(gemms), gemms
+    for op, cells in gemms.items():
+        assert cells[6] == "0/0" and int(cells[9]) > 0 and cells[13] == "yes", (op, cells)  # spills, MMAs, pipelined
 
 
 @pytest.mark.skipif(not _ptxas_available(), reason="this Triton build has no NVIDIA backend / bundled ptxas")
