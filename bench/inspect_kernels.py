@@ -1,15 +1,15 @@
-"""What the compiler makes of our MoE kernels for a Hopper GPU, on any machine (no GPU needed).
+"""What the compiler makes of our MoE kernels for an NVIDIA GPU (Hopper unless told), on any machine (no GPU needed).
 
     python bench/inspect_kernels.py                  # XL shapes, bf16, sm_90a
     python bench/inspect_kernels.py --shape G --dump /tmp/ir   # also write each kernel's TTGIR and PTX
     python bench/inspect_kernels.py --set swiglu.TMA=1 --set gmm.BN=128   # try other tile settings
-    python bench/inspect_kernels.py --check          # exit 1 unless every GEMM uses wgmma and is pipelined
+    python bench/inspect_kernels.py --check          # exit 1 unless every GEMM uses wgmma, pipelined, and fits
     python bench/inspect_kernels.py --arch 80        # the tiles an A100 gets (no TMA, no wgmma)
     python bench/inspect_kernels.py --arch 100 --check   # B200: the Hopper tiles, tcgen05 MMAs
     python bench/inspect_kernels.py --candidates swiglu,swiglu_bwd   # each sweep candidate of these kinds
 
 The layer's forward and backward run once with every kernel launch intercepted (nothing executes); each launch is
-compiled ahead of time for sm_90 with the argument specialisation the JIT applies on a GPU (Triton's own
+compiled ahead of time for the target with the argument specialisation the JIT applies on a GPU (Triton's own
 specialisation function: 16-byte divisible pointers and integers, integers equal to 1 as constants). Per kernel it
 reports what decides its speed before any timing: registers per thread and spilled bytes (from ptxas), shared
 memory, resident blocks per SM, the target's tensor-core MMA instructions (wgmma on sm_90, tcgen05.mma on
@@ -52,7 +52,8 @@ ap.add_argument("--dump", help="folder for each kernel's TTGIR and PTX")
 ap.add_argument(
     "--check",
     action="store_true",
-    help="exit 1 unless every GEMM kernel is pipelined and uses the target's tensor-core MMA instruction",
+    help="exit 1 unless every kernel fits the target's shared memory per block and every GEMM kernel is pipelined "
+    "and uses the target's tensor-core MMA instruction",
 )
 ap.add_argument("--set", action="append", default=[], metavar="KIND.KEY=INT", help="override one tile setting")
 ap.add_argument(
@@ -212,13 +213,26 @@ def record_layer() -> list:
     return launches
 
 
+def sm_limits(cc: int) -> tuple[int, int, int]:
+    """(shared memory bytes per SM, the most one block may use, warps per SM) of compute capability ``cc`` x 10:
+    A100 and Orin; consumer Ampere, Ada and Blackwell; Hopper and datacenter Blackwell."""
+    if cc in (80, 87):
+        return 164 * 1024, 163 * 1024, 64
+    if cc in (86, 89) or cc >= 120:
+        return 100 * 1024, 99 * 1024, 48
+    return 228 * 1024, 227 * 1024, 64
+
+
+SMEM_PER_SM, SMEM_PER_BLOCK, WARPS_PER_SM = sm_limits(args.arch)
+
+
 def blocks_per_sm(regs: int | None, smem_bytes: int, warps: int) -> int | None:
-    """Resident blocks per Hopper SM: 64K registers (allocated per warp in units of 256), 228 KiB shared memory
-    (1 KiB reserved per block), 64 warps and 32 blocks at most."""
+    """Resident blocks per SM of the target: 64K registers (allocated per warp in units of 256), its shared memory
+    (1 KiB reserved per block) and warps, 32 blocks at most."""
     if regs is None:
         return None
     regs_per_warp = -(-regs * 32 // 256) * 256
-    return min(65536 // (regs_per_warp * warps), 233472 // (smem_bytes + 1024), 64 // warps, 32)
+    return min(65536 // (regs_per_warp * warps), SMEM_PER_SM // (smem_bytes + 1024), WARPS_PER_SM // warps, 32)
 
 
 def inspect(fn, a, kw, dump_name):
@@ -261,8 +275,15 @@ def arg_key(v) -> str:
 
 
 def problems(rows) -> list[str]:
-    """GEMM kernels without the target's tensor-core MMA or whose main loop is not software-pipelined."""
-    return [
+    """Kernels that need more shared memory than a block of the target may have (they would not launch), and GEMM
+    kernels without the target's tensor-core MMA or whose main loop is not software-pipelined."""
+    out = [
+        f"{label}: {name} needs {r['smem_kib']:.0f} KiB of shared memory, sm_{args.arch} allows "
+        f"{SMEM_PER_BLOCK // 1024} KiB per block"
+        for label, name, r in rows
+        if r["smem_kib"] * 1024 > SMEM_PER_BLOCK
+    ]
+    return out + [
         f"{label}: {name} {f'has no {MMA}' if not r['mma'] else 'is not pipelined'}"
         for label, name, r in rows
         if "gmm" in name and not (r["mma"] and r["pipelined"])

@@ -112,9 +112,10 @@ BF16_SM90 = MappingProxyType(
         "route": dict(BLOCK=0),
     }
 )
-# bf16/fp16 before Hopper (no TMA, no wgmma): untimed. Compiled for sm_80 (``bench/inspect_kernels.py --arch 80``),
-# the Hopper tiles lose their pipelining (descriptor loads become plain loads) and spill in the 128x256 GEMMs; these
-# pointer-load tiles pipeline through cp.async and spill nothing.
+# bf16/fp16 before Hopper (no TMA, no wgmma) and on consumer Blackwell (sm_120: mma.sync, 99 KiB of shared memory per
+# block, where Hopper's 128x256 down forward needs 104 KiB): untimed. Compiled for sm_80 (``bench/inspect_kernels.py
+# --arch 80``), the Hopper tiles lose their pipelining (descriptor loads become plain loads) and spill in the 128x256
+# GEMMs; these pointer-load tiles pipeline through cp.async, spill nothing and need at most 96 KiB.
 BF16_SM80 = MappingProxyType(
     {
         **BF16_SM90,

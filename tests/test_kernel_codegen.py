@@ -2,7 +2,8 @@
 software-pipelined main loop: ``bench/inspect_kernels.py --check`` for the default tiles, with pointer loads, with TMA,
 and with TMA plus the other tile options (x permuted before the first expert GEMM, the SwiGLU backward fused into dH,
 persistent programs), and every sweep candidate of the GEMM kinds with warp-specialized ones, dW included (those
-split into their partitions). Before Hopper and on Blackwell the target's own tensor-core MMA instead."""
+split into their partitions). Before Hopper and on Blackwell the target's own tensor-core MMA instead, and every kernel
+within the target's shared memory per block."""
 
 from __future__ import annotations
 
@@ -53,15 +54,18 @@ def test_pre_hopper_tiles_compile_pipelined_without_spills_for_sm80():
 
 @pytest.mark.skipif(not _ptxas_available(), reason="this Triton build has no NVIDIA backend / bundled ptxas")
 @pytest.mark.parametrize("arch", [100, 120])
-def test_blackwell_compiles_the_hopper_tiles_to_its_tensor_cores(arch):
-    """Blackwell takes the Hopper tiles (compute capability >= 90). The datacenter parts (sm_100: B200, GB200) run
-    every grouped GEMM on tcgen05 MMAs, the consumer ones (sm_120: RTX 50 series), which have neither wgmma nor
-    tcgen05, on mma.sync; pipelined and without spills either way (``--check`` fails on a GEMM without the target's
-    MMA). Untimed on either."""
+def test_blackwell_gets_tiles_that_fit_it_and_use_its_tensor_cores(arch):
+    """Datacenter Blackwell (sm_100: B200, GB200) takes the Hopper tiles and runs every grouped GEMM on tcgen05 MMAs.
+    Consumer Blackwell (sm_120: RTX 50 series) has neither wgmma nor tcgen05 and, like Ada, 99 KiB of shared memory
+    per block, where the Hopper down forward needs 104 KiB and would not launch: it takes the pre-Hopper tiles, on
+    mma.sync. ``--check`` fails on a kernel over the target's shared memory per block or a GEMM without its MMA;
+    pipelined and without spills either way. Untimed on both."""
     gemms = _gemms(_inspect("--check", "--arch", str(arch)))
     assert {"gate/up fwd", "down fwd", "down dX: dH", "gate/up dX", "down dW", "gate/up dW"} <= set(gemms), gemms
     for op, cells in gemms.items():
         assert cells[6] == "0/0" and int(cells[9]) > 0 and cells[13] == "yes", (op, cells)  # spills, MMAs, pipelined
+    for op in ("gate/up fwd", "down fwd", "down dX: dH", "gate/up dX"):  # Hopper's tiles load these through TMA
+        assert (int(gemms[op][11]) > 0) == (arch == 100), (op, gemms[op])
 
 
 @pytest.mark.skipif(not _ptxas_available(), reason="this Triton build has no NVIDIA backend / bundled ptxas")

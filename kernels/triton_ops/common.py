@@ -44,11 +44,18 @@ def table_name(dtype: torch.dtype) -> str:
         return "interpret"
     if dtype == torch.float32:
         return "fp32"
-    return "bf16-sm90" if arch() >= 90 else "bf16-sm80"
+    return bf16_table(arch())
+
+
+def bf16_table(cc: int) -> str:
+    """The bf16/fp16 tiles of compute capability ``cc`` x 10: Hopper's on Hopper and datacenter Blackwell (227 KiB of
+    shared memory per block, wgmma / tcgen05 MMAs); the pre-Hopper ones elsewhere, consumer Blackwell (sm_120)
+    included: like Ada it has 99 KiB per block and mma.sync, and Hopper's down forward needs 104 KiB there."""
+    return "bf16-sm90" if 90 <= cc < 120 else "bf16-sm80"
 
 
 def arch() -> int:
-    """Compute capability x 10 of the current CUDA device: the bf16 tiles differ before Hopper (90)."""
+    """Compute capability x 10 of the current CUDA device: it picks the bf16 tiles (``bf16_table``)."""
     return _device_arch(torch.cuda.current_device())
 
 
