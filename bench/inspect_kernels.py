@@ -328,6 +328,7 @@ def main():
         file=sys.stderr,
     )
     if KINDS:  # one table per kind: a row per candidate and kernel it sets
+        bad = []
         for kind in KINDS:
             keys, values = SWEEP[kind]
             print(f"\n{kind}: {', '.join(keys)}\n\n| candidate | op | {HEADER[2:]}")
@@ -338,10 +339,14 @@ def main():
                     rows = compile_layer({**given, kind: {**given.get(kind, {}), **candidate(keys, v)}}, KIND_OPS[kind])
                 except Exception as exc:  # a candidate the compiler refuses is a finding, not the end of the list
                     print(f"| {v} | | {type(exc).__name__}: {str(exc).splitlines()[0][:120]} |" + " |" * 13)
+                    bad.append(f"{kind} {v}: {type(exc).__name__}")
                     continue
                 for label, name, r in rows:
                     if name != "_block_table_kernel":  # the same for every candidate
                         print(f"| {v} | {label} | {cells(name, r)}")
+                bad += [f"{kind} {v}: {problem}" for problem in problems(rows)]
+        if args.check and bad:
+            sys.exit("check failed:\n" + "\n".join(bad))
         return
     rows = compile_layer(overrides())
     print(f"\n| op | {HEADER[2:]}")
