@@ -78,7 +78,7 @@ ops.common.arch = lambda: args.arch  # the tile table of the target, not of this
 # the tensor-core MMA a GEMM should compile to: wgmma on Hopper, tcgen05 (accumulators in tensor memory) on datacenter
 # Blackwell, the warp-level mma.sync elsewhere (Ampere, Ada, and consumer Blackwell sm_120, which has neither)
 MMA = "wgmma" if 90 <= args.arch < 100 else "tcgen05.mma" if 100 <= args.arch < 120 else "mma.sync"
-MMA_PTX = {"wgmma": "wgmma.mma_async", "tcgen05.mma": "tcgen05.mma", "mma.sync": "mma.sync"}[MMA]
+MMA_PTX = "wgmma.mma_async" if MMA == "wgmma" else MMA  # the PTX instruction, counted per kernel
 
 
 def overrides() -> dict:

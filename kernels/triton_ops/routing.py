@@ -218,16 +218,17 @@ def _route_pass(flat, rank, cap, T, K, E, prio, capped, add_start, write_meta) -
     rank_arg = rank if rank is not None else flat
     _route_hist_kernel[(nblk,)](flat, rank_arg, hist, bad, cap, n, T, K, NB, prio, capped, BLOCK, nb_pad)
 
-    def meta(size, dtype=torch.int64):
+    def plan_out(size, dtype=torch.int64):  # a plan tensor, or a 1-element stand-in when this pass writes none
         return torch.empty(size if write_meta else 1, dtype=dtype, device=dev)
 
-    counts, offsets, dropped, order, ok = meta(E), meta(NB), meta(()), meta(E, torch.int32), meta((), torch.bool)
+    counts, offsets, dropped = plan_out(E), plan_out(NB), plan_out(())
+    order, ok = plan_out(E, torch.int32), plan_out((), torch.bool)
     _route_scan_kernel[(1,)](
         hist, bad, base, counts, offsets, dropped, order, ok, nblk, NB, add_start, write_meta, 16, nb_pad
     )
     pos = torch.empty(n, dtype=torch.int64, device=dev)
     sorted_flat = torch.empty(n, dtype=torch.int64, device=dev) if write_meta else pos
-    tok = meta(n, torch.int32)
+    tok = plan_out(n, torch.int32)
     _route_rank_kernel[(nblk,)](
         flat, rank_arg, base, pos, sorted_flat, tok, cap, n, T, K, NB, prio, capped, write_meta, BLOCK, nb_pad
     )
