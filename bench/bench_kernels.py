@@ -7,6 +7,10 @@
     python bench/bench_kernels.py --shapes XL --sweep --write-tiles tiles.json   # tune: ditmoe train --kernel-tiles
     TRITON_INTERPRET=1 python bench/bench_kernels.py   # CPU: tiny shapes, interpreter (correctness, not speed)
 
+Peers: our torch reference, the official per-expert loop, torch._grouped_mm (sm90+), megatron-core's permute and
+unpermute, DeepSpeed AutoEP's Triton grouped GEMM, fused weighted restore and whole local layer
+(``ditmoe_kernels.peers``), DeepSpeed's CUTLASS MoE GEMM where prebuilt.
+
 Every shape: 8192 tokens (32 images x 256 tokens), top-2, bf16 on CUDA. Timings: CUDA events, warmup, L2 flushed
 between repetitions, median. Writes bench/results/<device-slug>-<YYYY-MM-DD>.json and prints a markdown table.
 
@@ -254,6 +258,7 @@ def overlap_rows(shape: str, gemm, memory_pass) -> None:
 from bar import SKEW_BAR, judged, skew_slowdowns  # noqa: E402  (bench/, the script's folder)
 from sweep_candidates import SWEEP, adopted, candidate  # noqa: E402
 
+from ditmoe_kernels import peers  # noqa: E402
 from ditmoe_kernels import reference as ref  # noqa: E402
 
 ops = None
@@ -278,6 +283,15 @@ if not HAS_GROUPED_MM:
 elif CUDA and torch.cuda.get_device_capability() < (9, 0):
     skip("torch._grouped_mm", "needs sm90+")
     HAS_GROUPED_MM = False
+
+ds_triton = None  # DeepSpeed AutoEP's Triton ops (kernels/peers.py)
+if CUDA or INTERPRET:
+    try:
+        ds_triton = peers.deepspeed_triton()
+    except Exception as exc:
+        skip("deepspeed AutoEP Triton ops", reason(exc))
+else:
+    skip("deepspeed AutoEP Triton ops", "no CUDA device and TRITON_INTERPRET is not set")
 
 ds_moe_gemm = None
 if CUDA:
@@ -537,8 +551,23 @@ def run_shape(name: str):
             traceback.print_exc()
             skip(f"{shape} triton kernels", f"{type(exc).__name__}: {exc}")
 
-    # torch._grouped_mm (sm90+)
+    # torch._grouped_mm (sm90+) and DeepSpeed AutoEP's Triton grouped GEMM: the same six GEMMs
     offs = plan_ref.offsets_E1[1:].to(torch.int32)
+    dy_ref = torch.randn_like(y_ref)
+    dgu = torch.randn(R, 2 * F_, device=DEV, dtype=dt)
+    if ds_triton is not None:
+        # forward through its public function (weights in their [E, out, in] layout, trans_b); dX and dW through
+        # the two functions its autograd backward calls
+        g = ds_triton.gemm
+        for op, fn in (
+            ("gate/up fwd", lambda: g.group_gemm_triton(xp, Wgu, offs, trans_b=True)),
+            ("down fwd", lambda: g.group_gemm_triton(h_ref, Wd, offs, trans_b=True)),
+            ("down dX", lambda: g._group_gemm(dy_ref, Wd, offs)),
+            ("gate/up dX", lambda: g._group_gemm(dgu, Wgu, offs)),
+            ("down dW", lambda: g._grouped_dw(dy_ref, h_ref, offs, E)),
+            ("gate/up dW", lambda: g._grouped_dw(dgu, xp, offs, E)),
+        ):
+            attempt(shape, op, "deepspeed group_gemm_triton", fn, **vs_dense(op))
     if HAS_GROUPED_MM and CUDA:
         Wgu_T = Wgu.transpose(1, 2)  # [E, D, 2F] column-major view
         attempt(
@@ -555,7 +584,6 @@ def run_shape(name: str):
             lambda: torch._grouped_mm(h_ref, Wd.transpose(1, 2), offs=offs),
             **vs_dense("down fwd"),
         )
-        dy_ref = torch.randn_like(y_ref)
         attempt(
             shape,
             "down dX",
@@ -563,7 +591,6 @@ def run_shape(name: str):
             lambda: torch._grouped_mm(dy_ref, Wd, offs=offs),
             **vs_dense("down dX"),
         )
-        dgu = torch.randn(R, 2 * F_, device=DEV, dtype=dt)
         attempt(
             shape,
             "gate/up dX",
@@ -602,6 +629,18 @@ def run_shape(name: str):
             )
         except Exception as exc:
             skip(f"{shape} megatron-core unpermute", str(exc)[:160])
+
+    # DeepSpeed AutoEP's opt-in fused weighted restore (its combine); the interpreter refuses its kernel
+    if ds_triton is not None and CUDA:
+        attempt(
+            shape,
+            "unpermute",
+            "deepspeed AutoEP fused restore",
+            lambda: peers.deepspeed_combine(y_ref, probs, plan_ref.sorted_flat_R),
+            **vs_copy(),
+        )
+    elif ds_triton is not None:
+        skip("deepspeed AutoEP fused restore", "CUDA only: the interpreter refuses its kernel's mask")
 
     # DeepSpeed CUTLASS MoE GEMM (inference v2)
     if ds_moe_gemm is not None:
@@ -673,6 +712,17 @@ def run_shape(name: str):
 
         layer["megatron+grouped_mm"] = attempt(
             shape, "layer fwd+bwd", "megatron permute+_grouped_mm", fwd_bwd(mg), flops=layer_flops
+        )
+    if ds_triton is not None:
+        # AutoEP holds gate and up as two weights: split once here, outside the timed region
+        ds_params = [t.detach().clone().requires_grad_() for t in (x, probs, *Wgu.chunk(2, dim=1), Wd)]
+
+        def autoep():
+            out = peers.autoep_swiglu_experts(ds_params[0], ds_params[1], experts_TK, *ds_params[2:])
+            torch.autograd.grad(out, ds_params, grad_out)
+
+        layer["deepspeed autoep"] = attempt(
+            shape, "layer fwd+bwd", "deepspeed AutoEP (Triton grouped GEMM)", autoep, flops=layer_flops
         )
     if ops is not None and COMPARE_TILES:
         here = {path: tiles for path, tiles in COMPARE_TILES.items() if tiles.get("table", TABLE) == TABLE}

@@ -20,16 +20,31 @@ if ! "$PY" -c "import ditmoe, ditmoe_kernels" >/dev/null 2>&1; then
     export PYTHONPATH="$SHIM:$REPO/src:${PYTHONPATH:-}"
     say "using a PYTHONPATH shim for ditmoe / ditmoe_kernels"
 fi
-# Carried wheels (.whl/*.whl: megatron-core for the peer rows, webdataset and braceexpand for the training modules
-# that the host-read tests import) go on PYTHONPATH where the package is not installed: their pure-python parts
-# import from the archive. The GPU hosts have no network to install them.
-#   pip download --no-deps -d .whl megatron-core==0.16.1 webdataset braceexpand     # here, once; then carry .whl
+# Carried wheels (.whl/*.whl) for what the GPU image lacks, installed into a scratch folder there (it has no network):
+# megatron-core (peer rows, tests/test_peers.py); DeepSpeed and the needs of it the image lacks: hjson, pydantic,
+# pydantic-core, annotated-types, typing-inspection (AutoEP peer rows and tests); webdataset and braceexpand (the
+# training modules, which the host-read tests import). Here, once, then carry .whl:
+#   python3 -m pip download --no-deps -d .whl megatron-core==0.16.1 webdataset braceexpand hjson pydantic==2.14.4 \
+#       annotated-types typing-inspection
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_17_x86_64 -d .whl pydantic-core==2.50.5                    # compiled: the host's Python
+#   DS_BUILD_OPS=0 .venv/bin/python -m pip wheel --no-deps --no-build-isolation -w .whl deepspeed==0.19.8   # an sdist
+MISSING=()
 for w in "$REPO"/.whl/*.whl; do
     [ -f "$w" ] || continue
     pkg=$(basename "$w")
     pkg=${pkg%%-*}
-    "$PY" -c "import ${pkg/megatron_core/megatron.core}" >/dev/null 2>&1 || export PYTHONPATH="$w:${PYTHONPATH:-}"
+    "$PY" -c "import ${pkg/megatron_core/megatron.core}" >/dev/null 2>&1 || MISSING+=("$w")
 done
+if [ ${#MISSING[@]} -gt 0 ]; then
+    SITE=$(mktemp -d)
+    if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" "${MISSING[@]}"; then
+        export PYTHONPATH="$SITE:${PYTHONPATH:-}"
+        say "installed ${#MISSING[@]} carried wheels into $SITE"
+    else
+        say "the carried wheels did not install: their peers and tests skip"
+    fi
+fi
 
 say "environment"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -2
@@ -62,7 +77,13 @@ run_test_shards() {
     say "kernel tests on CUDA ($# shards in parallel, $limit s limit)"
     # The device tool brings back at most 8 files: the shards log to a scratch folder, then into one tests.log.
     local shards=("$@") pids=() i rc scratch files=(tests/test_kernels.py)
-    # tests/test_host_reads.py trains a step: the training modules import webdataset (carry its wheel, see above)
+    # tests/test_peers.py needs DeepSpeed and megatron-core; tests/test_host_reads.py trains a step, and the training
+    # modules import webdataset (carry their wheels, see above)
+    if "$PY" -c "import deepspeed, megatron.core" >/dev/null 2>&1; then
+        files+=(tests/test_peers.py)
+    else
+        say "DeepSpeed or megatron-core is not importable: skipping tests/test_peers.py (carry their wheels, see above)"
+    fi
     if "$PY" -c "import webdataset" >/dev/null 2>&1; then
         files+=(tests/test_host_reads.py)
     else

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# Short GPU check (H100/H200), about 7 minutes: CUDA kernel tests for the key shards (10 in parallel, 90 s), then the
+# Short GPU check (H100/H200), about 7 minutes: CUDA kernel tests for the key shards (11 in parallel, 90 s; "peers":
+# tests/test_peers.py, our ops against DeepSpeed AutoEP's and megatron-core's, first run on a GPU), then the
 # kernel benchmark at tiny (host-bound), S, XL, G and XL with one expert at 2x load, each layer also under the tiles
 # before run 4 and under warp-specialized GEMMs (bench/tiles/ws-bf16.json: descriptors made in the kernels, first
 # timing), with a tile sweep of every kind at XL, G and S (S last: the budget cuts it first), then whole
 # training steps (bench_train.py: S/2 and XL/2, our kernels vs the torch reference vs the official loop, 160 s: XL/2
 # needs about 150 on an H200; S/2 under new and old tiles in turn, 3 rounds), then the host's time to issue one
 # layer per tile set at S and XL (bench_issue.py). Logs and JSON go to $OUT (else bench/results/): at most 8 files,
-# what the device tool brings back. The megatron-core rows and the host-read tests need wheels the GPU hosts cannot
-# download (see gpu_common.sh):
+# what the device tool brings back. The megatron-core and DeepSpeed rows and tests and the host-read tests need
+# wheels the GPU hosts cannot download (gpu_common.sh says how to fetch them here, once; then carry .whl):
 #
-#   pip download --no-deps -d .whl megatron-core==0.16.1 webdataset braceexpand     # here, once
 #   bash bench/gpu_final.sh                                                            # there, with .whl carried
 # Shards name tests, not bare words: on the H100 host `-k "tma and not same_bits"` selected 72 tests (7 here). Run 6
 # (H200): 8 shards at 75 s each, "(same_bits and not pointer) or fused_swiglu" timed out; alone its halves took 18
@@ -28,7 +28,8 @@ run_test_shards 90 \
     "same_bits and not pointer" \
     "fused_swiglu" \
     "$WS_SHARD" \
-    "reads_nothing_back"
+    "reads_nothing_back" \
+    "peers"
 
 # The warp-specialized kernels and kernel-made descriptors are untimed: should their tests fail or hang, leave them
 # out of what follows rather than lose the benchmark to them (without pytest no shard ran: they stay in).

@@ -63,8 +63,9 @@ def test_the_skewed_layer_is_judged_against_the_balanced_one_under_the_tiles_in_
 
 
 def test_sweep_writes_a_tile_file_that_training_reads(tmp_path):
-    """CPU: the tiny benchmark, a sweep of the row kernels' tiles, the layer re-timed under any winner, and the
-    adopted tiles written as JSON that ``load_tiles`` (``ditmoe train --kernel-tiles``) accepts."""
+    """CPU: the tiny benchmark (with the rows of every peer that runs here), a sweep of the row kernels' tiles, the
+    layer re-timed under any winner, and the adopted tiles written as JSON that ``load_tiles`` (``ditmoe train
+    --kernel-tiles``) accepts."""
     out = tmp_path / "tiles.json"
     cmd = [sys.executable, "-W", "ignore", str(REPO / "bench" / "bench_kernels.py"), "--shapes", "tiny", "--sweep"]
     cmd += ["--sweep-kinds", "rows", "--write-tiles", str(out), "--out", str(tmp_path / "results")]
@@ -72,6 +73,10 @@ def test_sweep_writes_a_tile_file_that_training_reads(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "| shape | op | impl | ms |" in proc.stdout  # the markdown table
+    peers = ["naive (official loop)", "megatron-core", "deepspeed group_gemm_triton", "deepspeed AutoEP (Triton"]
+    for impl in peers:
+        assert f"| {impl}" in proc.stdout, impl
+    assert "skipped deepspeed AutoEP fused restore: CUDA only" in proc.stdout  # said, not silently left out
     assert len(list((tmp_path / "results").glob("*.json"))) == 1
     said = re.search(rf"wrote {re.escape(str(out))} \((.+?) at .*\): (\{{.*\}}) \(interpreter", proc.stdout)
     assert said, proc.stdout[-3000:]
