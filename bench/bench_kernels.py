@@ -272,9 +272,11 @@ else:
 TABLE = ops.common.table_name(DTYPE) if ops is not None else None  # the tile table our launches read here
 
 try:
-    from megatron.core.transformer.moe import moe_utils as mcore
+    import megatron.core.transformer.moe.moe_utils  # noqa: F401  (the peer rows call it through kernels/peers.py)
+
+    HAS_MCORE = True
 except Exception as exc:
-    mcore = None
+    HAS_MCORE = False
     skip("megatron-core permute/unpermute", f"import failed: {type(exc).__name__}: {exc}")
 
 HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
@@ -335,16 +337,6 @@ def naive_layer(x_TD, experts_TK, w_TK, Wgu, Wd):
         xe = xr[m]
         y[m] = (F.silu(xe @ Wg[e].t()) * (xe @ Wu[e].t())) @ Wd[e].t()
     return (y.view(T, K, D) * w_TK.unsqueeze(-1)).sum(1)
-
-
-def mcore_grouped_layer(x_TD, routing_map, probs_TE, offs, Wgu_T, Wd_T, F_):
-    """megatron-core permute/unpermute around torch._grouped_mm (gate and up concatenated)."""
-    T = x_TD.shape[0]
-    xp, _, idx = mcore.permute(x_TD, routing_map)
-    gu = torch._grouped_mm(xp, Wgu_T, offs=offs)
-    h = F.silu(gu[:, :F_]) * gu[:, F_:]
-    y = torch._grouped_mm(h, Wd_T, offs=offs)
-    return mcore.unpermute(y, idx, torch.Size((T, x_TD.shape[1])), probs=probs_TE, routing_map=routing_map)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -614,17 +606,17 @@ def run_shape(name: str):
         )
 
     # megatron-core permute / unpermute
-    routing_map = torch.zeros(T, E, dtype=torch.bool, device=DEV).scatter_(1, experts_TK, True)
-    probs_TE = torch.zeros(T, E, device=DEV, dtype=dt).scatter_(1, experts_TK, probs)
-    if mcore is not None:
-        attempt(shape, "permute", "megatron-core", lambda: mcore.permute(x, routing_map, num_out_tokens=R), **vs_copy())
+    routing_map = peers.routing_map(experts_TK, E)
+    probs_TE = peers.probs_map(probs, experts_TK, E)
+    if HAS_MCORE:
+        attempt(shape, "permute", "megatron-core", lambda: peers.megatron_permute(x, routing_map, R), **vs_copy())
         try:
-            xp_m, _, idx_m = mcore.permute(x, routing_map, num_out_tokens=R)
+            xp_m, idx_m = peers.megatron_permute(x, routing_map, R)
             attempt(
                 shape,
                 "unpermute",
                 "megatron-core",
-                lambda: mcore.unpermute(xp_m, idx_m, x.shape, probs=probs_TE, routing_map=routing_map),
+                lambda: peers.megatron_unpermute(xp_m, idx_m, probs_TE, routing_map),
                 **vs_copy(),
             )
         except Exception as exc:
@@ -704,11 +696,12 @@ def run_shape(name: str):
                 fn(*params)
 
         attempt(shape, "layer fwd (no grad)", impl, no_grad_fwd, flops=6 * R * D * F_)
-    if mcore is not None and HAS_GROUPED_MM and CUDA:
+    if HAS_MCORE and HAS_GROUPED_MM and CUDA:
 
-        def mg(x, p, gu, d):
-            p_TE = torch.zeros(T, E, device=DEV, dtype=p.dtype).scatter(1, experts_TK, p)
-            return mcore_grouped_layer(x, routing_map, p_TE, offs, gu.transpose(1, 2), d.transpose(1, 2), F_)
+        def mg(x, p, gu, d):  # the router's [T, E] probabilities made from p inside, for p's gradient
+            return peers.megatron_grouped_mm_swiglu_experts(
+                x, peers.probs_map(p, experts_TK, E), routing_map, offs, gu, d
+            )
 
         layer["megatron+grouped_mm"] = attempt(
             shape, "layer fwd+bwd", "megatron permute+_grouped_mm", fwd_bwd(mg), flops=layer_flops

@@ -7,7 +7,8 @@ path (``select_backend`` offers none of them).
   to end, with its default combine (a scatter, then the weighted sum over top-k in fp32). Its opt-in fused weighted
   restore (``deepspeed_combine``) runs on a GPU only: the interpreter refuses its kernel's mask (a block of bools
   and'ed with a scalar one).
-- megatron-core 0.16's permute / unpermute (``moe_utils``, its unfused torch path), which take a [T, E] routing map.
+- megatron-core 0.16's permute / unpermute (``moe_utils``, its unfused torch path), which take a [T, E] routing map
+  and probabilities; ``megatron_grouped_mm_swiglu_experts`` puts them around torch._grouped_mm (sm90+).
 
 DeepSpeed defines its Triton kernels only where a GPU driver is active, and picks each GEMM's tiles by timing its
 configs. Under ``TRITON_INTERPRET=1`` (CPU tests) ``deepspeed_triton`` therefore imports the kernel modules again
@@ -105,23 +106,47 @@ def routing_map(experts_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
     return torch.zeros(T, num_experts, dtype=torch.bool, device=experts_TK.device).scatter_(1, experts_TK, True)
 
 
-def megatron_permute(x_TD: torch.Tensor, experts_TK: torch.Tensor, num_experts: int):
-    """megatron-core's permute: (rows [R, D] in expert order, its sorted token indices for ``megatron_unpermute``)."""
+def probs_map(weights_TK: torch.Tensor, experts_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[T, E]: megatron-core's routing probabilities, each token's weights at its experts and zeros elsewhere."""
+    T = weights_TK.shape[0]
+    zeros = torch.zeros(T, num_experts, dtype=weights_TK.dtype, device=weights_TK.device)
+    return zeros.scatter(1, experts_TK, weights_TK)
+
+
+def megatron_permute(
+    x_TD: torch.Tensor, routing_map_TE: torch.Tensor, R: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """megatron-core's permute: (rows [R, D] in expert order, its sorted token indices for ``megatron_unpermute``).
+    Its dropless path reads the row count R from the routing map (a host sync) whether or not R is given."""
     from megatron.core.transformer.moe import moe_utils
 
-    rows, _, sorted_indices = moe_utils.permute(
-        x_TD, routing_map(experts_TK, num_experts), num_out_tokens=experts_TK.numel()
-    )
+    rows, _, sorted_indices = moe_utils.permute(x_TD, routing_map_TE, num_out_tokens=R)
     return rows, sorted_indices
 
 
 def megatron_unpermute(
-    y_RD: torch.Tensor, sorted_indices: torch.Tensor, weights_TK: torch.Tensor, experts_TK: torch.Tensor, E: int
+    y_RD: torch.Tensor, sorted_indices_R: torch.Tensor, probs_TE: torch.Tensor, routing_map_TE: torch.Tensor
 ) -> torch.Tensor:
-    """megatron-core's unpermute: each token's rows weighted by its routing weights and summed. [T, D]."""
+    """megatron-core's unpermute: each token's rows weighted by its routing probabilities and summed. [T, D]."""
     from megatron.core.transformer.moe import moe_utils
 
-    T, D = weights_TK.shape[0], y_RD.shape[1]
-    probs_TE = torch.zeros(T, E, dtype=weights_TK.dtype, device=weights_TK.device).scatter(1, experts_TK, weights_TK)
-    rmap = routing_map(experts_TK, E)
-    return moe_utils.unpermute(y_RD, sorted_indices, torch.Size((T, D)), probs=probs_TE, routing_map=rmap)
+    shape = torch.Size((probs_TE.shape[0], y_RD.shape[1]))
+    return moe_utils.unpermute(y_RD, sorted_indices_R, shape, probs=probs_TE, routing_map=routing_map_TE)
+
+
+def megatron_grouped_mm_swiglu_experts(
+    x_TD: torch.Tensor,
+    probs_TE: torch.Tensor,
+    routing_map_TE: torch.Tensor,
+    offs_E: torch.Tensor,
+    gate_up_E2FD: torch.Tensor,
+    down_EDF: torch.Tensor,
+) -> torch.Tensor:
+    """``swiglu_experts`` as megatron-core permutes and combines around ``torch._grouped_mm`` (sm90+: gate and up as
+    one GEMM, ``offs_E`` the int32 row ends of the experts)."""
+    F = down_EDF.shape[2]
+    rows, sorted_indices = megatron_permute(x_TD, routing_map_TE)
+    gu = torch._grouped_mm(rows, gate_up_E2FD.transpose(1, 2), offs=offs_E)
+    h = torch.nn.functional.silu(gu[:, :F]) * gu[:, F:]
+    y = torch._grouped_mm(h, down_EDF.transpose(1, 2), offs=offs_E)
+    return megatron_unpermute(y, sorted_indices, probs_TE, routing_map_TE)

@@ -27,7 +27,13 @@ TOL = 5e-3 if DEVICE.type == "cuda" else 1e-5
 BACKENDS = {"reference": ref, "triton": ops}
 
 # T, K, E, D, F, experts left without tokens
-CASES = [(37, 2, 5, 40, 24, (1,)), (16, 1, 1, 16, 32, ()), (20, 3, 3, 24, 40, ()), (33, 2, 8, 16, 16, (0, 7))]
+CASES = [
+    (37, 2, 5, 40, 24, (1,)),
+    (16, 1, 1, 16, 32, ()),
+    (20, 3, 3, 24, 40, ()),
+    (33, 2, 8, 16, 16, (0, 7)),
+    (40, 2, 16, 32, 32, (3,)),  # G's 16 experts
+]
 
 
 @pytest.fixture(autouse=True)
@@ -105,17 +111,37 @@ def test_megatron_core_dispatch_agrees(T, K, E, D, F, empty, backend):
     gradients for the rows and the weights to rounding."""
     mod = BACKENDS[backend]
     ex = experts(T, K, E, empty, seed=T)
-    plan = mod.routing_plan(ex, E)
+    plan, rmap = mod.routing_plan(ex, E), peers.routing_map(ex, E)
     x = randn(T, D, seed=1)
     ours = out_and_grads(lambda x: mod.permute(x, plan), [x])
-    theirs = out_and_grads(lambda x: peers.megatron_permute(x, ex, E)[0], [x])
+    theirs = out_and_grads(lambda x: peers.megatron_permute(x, rmap, T * K)[0], [x])
     assert torch.equal(ours[0], theirs[0])
     assert_close(ours[1:], theirs[1:], ["d x"])
-    sorted_indices = peers.megatron_permute(x.detach(), ex, E)[1]
+    sorted_indices = peers.megatron_permute(x.detach(), rmap, T * K)[1]
     y, weights = randn(T * K, D, seed=3), randn(T, K, seed=4)
     ours = out_and_grads(lambda y, p: mod.unpermute(y, p, plan), [y, weights])
-    theirs = out_and_grads(lambda y, p: peers.megatron_unpermute(y, sorted_indices, p, ex, E), [y, weights])
+    theirs = out_and_grads(
+        lambda y, p: peers.megatron_unpermute(y, sorted_indices, peers.probs_map(p, ex, E), rmap), [y, weights]
+    )
     assert_close(ours, theirs, ["out", "d rows", "d weights"])
+
+
+@pytest.mark.skipif(
+    DEVICE.type != "cuda" or torch.cuda.get_device_capability() < (9, 0), reason="torch._grouped_mm needs sm90+"
+)
+@pytest.mark.parametrize("T,K,E,D,F,empty", CASES)
+def test_megatron_core_grouped_mm_layer_agrees(T, K, E, D, F, empty):
+    """The layer megatron-core builds around torch._grouped_mm (the benchmark's peer), every gradient."""
+    ex = experts(T, K, E, empty, seed=T)
+    plan, rmap = ops.routing_plan(ex, E), peers.routing_map(ex, E)
+    offs = plan.offsets_E1[1:].to(torch.int32)
+    inputs = [randn(T, D, seed=1), randn(T, K, seed=2), randn(E, 2 * F, D, seed=3), randn(E, D, F, seed=4)]
+    ours = out_and_grads(lambda x, p, gu, d: ops.swiglu_experts(x, p, plan, gu, d), inputs)
+    theirs = out_and_grads(
+        lambda x, p, gu, d: peers.megatron_grouped_mm_swiglu_experts(x, peers.probs_map(p, ex, E), rmap, offs, gu, d),
+        inputs,
+    )
+    assert_close(ours, theirs, ["out", "d x", "d weights", "d gate_up", "d down"])
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="DeepSpeed's fused restore runs on a GPU only (see peers)")
