@@ -37,6 +37,15 @@ CASES = [
 
 
 @pytest.fixture(autouse=True)
+def _one_deepspeed_config(monkeypatch):
+    """DeepSpeed's GEMMs try six tile configs per shape on a GPU, compiling each: as an oracle one config does (the
+    interpreter already has one), which keeps a GPU run of these tests to seconds."""
+    gemm = peers.deepspeed_triton().gemm
+    for kernel in (gemm._group_gemm_kernel, gemm._group_gemm_dw_kernel):
+        monkeypatch.setattr(kernel, "configs", kernel.configs[:1])
+
+
+@pytest.fixture(autouse=True)
 def _exact_fp32_matmuls():
     """Our fp32 side must not use TF32 on GPUs (our kernels follow this flag)."""
     old = torch.backends.cuda.matmul.allow_tf32
