@@ -170,6 +170,8 @@ PLAN_CASES = [
     (12, 4, 4, 5, (), None),
     (50, 2, 64, None, (), None),  # E = 64: many empty and one-row experts
     (50, 2, 64, 1, (), None),
+    (400, 2, 256, None, (), None),  # E = 256: the dW order's ties across several chunks of experts
+    (400, 2, 256, 2, (), None),
     (300, 2, 8, None, (1,), 16),  # many routing blocks
     (300, 3, 8, 40, (), 32),
 ]

@@ -107,10 +107,17 @@ def _route_scan_kernel(
         tl.store(offsets_ptr + b, start.to(tl.int64), mask=bm)
         tl.store(dropped_ptr, tl.sum(tl.where(b == NB - 1, tot, 0), 0).to(tl.int64))
         tl.store(ok_ptr, tl.sum(bad, 0) == 0)
-        # the dW's order: experts by decreasing row count, ties by id (a stable descending sort of the E counts)
-        e, j = b[:, None], b[None, :]
-        ahead = (j < NB - 1) & ((tot[None, :] > tot[:, None]) | ((tot[None, :] == tot[:, None]) & (j < e)))
-        tl.store(order_ptr + tl.sum(ahead.to(tl.int32), 1), b, mask=b < NB - 1)
+        # the dW's order: experts by decreasing row count, ties by id (a stable descending sort of the E counts).
+        # Each expert's place counts the experts ahead of it, CH of them at a time read back from the counts just
+        # stored: an [NB_PAD, NB_PAD] comparison in one piece spilled from E = 128 on (sm_90).
+        tl.debug_barrier()  # the counts stored above by this program's threads, visible to all of them
+        place = tl.zeros([NB_PAD], tl.int32)
+        for j0 in range(0, NB - 1, CH):
+            j = j0 + c
+            tj = tl.load(counts_ptr + j, mask=j < NB - 1, other=-1).to(tl.int32)
+            ahead = (tj[None, :] > tot[:, None]) | ((tj[None, :] == tot[:, None]) & (j[None, :] < b[:, None]))
+            place += tl.sum(ahead.to(tl.int32), 1)
+        tl.store(order_ptr + place, b, mask=b < NB - 1)
 
 
 @triton.jit
