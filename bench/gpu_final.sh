@@ -45,12 +45,13 @@ fi
 KEEP_H=(--compare-tiles bench/tiles/keep-h-bf16.json --compare-tiles bench/tiles/keep-h-beside-bf16.json
     --compare-tiles bench/tiles/keep-h-beside-pass-bf16.json)
 say "benchmark: S, XL, G + tile sweeps (200 s limit)"
-timeout 200 "$PY" -W ignore bench/bench_kernels.py --shapes tiny,S,XL,G,XL-skew --reps 15 --budget 180 \
+# The JSON results go straight to $LOGDIR: should the device's time limit stop this script early, they come back.
+timeout 200 "$PY" -W ignore bench/bench_kernels.py --shapes tiny,S,XL,G,XL-skew --reps 15 --budget 180 --out "$LOGDIR" \
     --compare-tiles bench/tiles/run3-bf16.json "${WS_BENCH[@]}" "${KEEP_H[@]}" \
     --sweep --sweep-shapes XL,G,S --sweep-kinds swiglu,swiglu_bwd,gmm_dx,dw,gmm,ew,rows,gmm_epi 2>&1 | grep --line-buffered -v "^  warnings.warn" | tee "$LOGDIR/bench.log"
 say "benchmark exit ${PIPESTATUS[0]}"
 say "training throughput: S/2 and XL/2-8E2A, triton vs torch vs naive (160 s limit)"
-timeout 160 "$PY" -W ignore bench/bench_train.py 2>&1 | tee "$LOGDIR/bench_train.log"
+timeout 160 "$PY" -W ignore bench/bench_train.py --out "$LOGDIR" 2>&1 | tee "$LOGDIR/bench_train.log"
 say "training benchmark exit ${PIPESTATUS[0]}"
 say "S/2 training step, new tiles vs the tiles before run 4, 3 interleaved rounds (runs 5 and 6 measured new slower, host-bound; 60 s)"
 timeout 60 "$PY" -W ignore bench/bench_train.py --models DiT-MoE-S/2-8E2A --backends triton \
