@@ -1,4 +1,5 @@
-"""Shared test setup: the Triton interpreter on CPU, and the digits dataset the training tests share.
+"""Shared test setup: the Triton interpreter on CPU, exact fp32 matmuls for the kernel tests' oracles, and the digits
+dataset the training tests share.
 
 Kernel tests run Triton on CPU through its interpreter when no GPU is present; ``TRITON_INTERPRET`` must be set
 before Triton is first imported, so it is set here (it changes nothing for code that does not use Triton).
@@ -21,3 +22,12 @@ def digits(tmp_path_factory):
     out = tmp_path_factory.mktemp("digits")
     prepare_digits(out, image_size=16, shard_size=400)
     return out
+
+
+@pytest.fixture
+def exact_fp32_matmuls():
+    """fp32 oracles must not use TF32 on GPUs (our kernels follow the same flag): kernel test modules use it."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old

@@ -47,15 +47,7 @@ if DEVICE.type == "cpu" and not common.INTERPRET:
 TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 1.6e-2}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 needs_cuda = pytest.mark.skipif(DEVICE.type != "cuda", reason="needs a CUDA GPU")
-
-
-@pytest.fixture(autouse=True)
-def _exact_fp32_matmuls():
-    """The fp32 oracle must not use TF32 on GPUs (the kernels follow the same flag)."""
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = old
+pytestmark = pytest.mark.usefixtures("exact_fp32_matmuls")  # tests/conftest.py
 
 
 def _nerr(a: torch.Tensor, b: torch.Tensor) -> float:

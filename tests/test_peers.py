@@ -24,6 +24,7 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 if DEVICE.type == "cpu" and not peers.INTERPRET:
     pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1 (set by tests/conftest.py)", allow_module_level=True)
 TOL = 5e-3 if DEVICE.type == "cuda" else 1e-5
+pytestmark = pytest.mark.usefixtures("exact_fp32_matmuls")  # tests/conftest.py
 BACKENDS = {"reference": ref, "triton": ops}
 
 # T, K, E, D, F, experts left without tokens
@@ -43,15 +44,6 @@ def _one_deepspeed_config(monkeypatch):
     gemm = peers.deepspeed_triton().gemm
     for kernel in (gemm._group_gemm_kernel, gemm._group_gemm_dw_kernel):
         monkeypatch.setattr(kernel, "configs", kernel.configs[:1])
-
-
-@pytest.fixture(autouse=True)
-def _exact_fp32_matmuls():
-    """Our fp32 side must not use TF32 on GPUs (our kernels follow this flag)."""
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def experts(T: int, K: int, E: int, empty: tuple, seed: int) -> torch.Tensor:
