@@ -4,7 +4,7 @@ DeepSpeed AutoEP's Triton grouped GEMM and its whole local layer, megatron-core'
 Our reference is ours too: a misreading shared by it and our kernels would pass every other kernel test, not these.
 Both our backends are checked, the reference and the Triton kernels (through the interpreter on CPU). fp32, to
 1e-5 of the largest entry on CPU (summation order); on CUDA DeepSpeed's fp32 GEMMs multiply in TF32 (``tl.dot``'s
-default precision), so 5e-3 there.
+default precision, about 1e-3 per GEMM), so 1e-2 there, where a gradient passes through several of them.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from ditmoe_kernels import triton_ops as ops  # noqa: E402
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 if DEVICE.type == "cpu" and not peers.INTERPRET:
     pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1 (set by tests/conftest.py)", allow_module_level=True)
-TOL = 5e-3 if DEVICE.type == "cuda" else 1e-5
+TOL = 1e-2 if DEVICE.type == "cuda" else 1e-5
 pytestmark = pytest.mark.usefixtures("exact_fp32_matmuls")  # tests/conftest.py
 BACKENDS = {"reference": ref, "triton": ops}
 
@@ -53,9 +53,9 @@ def experts(T: int, K: int, E: int, empty: tuple, seed: int) -> torch.Tensor:
     return torch.stack([allowed[torch.randperm(len(allowed), generator=gen)[:K]] for _ in range(T)]).to(DEVICE)
 
 
-def randn(*shape, seed: int, scale: float = 1.0) -> torch.Tensor:
+def randn(*shape, seed: int, scale: float = 1.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=gen) * scale).to(DEVICE).requires_grad_()
+    return (torch.randn(*shape, generator=gen) * scale).to(DEVICE, dtype).requires_grad_()
 
 
 def out_and_grads(fn, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -64,11 +64,12 @@ def out_and_grads(fn, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
     return [out.detach(), *torch.autograd.grad(out, inputs, probe)]
 
 
-def assert_close(ours: list[torch.Tensor], theirs: list[torch.Tensor], names: list[str]) -> None:
+def assert_close(ours: list[torch.Tensor], theirs: list[torch.Tensor], names: list[str], tol: float = TOL) -> None:
     for name, a, b in zip(names, ours, theirs, strict=True):
         assert a.shape == b.shape, f"{name}: {tuple(a.shape)} vs {tuple(b.shape)}"
+        a, b = a.float(), b.float()
         err = ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
-        assert err <= TOL, f"{name}: normalised error {err:.3g} > {TOL:g}"
+        assert err <= tol, f"{name}: normalised error {err:.3g} > {tol:g}"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -132,17 +133,21 @@ def test_megatron_core_dispatch_agrees(T, K, E, D, F, empty, backend):
 )
 @pytest.mark.parametrize("T,K,E,D,F,empty", CASES)
 def test_megatron_core_grouped_mm_layer_agrees(T, K, E, D, F, empty):
-    """The layer megatron-core builds around torch._grouped_mm (the benchmark's peer), every gradient."""
+    """The layer megatron-core builds around torch._grouped_mm (the benchmark's peer), every gradient; in bf16, the
+    one dtype torch._grouped_mm takes on CUDA, so both sides round their intermediates to it (3e-2: a few bf16
+    steps of the largest entry)."""
     ex = experts(T, K, E, empty, seed=T)
     plan, rmap = ops.routing_plan(ex, E), peers.routing_map(ex, E)
     offs = plan.offsets_E1[1:].to(torch.int32)
-    inputs = [randn(T, D, seed=1), randn(T, K, seed=2), randn(E, 2 * F, D, seed=3), randn(E, D, F, seed=4)]
+    bf16 = torch.bfloat16
+    inputs = [randn(T, D, seed=1, dtype=bf16), randn(T, K, seed=2, dtype=bf16)]
+    inputs += [randn(E, 2 * F, D, seed=3, scale=D**-0.5, dtype=bf16), randn(E, D, F, seed=4, scale=F**-0.5, dtype=bf16)]
     ours = out_and_grads(lambda x, p, gu, d: ops.swiglu_experts(x, p, plan, gu, d), inputs)
     theirs = out_and_grads(
         lambda x, p, gu, d: peers.megatron_grouped_mm_swiglu_experts(x, peers.probs_map(p, ex, E), rmap, offs, gu, d),
         inputs,
     )
-    assert_close(ours, theirs, ["out", "d x", "d weights", "d gate_up", "d down"])
+    assert_close(ours, theirs, ["out", "d x", "d weights", "d gate_up", "d down"], tol=3e-2)
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="DeepSpeed's fused restore runs on a GPU only (see peers)")
