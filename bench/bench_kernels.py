@@ -8,8 +8,9 @@
     TRITON_INTERPRET=1 python bench/bench_kernels.py   # CPU: tiny shapes, interpreter (correctness, not speed)
 
 Peers: our torch reference, the official per-expert loop, torch._grouped_mm (sm90+), megatron-core's permute and
-unpermute, DeepSpeed AutoEP's Triton grouped GEMM, fused weighted restore and whole local layer
-(``ditmoe_kernels.peers``), DeepSpeed's CUTLASS MoE GEMM where prebuilt.
+unpermute (and its layer around torch._grouped_mm), DeepSpeed AutoEP's Triton grouped GEMM, fused weighted restore
+and whole local layer (with that GEMM, and with torch._grouped_mm as AutoEP runs on sm90; ``ditmoe_kernels.peers``),
+DeepSpeed's CUTLASS MoE GEMM where prebuilt.
 
 Every shape: 8192 tokens (32 images x 256 tokens), top-2, bf16 on CUDA. Timings: CUDA events, warmup, L2 flushed
 between repetitions, median. Writes bench/results/<device-slug>-<YYYY-MM-DD>.json and prints a markdown table.
@@ -706,16 +707,21 @@ def run_shape(name: str):
         layer["megatron+grouped_mm"] = attempt(
             shape, "layer fwd+bwd", "megatron permute+_grouped_mm", fwd_bwd(mg), flops=layer_flops
         )
-    if ds_triton is not None:
+    # DeepSpeed AutoEP's local layer with its Triton grouped GEMM, and with torch._grouped_mm (what it picks on sm90)
+    autoep_gemms = {"triton": "Triton grouped GEMM"} if ds_triton is not None else {}
+    if ds_triton is not None and HAS_GROUPED_MM and CUDA:
+        autoep_gemms["grouped_mm"] = "torch._grouped_mm"
+    if autoep_gemms:
         # AutoEP holds gate and up as two weights: split once here, outside the timed region
         ds_params = [t.detach().clone().requires_grad_() for t in (x, probs, *Wgu.chunk(2, dim=1), Wd)]
+    for gemm, name in autoep_gemms.items():
 
-        def autoep():
-            out = peers.autoep_swiglu_experts(ds_params[0], ds_params[1], experts_TK, *ds_params[2:])
+        def autoep(gemm=gemm):
+            out = peers.autoep_swiglu_experts(ds_params[0], ds_params[1], experts_TK, *ds_params[2:], gemm=gemm)
             torch.autograd.grad(out, ds_params, grad_out)
 
-        layer["deepspeed autoep"] = attempt(
-            shape, "layer fwd+bwd", "deepspeed AutoEP (Triton grouped GEMM)", autoep, flops=layer_flops
+        layer[f"deepspeed autoep {gemm}"] = attempt(
+            shape, "layer fwd+bwd", f"deepspeed AutoEP ({name})", autoep, flops=layer_flops
         )
     if ops is not None and COMPARE_TILES:
         here = {path: tiles for path, tiles in COMPARE_TILES.items() if tiles.get("table", TABLE) == TABLE}

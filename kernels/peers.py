@@ -76,25 +76,30 @@ def autoep_swiglu_experts(
     gate_EFD: torch.Tensor,
     up_EFD: torch.Tensor,
     down_EDF: torch.Tensor,
+    gemm: str = "triton",
 ) -> torch.Tensor:
     """``swiglu_experts`` as DeepSpeed AutoEP's layer runs it without expert parallelism, through its own functions:
     per-expert counts, a stable argsort of the flat expert ids, the tokens gathered in that order and padded per
-    expert to its alignment, the experts (gate and up as two Triton grouped GEMMs, its fused SwiGLU, down), the
-    padding stripped, and its default combine. The gate and up weights are AutoEP's separate tensors."""
+    expert to its alignment, the experts (gate and up as two grouped GEMMs, its fused SwiGLU, down), the padding
+    stripped, and its default combine. The gate and up weights are AutoEP's separate tensors. ``gemm``: "triton"
+    (its Triton grouped GEMM) or "grouped_mm" (torch._grouped_mm: bf16 on sm90+, what AutoEP picks there)."""
     from deepspeed.module_inject.auto_ep_layer import (
         combine_from_routed,
         permute_by_local_expert,
         unpermute_by_local_expert,
     )
+    from deepspeed.moe import ep_experts
     from deepspeed.moe.ep_count import count_tokens_per_expert
-    from deepspeed.moe.ep_experts import _run_experts_triton_grouped_mm
 
+    runs = {"triton": ep_experts._run_experts_triton_grouped_mm, "grouped_mm": ep_experts._run_experts_grouped_mm}
+    if gemm not in runs:
+        raise ValueError(f"gemm must be one of {sorted(runs)}, got {gemm!r}")
     deepspeed_triton()  # its kernels defined, also under the interpreter
     T, K = experts_TK.shape
     counts_E = count_tokens_per_expert(experts_TK, gate_EFD.shape[0])
     sorted_flat_R = torch.argsort(experts_TK.reshape(-1), stable=True)
     rows, perm, aligned_counts, n = permute_by_local_expert(x_TD[sorted_flat_R // K], counts_E)
-    y = _run_experts_triton_grouped_mm(gate_EFD, down_EDF, up_EFD, rows, aligned_counts)
+    y = runs[gemm](gate_EFD, down_EDF, up_EFD, rows, aligned_counts)
     y = unpermute_by_local_expert(y, perm, n)
     shape = (1, T, x_TD.shape[1])
     return combine_from_routed(y, weights_TK, sorted_flat_R, K, "post", "weighted_sum", shape).view(T, -1)

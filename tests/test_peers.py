@@ -128,20 +128,61 @@ def test_megatron_core_dispatch_agrees(T, K, E, D, F, empty, backend):
     assert_close(ours, theirs, ["out", "d rows", "d weights"])
 
 
-@pytest.mark.skipif(
+needs_grouped_mm = pytest.mark.skipif(
     DEVICE.type != "cuda" or torch.cuda.get_device_capability() < (9, 0), reason="torch._grouped_mm needs sm90+"
 )
+
+
+def bf16_layer_inputs(T: int, K: int, E: int, D: int, F: int) -> list[torch.Tensor]:
+    """x, routing weights, gate/up and down weights in bf16, the one dtype torch._grouped_mm takes on CUDA."""
+    bf16 = torch.bfloat16
+    inputs = [randn(T, D, seed=1, dtype=bf16), randn(T, K, seed=2, dtype=bf16)]
+    return inputs + [
+        randn(E, 2 * F, D, seed=3, scale=D**-0.5, dtype=bf16),
+        randn(E, D, F, seed=4, scale=F**-0.5, dtype=bf16),
+    ]
+
+
+@needs_grouped_mm
+@pytest.mark.parametrize("T,K,E,D,F,empty", CASES)
+def test_deepspeed_autoep_grouped_mm_layer_agrees(T, K, E, D, F, empty):
+    """AutoEP's local layer as it runs on sm90 (torch._grouped_mm), bf16 on both sides, every gradient (3e-2: a
+    few bf16 steps of the largest entry, both sides rounding their intermediates)."""
+    ex = experts(T, K, E, empty, seed=T)
+    plan = ops.routing_plan(ex, E)
+    inputs = bf16_layer_inputs(T, K, E, D, F)
+    ours = out_and_grads(lambda x, p, gu, d: ops.swiglu_experts(x, p, plan, gu, d), inputs)
+
+    def autoep(x, p, gu, d):
+        return peers.autoep_swiglu_experts(x, p, ex, gu[:, :F].contiguous(), gu[:, F:].contiguous(), d, "grouped_mm")
+
+    theirs = out_and_grads(autoep, inputs)
+    assert_close(ours, theirs, ["out", "d x", "d weights", "d gate_up", "d down"], tol=3e-2)
+
+
+def test_autoep_refuses_an_unknown_gemm():
+    with pytest.raises(ValueError, match="gemm must be one of .* got 'cublas'"):
+        w = torch.zeros(1, 8, 8, device=DEVICE)
+        peers.autoep_swiglu_experts(
+            torch.zeros(2, 8, device=DEVICE),
+            torch.ones(2, 1, device=DEVICE),
+            torch.zeros(2, 1, dtype=torch.long, device=DEVICE),
+            w,
+            w,
+            w,
+            gemm="cublas",
+        )
+
+
+@needs_grouped_mm
 @pytest.mark.parametrize("T,K,E,D,F,empty", CASES)
 def test_megatron_core_grouped_mm_layer_agrees(T, K, E, D, F, empty):
-    """The layer megatron-core builds around torch._grouped_mm (the benchmark's peer), every gradient; in bf16, the
-    one dtype torch._grouped_mm takes on CUDA, so both sides round their intermediates to it (3e-2: a few bf16
-    steps of the largest entry)."""
+    """The layer megatron-core builds around torch._grouped_mm (the benchmark's peer), every gradient; bf16 as
+    above."""
     ex = experts(T, K, E, empty, seed=T)
     plan, rmap = ops.routing_plan(ex, E), peers.routing_map(ex, E)
     offs = plan.offsets_E1[1:].to(torch.int32)
-    bf16 = torch.bfloat16
-    inputs = [randn(T, D, seed=1, dtype=bf16), randn(T, K, seed=2, dtype=bf16)]
-    inputs += [randn(E, 2 * F, D, seed=3, scale=D**-0.5, dtype=bf16), randn(E, D, F, seed=4, scale=F**-0.5, dtype=bf16)]
+    inputs = bf16_layer_inputs(T, K, E, D, F)
     ours = out_and_grads(lambda x, p, gu, d: ops.swiglu_experts(x, p, plan, gu, d), inputs)
     theirs = out_and_grads(
         lambda x, p, gu, d: peers.megatron_grouped_mm_swiglu_experts(x, peers.probs_map(p, ex, E), rmap, offs, gu, d),
