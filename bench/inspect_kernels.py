@@ -7,6 +7,7 @@
     python bench/inspect_kernels.py --arch 80        # the tiles an A100 gets (no TMA, no wgmma)
     python bench/inspect_kernels.py --arch 100 --check   # B200: the Hopper tiles, tcgen05 MMAs
     python bench/inspect_kernels.py --candidates swiglu,swiglu_bwd   # each sweep candidate of these kinds
+    python bench/inspect_kernels.py --shape S --experts 256 --ops routing   # the routing kernels at 256 experts
 
 The layer's forward and backward run once with every kernel launch intercepted (nothing executes); each launch is
 compiled ahead of time for the target with the argument specialisation the JIT applies on a GPU (Triton's own
@@ -46,6 +47,8 @@ ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 ap.add_argument("--shape", default="XL", choices=["G", "S", "XL"])
 ap.add_argument("--tokens", type=int, default=8192)
 ap.add_argument("--top-k", type=int, default=2)
+ap.add_argument("--experts", type=int, help="experts per layer instead of the shape's (e.g. 256: routing at many)")
+ap.add_argument("--ops", metavar="OPS", help="comma list of the ops to compile (e.g. routing), instead of all")
 ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
 ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200)")
 ap.add_argument("--dump", help="folder for each kernel's TTGIR and PTX")
@@ -71,6 +74,9 @@ KIND_OPS = {
     "ew": ["swiglu bwd pass"],
     "rows": ["permute", "unpermute", "unpermute bwd"],
 }
+OPS = [o.strip() for o in args.ops.split(",") if o.strip()] if args.ops else None
+if args.experts is not None and args.experts < args.top_k:
+    ap.error(f"--experts {args.experts}: fewer experts than --top-k {args.top_k}")
 KINDS = [k.strip() for k in (args.candidates or "").split(",") if k.strip()]
 if unknown := sorted(set(KINDS) - set(SWEEP)):
     ap.error(f"--candidates: no sweep candidates for {unknown} (kinds: {', '.join(SWEEP)})")
@@ -162,6 +168,7 @@ def record_layer() -> list:
     ops.checks.check_ids = lambda *a: None  # the routing kernels are recorded, not run: their id flag says nothing
     ops.common.persistent_programs = lambda device, per_sm: per_sm * 132  # an H100's SMs (the grid is not compiled in)
     D, F, E = SHAPES[args.shape]
+    E = args.experts or E
     T, K = args.tokens, args.top_k
     R = T * K
     dt = torch.bfloat16 if args.dtype == "bf16" else torch.float16
@@ -324,7 +331,7 @@ def compile_layer(tile_kinds: dict, labels: list[str] | None = None) -> list:
 def main():
     print(
         f"triton {triton.__version__}, sm_{args.arch}, {args.shape} {args.dtype}, {args.tokens} tokens, "
-        f"top-{args.top_k}",
+        f"top-{args.top_k}{f', {args.experts} experts' if args.experts else ''}",
         file=sys.stderr,
     )
     if KINDS:  # one table per kind: a row per candidate and kernel it sets
@@ -348,7 +355,12 @@ def main():
         if args.check and bad:
             sys.exit("check failed:\n" + "\n".join(bad))
         return
-    rows = compile_layer(overrides())
+    if OPS:
+        with ops.tile_overrides(**overrides()):
+            recorded = dict.fromkeys(launch[0] for launch in record_layer())
+        if unknown := [op for op in OPS if op not in recorded]:
+            ap.error(f"--ops: no launches of {', '.join(unknown)} (ops: {', '.join(recorded)})")
+    rows = compile_layer(overrides(), OPS)
     print(f"\n| op | {HEADER[2:]}")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|")
     for label, name, r in rows:

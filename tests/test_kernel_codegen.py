@@ -107,6 +107,18 @@ def test_gemm_kernels_compile_pipelined_for_sm90(mode):
 
 
 @pytest.mark.skipif(not _ptxas_available(), reason="this Triton build has no NVIDIA backend / bundled ptxas")
+@pytest.mark.parametrize("experts", [8, 64, 256])
+def test_routing_kernels_do_not_spill_at_many_experts(experts):
+    """The routing kernels' one-hot blocks shrink as the experts grow, and the scan kernel's expert order compares
+    16 experts at a time: at 128 and 256 experts the order in one [E, E] piece spilled (516 B and 11 KB, sm_90)."""
+    rows = _inspect("--shape", "S", "--experts", str(experts), "--ops", "routing")
+    kernels = {cells[1]: cells for cells in rows}
+    assert set(kernels) == {"_route_hist_kernel", "_route_scan_kernel", "_route_rank_kernel"}, kernels
+    for name, cells in kernels.items():
+        assert cells[6] == "0/0", (experts, name, cells)  # spill stores / loads, bytes
+
+
+@pytest.mark.skipif(not _ptxas_available(), reason="this Triton build has no NVIDIA backend / bundled ptxas")
 def test_maxnreg_caps_the_registers_of_one_kind():
     """``maxnreg`` reaches the compiler: the down forward (kind ``gmm``, 176 registers at its default tiles) stays
     within a cap of 160, while the down dW (kind ``dw``, 195) keeps what it takes. (A cap below what a tile's
