@@ -60,7 +60,7 @@ def randn(*shape, seed: int, scale: float = 1.0, dtype: torch.dtype = torch.floa
 
 def out_and_grads(fn, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
     out = fn(*inputs)
-    probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(99)).to(DEVICE)
+    probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(99)).to(DEVICE, out.dtype)
     return [out.detach(), *torch.autograd.grad(out, inputs, probe)]
 
 
