@@ -8,8 +8,9 @@
 # (bench_train.py: S/2 and XL/2, our kernels vs the torch reference vs the official loop, 160 s: XL/2 needs about
 # 150 on an H200), then the host's time to issue one layer per tile set at S and XL (bench_issue.py). S/2 under run
 # 3's tiles against the tiles now is no longer timed: runs 5 and 6 both measured run 3's faster there (host-bound).
-# Logs and JSON go to $OUT (else bench/results/): at most 8 files, what the device tool brings back. The megatron-core and DeepSpeed rows and tests and the host-read tests need
-# wheels the GPU hosts cannot download (gpu_common.sh says how to fetch them here, once; then carry .whl):
+# Logs and JSON go to $OUT (else bench/results/): at most 8 files, what the device tool brings back. The
+# megatron-core and DeepSpeed rows and tests and the host-read tests need wheels the GPU hosts cannot download
+# (gpu_common.sh says how to fetch them here, once; then carry .whl):
 #
 #   bash bench/gpu_final.sh                                                            # there, with .whl carried
 # Shards name tests, not bare words: on the H100 host `-k "tma and not same_bits"` selected 72 tests (7 here). Run 6

@@ -23,19 +23,20 @@ from __future__ import annotations
 
 import functools
 import importlib
-import os
 from types import SimpleNamespace
 
 import torch
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+from ditmoe_kernels.triton_ops.common import INTERPRET
+
 _DS_TRITON = ("group_gemm_triton", "autoep_fused_token_ops", "swiglu_triton")
 
 
 @functools.cache
 def deepspeed_triton() -> SimpleNamespace:
-    """DeepSpeed's Triton op modules: ``gemm`` (group_gemm_triton), ``tokens`` (autoep_fused_token_ops), ``swiglu``
-    (swiglu_triton). Raises ImportError without DeepSpeed, RuntimeError where its Triton kernels cannot run."""
+    """DeepSpeed's Triton op modules ``gemm`` (group_gemm_triton) and ``tokens`` (autoep_fused_token_ops), with its
+    fused SwiGLU (swiglu_triton, which AutoEP's experts call) defined too. Raises ImportError without DeepSpeed,
+    RuntimeError where its Triton kernels cannot run."""
     import triton
     from deepspeed.ops.triton_ops import _triton as flag
 
@@ -51,7 +52,7 @@ def deepspeed_triton() -> SimpleNamespace:
         gemm._group_gemm_dw_kernel.configs = [triton.Config({"BLOCK_K": 16, "BLOCK_N": 32, "BLOCK_M": 16})]
     if not mods[0]._TRITON_AVAILABLE:
         raise RuntimeError("DeepSpeed's Triton ops need a GPU (or TRITON_INTERPRET=1 set before Triton is imported)")
-    return SimpleNamespace(gemm=mods[0], tokens=mods[1], swiglu=mods[2])
+    return SimpleNamespace(gemm=mods[0], tokens=mods[1])
 
 
 def deepspeed_grouped_mm(x_RI: torch.Tensor, w_EOI: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
