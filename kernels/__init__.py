@@ -8,8 +8,9 @@ config. Backends:
     naive   ``naive``: the official DiT-MoE per-expert loop over boolean masks (any device), a baseline to compare
             against; same routing plan, results equal to ``torch``
     auto    triton on CUDA where available, torch elsewhere
-Every backend checks its inputs alike (``checks``): expert ids out of range and shapes that do not fit the routing
-plan raise ValueError naming them.
+Every backend checks its inputs alike (``checks``): expert ids out of range, shapes that do not fit the routing
+plan and integer tensors where values are multiplied raise ValueError naming them. The Triton kernels compute in
+float32, bfloat16 or float16 and refuse other dtypes (float64: use ``torch``).
 """
 
 from __future__ import annotations

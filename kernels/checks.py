@@ -75,6 +75,14 @@ def check_shape(name: str, t: torch.Tensor | None, want: tuple[int | None, ...],
         raise ValueError(f"{name} {tuple(t.shape)} must be [{dims}] = [{sizes}]: {why}")
 
 
+def check_floating(**tensors: torch.Tensor | None) -> None:
+    """Raise ValueError unless every tensor given holds floating-point values (an integer one would be multiplied
+    and rounded back to integers without a word)."""
+    for name, t in tensors.items():
+        if t is not None and not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+
+
 def check_same_device(plan, **tensors: torch.Tensor | None) -> None:
     """Raise ValueError unless every tensor given lives on the routing plan's device."""
     device = plan.sorted_flat_R.device
@@ -93,6 +101,7 @@ def check_unpermute(y_RD: torch.Tensor, weights_TK: torch.Tensor, plan) -> None:
     T, K, _ = plan_sizes(plan)
     check_shape("y_RD", y_RD, (T * K, None), "R, D", f"R = {T * K} rows in the routing plan ({T} tokens x {K})")
     check_shape("weights_TK", weights_TK, (T, K), "T, K", f"the routing plan's {T} tokens x {K} choices")
+    check_floating(y_RD=y_RD, weights_TK=weights_TK)
     check_same_device(plan, y_RD=y_RD, weights_TK=weights_TK)
 
 
@@ -104,6 +113,7 @@ def check_grouped_mm(x_RI: torch.Tensor, w_EOI: torch.Tensor, plan, bias_EO: tor
     if bias_EO is not None:
         O = w_EOI.shape[1]
         check_shape("bias_EO", bias_EO, (E, O), "E, O", f"E = {E} experts, O = {O} rows of each expert's weight")
+    check_floating(x_RI=x_RI, w_EOI=w_EOI, bias_EO=bias_EO)
     check_same_device(plan, x_RI=x_RI, w_EOI=w_EOI, bias_EO=bias_EO)
 
 
@@ -121,6 +131,7 @@ def check_swiglu(x_TD, weights_TK, plan, gate_up_E2FD, down_EDF) -> None:
     F = down_EDF.shape[2]
     why = f"E = {E} experts in the plan, D = {D} columns of x, 2F rows (gate, then up) for F = {F} columns of down"
     check_shape("gate_up", gate_up_E2FD, (E, 2 * F, D), "E, 2F, D", why)
+    check_floating(x_TD=x_TD, weights_TK=weights_TK, gate_up=gate_up_E2FD, down=down_EDF)
     check_same_device(plan, x_TD=x_TD, weights_TK=weights_TK, gate_up=gate_up_E2FD, down=down_EDF)
 
 
@@ -134,4 +145,5 @@ def check_gelu(x_TD, weights_TK, plan, fc1_EFD, fc1_bias_EF, fc2_EDF, fc2_bias_E
     if fc2_bias_ED is not None:
         check_shape("fc2_bias", fc2_bias_ED, (E, D), "E, D", f"E = {E} experts, D = {D} columns of x")
     tensors = dict(fc1=fc1_EFD, fc1_bias=fc1_bias_EF, fc2=fc2_EDF, fc2_bias=fc2_bias_ED)
+    check_floating(x_TD=x_TD, weights_TK=weights_TK, **tensors)
     check_same_device(plan, x_TD=x_TD, weights_TK=weights_TK, **tensors)

@@ -586,6 +586,50 @@ def test_dispatch_refuses_shapes_that_do_not_fit_the_plan(backend, case):
         calls[case]()
 
 
+DTYPE_CASES = {
+    "integer x": r"x_TD must be a floating-point tensor, got dtype torch.int64",
+    "integer routing weights": r"weights_TK must be a floating-point tensor, got dtype torch.int32",
+    "integer gelu bias": r"fc2_bias must be a floating-point tensor, got dtype torch.int16",
+    "integer unpermute rows": r"y_RD must be a floating-point tensor, got dtype torch.int64",
+    "integer grouped_mm weight": r"w_EOI must be a floating-point tensor, got dtype torch.int64",
+}
+
+
+@pytest.mark.parametrize(
+    "backend,case",
+    [(b, c) for b in BACKENDS for c in DTYPE_CASES if not (b == "naive" and "grouped_mm" in c)],
+)
+def test_dispatch_refuses_integer_tensors(backend, case):
+    """Integer values would be multiplied and rounded back to integers (the Triton path returned int64 experts'
+    outputs); every backend refuses them, naming the tensor."""
+    mod = BACKENDS[backend]
+    x, w, gu, d = (t.detach() for t in _expert_inputs(9, 2, 3, 16, 24, "swiglu", torch.float32))
+    _, _, fc1, b1, fc2, b2 = (t.detach() for t in _expert_inputs(9, 2, 3, 16, 24, "gelu", torch.float32))
+    plan = mod.routing_plan(make_experts(9, 2, 3, seed=1), 3)
+    calls = {
+        "integer x": lambda: mod.swiglu_experts(x.long(), w, plan, gu, d),
+        "integer routing weights": lambda: mod.swiglu_experts(x, w.int(), plan, gu, d),
+        "integer gelu bias": lambda: mod.gelu_experts(x, w, plan, fc1, b1, fc2, b2.short()),
+        "integer unpermute rows": lambda: mod.unpermute(torch.cat([x, x]).long(), w, plan),
+        "integer grouped_mm weight": lambda: mod.grouped_mm(torch.cat([x, x]), gu.long(), plan),
+    }
+    with pytest.raises(ValueError, match=DTYPE_CASES[case]):
+        calls[case]()
+
+
+def test_triton_refuses_dtypes_it_has_no_kernels_for():
+    """float64 (or an autocast dtype outside fp32/bf16/fp16) would compile the bf16 tile table for it on a GPU: the
+    Triton path refuses it and points to the torch backend, which takes it."""
+    x, w, gu, d = (t.detach().double() for t in _expert_inputs(9, 2, 3, 16, 24, "swiglu", torch.float32))
+    plan = ops.routing_plan(make_experts(9, 2, 3, seed=1), 3)
+    with pytest.raises(ValueError, match=r"x_TD's dtype is torch.float64: use the 'torch' backend"):
+        ops.swiglu_experts(x, w, plan, gu, d)
+    with pytest.raises(ValueError, match=r"x_RI's dtype is torch.float64"):
+        ops.grouped_mm(torch.cat([x, x]), gu, plan)
+    ref_plan = ref.routing_plan(make_experts(9, 2, 3, seed=1).cpu(), 3)
+    ref.swiglu_experts(x.cpu(), w.cpu(), ref_plan, gu.cpu(), d.cpu())  # the reference takes float64
+
+
 @needs_cuda
 def test_out_of_range_ids_assert_on_cuda():
     """On a GPU the id check runs on the device (no host sync): a bad id fails the next synchronising call with a

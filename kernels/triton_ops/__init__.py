@@ -302,10 +302,21 @@ class _GeluExperts(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _compute_dtype(name: str, x: torch.Tensor) -> torch.dtype:
+    """The dtype the kernels compute in: ``x``'s, or the autocast dtype under autocast. ValueError for any but
+    ``KERNEL_DTYPES`` (the tile tables and MMAs exist for those alone)."""
+    autocast = torch.is_autocast_enabled(x.device.type)
+    dt = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
+    if dt not in KERNEL_DTYPES:
+        source = f"the autocast dtype (with {name} in {x.dtype})" if autocast else f"{name}'s dtype"
+        raise ValueError(
+            f"the Triton kernels compute in float32, bfloat16 or float16, but {source} is {dt}: use the 'torch' "
+            "backend (DITMOE_MOE_BACKEND=torch) for it"
+        )
+    return dt
 
 
 def _cast(t, dtype):
@@ -333,7 +344,7 @@ def grouped_mm(x_RI: torch.Tensor, w_EOI: torch.Tensor, plan: RoutingPlan, bias_
     """Per-expert ``x @ w[e].T (+ b[e])`` on contiguous row groups; rows past the kept ones are zero. [R, O].
     Weights and bias are cast to the dtype of x (to the autocast dtype under autocast)."""
     checks.check_grouped_mm(x_RI, w_EOI, plan, bias_EO)
-    dt = _compute_dtype(x_RI)
+    dt = _compute_dtype("x_RI", x_RI)
     with torch.autocast(x_RI.device.type, enabled=False):
         return _GroupedMM.apply(_cast(x_RI, dt), _cast(w_EOI, dt), _cast(bias_EO, dt), plan_meta(plan))
 
@@ -342,7 +353,7 @@ def swiglu_experts(x_TD, weights_TK, plan, gate_up_E2FD, down_EDF) -> torch.Tens
     """Routed SwiGLU experts: ``down(silu(gate(x)) * up(x))`` per expert (``gate_up`` [E, 2F, D]: the gate rows,
     then the up rows), combined with the routing weights."""
     checks.check_swiglu(x_TD, weights_TK, plan, gate_up_E2FD, down_EDF)
-    dt = _compute_dtype(x_TD)
+    dt = _compute_dtype("x_TD", x_TD)
     with torch.autocast(x_TD.device.type, enabled=False):
         train = _training(x_TD, weights_TK, gate_up_E2FD, down_EDF)
         return _SwigluExperts.apply(
@@ -353,7 +364,7 @@ def swiglu_experts(x_TD, weights_TK, plan, gate_up_E2FD, down_EDF) -> torch.Tens
 def gelu_experts(x_TD, weights_TK, plan, fc1_EFD, fc1_bias_EF, fc2_EDF, fc2_bias_ED) -> torch.Tensor:
     """Routed GELU (tanh) experts as in DiT's MLP, for upcycling a dense DiT."""
     checks.check_gelu(x_TD, weights_TK, plan, fc1_EFD, fc1_bias_EF, fc2_EDF, fc2_bias_ED)
-    dt = _compute_dtype(x_TD)
+    dt = _compute_dtype("x_TD", x_TD)
     with torch.autocast(x_TD.device.type, enabled=False):
         return _GeluExperts.apply(
             _cast(x_TD, dt),
