@@ -51,6 +51,12 @@ def test_xl_and_g_use_qk_norm():
         (dict(name="DiT-MoE-S/2-8E2A", moe=dict(balance_loss_alpha=-0.1)), "-0.1"),
         (dict(name="DiT-MoE-S/2-8E2A", moe=dict(capacity_factor=0)), "capacity_factor"),
         (dict(name="DiT-MoE-S/2-8E2A", depthh=3), "depthh"),
+        (dict(name="DiT-MoE-S/2-8E2A", image_size=-16), "image size must be >= 1, got -16"),
+        (dict(name="DiT-MoE-S/0-8E2A", image_size=32, latent=False), "patch_size must be >= 1, got 0"),
+        (dict(name="DiT-MoE-S/2-8E2A", num_heads=0), "num_heads must be >= 1, got 0"),
+        (dict(name="DiT-MoE-S/2-8E2A", depth=0), "depth must be >= 1, got 0"),
+        (dict(name="DiT-MoE-S/2-8E2A", moe=dict(mlp_ratio=0.001)), "mlp_ratio 0.001 x hidden_size 384"),
+        (dict(name="DiT-MoE-S/2-8E2A", moe=dict(shared_expert_ratio=0.001)), "shared_expert_ratio 0.001"),
     ],
 )
 def test_bad_model_config_names_the_value(kwargs, needle):
@@ -68,7 +74,15 @@ def test_info_command(capsys):
     assert "199,307,552" in out and "15.43" in out
 
 
-def test_info_command_bad_preset_is_one_clear_line(capsys):
-    assert main(["info", "--model", "DiT-MoE-Z/2-8E2A"]) == 2
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--model", "DiT-MoE-Z/2-8E2A"], "'Z'"),
+        (["--model", "DiT-MoE-S/2-8E2A", "--image-size", "-16"], "image size must be >= 1, got -16"),
+        (["--model", "DiT-MoE-S/0-8E2A"], "patch_size must be >= 1, got 0"),
+    ],
+)
+def test_info_command_bad_input_is_one_clear_line(capsys, args, needle):
+    assert main(["info", *args]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "'Z'" in err
+    assert err.count("\n") == 0 and needle in err

@@ -67,6 +67,14 @@ class MoEConfig:
         if self.backend not in ("auto", "torch", "triton", "naive"):
             raise ConfigError(f"moe backend must be 'auto', 'torch', 'triton' or 'naive', got {self.backend!r}")
 
+    def expert_width(self, hidden_size: int) -> int:
+        """Intermediate width F of each routed expert."""
+        return int(self.mlp_ratio * hidden_size)
+
+    def shared_width(self, hidden_size: int) -> int:
+        """Intermediate width of the shared expert (0: none)."""
+        return int(self.shared_expert_ratio * hidden_size)
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -92,6 +100,9 @@ class ModelConfig:
         return (self.input_size // self.patch_size) ** 2
 
     def validate(self) -> None:
+        for name in ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.input_size % self.patch_size:
@@ -103,6 +114,15 @@ class ModelConfig:
         if not 0 <= self.class_dropout_prob < 1:
             raise ConfigError(f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
         self.moe.validate()
+        if self.moe.expert_width(self.hidden_size) < 1:
+            raise ConfigError(
+                f"mlp_ratio {self.moe.mlp_ratio} x hidden_size {self.hidden_size} leaves the routed experts no width"
+            )
+        if self.moe.shared_expert_ratio > 0 and self.moe.shared_width(self.hidden_size) < 1:
+            raise ConfigError(
+                f"shared_expert_ratio {self.moe.shared_expert_ratio} x hidden_size {self.hidden_size} leaves the "
+                "shared expert no width (0 turns it off)"
+            )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -142,6 +162,8 @@ def model_config(
     if size not in SIZES:
         raise ConfigError(f"unknown model size {size!r} in preset {name!r}; known sizes: {', '.join(SIZES)}")
     depth, hidden, heads, qk_norm = SIZES[size]
+    if image_size < 1:
+        raise ConfigError(f"image size must be >= 1, got {image_size}")
     if latent:
         if image_size % 8:
             raise ConfigError(f"image size {image_size} is not divisible by 8 (the SD-VAE downsampling factor)")

@@ -35,8 +35,8 @@ def forward_macs(cfg: ModelConfig, include_attention_scores: bool) -> float:
     """Multiply-accumulates of one forward pass for one image."""
     T, D, p = cfg.num_tokens, cfg.hidden_size, cfg.patch_size
     E, K = cfg.moe.num_experts, cfg.moe.top_k
-    F_routed = int(cfg.moe.mlp_ratio * D)
-    F_shared = int(cfg.moe.shared_expert_ratio * D)
+    F_routed = cfg.moe.expert_width(D)
+    F_shared = cfg.moe.shared_width(D)
     mats_per_expert = 3 if cfg.moe.expert_act == "swiglu" else 2  # gate, up, down | fc1, fc2
     embed = T * D * cfg.in_channels * p * p + 256 * D + D * D  # patches + timestep MLP
     block = (

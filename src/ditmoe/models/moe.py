@@ -136,11 +136,11 @@ class MoEFeedForward(nn.Module):
         self.experts = StackedExperts(
             cfg.num_experts,
             hidden_size,
-            int(cfg.mlp_ratio * hidden_size),
+            cfg.expert_width(hidden_size),
             cfg.expert_act,
             local_experts=self.expert_shard.global_expert_ids,
         )
-        shared = int(cfg.shared_expert_ratio * hidden_size)
+        shared = cfg.shared_width(hidden_size)
         self.shared_expert = SwiGLU(hidden_size, shared) if shared > 0 else None
 
     def capacity(self, num_tokens: int) -> int | None:
