@@ -119,6 +119,7 @@ def test_analyze_cli_bad_input_is_one_clear_line(run, tmp_path, capsys):
     assert main([*base, "--data", str(other)]) == 2
     err = capsys.readouterr().err.strip()
     assert "(1, 8, 8)" in err and "(1, 16, 16)" in err and err.count("\n") == 0
-    assert main([*base, "--data", str(run / "data"), "--max-images", "0"]) == 2
-    assert "--max-images must be at least 1, got 0" in capsys.readouterr().err
+    for flag, value in (("--max-images", "0"), ("--batch-size", "0"), ("--levels", "-1")):
+        assert main([*base, "--data", str(run / "data"), flag, value]) == 2
+        assert f"{flag} must be at least 1, got {value}" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()  # nothing written on bad input

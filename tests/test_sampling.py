@@ -5,12 +5,16 @@ import json
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 from ditmoe.cli import main
+from ditmoe.config import ConfigError
 from ditmoe.data.digits import prepare_digits
 from ditmoe.demo import run_demo
 from ditmoe.sampling.sample import generate, load_sampler
+from ditmoe.training.checkpoint import CheckpointError
 from ditmoe.training.config import train_config
+from ditmoe.training.export import META_KEY, export_safetensors, load_exported
 from ditmoe.training.loop import train
 
 
@@ -48,6 +52,9 @@ def test_sample_cli_writes_one_row_per_class(run, tmp_path, capsys):
     [
         (["--classes", "0,12"], "[12]"),
         (["--steps", "ddim0"], "ddim0"),
+        (["--per-class", "0"], "--per-class must be at least 1, got 0"),
+        (["--upscale", "0"], "--upscale must be at least 1, got 0"),
+        (["--classes", "1,,2"], "--classes must be comma-separated class ids, got '1,,2'"),
         (["--kernel-tiles", '{"rows": {"BQ": 1}}'], "rows has no setting 'BQ'"),
     ],
 )
@@ -60,6 +67,33 @@ def test_sample_cli_bad_input_is_one_clear_line(run, tmp_path, capsys, argv, nee
 def test_sample_cli_missing_checkpoint(tmp_path, capsys):
     assert main(["sample", "--ckpt", str(tmp_path / "nowhere")]) == 2
     assert str(tmp_path / "nowhere") in capsys.readouterr().err
+
+
+def test_generate_refuses_no_labels(run):
+    with pytest.raises(ValueError, match="no class labels given"):
+        generate(load_sampler(run), [], steps="ddim2", progress=False)
+
+
+def test_exported_file_loads_the_weights_it_holds_and_nothing_less(run, tmp_path):
+    """An export holds one kind of weights: asking for the other is an error, not a silent swap; a file missing
+    entries (truncated, or edited) is refused, not loaded into a partly random model."""
+    ema_file = export_safetensors(run, tmp_path / "ema.safetensors", ema=True)
+    raw_file = export_safetensors(run, tmp_path / "raw.safetensors", ema=False)
+    raw = load_sampler(run, ema=False).model.state_dict()
+    assert all(torch.equal(v, raw[k]) for k, v in load_sampler(raw_file, ema=False).model.state_dict().items())
+    with pytest.raises(ConfigError, match="holds the EMA weights alone, not the raw ones"):
+        load_sampler(ema_file, ema=False)
+    with pytest.raises(ConfigError, match="holds the raw weights alone, not the EMA ones"):
+        load_sampler(raw_file, ema=True)
+    weights, meta = load_exported(ema_file)
+    cut = {k: v for k, v in weights.items() if not k.startswith("blocks.0.")}
+    save_file(cut, str(tmp_path / "cut.safetensors"), metadata={META_KEY: json.dumps(meta)})
+    with pytest.raises(CheckpointError, match=r"ema weights in .*cut.safetensors lack \d+ entries, e.g. \['blocks.0"):
+        load_sampler(tmp_path / "cut.safetensors")
+    extra = {**weights, "blocks.99.mlp.weight": weights["final_layer.linear.weight"].clone()}
+    save_file(extra, str(tmp_path / "extra.safetensors"), metadata={META_KEY: json.dumps(meta)})
+    with pytest.raises(ConfigError, match=r"hold 1 entries this model lacks, e.g. \['blocks.99.mlp.weight'\]"):
+        load_sampler(tmp_path / "extra.safetensors")
 
 
 def test_ema_and_raw_weights_differ_and_sampling_is_seeded(run):

@@ -150,16 +150,33 @@ def cmd_prepare(args) -> int:
     return 0
 
 
+def _require_at_least_one(args, *flags: str) -> None:
+    """ValueError naming the first of these integer options below 1."""
+    for flag in flags:
+        value = getattr(args, flag.removeprefix("--").replace("-", "_"))
+        if value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
+
+
+def _class_ids(text: str) -> list[int]:
+    """--classes "0,3,7" -> [0, 3, 7]."""
+    try:
+        return [int(c) for c in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--classes must be comma-separated class ids, got {text!r}") from None
+
+
 def cmd_sample(args) -> int:
     from ditmoe.sampling.sample import generate, load_sampler, save_grid
     from ditmoe.training.config import kernel_tiles
     from ditmoe_kernels.tiles import tile_overrides
 
+    _require_at_least_one(args, "--per-class", "--upscale")
     tiles = kernel_tiles(args.kernel_tiles)
-    sampler = load_sampler(args.ckpt, ema=not args.no_ema)
+    sampler = load_sampler(args.ckpt, ema=False if args.no_ema else None)
     if sampler.data.get("format") == "latent":
         raise ConfigError(f"{sampler.checkpoint} generates VAE latents; decoding them needs a VAE (not supported yet)")
-    classes = [int(c) for c in args.classes.split(",")] if args.classes else list(range(sampler.model.cfg.num_classes))
+    classes = _class_ids(args.classes) if args.classes else list(range(sampler.model.cfg.num_classes))
     labels = [c for c in classes for _ in range(args.per_class)]
     with tile_overrides(**tiles):
         images = generate(
@@ -183,9 +200,8 @@ def cmd_analyze(args) -> int:
     from ditmoe.data.shards import load_split_tensors
     from ditmoe.sampling.sample import load_sampler
 
-    if args.max_images < 1:
-        raise ValueError(f"--max-images must be at least 1, got {args.max_images}")
-    sampler = load_sampler(args.ckpt, ema=not args.no_ema)
+    _require_at_least_one(args, "--max-images", "--levels", "--batch-size")
+    sampler = load_sampler(args.ckpt, ema=False if args.no_ema else None)
     cfg = sampler.model.cfg
     x, y = load_split_tensors(Path(args.data), args.split)
     want = (cfg.in_channels, cfg.input_size, cfg.input_size)

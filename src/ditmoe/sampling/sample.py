@@ -9,12 +9,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ditmoe.config import ModelConfig
+from ditmoe.config import ConfigError, ModelConfig
 from ditmoe.diffusion import Diffusion, create_diffusion, guided_model_fn
 from ditmoe.models.dit import DiTMoE
 from ditmoe.training import checkpoint as ckpt_io
 from ditmoe.training.export import load_exported
-from ditmoe.training.run_state import load_weights
+from ditmoe.training.run_state import load_state_into, load_weights
 
 
 @dataclass
@@ -25,19 +25,24 @@ class Sampler:
     data: dict  # the dataset manifest the model was trained on
 
 
-def load_sampler(path: Path | str, *, ema: bool = True, device: str | None = None) -> Sampler:
-    """Model (EMA weights by default) and diffusion from a checkpoint, a run directory or an exported file."""
+def load_sampler(path: Path | str, *, ema: bool | None = None, device: str | None = None) -> Sampler:
+    """Model and diffusion from a checkpoint, a run directory or an exported file. ``ema``: the EMA (True) or the
+    raw (False) weights; None: the EMA of a checkpoint, whichever an exported file holds (it holds one)."""
     path = Path(path)
     if path.suffix == ".safetensors":
         weights, saved = load_exported(path)
+        kind = saved["weights"]
+        if ema is not None and kind != ("ema" if ema else "model"):
+            held, asked = ("EMA", "raw") if kind == "ema" else ("raw", "EMA")
+            raise ConfigError(f"{path} holds the {held} weights alone, not the {asked} ones asked for")
         model = DiTMoE(ModelConfig.from_dict(saved["model"]))
-        model.load_state_dict(weights, strict=saved["weights"] == "model")
+        load_state_into(model, weights, kind, path)
         ckpt = path
     else:
         ckpt = ckpt_io.resolve(path)
         saved = ckpt_io.load_config(ckpt)
         model = DiTMoE(ModelConfig.from_dict(saved["model"]))
-        load_weights(ckpt, "ema" if ema else "model", model)
+        load_weights(ckpt, "model" if ema is False else "ema", model)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(dev).eval()
     diffusion = create_diffusion(saved["train"]["diffusion"], learn_sigma=model.cfg.learn_sigma)
@@ -57,13 +62,15 @@ def generate(
 ) -> torch.Tensor:
     """Samples [B, C, H, W] for ``labels``; ``steps`` is a respacing ("250", "ddim50") or Euler steps for RF."""
     model, cfg = sampler.model, sampler.model.cfg
+    if not labels:
+        raise ValueError("no class labels given: nothing to sample")
     bad = sorted({c for c in labels if not 0 <= c < cfg.num_classes})
     if bad:
         raise ValueError(f"class id(s) {bad} out of range for a model with {cfg.num_classes} classes")
     dev = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn(len(labels), cfg.in_channels, cfg.input_size, cfg.input_size, generator=gen).to(dev)
-    y = torch.tensor(labels, device=dev)
+    y = torch.tensor(labels, dtype=torch.long, device=dev)
 
     def model_fn(x, t, y_):
         return model(x, t, y_).prediction

@@ -73,16 +73,26 @@ def load_state(
 
 def load_weights(ckpt: Path, kind: str, model: nn.Module, ctx: DistContext | None = None) -> None:
     """Load ``kind`` weights into ``model``, which may hold a slice of the experts (any EP size)."""
-    state = load_state(ckpt, kind, expert_slices(model), ctx)
+    load_state_into(model, load_state(ckpt, kind, expert_slices(model), ctx), kind, ckpt)
+
+
+def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], kind: str, source: Path) -> None:
+    """Load ``kind`` ("model" or "ema") weights read from ``source`` into ``model``: every entry the model holds
+    (EMA: every floating-point one) must be there, and nothing else."""
     strict = kind == "model"  # EMA holds the floating-point entries only
-    missing = {k for k, v in model.state_dict().items() if strict or v.is_floating_point()} - state.keys()
+    held = model.state_dict()
+    missing = {k for k, v in held.items() if strict or v.is_floating_point()} - state.keys()
     if missing:
         example = sorted(missing)[:3]
-        raise ckpt_io.CheckpointError(f"{kind} weights in {ckpt} lack {len(missing)} entries, e.g. {example}")
+        raise ckpt_io.CheckpointError(f"{kind} weights in {source} lack {len(missing)} entries, e.g. {example}")
+    unexpected = state.keys() - held.keys()
+    if unexpected:
+        example = sorted(unexpected)[:3]
+        raise ConfigError(f"{kind} weights in {source} hold {len(unexpected)} entries this model lacks, e.g. {example}")
     try:
         model.load_state_dict(state, strict=strict)
     except RuntimeError as e:
-        raise ConfigError(f"{kind} weights in {ckpt} do not fit this model: {e}") from e
+        raise ConfigError(f"{kind} weights in {source} do not fit this model: {e}") from e
 
 
 def load_global_state(ckpt: Path, kind: str = "ema") -> dict[str, torch.Tensor]:
