@@ -55,6 +55,36 @@ def test_resume_with_another_preset_is_refused(digits, tmp_path):
         train(smoke(digits, tmp_path / "run", steps=4, model="DiT-MoE-micro/4-8E2A", resume=True), progress=False)
 
 
+@pytest.mark.parametrize("change", [dict(diffusion="rf"), dict(seed=1), dict(batch_size=16)])
+def test_resume_with_another_objective_seed_or_batch_is_refused(digits, tmp_path, change):
+    train(smoke(digits, tmp_path / "run", steps=2), progress=False)
+    ((key, value),) = change.items()
+    saved = {"diffusion": "'ddpm'", "seed": "0", "batch_size": "8"}[key]
+    with pytest.raises(ConfigError, match=rf"trained with {key}={saved} \(now {value!r}\).*--init-from"):
+        train(smoke(digits, tmp_path / "run", steps=4, resume=True, **change), progress=False)
+
+
+def _logged(run: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+
+
+def test_resumed_run_logs_the_same_records_as_an_uninterrupted_one(digits, tmp_path):
+    """A checkpoint ends the log window (log_every 3, ckpt_every 2: windows end at 2, 3, 4, 6), and records logged
+    after the checkpoint a run resumes from (by a process that crashed before its next save) are dropped, a line
+    cut short by the crash too: metrics.jsonl holds each step once, in order, with the uninterrupted run's
+    values."""
+    kw = dict(log_every=3, ckpt_every=2)
+    train(smoke(digits, tmp_path / "full", steps=6, **kw), progress=False)
+    train(smoke(digits, tmp_path / "split", steps=6, **kw), progress=False)
+    root = tmp_path / "split" / "checkpoints"
+    shutil.rmtree(ckpt_io.step_dir(root, 6))  # the crash: steps 5 and 6 logged, step 6 never saved
+    with open(tmp_path / "split" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "loss": 0.')
+    train(smoke(digits, tmp_path / "split", steps=6, resume=True, **kw), progress=False)
+    assert [s for s, _ in _logged(tmp_path / "full")] == [2, 3, 4, 6]
+    assert _logged(tmp_path / "split") == _logged(tmp_path / "full")
+
+
 def test_damaged_newest_checkpoint_falls_back_to_the_previous(digits, tmp_path):
     train(smoke(digits, tmp_path / "run", steps=4, ckpt_every=2), progress=False)
     root = tmp_path / "run" / "checkpoints"
@@ -152,6 +182,7 @@ def test_a_stop_signal_saves_and_stops_a_single_process_run(digits, tmp_path, mo
     assert result.stopped_by_signal and result.step == 3
     assert ckpt_io.newest_valid(out / "checkpoints").name == ckpt_io.step_dir(Path(), 3).name
     assert (out / "REQUEUE").read_text().strip() == "3"
+    assert [s for s, _ in _logged(out)] == [3]  # the steps since the last log are logged before the save
 
 
 def test_kernel_tiles_are_in_force_for_every_step_and_only_during_the_run(digits, tmp_path, monkeypatch):

@@ -96,6 +96,21 @@ def check_same_topology(saved: dict, ctx: DistContext, where: Path) -> None:
         )
 
 
+# What a resumed run must keep: the objective, and what lays out its batches, noise and data order
+RESUME_KEEPS = ("diffusion", "seed", "batch_size", "grad_accum")
+
+
+def check_same_recipe(saved: dict, cfg: TrainConfig, where: Path) -> None:
+    now = cfg.to_dict()
+    diff = [f"{k}={saved[k]!r} (now {now[k]!r})" for k in RESUME_KEEPS if k in saved and saved[k] != now[k]]
+    if diff:
+        raise ConfigError(
+            f"checkpoint {where} was trained with {', '.join(diff)}: a resumed run keeps its "
+            f"{', '.join(RESUME_KEEPS)}. To go on from its weights with other settings, start a new run with "
+            f"--init-from {where}"
+        )
+
+
 def uses_deepspeed(cfg: TrainConfig) -> bool:
     return bool(cfg.deepspeed_config) or launched_world_size() > 1 or dist.is_initialized()
 
@@ -144,6 +159,7 @@ def restore_weights(model: DiTMoE, cfg: TrainConfig, ctx: DistContext, found: Pa
         saved = ckpt_io.load_config(source)
         check_same_model(saved["model"], model.cfg, source)
         if found is not None:
+            check_same_recipe(saved.get("train", {}), cfg, found)
             check_same_topology(saved.get("topology", {}), ctx, found)
         run_state.load_weights(source, "model", model, ctx)
     ema = EMA(model, cfg.ema_decay, warmup=cfg.ema_warmup)
@@ -213,6 +229,7 @@ def _train(cfg: TrainConfig, device: str | None, progress: bool, batches: Iterat
         config=run_config,
         resume_id=wandb_id,
         enabled=is_main,
+        start_step=step,
     )
     loader = None
     if batches is None:
@@ -294,7 +311,11 @@ def _train(cfg: TrainConfig, device: str | None, progress: bool, batches: Iterat
                 throughput.add(cfg.batch_size // ctx.world_size)
             bar.update(1)
 
-            if step % cfg.log_every == 0 or step == cfg.steps:
+            # every rank agrees on stopping; a checkpoint step also ends the log window, so that a resumed run
+            # logs every step and the same windows as an uninterrupted one
+            stop_now = stop.agreed(ctx.device)
+            save_now = step % cfg.ckpt_every == 0 or step == cfg.steps or stop_now
+            if step % cfg.log_every == 0 or save_now:
                 losses_S3 = _mean_over_ranks(torch.stack(window).view(-1, cfg.grad_accum, 3).sum(1))
                 result.losses.extend(losses_S3[:, 0].tolist())
                 routing.all_reduce()
@@ -315,8 +336,7 @@ def _train(cfg: TrainConfig, device: str | None, progress: bool, batches: Iterat
                 window = []
                 throughput.start()
 
-            stop_now = stop.agreed(ctx.device)
-            if step % cfg.ckpt_every == 0 or step == cfg.steps or stop_now:
+            if save_now:
                 with throughput.paused():
                     save()
             if stop_now:

@@ -25,8 +25,10 @@ class MetricsLogger:
         config: dict,
         resume_id=None,
         enabled: bool = True,
+        start_step: int = 0,
     ):
-        """``enabled=False`` (ranks other than 0): ``log`` does nothing."""
+        """``enabled=False`` (ranks other than 0): ``log`` does nothing. ``start_step``: the step training goes on
+        from; records of later steps in ``metrics.jsonl`` (logged before a crash, to be logged again) are dropped."""
         self.out_dir = Path(out_dir)
         self.enabled = enabled
         self.wandb_run = None
@@ -34,7 +36,9 @@ class MetricsLogger:
         if not enabled:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(self.out_dir / "metrics.jsonl", "a")  # noqa: SIM115 (closed in close())
+        path = self.out_dir / "metrics.jsonl"
+        _drop_records_after(path, start_step)
+        self.jsonl = open(path, "a")  # noqa: SIM115 (closed in close())
         if use_wandb:
             import wandb
 
@@ -72,6 +76,27 @@ class MetricsLogger:
             self.jsonl.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()
+
+
+def _drop_records_after(path: Path, step: int) -> None:
+    """Rewrite ``path`` (a temporary file, then a rename) without the records of steps after ``step``, nor a line
+    cut short by a crash."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    keep = [line for line in lines if _record_step(line) <= step]
+    if len(keep) < len(lines):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(keep))
+        tmp.replace(path)
+
+
+def _record_step(line: str) -> float:
+    """The step of a ``metrics.jsonl`` line; infinity for one that is not a whole record."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")
 
 
 def _fmt(v) -> str:
