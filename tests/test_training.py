@@ -148,6 +148,8 @@ def test_metrics_carry_per_layer_utilisation(digits, tmp_path):
         (["--batch-size", "8", "--grad-accum", "3"], "batch_size=8 does not split over 1 ranks x grad_accum=3"),
         (["--kernel-tiles", "/nonexistent/tiles.json"], "kernel_tiles '/nonexistent/tiles.json'"),
         (["--kernel-tiles", '{"gmm": {"BX": 1}}'], "gmm has no setting 'BX'"),
+        (["--keep-last", "-1"], "keep_last must be >= 0, got -1"),
+        (["--num-workers", "-1"], "num_workers must be >= 0, got -1"),
     ],
 )
 def test_train_cli_bad_input_is_one_clear_line(digits, tmp_path, capsys, argv, needle):
@@ -155,6 +157,15 @@ def test_train_cli_bad_input_is_one_clear_line(digits, tmp_path, capsys, argv, n
     assert main(base + argv) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and err.count("\n") == 0
+
+
+def test_train_cli_out_that_is_a_file_is_one_clear_line(digits, tmp_path, capsys):
+    (tmp_path / "afile").write_text("notes")
+    argv = ["train", "--preset", "digits-smoke", "--data", str(digits), "--out", str(tmp_path / "afile")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"out {tmp_path / 'afile'} is a file" in err and err.count("\n") == 0
+    assert (tmp_path / "afile").read_text() == "notes"
 
 
 def test_a_stop_signal_saves_and_stops_a_single_process_run(digits, tmp_path, monkeypatch):

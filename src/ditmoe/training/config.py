@@ -34,7 +34,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 100
     ckpt_every: int = 5000
-    keep_last: int = 3
+    keep_last: int = 3  # committed checkpoints kept; 0 keeps all
     num_workers: int = 0
     wandb: bool = False
     wandb_project: str = "ditmoe"
@@ -52,6 +52,9 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every", "ep_size", "max_skipped_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("keep_last", "num_workers"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if self.diffusion not in ("ddpm", "rf"):

@@ -180,6 +180,8 @@ def train(
 
 def _train(cfg: TrainConfig, device: str | None, progress: bool, batches: Iterator | None) -> TrainResult:
     out_dir = Path(cfg.out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"out {out_dir} is a file; the run's folder (checkpoints, metrics) must be a directory")
     ckpt_root = out_dir / "checkpoints"
     manifest = read_manifest(cfg.data)
     mcfg = model_config_for_data(cfg, manifest)
