@@ -256,6 +256,9 @@ def test_space_timesteps_strings():
     assert len(sections) == 45
     assert sum(s < 100 for s in sections) == 10 and sum(100 <= s < 200 for s in sections) == 15
     assert sections[0] == 0 and sections[9] == 99 and sections[10] == 100 and sections[-1] == 299
+    # IDDPM sums the fractional stride 999 / 20 = 49.95; ten of them come to 499.49999..., which rounds to 499
+    # (10 * 49.95 = 499.5 would round to 500): the steps official samples were drawn at
+    assert sorted(space_timesteps(1000, "21"))[9:12] == [450, 499, 549]
 
 
 @pytest.mark.parametrize("bad", ["ddim999", "1001", "abc", "0", "ddim", "300,300,300,300", "-5", -3, "10,,5"])

@@ -49,7 +49,11 @@ def space_timesteps(num_timesteps: int, spacing: str | int | None) -> set[int]:
         if count > size:
             raise ValueError(f"respacing {spacing!r}: section {i} has {size} steps, cannot take {count}")
         stride = 1.0 if count <= 1 else (size - 1) / (count - 1)
-        kept.extend(start + round(j * stride) for j in range(count))
+        # the stride is summed, not multiplied (j * stride), as IDDPM does: "21" keeps step 499 there, not 500
+        index = 0.0
+        for _ in range(count):
+            kept.append(start + round(index))
+            index += stride
         start += size
     return set(kept)
 
