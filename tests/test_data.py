@@ -10,6 +10,7 @@ import pytest
 import torch
 import webdataset as wds
 
+from ditmoe.cli import main
 from ditmoe.data.digits import prepare_digits
 from ditmoe.data.shards import load_split_tensors, make_loader, read_manifest
 
@@ -97,6 +98,42 @@ def test_prepare_is_deterministic_and_overwrites(digits_dir, tmp_path):
 def test_prepare_rejects_bad_arguments(tmp_path, kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         prepare_digits(tmp_path / "digits", **kwargs)
+
+
+def test_cli_prepare_digits_takes_its_options(tmp_path, capsys):
+    out = tmp_path / "digits"
+    argv = ["--image-size", "8", "--val-fraction", "0.5", "--shard-size", "300", "--seed", "1"]
+    assert main(["prepare", "digits", "--out", str(out), *argv]) == 0
+    manifest = read_manifest(out)
+    splits = manifest["splits"]
+    assert (manifest["image_size"], manifest["val_fraction"], manifest["seed"]) == (8, 0.5, 1)
+    assert abs(splits["val"]["count"] - NUM_DIGITS / 2) < 10
+    assert [len(splits[split]["shards"]) for split in ("train", "val")] == [3, 3]
+    assert main(["prepare", "digits", "--out", str(out)]) == 0  # the defaults (make demo)
+    manifest = read_manifest(out)
+    assert (manifest["image_size"], manifest["val_fraction"], manifest["seed"]) == (16, 0.2, 0)
+    assert [manifest["splits"][split]["count"] for split in ("train", "val")] == [1438, 359]
+    assert [len(manifest["splits"][split]["shards"]) for split in ("train", "val")] == [3, 1]
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--workers", "4"], "does not take --workers"),
+        (["--image-format", "png", "--shard-bytes", "9000"], "does not take --shard-bytes, --image-format"),
+        (["--src", "imgs", "--class-index", "classes.json"], "does not take --src, --class-index"),
+        (["--latents", "--vae", "vae", "--device", "cpu"], "does not take --latents, --vae, --device"),
+        (["--batch-size", "4", "--scaling-factor", "0.2"], "does not take --batch-size, --scaling-factor"),
+        (["--val-fraction", "1.5"], "val_fraction must lie in (0, 1), got 1.5"),
+        (["--shard-size", "0"], "shard_size must be >= 1, got 0"),
+        (["--image-size", "0"], "got 0"),
+    ],
+)
+def test_cli_prepare_digits_bad_input_is_one_clear_line(tmp_path, capsys, argv, needle):
+    assert main(["prepare", "digits", "--out", str(tmp_path / "digits"), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and err.count("\n") == 0
+    assert list(tmp_path.iterdir()) == []  # nothing written
 
 
 def test_loader_batches_and_determinism(digits_dir):

@@ -111,11 +111,40 @@ def _human(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
 
 
+# Options of `prepare images` that digits has no use for: given to `prepare digits`, they are refused.
+IMAGES_ONLY_FLAGS = (
+    "--src",
+    "--shard-bytes",
+    "--workers",
+    "--image-format",
+    "--class-index",
+    "--latents",
+    "--vae",
+    "--device",
+    "--batch-size",
+    "--scaling-factor",
+)
+
+
+def _dest(flag: str) -> str:
+    """``--shard-size`` -> ``shard_size``, the argparse attribute of a flag."""
+    return flag.removeprefix("--").replace("-", "_")
+
+
+def _given(args, *names: str) -> dict:
+    """The options among names given on the command line; left out, they keep the called function's default."""
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
 def cmd_prepare(args) -> int:
     if args.dataset == "digits":
         from ditmoe.data.digits import prepare_digits
 
-        manifest = prepare_digits(Path(args.out), image_size=args.image_size or 16, seed=args.seed)
+        refused = [flag for flag in IMAGES_ONLY_FLAGS if getattr(args, _dest(flag)) is not None]
+        if refused:
+            raise ValueError(f"prepare digits does not take {', '.join(refused)} (options of prepare images)")
+        options = _given(args, "image_size", "val_fraction", "shard_size")
+        manifest = prepare_digits(Path(args.out), seed=args.seed, **options)
         counts = {k: v["count"] for k, v in manifest["splits"].items()}
         print(f"wrote digits shards to {args.out}: {counts}")
         return 0
@@ -125,22 +154,26 @@ def cmd_prepare(args) -> int:
         raise ValueError("prepare images needs --src DIR (a folder with one sub-folder per class)")
     if args.latents and args.vae is None:
         raise ValueError("prepare images --latents needs --vae DIR (a diffusers AutoencoderKL directory)")
+    options = _given(
+        args,
+        "image_size",
+        "shard_size",
+        "shard_bytes",
+        "workers",
+        "val_fraction",
+        "image_format",
+        "latents",
+        "device",
+        "batch_size",
+        "scaling_factor",
+    )
     manifest = prepare_images(
         Path(args.src),
         Path(args.out),
-        image_size=args.image_size or 256,
-        shard_size=args.shard_size,
-        shard_bytes=args.shard_bytes,
-        workers=args.workers,
-        val_fraction=args.val_fraction,
         seed=args.seed,
-        image_format=args.image_format,
         class_index_path=Path(args.class_index) if args.class_index else None,
-        latents=args.latents,
         vae_dir=Path(args.vae) if args.vae else None,
-        device=args.device,
-        batch_size=args.batch_size,
-        scaling_factor=args.scaling_factor,
+        **options,
     )
     counts = {k: (v["count"], len(v["shards"])) for k, v in manifest["splits"].items()}
     print(
@@ -153,7 +186,7 @@ def cmd_prepare(args) -> int:
 def _require_at_least_one(args, *flags: str) -> None:
     """ValueError naming the first of these integer options below 1."""
     for flag in flags:
-        value = getattr(args, flag.removeprefix("--").replace("-", "_"))
+        value = getattr(args, _dest(flag))
         if value < 1:
             raise ValueError(f"{flag} must be at least 1, got {value}")
 
@@ -256,16 +289,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--src", help="images: root folder with one sub-folder of images per class")
     p.add_argument("--image-size", type=int, help="digits: 8/16/32/64 (default 16); images: 256 or 512 (default 256)")
-    p.add_argument("--shard-size", type=int, help="images: samples per shard (default 1000)")
+    p.add_argument("--shard-size", type=int, help="samples per shard (digits: default 512; images: default 1000)")
     p.add_argument("--shard-bytes", type=int, help="images: start a new shard after about this many bytes")
-    p.add_argument("--workers", type=int, default=0, help="images: decoding/cropping processes (0: in-process)")
-    p.add_argument("--val-fraction", type=float, default=0.0, help="images: stratified val split (default none)")
-    p.add_argument("--image-format", choices=["jpg", "png"], default="jpg", help="images: stored encoding")
+    p.add_argument("--workers", type=int, help="images: decoding/cropping processes (default 0: in-process)")
+    p.add_argument(
+        "--val-fraction", type=float, help="stratified val split (digits: default 0.2; images: default none)"
+    )
+    p.add_argument("--image-format", choices=["jpg", "png"], help="images: stored encoding (default jpg)")
     p.add_argument("--class-index", help="images: an existing classes.json to reuse (name -> id)")
-    p.add_argument("--latents", action="store_true", help="images: store SD-VAE latents instead of pixels")
+    p.add_argument(
+        "--latents", action="store_true", default=None, help="images: store SD-VAE latents instead of pixels"
+    )
     p.add_argument("--vae", help="images --latents: a diffusers AutoencoderKL directory (e.g. sd-vae-ft-ema)")
-    p.add_argument("--device", default="auto", help="images --latents: auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--batch-size", type=int, default=32, help="images --latents: images per VAE batch")
+    p.add_argument("--device", help="images --latents: auto (default), cpu, cuda, cuda:1, ...")
+    p.add_argument("--batch-size", type=int, help="images --latents: images per VAE batch (default 32)")
     p.add_argument("--scaling-factor", type=float, help="images --latents: override the VAE's scaling factor")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_prepare)
