@@ -203,6 +203,24 @@ def test_missing_or_empty_directory_names_path(tmp_path):
         read_manifest(empty)
 
 
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ('{\n  "channels": 1,\n}', "is not valid JSON: Expecting property name"),
+        ("[1, 2]", "holds a list, not a JSON object"),
+        ('{"num_classes": 10, "splits": {}}', "lacks 'channels'"),
+        ('{"format": "image"}', "lacks 'channels', 'num_classes', 'splits'"),
+        ('{"channels": 1, "num_classes": 10, "splits": ["train-000000.tar"]}', "must map split names to objects"),
+        ('{"channels": 1, "num_classes": 10, "splits": {"train": {"shards": []}}}', "split 'train' in"),
+    ],
+)
+def test_bad_manifest_names_the_file_and_the_problem(tmp_path, text, needle):
+    (tmp_path / "manifest.json").write_text(text)
+    with pytest.raises(ValueError) as e:
+        read_manifest(tmp_path)
+    assert needle in str(e.value) and str(tmp_path / "manifest.json") in str(e.value)
+
+
 def write_custom_dataset(data_dir: Path, samples: list[dict]) -> None:
     """One train shard with the given samples and a manifest for 10 one-channel classes."""
     data_dir.mkdir()

@@ -168,6 +168,24 @@ def test_train_cli_out_that_is_a_file_is_one_clear_line(digits, tmp_path, capsys
     assert (tmp_path / "afile").read_text() == "notes"
 
 
+@pytest.mark.parametrize(
+    "edit,needle",
+    [
+        (lambda text: text.replace('"channels": 1,', ""), "manifest.json lacks 'channels'"),
+        (lambda text: text.replace('"image_size": 16,', ""), "lacks 'image_size'"),
+        (lambda text: text.replace('"channels"', "channels"), "manifest.json is not valid JSON"),
+    ],
+)
+def test_train_cli_bad_manifest_is_one_clear_line(digits, tmp_path, capsys, edit, needle):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "manifest.json").write_text(edit((digits / "manifest.json").read_text()))
+    assert main(["train", "--preset", "digits-smoke", "--data", str(data), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and str(data) in err and err.count("\n") == 0
+    assert not (tmp_path / "r").exists()
+
+
 def test_a_stop_signal_saves_and_stops_a_single_process_run(digits, tmp_path, monkeypatch):
     """SIGUSR1 during step 3's forward: the run saves step 3, leaves the requeue marker and stops (the single-process
     path decides on the host, without the collective the distributed one needs)."""

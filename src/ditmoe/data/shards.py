@@ -33,10 +33,16 @@ IMAGE_KEYS = ("png", "jpg", "jpeg")
 LATENT_KEY = "latent.npy"
 LATENT_FLIP_KEY = "latent_flip.npy"
 STATE_VERSION = 1
+MANIFEST_KEYS = ("channels", "num_classes", "splits")  # every reader needs these
+SPLIT_KEYS = ("count", "shards")
 
 
 def read_manifest(data_dir: Path) -> dict:
-    """Load `data_dir/manifest.json`; FileNotFoundError naming data_dir when it, or its manifest, is missing."""
+    """Load `data_dir/manifest.json`, with the keys its readers need (MANIFEST_KEYS, and SPLIT_KEYS in each split).
+
+    FileNotFoundError naming data_dir when it, or its manifest, is missing; ValueError naming the manifest when it
+    is not a JSON object or lacks one of those keys.
+    """
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise FileNotFoundError(f"data directory {data_dir} does not exist")
@@ -45,7 +51,23 @@ def read_manifest(data_dir: Path) -> dict:
     manifest_path = data_dir / MANIFEST_NAME
     if not manifest_path.is_file():
         raise FileNotFoundError(f"data directory {data_dir} has no {MANIFEST_NAME}")
-    return json.loads(manifest_path.read_text())
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{manifest_path} is not valid JSON: {e}") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{manifest_path} holds a {type(manifest).__name__}, not a JSON object")
+    missing = [key for key in MANIFEST_KEYS if key not in manifest]
+    if missing:
+        raise ValueError(f"{manifest_path} lacks {', '.join(map(repr, missing))}")
+    splits = manifest["splits"]
+    if not isinstance(splits, dict) or not all(isinstance(info, dict) for info in splits.values()):
+        raise ValueError(f"'splits' in {manifest_path} must map split names to objects")
+    for split, info in splits.items():
+        missing = [key for key in SPLIT_KEYS if key not in info]
+        if missing:
+            raise ValueError(f"split {split!r} in {manifest_path} lacks {', '.join(map(repr, missing))}")
+    return manifest
 
 
 def split_urls(data_dir: Path, manifest: dict, split: str, shards: str | list[str] | None = None) -> list[str]:

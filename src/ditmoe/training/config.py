@@ -134,6 +134,9 @@ def train_config(preset: str | None = None, **overrides) -> TrainConfig:
 def model_config_for_data(cfg: TrainConfig, manifest: dict) -> ModelConfig:
     """The preset's model shaped for the dataset: pixels (channels, size) or VAE latents, and its classes."""
     opts = dict(cfg.model_opts)
+    size_key = "latent_size" if manifest.get("format") == "latent" else "image_size"
+    if size_key not in manifest:
+        raise ValueError(f"manifest in {cfg.data} lacks {size_key!r}, which sizes the model")
     if manifest.get("format") == "latent":  # the model sees the stored latents, whatever the VAE's downsampling
         size, channels = manifest["latent_size"], manifest.get("channels", 4)
     else:
