@@ -200,6 +200,34 @@ def test_cli_prepare_images_with_val_and_byte_shards(tree, tmp_path, capsys):
     assert main(["prepare", "images", "--src", str(tree), "--out", str(tmp_path / "y"), "--latents"]) == 2
 
 
+def test_cli_prepare_images_empty_val_split_is_refused_before_encoding(tmp_path, capsys, monkeypatch):
+    from ditmoe.data import prepare_images as module
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("images were encoded")
+
+    rng = np.random.default_rng(0)
+    for cid, name in enumerate(("cat", "dog")):
+        (tmp_path / "imgs" / name).mkdir(parents=True)
+        make_image(rng, cid, SIZE, SIZE).save(tmp_path / "imgs" / name / "only.png")
+    monkeypatch.setattr(module, "load_item", no_encoding)
+    argv = ["--src", str(tmp_path / "imgs"), "--out", str(tmp_path / "out"), "--val-fraction", "0.1"]
+    assert main(["prepare", "images", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "val_fraction 0.1 leaves the val split empty: 2 images in 2 classes" in err and err.count("\n") == 0
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["imgs"]
+
+
+def test_prepare_images_nothing_readable_names_the_split(tmp_path):
+    for name in ("cat", "dog"):
+        (tmp_path / "imgs" / name).mkdir(parents=True)
+        for i in range(2):
+            (tmp_path / "imgs" / name / f"broken{i}.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(ValueError, match="no image under .*imgs could be read for split 'train'"):
+        prepare_images(tmp_path / "imgs", tmp_path / "out", image_size=SIZE, val_fraction=0.5, progress=False)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["imgs"]
+
+
 def write_shard(path: Path, samples: list[dict]) -> None:
     with wds.TarWriter(str(path)) as writer:
         for sample in samples:

@@ -143,7 +143,13 @@ def prepare_images(
     src, out_dir = Path(src), Path(out_dir)
     index = read_class_index(class_index_path) if class_index_path else class_index(src)
     classes = [name for name, _ in sorted(index.items(), key=lambda kv: kv[1])]
-    splits = split_items(scan_images(src, index), val_fraction, seed)
+    items = scan_images(src, index)
+    splits = split_items(items, val_fraction, seed)
+    if val_fraction > 0 and not splits["val"]:  # every class has one image, which train keeps
+        raise ValueError(
+            f"val_fraction {val_fraction} leaves the val split empty: {len(items)} images in "
+            f"{len({label for _, label in items})} classes under {src}, and a class needs 2 images to give one to val"
+        )
 
     encoder = None
     if latents:
