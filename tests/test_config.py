@@ -57,6 +57,13 @@ def test_xl_and_g_use_qk_norm():
         (dict(name="DiT-MoE-S/2-8E2A", depth=0), "depth must be >= 1, got 0"),
         (dict(name="DiT-MoE-S/2-8E2A", moe=dict(mlp_ratio=0.001)), "mlp_ratio 0.001 x hidden_size 384"),
         (dict(name="DiT-MoE-S/2-8E2A", moe=dict(shared_expert_ratio=0.001)), "shared_expert_ratio 0.001"),
+        (dict(name="DiT-MoE-S/2-8E2A", moe=5), "moe must be a mapping of MoEConfig fields to values, got 5"),
+        (dict(name="DiT-MoE-S/2-8E2A", moe=dict(num_experts="abc")), "num_experts must be an int, got 'abc'"),
+        (dict(name="DiT-MoE-S/2-8E2A", moe=dict(top_k=2.0)), "top_k must be an int, got 2.0"),
+        (dict(name="DiT-MoE-S/2-8E2A", moe=dict(capacity_factor="1.5")), "must be a float or None, got '1.5'"),
+        (dict(name="DiT-MoE-S/2-8E2A", moe=dict(expert_act="relu")), "one of 'swiglu', 'gelu', got 'relu'"),
+        (dict(name="DiT-MoE-S/2-8E2A", qk_norm="yes"), "qk_norm must be a bool, got 'yes'"),
+        (dict(name="DiT-MoE-S/2-8E2A", depth=True), "depth must be an int, got True"),
     ],
 )
 def test_bad_model_config_names_the_value(kwargs, needle):
@@ -66,6 +73,11 @@ def test_bad_model_config_names_the_value(kwargs, needle):
         model_config(name, **kwargs)
     assert needle in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_model_options_take_ints_for_floats_and_none_where_optional():
+    cfg = model_config("DiT-MoE-S/2-8E2A", class_dropout_prob=0, moe=dict(mlp_ratio=2, capacity_factor=None))
+    assert (cfg.class_dropout_prob, cfg.moe.mlp_ratio, cfg.moe.capacity_factor) == (0, 2, None)
 
 
 def test_info_command(capsys):

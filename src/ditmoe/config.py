@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -30,6 +32,38 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the value."""
 
 
+def _fits(value: object, hint: object) -> bool:
+    """Whether value has a field's type: one of a Literal's values, any member of a union, an int for a float."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return value in typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in typing.get_args(hint))
+    if isinstance(value, bool):
+        return hint is bool
+    return isinstance(value, (int, float) if hint is float else hint)
+
+
+def _describe(hint: object) -> str:
+    """A field type in words: 'an int', 'a float or None', "one of 'swiglu', 'gelu'"."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(map(repr, typing.get_args(hint)))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return "None"
+    return "an int" if hint is int else f"a {hint.__name__}"
+
+
+def _check_types(cfg: object) -> None:
+    """ConfigError naming the first field of a config dataclass whose value does not have the field's type."""
+    for name, hint in typing.get_type_hints(type(cfg)).items():
+        value = getattr(cfg, name)
+        if not _fits(value, hint):
+            raise ConfigError(f"{name} must be {_describe(hint)}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class MoEConfig:
     num_experts: int = 8
@@ -46,6 +80,7 @@ class MoEConfig:
     backend: Literal["auto", "torch", "triton", "naive"] = "auto"
 
     def validate(self) -> None:
+        _check_types(self)
         if self.num_experts < 1:
             raise ConfigError(f"num_experts must be >= 1, got {self.num_experts}")
         if not 1 <= self.top_k <= self.num_experts:
@@ -60,12 +95,6 @@ class MoEConfig:
             raise ConfigError(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
         if self.capacity_factor is not None and self.capacity_factor <= 0:
             raise ConfigError(f"capacity_factor must be > 0 or None (dropless), got {self.capacity_factor}")
-        if self.expert_act not in ("swiglu", "gelu"):
-            raise ConfigError(f"expert_act must be 'swiglu' or 'gelu', got {self.expert_act!r}")
-        if self.balance_loss_type not in ("expert", "sequence"):
-            raise ConfigError(f"balance_loss_type must be 'expert' or 'sequence', got {self.balance_loss_type!r}")
-        if self.backend not in ("auto", "torch", "triton", "naive"):
-            raise ConfigError(f"moe backend must be 'auto', 'torch', 'triton' or 'naive', got {self.backend!r}")
 
     def expert_width(self, hidden_size: int) -> int:
         """Intermediate width F of each routed expert."""
@@ -100,6 +129,7 @@ class ModelConfig:
         return (self.input_size // self.patch_size) ** 2
 
     def validate(self) -> None:
+        _check_types(self)
         for name in ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -170,6 +200,8 @@ def model_config(
         input_size, channels = image_size // 8, 4
     else:
         input_size, channels = image_size, 1
+    if moe is not None and not isinstance(moe, dict):
+        raise ConfigError(f"moe must be a mapping of MoEConfig fields to values, got {moe!r}")
     moe_fields = {"num_experts": int(m["experts"]), "top_k": int(m["active"]), **(moe or {})}
     unknown = set(moe_fields) - {f.name for f in dataclasses.fields(MoEConfig)}
     if unknown:
