@@ -152,6 +152,8 @@ def test_metrics_carry_per_layer_utilisation(digits, tmp_path):
         (["--kernel-tiles", "/nonexistent/tiles.json"], "kernel_tiles '/nonexistent/tiles.json'"),
         (["--kernel-tiles", '{"gmm": {"BX": 1}}'], "gmm has no setting 'BX'"),
         (["--keep-last", "-1"], "keep_last must be >= 0, got -1"),
+        (["--model-opt", "num_classes=3"], "model option(s) num_classes come from the dataset"),
+        (["--model-opt", "in_channels=3"], "in_channels come from the dataset"),
         (["--num-workers", "-1"], "num_workers must be >= 0, got -1"),
     ],
 )

@@ -137,10 +137,19 @@ def model_config_for_data(cfg: TrainConfig, manifest: dict) -> ModelConfig:
     size_key = "latent_size" if manifest.get("format") == "latent" else "image_size"
     if size_key not in manifest:
         raise ValueError(f"manifest in {cfg.data} lacks {size_key!r}, which sizes the model")
-    if manifest.get("format") == "latent":  # the model sees the stored latents, whatever the VAE's downsampling
-        size, channels = manifest["latent_size"], manifest.get("channels", 4)
-    else:
-        size, channels = manifest["image_size"], manifest["channels"]
+    # the model sees the stored images or latents, whatever the VAE's downsampling
+    decided = dict(input_size=manifest[size_key], in_channels=manifest["channels"], num_classes=manifest["num_classes"])
+    clash = sorted(set(opts) & {*decided, "name", "image_size", "latent"})
+    if clash:
+        raise ConfigError(
+            f"model option(s) {', '.join(clash)} come from the dataset in {cfg.data} and the preset name "
+            f"{cfg.model!r} ({', '.join(f'{k}={v}' for k, v in decided.items())}): they cannot be overridden"
+        )
     return model_config(
-        cfg.model, image_size=size, latent=False, in_channels=channels, num_classes=manifest["num_classes"], **opts
+        cfg.model,
+        image_size=decided["input_size"],
+        latent=False,
+        in_channels=decided["in_channels"],
+        num_classes=decided["num_classes"],
+        **opts,
     )
