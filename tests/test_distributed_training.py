@@ -113,7 +113,9 @@ def test_export_cli(runs, tmp_path, capsys):
 def test_srun_environment_maps_to_torch_variables():
     env = {
         "SLURM_PROCID": "3",
-        "SLURM_NTASKS": "8",
+        "SLURM_NTASKS": "16",  # the job's tasks; this step runs 8 of them
+        "SLURM_STEP_ID": "0",
+        "SLURM_STEP_NUM_TASKS": "8",
         "SLURM_LOCALID": "1",
         "SLURM_JOB_ID": "1234",
         "SLURM_LAUNCH_NODE_IPADDR": "10.0.0.5",
@@ -126,7 +128,11 @@ def test_srun_environment_maps_to_torch_variables():
         "MASTER_PORT": str(29500 + 234),
     }
     assert slurm_to_torch_env({**env, "RANK": "3"}) == {}  # a launcher already set them
-    assert slurm_to_torch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) == {}  # one task: no process group
+    one_task = {"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "1"}
+    assert slurm_to_torch_env(one_task) == {}  # one task: no process group
+    # a 2-task job's batch shell (no srun step): a plain `ditmoe train` there is one process, not rank 0 of 2 waiting
+    # for a rank that never starts
+    assert slurm_to_torch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "7"}) == {}
 
 
 def _launch(cmd: list[str], digits: Path, out: Path, extra: list[str] = ()) -> subprocess.CompletedProcess:
@@ -165,6 +171,7 @@ def _srun_like(digits: Path, out: Path) -> subprocess.CompletedProcess:
     """Two tasks with only the variables srun sets (SLURM_PROCID, ...), as `srun -n 2 python -m ditmoe.train`."""
     job_id = _job_id_with_free_port()
     slurm = {"SLURM_NTASKS": "2", "SLURM_JOB_ID": str(job_id), "SLURM_LAUNCH_NODE_IPADDR": "127.0.0.1"}
+    slurm.update(SLURM_STEP_ID="0", SLURM_STEP_NUM_TASKS="2")
     base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
     args = ["--preset", "digits-smoke", "--data", str(digits), "--out", str(out), "--ep-size", "2", "--steps", "2"]
     procs = [

@@ -113,3 +113,21 @@ def test_sigusr1_saves_requeues_and_the_requeued_job_finishes(cluster, digits, t
     assert f"trained to step {STEPS}" in text
     assert ckpt_io.newest_valid(out / "checkpoints").name == ckpt_io.step_dir(Path(), STEPS).name
     assert not (out / "REQUEUE").exists()
+
+
+def test_a_batch_shell_is_one_process_and_an_srun_step_is_its_tasks(cluster, tmp_path):
+    """In a 2-task job, a process the batch shell starts itself is a world of one (it has SLURM_PROCID 0 and
+    SLURM_NTASKS 2 but no step: mapped as rank 0 of 2 it waited for a second rank until its timeout), and the
+    tasks of an srun step are that step's ranks."""
+    probe = "from ditmoe.parallel.distributed import launched_world_size as w, slurm_to_torch_env as m; import os; "
+    probe += "print(w(), m(dict(os.environ)).get('RANK', '-'))"
+    script = tmp_path / "probe.sh"
+    script.write_text(
+        "#!/bin/bash\n"
+        f'{sys.executable} -c "{probe}" > {tmp_path / "batch.txt"}\n'
+        f'srun {sys.executable} -c "{probe}" > {tmp_path / "srun.txt"}\n'
+    )
+    submit = ["sbatch", "--wait", "--nodes=1", "--ntasks=2", "--cpus-per-task=1", "--time=5"]
+    subprocess.run([*submit, f"--output={tmp_path / 'job.out'}", str(script)], cwd=REPO, timeout=240, check=True)
+    assert (tmp_path / "batch.txt").read_text().split() == ["1", "-"]
+    assert sorted((tmp_path / "srun.txt").read_text().splitlines()) == ["2 0", "2 1"]

@@ -3,7 +3,7 @@
 Launchers and what they set:
     deepspeed --num_gpus N --module ditmoe.train    RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT
     torchrun --nproc-per-node N -m ditmoe.train     the same
-    srun python -m ditmoe.train                     SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID (mapped here)
+    srun python -m ditmoe.train                     SLURM_PROCID, SLURM_STEP_NUM_TASKS, SLURM_LOCALID (mapped here)
 A process started by none of them is a world of one. ``leave_distributed`` is the way out.
 """
 
@@ -26,10 +26,16 @@ DEFAULT_PORT = 29500
 
 
 def slurm_to_torch_env(env: dict[str, str]) -> dict[str, str]:
-    """The torch.distributed variables an ``srun`` task lacks, derived from SLURM's (nothing when not under srun)."""
-    if "SLURM_PROCID" not in env or "RANK" in env or int(env.get("SLURM_NTASKS", "1")) < 2:
+    """The torch.distributed variables an ``srun`` task lacks, derived from SLURM's (nothing when not under srun).
+
+    An srun task has a step (``SLURM_STEP_ID``) of ``SLURM_STEP_NUM_TASKS`` tasks. A job's batch shell also has
+    ``SLURM_PROCID`` 0 and the job's ``SLURM_NTASKS``, but no step: what it runs without srun is a world of one."""
+    if "SLURM_STEP_ID" not in env or "SLURM_PROCID" not in env or "RANK" in env:
         return {}
-    out = {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_NTASKS"], "LOCAL_RANK": env.get("SLURM_LOCALID", "0")}
+    world = env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1"))
+    if int(world) < 2:
+        return {}
+    out = {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": world, "LOCAL_RANK": env.get("SLURM_LOCALID", "0")}
     if "MASTER_ADDR" not in env:
         out["MASTER_ADDR"] = env.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1")
     if "MASTER_PORT" not in env:  # one port per job, so two jobs sharing a node do not collide
