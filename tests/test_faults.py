@@ -658,3 +658,17 @@ def test_bad_configurations_name_the_values(launch2, name, needle):
         assert kind == "ConfigError" and needle in msg, msg
     if name == "bad_ds":
         assert "ds_bf16.json" in msg
+
+
+def _cause_on_rank1(rank: int, world: int) -> None:
+    if rank == 1:
+        raise ValueError("the cause, on rank 1")
+    torch.distributed.barrier()  # cut short when rank 1 dies: rank 0's own error follows
+
+
+def test_the_rank_that_failed_first_is_reported():
+    """Rank 0's knock-on error (gloo: connection closed) came first by name and hid the cause."""
+    with pytest.raises(RankFailure) as failure:
+        run_local_ranks(_cause_on_rank1, 2, timeout_s=60)
+    assert str(failure.value).startswith("rank1 failed first")
+    assert "ValueError: the cause, on rank 1" in str(failure.value)

@@ -65,8 +65,8 @@ def run_local_ranks(
 ) -> list:
     """``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; their results in rank order.
 
-    Raises ``RankFailure`` with the first rank's traceback if any rank fails, or naming the ranks still running
-    when ``timeout_s`` passes (they are killed).
+    Raises ``RankFailure`` with the traceback of the rank that failed first if any fails, or naming the ranks still
+    running when ``timeout_s`` passes (they are killed).
     """
     ctx = mp.get_context("spawn")
     port = free_port()
@@ -92,9 +92,11 @@ def run_local_ranks(
         for r in hung:
             procs[r].kill()
             procs[r].join()
-        errors = sorted(out.glob("rank*.err"))
+        # the rank that failed first holds the cause; its peers' errors (a collective cut short) came after
+        errors = sorted(out.glob("rank*.err"), key=lambda f: (f.stat().st_mtime_ns, f.name))
         if errors:
-            raise RankFailure(f"{errors[0].stem} failed:\n{errors[0].read_text()}")
+            then = f" (then {', '.join(f.stem for f in errors[1:])} failed too)" if errors[1:] else ""
+            raise RankFailure(f"{errors[0].stem} failed first{then}:\n{errors[0].read_text()}")
         if hung:
             raise RankFailure(f"ranks {hung} of {world_size} still running after {timeout_s:.0f} s (hang?)")
         failed = [r for r, p in enumerate(procs) if p.exitcode != 0]
