@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from ditmoe.analysis.heatmap import level_names
 from ditmoe.analysis.specialisation import ExpertChoices, count_expert_choices
 from ditmoe.cli import main
 from ditmoe.config import model_config
@@ -123,3 +124,10 @@ def test_analyze_cli_bad_input_is_one_clear_line(run, tmp_path, capsys):
         assert main([*base, "--data", str(run / "data"), flag, value]) == 2
         assert f"{flag} must be at least 1, got {value}" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()  # nothing written on bad input
+
+
+@pytest.mark.parametrize("levels", [1, 3, 10, 20, 30, 100, 101])
+def test_noise_level_names_tell_the_buckets_apart(levels):
+    names = level_names(np.linspace(0, 1, levels + 1))
+    assert len(set(names)) == levels and float(names[0].split("-")[0]) == 0 and float(names[-1].split("-")[1]) == 1
+    assert level_names(np.linspace(0, 1, 11))[:2] == ["0.0-0.1", "0.1-0.2"]  # ten buckets as before

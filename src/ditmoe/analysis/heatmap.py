@@ -89,7 +89,14 @@ def expert_choice_heatmaps(choices: ExpertChoices, out_dir: Path) -> tuple[Path,
         choices.shares(choices.by_level_LBE),
         Path(out_dir) / "experts_by_noise_level.png",
         row_label="noise level",
-        row_names=[f"{lo:.1f}-{hi:.1f}" for lo, hi in zip(edges, edges[1:], strict=False)],
+        row_names=level_names(edges),
         title="Expert choice by noise level (0 clean, 1 noise)",
     )
     return by_class, by_level
+
+
+def level_names(edges: np.ndarray) -> list[str]:
+    """ "lo-hi" per noise-level bucket between ``edges``, with as many decimals as tell the buckets apart (0.1 for
+    10 buckets, 0.05 for 20)."""
+    decimals = max(1, int(np.ceil(np.log10(max(len(edges) - 1, 1)))))
+    return [f"{lo:.{decimals}f}-{hi:.{decimals}f}" for lo, hi in zip(edges, edges[1:], strict=False)]
