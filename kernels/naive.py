@@ -57,7 +57,7 @@ def _per_expert_loop(
         if y_RD is None:
             y_RD = y_e.new_zeros(x_RD.shape[0], y_e.shape[-1])
         y_RD[mask_R] = y_e
-    return (y_RD.view(T, K, -1) * weights_TK.unsqueeze(-1).to(y_RD.dtype)).sum(1)
+    return (y_RD.view(T, K, y_RD.shape[-1]) * weights_TK.unsqueeze(-1).to(y_RD.dtype)).sum(1)
 
 
 def swiglu_experts(x_TD, weights_TK, plan, gate_up_E2FD, down_EDF) -> torch.Tensor:
@@ -77,7 +77,11 @@ def gelu_experts(x_TD, weights_TK, plan, fc1_EFD, fc1_bias_EF, fc2_EDF, fc2_bias
     """Routed GELU (tanh) experts as DiT's MLP, one expert at a time."""
     checks.check_gelu(x_TD, weights_TK, plan, fc1_EFD, fc1_bias_EF, fc2_EDF, fc2_bias_ED)
 
+    def bias(b_EO, e):
+        return None if b_EO is None else b_EO[e]
+
     def expert(e, x):
-        return F.linear(F.gelu(F.linear(x, fc1_EFD[e], fc1_bias_EF[e]), approximate="tanh"), fc2_EDF[e], fc2_bias_ED[e])
+        h = F.gelu(F.linear(x, fc1_EFD[e], bias(fc1_bias_EF, e)), approximate="tanh")
+        return F.linear(h, fc2_EDF[e], bias(fc2_bias_ED, e))
 
     return _per_expert_loop(x_TD, weights_TK, plan, expert)

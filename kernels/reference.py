@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from ditmoe_kernels import checks
 
@@ -65,9 +66,19 @@ def permute(x_TD: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
     return x_TD.index_select(0, plan.sorted_flat_R // plan.top_k)
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a grouped GEMM on ``x`` computes in: ``x``'s, or the autocast dtype under autocast."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 def grouped_mm(x_RI: torch.Tensor, w_EOI: torch.Tensor, plan: RoutingPlan, bias_EO: torch.Tensor | None = None):
-    """Per-expert ``x @ w[e].T (+ b[e])`` on contiguous row groups; rows past the kept ones are zero. [R, O]."""
+    """Per-expert ``x @ w[e].T (+ b[e])`` on contiguous row groups; rows past the kept ones are zero. [R, O].
+    Weights and bias are cast to the dtype of x (to the autocast dtype under autocast)."""
     checks.check_grouped_mm(x_RI, w_EOI, plan, bias_EO)
+    dt = compute_dtype(x_RI)
+    x_RI, w_EOI = x_RI.to(dt), w_EOI.to(dt)
+    bias_EO = None if bias_EO is None else bias_EO.to(dt)
     y_RO = _GroupedMM.apply(x_RI, w_EOI, plan.counts_E.tolist())  # the reference path may sync; Triton does not
     if bias_EO is None:
         return y_RO
@@ -90,6 +101,7 @@ class _GroupedMM(torch.autograd.Function):
         return y_RO
 
     @staticmethod
+    @once_differentiable  # its torch.mm(out=...) calls record no graph: a second derivative is refused, not wrong
     def backward(ctx, dy_RO):
         x_RI, w_EOI = ctx.saved_tensors
         dx_RI = torch.zeros_like(x_RI) if ctx.needs_input_grad[0] else None
@@ -126,11 +138,13 @@ def swiglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 def unpermute(y_RD: torch.Tensor, weights_TK: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
-    """Weighted sum of each token's K expert outputs, accumulated in fp32, in the dtype of y. [T, D]."""
+    """Weighted sum of each token's K expert outputs, accumulated in fp32 (float64 for float64), in the dtype of y.
+    [T, D]."""
     checks.check_unpermute(y_RD, weights_TK, plan)
     T, K = weights_TK.shape
     y_flat = torch.empty_like(y_RD).index_copy(0, plan.sorted_flat_R, y_RD)  # back to flat order (inverse perm)
-    out = (y_flat.view(T, K, y_RD.shape[-1]).float() * weights_TK.float().unsqueeze(-1)).sum(1)
+    acc = torch.promote_types(y_RD.dtype, torch.float32)  # float64 stays float64
+    out = (y_flat.view(T, K, y_RD.shape[-1]).to(acc) * weights_TK.to(acc).unsqueeze(-1)).sum(1)
     return out.to(y_RD.dtype)
 
 

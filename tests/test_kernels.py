@@ -1054,9 +1054,9 @@ else:
 
 @pytest.mark.parametrize("act", ["swiglu", "gelu"])
 def test_autocast(act):
-    """fp32 activations and master weights under bf16 autocast: computed in bf16 like the reference's matmuls,
-    output in bf16 (the reference returns fp32 there only because its grouped_mm concatenates fp32 zero rows for
-    dropped pairs), gradients in the parameters' fp32."""
+    """fp32 activations and master weights under bf16 autocast: computed and returned in bf16 by both (the
+    reference's grouped GEMMs, torch.mm into preallocated rows, are outside autocast's reach: they cast to its
+    dtype themselves), gradients in the parameters' fp32."""
     T, K, E, D, F = 29, 2, 4, 40, 56
     ex = make_experts(T, K, E, seed=4)
     plan_ops, plan_ref = ops.routing_plan(ex, E), ref.routing_plan(ex, E)
@@ -1066,11 +1066,32 @@ def test_autocast(act):
         with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
             results.append(run_with_grads(_experts_fn(mod, act, plan), inputs))
     (out_a, grads_a), (out_b, grads_b) = results
-    assert out_a.dtype == torch.bfloat16
-    assert_near(out_a, out_b.to(out_a.dtype), torch.bfloat16, "autocast forward")
+    assert out_a.dtype == out_b.dtype == torch.bfloat16
+    assert_near(out_a, out_b, torch.bfloat16, "autocast forward")
     for n, a, b in zip(NAMES[act], grads_a, grads_b, strict=True):
         assert a.dtype == b.dtype == torch.float32, n
         assert_near(a, b, torch.bfloat16, f"autocast grad {n}")
+
+
+@pytest.mark.parametrize("act", ["swiglu", "gelu"])
+def test_reference_passes_gradcheck_in_float64(act):
+    """The oracle's gradients against finite differences, float64 all through (its combine summed in float32)."""
+    T, K, E, D, F = 5, 2, 3, 4, 6
+    plan = ref.routing_plan(make_experts(T, K, E, seed=2).cpu(), E)
+    inputs = [t.detach().cpu().double().requires_grad_() for t in _expert_inputs(T, K, E, D, F, act, torch.float32)]
+    assert torch.autograd.gradcheck(_experts_fn(ref, act, plan), inputs)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_a_second_derivative_is_refused(backend):
+    """Their backwards record no graph (kernels, torch.mm into preallocated rows): a gradient penalty through them
+    is an error, where it came back without the terms through the experts (Triton) or failed on torch.mm's out=."""
+    mod = BACKENDS[backend]
+    x, w, gu, d = _expert_inputs(6, 2, 3, 8, 12, "swiglu", torch.float32)
+    plan = mod.routing_plan(make_experts(6, 2, 3, seed=1), 3)
+    (dx,) = torch.autograd.grad(mod.swiglu_experts(x, w, plan, gu, d).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        dx.square().sum().backward()
 
 
 @pytest.mark.parametrize("act", ["swiglu", "gelu"])

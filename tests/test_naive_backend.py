@@ -43,6 +43,7 @@ def _run(ops, act, x, weights, plan, params, probe):
         (13, 1, 3, (), None),
         (10, 3, 3, (), None),  # k = E
         (32, 2, 4, (0,), 6),  # capacity drops pairs (and expert 0 is empty)
+        (0, 2, 4, (), None),  # an empty batch
     ],
 )
 def test_naive_equals_reference(act, T, K, E, unused, capacity):
@@ -68,6 +69,16 @@ def test_naive_equals_reference(act, T, K, E, unused, capacity):
     for e in unused:  # an expert without tokens: zero gradient, not missing
         for p, g in zip(params, grads_n[2:], strict=True):
             assert g.shape == p.shape and not g[e].any()
+
+
+def test_naive_gelu_experts_without_biases_equal_the_reference():
+    gen = torch.Generator().manual_seed(5)
+    experts_TK = _experts_TK(12, 2, 3, gen)
+    x, weights = torch.randn(12, 16, generator=gen), torch.rand(12, 2, generator=gen)
+    fc1, _, fc2, _ = _params("gelu", 3, 16, 24, gen)
+    plan = reference.routing_plan(experts_TK, 3)
+    out_n = naive.gelu_experts(x, weights, plan, fc1, None, fc2, None)
+    torch.testing.assert_close(out_n, reference.gelu_experts(x, weights, plan, fc1, None, fc2, None))
 
 
 def test_flat_experts_inverts_the_plan():

@@ -86,9 +86,10 @@ from __future__ import annotations
 import functools
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ditmoe_kernels import checks, tiles
-from ditmoe_kernels.reference import RoutingPlan
+from ditmoe_kernels.reference import RoutingPlan, compute_dtype
 from ditmoe_kernels.tiles import check_tiles, load_tiles, tile_overrides
 from ditmoe_kernels.triton_ops import common
 from ditmoe_kernels.triton_ops.dw import _gmm_dw
@@ -114,7 +115,9 @@ __all__ = [
 
 def _backward_under_forward_tiles(cls: type[torch.autograd.Function]) -> type[torch.autograd.Function]:
     """Class decorator: the Function's backward runs under the ``tile_overrides`` its forward saw. Autograd runs CUDA
-    backwards in its own thread, where the caller's context variables are not set."""
+    backwards in its own thread, where the caller's context variables are not set. The backward's kernels record no
+    graph, so it is marked once-differentiable: a second derivative is refused instead of coming back without
+    the terms that pass through it."""
     forward, backward = cls.forward, cls.backward
 
     @functools.wraps(forward)
@@ -127,7 +130,8 @@ def _backward_under_forward_tiles(cls: type[torch.autograd.Function]) -> type[to
         with tiles.exactly(ctx.tiles):
             return backward(ctx, *grads)
 
-    cls.forward, cls.backward = staticmethod(forward_recording_tiles), staticmethod(backward_under_tiles)
+    cls.forward = staticmethod(forward_recording_tiles)
+    cls.backward = staticmethod(once_differentiable(backward_under_tiles))
     return cls
 
 
@@ -309,7 +313,7 @@ def _compute_dtype(name: str, x: torch.Tensor) -> torch.dtype:
     """The dtype the kernels compute in: ``x``'s, or the autocast dtype under autocast. ValueError for any but
     ``KERNEL_DTYPES`` (the tile tables and MMAs exist for those alone)."""
     autocast = torch.is_autocast_enabled(x.device.type)
-    dt = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
+    dt = compute_dtype(x)
     if dt not in KERNEL_DTYPES:
         source = f"the autocast dtype (with {name} in {x.dtype})" if autocast else f"{name}'s dtype"
         raise ValueError(
