@@ -170,6 +170,23 @@ def test_capacity_drops_exactly_the_overflow_and_counts_it():
     torch.testing.assert_close(res.out_BLD, naive_moe(layer, x, keep=keep), rtol=1e-5, atol=1e-5)
 
 
+def test_capacity_is_the_exact_ceiling():
+    """ceil(cf * T * K / E) of the exact product: 1.1 * 200 * 2 / 8 = 55 (in floats 55.000000000000007 -> 56)."""
+    layer = MoEFeedForward(8, MoEConfig(num_experts=8, top_k=2, capacity_factor=1.1))
+    assert layer.capacity(200) == 55 and layer.capacity(201) == 56 and layer.capacity(1) == 1
+
+
+@pytest.mark.parametrize("kind", ["expert", "sequence"])
+def test_an_empty_batch_routes_nothing_and_costs_nothing(kind):
+    """No tokens (a batch of 0 images, or a rank left without tokens): zero output, zero losses, no division by 0."""
+    layer = MoEFeedForward(8, MoEConfig(num_experts=4, top_k=2, balance_loss_type=kind, backend="torch"))
+    x = torch.randn(0, 5, 8, requires_grad=True)
+    res = layer(x)
+    assert res.out_BLD.shape == (0, 5, 8) and res.aux_loss.item() == 0 and res.stats.router_entropy.item() == 0
+    (res.out_BLD.sum() + res.aux_loss).backward()
+    assert layer.router.weight.grad is not None and not layer.router.weight.grad.any()
+
+
 def test_shared_expert_on_and_off():
     torch.manual_seed(5)
     on = MoEFeedForward(8, MoEConfig(num_experts=4, top_k=2, shared_expert_ratio=2.0))

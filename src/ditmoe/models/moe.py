@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
@@ -146,7 +147,8 @@ class MoEFeedForward(nn.Module):
     def capacity(self, num_tokens: int) -> int | None:
         """Pairs each expert may keep: ceil(factor * T * K / E), or None when dropless."""
         cf, E, K = self.cfg.capacity_factor, self.cfg.num_experts, self.cfg.top_k
-        return None if cf is None else max(1, math.ceil(cf * num_tokens * K / E))
+        # in exact fractions: 1.1 * 200 * 2 / 8 is 55.000000000000007 in floats, whose ceiling would be 56
+        return None if cf is None else max(1, math.ceil(Fraction(str(cf)) * num_tokens * K / E))
 
     def forward(self, x_BLD: torch.Tensor) -> MoEOutput:
         cfg = self.cfg
@@ -178,7 +180,8 @@ class MoEFeedForward(nn.Module):
         else:
             z_loss = balance.new_zeros(())
         with torch.no_grad():
-            entropy = torch.special.entr(probs_TE).sum(-1).mean()  # entr(p) = -p log p, 0 at p = 0
+            # entr(p) = -p log p, 0 at p = 0; an empty batch has 0, not the mean of nothing
+            entropy = torch.special.entr(probs_TE).sum() / max(B * L, 1)
         stats = RoutingStats(  # integer tensors carry no gradient: only the losses need detaching
             tokens_per_expert_E=plan.counts_E,
             assigned_per_expert_E=chosen_TE.sum(0),
@@ -208,6 +211,8 @@ def balance_loss(
     image, then averaged.
     """
     T, E = probs_TE.shape
+    if T == 0:  # an empty batch (a rank without tokens): nothing to balance
+        return probs_TE.sum()
     G = 1 if kind == "expert" else batch
     L = T // G
     P_GE = probs_TE.view(G, L, E).mean(1)
