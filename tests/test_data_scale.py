@@ -18,6 +18,7 @@ from ditmoe.data.imagefolder import center_crop_arr
 from ditmoe.data.prepare_images import prepare_images
 from ditmoe.data.shard_writer import file_sha256
 from ditmoe.data.shards import load_split_tensors, make_loader, read_manifest
+from ditmoe.data.tario import iter_unique
 
 CLASSES = ("eel", "cat", "dog")  # created unsorted: ids follow the sorted names
 PER_CLASS = 7
@@ -277,6 +278,16 @@ def truncated_keep(path: Path) -> int:
     except tarfile.TarError:
         pass
     return sum(1 for n in fields.values() if n == 2)
+
+
+def test_a_key_repeated_in_place_is_one_duplicate_and_the_shard_reads_on(tmp_path):
+    """key a written twice in a row (a.cls, a.png, a.cls, a.png): the second is a duplicate key, skipped and
+    counted; it used to end the shard as damaged, losing every sample after it."""
+    shard = tmp_path / "dup-000000.tar"
+    write_shard(shard, [{"__key__": k, "png": png(SIZE), "cls": "1"} for k in ("a", "a", "b", "c")])
+    skipped: Counter = Counter()
+    assert [s["__key__"] for s in iter_unique([str(shard)], skipped)] == ["a", "b", "c"]
+    assert skipped == Counter(duplicate_key=1)
 
 
 @pytest.mark.timeout(60)

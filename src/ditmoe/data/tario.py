@@ -73,13 +73,12 @@ def iter_shard(url: str, skipped: Counter) -> Iterator[dict]:
                 if not ext:
                     continue
                 data = tar.extractfile(member).read()
-                if sample and key != sample["__key__"]:
+                # another key, or this key's field again: a new sample (a repeated key is iter_unique's to skip)
+                if sample and (key != sample["__key__"] or ext in sample):
                     yield sample
                     sample = {}
                 if not sample:
                     sample = {"__key__": key, "__url__": url}
-                if ext in sample:
-                    raise ValueError(f"member {member.name} repeats field {ext!r} of key {key!r}")
                 sample[ext] = data
     except (tarfile.TarError, OSError, EOFError, ValueError) as e:
         skipped["bad_shard"] += 1
