@@ -273,3 +273,11 @@ def test_prepare_refuses_to_overwrite_unlisted_shards(tmp_path):
     with pytest.raises(ValueError, match="refusing to overwrite"):
         prepare_digits(out_dir)
     assert (out_dir / "val-000000.tar").read_text() == "someone else's"
+
+
+def test_a_batch_larger_than_a_consumers_samples_is_refused_up_front(digits_dir):
+    """359 val samples over 2 ranks: 179 each in one epoch, so a batch of 200 never fills (it was 'no readable
+    sample', though every sample reads)."""
+    with pytest.raises(ValueError, match=r"batch_size 200 is more than the 179 samples each of the 2 consumers"):
+        make_loader(digits_dir, "val", batch_size=200, seed=0, rank=0, world_size=2, epochs=1)
+    assert len(list(make_loader(digits_dir, "val", batch_size=200, seed=0, world_size=2, epochs=2))) == 1

@@ -455,6 +455,12 @@ def make_loader(
     num_consumers = world_size * max(num_workers, 1)
     if num_samples < num_consumers:
         raise ValueError(f"split {split!r} of {data_dir} has {num_samples} samples for {num_consumers} consumers")
+    if drop_last and not resampled and epochs is not None and batch_size > num_samples // num_consumers * epochs:
+        raise ValueError(
+            f"batch_size {batch_size} is more than the {num_samples // num_consumers * epochs} samples each of the "
+            f"{num_consumers} consumers (ranks x workers) reads from split {split!r} of {data_dir} in {epochs} "
+            "epoch(s): no whole batch would come"
+        )
     stream = ShardStream(
         urls,
         channels=manifest["channels"],
