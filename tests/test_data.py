@@ -281,3 +281,17 @@ def test_a_batch_larger_than_a_consumers_samples_is_refused_up_front(digits_dir)
     with pytest.raises(ValueError, match=r"batch_size 200 is more than the 179 samples each of the 2 consumers"):
         make_loader(digits_dir, "val", batch_size=200, seed=0, rank=0, world_size=2, epochs=1)
     assert len(list(make_loader(digits_dir, "val", batch_size=200, seed=0, world_size=2, epochs=2))) == 1
+
+
+@pytest.mark.parametrize("dataset", ["digits", "images"])
+def test_cli_prepare_into_a_file_is_one_clear_line(tmp_path, capsys, dataset):
+    (tmp_path / "afile").write_text("notes")
+    (tmp_path / "imgs" / "a").mkdir(parents=True)
+    src = ["--src", str(tmp_path / "imgs")] if dataset == "images" else []
+    assert main(["prepare", dataset, "--out", str(tmp_path / "afile"), *src]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"out_dir {tmp_path / 'afile'} is a file" in err and err.count("\n") == 0
+    assert (tmp_path / "afile").read_text() == "notes" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "afile",
+        "imgs",
+    ]

@@ -69,6 +69,12 @@ def owned_files(data_dir: Path) -> list[str]:
     return [name for split in splits.values() for name in split.get("shards", [])]
 
 
+def check_out_dir(out_dir: Path) -> None:
+    """ValueError, before any work, unless ``out_dir`` is a directory or does not exist yet."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"out_dir {out_dir} is a file; a dataset needs a directory")
+
+
 def install_dataset(staging_dir: Path, out_dir: Path, manifest: dict) -> None:
     """Move a finished staging dir into out_dir, replacing only the shards an old manifest owned.
 
@@ -102,6 +108,7 @@ def prepare_digits(
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     out_dir = Path(out_dir)
+    check_out_dir(out_dir)
     digits = load_digits()
     images_NHW = upsample_digits(digits.images, image_size)
     labels_N = digits.target.astype(np.int64)

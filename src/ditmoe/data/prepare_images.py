@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from ditmoe.data.digits import MANIFEST_NAME, install_dataset, stratified_split
+from ditmoe.data.digits import MANIFEST_NAME, check_out_dir, install_dataset, stratified_split
 from ditmoe.data.imagefolder import (
     CLASSES_NAME,
     center_crop_arr,
@@ -141,6 +141,7 @@ def prepare_images(
     if shard_size is None and shard_bytes is None:
         shard_size = 1000
     src, out_dir = Path(src), Path(out_dir)
+    check_out_dir(out_dir)
     index = read_class_index(class_index_path) if class_index_path else class_index(src)
     classes = [name for name, _ in sorted(index.items(), key=lambda kv: kv[1])]
     items = scan_images(src, index)
