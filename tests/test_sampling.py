@@ -112,3 +112,6 @@ def test_demo_pipeline_end_to_end(tmp_path):
     pngs = ("samples.png", "expert_utilisation.png", "experts_by_class.png", "experts_by_noise_level.png")
     for name in (*pngs, "judge.pt"):
         assert (tmp_path / "demo" / name).is_file()
+    assert report["train_steps"] == 2
+    again = run_demo(tmp_path / "demo", steps=1, per_class=1)  # the run is past step 1: the report says where
+    assert again["train_steps"] == 2

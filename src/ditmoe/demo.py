@@ -24,6 +24,7 @@ from ditmoe.evaluation.digits_judge import (
 )
 from ditmoe.parallel.launch import free_port
 from ditmoe.sampling.sample import generate, load_sampler, save_grid
+from ditmoe.training import checkpoint as ckpt_io
 from ditmoe.training.config import train_config
 from ditmoe.training.loop import train
 
@@ -116,7 +117,7 @@ def run_demo(
         "samples": len(labels),
         "cfg_scale": cfg_scale,
         "sampling": f"{cfg.diffusion}, {sampling_steps or 'default'} steps",
-        "train_steps": cfg.steps,
+        "train_steps": ckpt_io.step_of(sampler.checkpoint),  # the run's, which may have gone past --steps before
         "model": cfg.model,
         "ranks": ranks,
         "wall_s": round(time.perf_counter() - t0, 1),

@@ -32,6 +32,11 @@ def step_dir(root: Path, step: int) -> Path:
     return root / f"{PREFIX}{step:08d}"
 
 
+def step_of(ckpt: Path) -> int:
+    """The training step a checkpoint directory (``step_dir``) holds."""
+    return int(ckpt.name.removeprefix(PREFIX))
+
+
 def save_checkpoint(root: Path, step: int, files: dict[str, object], config: dict, keep_last: int) -> Path:
     """Write this rank's ``files`` (name -> torch-saveable object) into checkpoint ``step``; every rank calls this.
 

@@ -21,7 +21,7 @@ def export_safetensors(path: Path | str, out: Path | str, *, ema: bool = True) -
     kind = "ema" if ema else "model"
     state = {k: v.contiguous() for k, v in load_global_state(ckpt, kind).items()}
     meta = {k: saved.get(k, {}) for k in ("model", "train", "data")}
-    meta.update(weights=kind, source=str(ckpt), step=int(ckpt.name.removeprefix(ckpt_io.PREFIX)))
+    meta.update(weights=kind, source=str(ckpt), step=ckpt_io.step_of(ckpt))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
