@@ -437,7 +437,8 @@ def make_loader(
     disables all shuffling (manifest order). Same arguments -> identical batches.
     drop_last=True (training): every consumer takes exactly num_samples // consumers usable samples per epoch
     (wrapping around its share when it is short), so every rank yields the same number of batches.
-    drop_last=False (evaluation): every readable sample exactly once; ranks may differ by a batch or so.
+    drop_last=False (evaluation): every readable sample exactly once; a rank yields the batches its shards hold,
+    which can differ between ranks by many (3 shards over 2 ranks: 2 to 1), so no collective may run per batch.
     resampled=True: consumers draw shards with replacement (endless; an epoch is nominal).
     shards: URLs overriding the manifest's list (braces, `pipe:`); num_samples: their sample count.
     state: a `state_dict()` to resume from; return_keys: yield (x, y, keys); worker_init_fn: run in each worker.
