@@ -1,5 +1,7 @@
 """The DiT backbone: shapes, init, official checkpoint layout, and the official per-expert algorithm as oracle."""
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -45,8 +47,8 @@ def official_state_dict(model: DiTMoE, flash: bool) -> dict:
 
 
 def official_forward(sd: dict, cfg, x, t, y, flash: bool) -> torch.Tensor:
-    """The official algorithm written from the key layout: tokens repeated k times, experts looped with masks."""
-    ref = DiTMoE(cfg)  # used only for its weight-free helpers (sinusoid, unpatchify)
+    """The official algorithm written from the key layout: tokens repeated k times, experts looped with masks. Only
+    torch here: none of our model's code."""
 
     def official_moe(i, h_BLD):
         B, L, D = h_BLD.shape
@@ -73,7 +75,9 @@ def official_forward(sd: dict, cfg, x, t, y, flash: bool) -> torch.Tensor:
     qkv, proj = ("Wqkv", "out_proj") if flash else ("qkv", "proj")
     h = F.conv2d(x, sd["x_embedder.proj.weight"], sd["x_embedder.proj.bias"], stride=cfg.patch_size)
     h = h.flatten(2).transpose(1, 2) + sd["pos_embed"]
-    temb = ref.t_embedder.sinusoid(t, 256)
+    # DiT's timestep_embedding: cos, then sin, of t * 10000^(-i/128) for i < 128
+    args = t[:, None].float() * torch.exp(-math.log(10000) * torch.arange(128, dtype=torch.float32) / 128)[None]
+    temb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     temb = F.linear(
         F.silu(F.linear(temb, sd["t_embedder.mlp.0.weight"], sd["t_embedder.mlp.0.bias"])),
         sd["t_embedder.mlp.2.weight"],
@@ -103,7 +107,10 @@ def official_forward(sd: dict, cfg, x, t, y, flash: bool) -> torch.Tensor:
     shift, scale = fmod.chunk(2, 1)
     h = F.layer_norm(h, (D,), eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
     h = F.linear(h, sd["final_layer.linear.weight"], sd["final_layer.linear.bias"])
-    return ref.unpatchify(h)
+    # DiT's unpatchify: [N, h*w, p*p*c] -> [N, c, h*p, w*p]
+    p, c, side = cfg.patch_size, cfg.out_channels, int(h.shape[1] ** 0.5)
+    h = torch.einsum("nhwpqc->nchpwq", h.reshape(h.shape[0], side, side, p, p, c))
+    return h.reshape(h.shape[0], c, side * p, side * p)
 
 
 def _randomise(model):
