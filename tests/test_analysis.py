@@ -44,23 +44,25 @@ def test_noised_levels_span_clean_to_noise(kind):
 
 @pytest.mark.parametrize("kind", ["ddpm", "rf"])
 def test_counts_are_the_routers_choices(kind):
-    """One image, one bucket: the counts are exactly the bincount of the experts its tokens chose per layer, under
-    its class; everything else stays zero."""
+    """One image, three buckets: bucket b counts exactly the experts its tokens chose per layer at a noise level
+    drawn inside [b/3, (b+1)/3), and its class the sum over buckets; everything else stays zero."""
     model, diffusion = tiny_model(), create_diffusion(kind, learn_sigma=False)
     cfg = model.cfg
     x0, y = torch.randn(1, cfg.in_channels, 8, 8), torch.tensor([3])
-    got = count_expert_choices(model, diffusion, x0, y, level_buckets=1, seed=7, progress=False)
+    got = count_expert_choices(model, diffusion, x0, y, level_buckets=3, seed=7, progress=False)
 
-    gen = torch.Generator().manual_seed(7)  # replays the draws: level, then noise
-    level = torch.rand(1, generator=gen, dtype=torch.float64)
-    x_t, t = diffusion.noised(x0, level.float(), generator=gen)
-    with torch.no_grad():
-        routing = model(x_t, t, y).routing
-    E = cfg.moe.num_experts
-    want = np.stack([np.bincount(r.experts_BLK.flatten().numpy(), minlength=E) for r in routing])
-    assert np.array_equal(got.by_class_LCE[:, 3], want)
+    gen = torch.Generator().manual_seed(7)  # replays the draws: per bucket, level, then noise
+    E, wants, edges = cfg.moe.num_experts, [], np.linspace(0, 1, 4)
+    for b in range(3):
+        level = edges[b] + (edges[b + 1] - edges[b]) * torch.rand(1, generator=gen, dtype=torch.float64)
+        x_t, t = diffusion.noised(x0, level.float(), generator=gen)
+        with torch.no_grad():
+            routing = model(x_t, t, y).routing
+        wants.append(np.stack([np.bincount(r.experts_BLK.flatten().numpy(), minlength=E) for r in routing]))
+        assert np.array_equal(got.by_level_LBE[:, b], wants[b]), b
+    assert not np.array_equal(wants[0], wants[2])  # the levels matter to the router here
+    assert np.array_equal(got.by_class_LCE[:, 3], sum(wants))
     assert got.by_class_LCE[:, [0, 1, 2, 4]].sum() == 0
-    assert np.array_equal(got.by_level_LBE[:, 0], want)
 
 
 def test_count_totals_and_shares():
