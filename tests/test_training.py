@@ -309,9 +309,25 @@ def test_checkpoint_with_separate_gate_and_up_experts_loads(digits, tmp_path):
 
 
 def test_wandb_offline_run_logs_utilisation_heatmap(digits, tmp_path, monkeypatch):
+    """What reaches wandb's run.log at each log step: the scalars, the per-layer expert shares and the heatmap image,
+    which the offline run then holds as a media file."""
+    import wandb
+
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    train(smoke(digits, tmp_path / "run", steps=2, log_every=2, wandb=True), progress=False)
+    logged, real_log = [], wandb.sdk.wandb_run.Run.log
+
+    def spy(run, data, *args, **kwargs):
+        logged.append((kwargs.get("step"), dict(data)))
+        return real_log(run, data, *args, **kwargs)
+
+    monkeypatch.setattr(wandb.sdk.wandb_run.Run, "log", spy)
+    train(smoke(digits, tmp_path / "run", steps=4, log_every=2, ckpt_every=4, wandb=True), progress=False)
+    assert [step for step, _ in logged] == [2, 4]
+    for _, data in logged:
+        assert {"loss", "grad_norm", "moe/max_imbalance", "moe/layer0/expert0"} <= data.keys()
+        assert isinstance(data["moe/utilisation_heatmap"], wandb.Image)
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    assert len(list(runs[0].glob("files/media/images/moe/utilisation_heatmap_*.png"))) == 2
     assert (tmp_path / "run" / "utilisation_latest.png").is_file()
