@@ -7,10 +7,14 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from ditmoe import demo
 from ditmoe.cli import main
 from ditmoe.config import ConfigError
 from ditmoe.data.digits import prepare_digits
+from ditmoe.data.shards import load_split_tensors
 from ditmoe.demo import run_demo
+from ditmoe.evaluation.digits_judge import classifier_fid, judge_samples, load_judge
+from ditmoe.sampling import sample as sample_module
 from ditmoe.sampling.sample import generate, load_sampler
 from ditmoe.training.checkpoint import CheckpointError
 from ditmoe.training.config import train_config
@@ -26,7 +30,14 @@ def run(tmp_path_factory):
     return root / "run"
 
 
-def test_sample_cli_writes_one_row_per_class(run, tmp_path, capsys):
+def test_sample_cli_writes_one_row_per_class(run, tmp_path, capsys, monkeypatch):
+    asked, real_generate = [], sample_module.generate
+
+    def spy(sampler, labels, **kwargs):
+        asked.append(list(labels))
+        return real_generate(sampler, labels, **kwargs)
+
+    monkeypatch.setattr(sample_module, "generate", spy)
     out = tmp_path / "grid.png"
     argv = [
         "sample",
@@ -45,6 +56,7 @@ def test_sample_cli_writes_one_row_per_class(run, tmp_path, capsys):
     w, h = Image.open(out).size
     assert (w, h) == (2 * 17 + 1, 3 * 17 + 1)  # 16 px tiles with 1 px padding
     assert "3 classes x 2 samples" in capsys.readouterr().out
+    assert asked == [[0, 0, 3, 3, 7, 7]]  # row by row: a class per row (a 2-step model's rows look alike)
 
 
 @pytest.mark.parametrize(
@@ -101,10 +113,11 @@ def test_ema_and_raw_weights_differ_and_sampling_is_seeded(run):
     a = generate(ema, [1, 2], steps="ddim4", seed=3, progress=False)
     b = generate(ema, [1, 2], steps="ddim4", seed=3, progress=False)
     c = generate(raw, [1, 2], steps="ddim4", seed=3, progress=False)
-    assert torch.equal(a, b) and not torch.equal(a, c)
+    d = generate(ema, [1, 2], steps="ddim4", seed=4, progress=False)
+    assert torch.equal(a, b) and not torch.equal(a, c) and not torch.equal(a, d)
 
 
-def test_demo_pipeline_end_to_end(tmp_path):
+def test_demo_pipeline_end_to_end(tmp_path, monkeypatch):
     report = run_demo(tmp_path / "demo", steps=2, per_class=3)
     saved = json.loads((tmp_path / "demo" / "demo_report.json").read_text())
     assert saved == report and report["samples"] == 30
@@ -113,5 +126,13 @@ def test_demo_pipeline_end_to_end(tmp_path):
     for name in (*pngs, "judge.pt"):
         assert (tmp_path / "demo" / name).is_file()
     assert report["train_steps"] == 2
-    again = run_demo(tmp_path / "demo", steps=1, per_class=1)  # the run is past step 1: the report says where
+    # Again with known samples in place of the model's (held-out digits of each label, the first in class 3
+    # swapped for a 5): the report's numbers are the judge's on them. The run is past step 1: it says where.
+    x_val, y_val = load_split_tensors(tmp_path / "demo" / "data", "val")
+    fake = torch.stack([x_val[y_val == (5 if (c, i) == (3, 0) else c)][i] for c in range(10) for i in range(2)])
+    monkeypatch.setattr(demo, "generate", lambda sampler, labels, **kw: fake.clone())
+    again = run_demo(tmp_path / "demo", steps=1, per_class=2)
     assert again["train_steps"] == 2
+    judge, labels = load_judge(tmp_path / "demo" / "judge.pt"), torch.arange(10).repeat_interleave(2)
+    assert again["sample_class_accuracy"] == judge_samples(judge, fake, labels) < 1.0
+    assert again["sample_fid_judge_features"] == classifier_fid(judge, fake, x_val)
