@@ -51,11 +51,16 @@ import torch.nn.functional as F
 from ditmoe_kernels.tiles import load_tiles
 
 ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-ap.add_argument("--shapes", default="S,XL,G,XL-skew", help="comma list of S, XL, G, XL-skew, G-skew, tiny")
+ap.add_argument(
+    "--shapes",
+    default="S,XL,G,XL-skew",
+    help="comma list of S, XL, G, tiny and their -skew variants (XL-skew: one expert at 2x load); on CPU tiny, and "
+    "S if listed, scaled down",
+)
 ap.add_argument("--tokens", type=int, default=8192)
 ap.add_argument("--top-k", type=int, default=2)
-ap.add_argument("--reps", type=int, default=20)
-ap.add_argument("--warmup", type=int, default=3)
+ap.add_argument("--reps", type=int, help="timed repetitions per measurement (default: 20 on CUDA, 3 on CPU)")
+ap.add_argument("--warmup", type=int, help="untimed runs before them (default: 3 on CUDA, 1 on CPU)")
 ap.add_argument("--sweep", action="store_true", help="try a few tile configs per kernel kind (at --sweep-shapes)")
 ap.add_argument("--sweep-shapes", default="XL", help="comma list of shapes (S, XL, G) the sweep runs at")
 ap.add_argument(
@@ -97,6 +102,10 @@ try:
     COMPARE_TILES = {path: load_tiles(path) for path in args.compare_tiles}
 except ValueError as exc:
     ap.error(f"--compare-tiles {exc}")
+for name, least in (("tokens", 1), ("top_k", 1), ("reps", 1), ("warmup", 0), ("layer_rounds", 1)):
+    value = getattr(args, name)
+    if value is not None and value < least:
+        ap.error(f"--{name.replace('_', '-')} must be at least {least}, got {value}")
 
 T0 = time.time()
 CUDA = torch.cuda.is_available()
@@ -106,6 +115,12 @@ DTYPE = torch.bfloat16 if CUDA else torch.float32
 
 from shapes import SHAPES  # noqa: E402  (bench/, the script's folder)
 
+REPS = args.reps or (20 if CUDA else 3)
+WARMUP = (3 if CUDA else 1) if args.warmup is None else args.warmup
+SHAPE_NAMES = [s.strip() for s in args.shapes.split(",") if s.strip()]
+KNOWN_SHAPES = [*SHAPES, *(f"{s}-skew" for s in SHAPES)]
+if not set(SHAPE_NAMES) <= set(KNOWN_SHAPES):
+    ap.error(f"--shapes: unknown {sorted(set(SHAPE_NAMES) - set(KNOWN_SHAPES))} (known: {', '.join(KNOWN_SHAPES)})")
 SWEEP_SHAPES = [s.strip() for s in args.sweep_shapes.split(",") if s.strip()]
 if not set(SWEEP_SHAPES) <= SHAPES.keys():
     ap.error(f"--sweep-shapes: unknown {sorted(set(SWEEP_SHAPES) - SHAPES.keys())} (known: {', '.join(SHAPES)})")
@@ -160,8 +175,8 @@ _sleep = getattr(torch.cuda, "_sleep", None) if CUDA else None
 
 def bench(fn, reps=None) -> float:
     """Median milliseconds of fn()."""
-    reps = reps or (args.reps if CUDA else 3)
-    for _ in range(args.warmup if CUDA else 1):
+    reps = reps or REPS
+    for _ in range(WARMUP):
         fn()
     if not CUDA:
         times = []
@@ -1005,9 +1020,7 @@ def print_table():
 
 def main():
     log(f"device {device_name()}, torch {torch.__version__}, interpret={INTERPRET}")
-    shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
-    if not CUDA:
-        shapes = ["tiny"] + [s for s in shapes if s == "S"]
+    shapes = SHAPE_NAMES if CUDA else ["tiny"] + [s for s in SHAPE_NAMES if s == "S"]
     for name in shapes:
         if over_budget():
             skip(f"shape {name}", "over the time budget")

@@ -128,3 +128,22 @@ def test_the_bar_plot_refuses_a_result_without_rows(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode != 0 and "no rows of ours against a baseline" in proc.stderr
     assert not list(tmp_path.glob("*.png"))
+
+
+WRITERS = {"bench_kernels.py"}  # the scripts that write results (into --out)
+REFUSED = [  # (script, arguments, the error's words): refused with a usage line before any work
+    ("bench_kernels.py", ["--shapes", "S,bogus,XXL"], "--shapes: unknown ['XXL', 'bogus']"),
+    ("bench_kernels.py", ["--reps", "0"], "--reps must be at least 1, got 0"),
+    ("bench_kernels.py", ["--warmup", "-1"], "--warmup must be at least 0, got -1"),
+]
+
+
+@pytest.mark.parametrize(("script", "argv", "said"), REFUSED, ids=[f"{s} {' '.join(a)}" for s, a, _ in REFUSED])
+def test_bad_arguments_are_refused_before_any_work(tmp_path, script, argv, said):
+    out = tmp_path / "out"
+    argv = [*argv, "--out", str(out)] if script in WRITERS else argv
+    cmd = [sys.executable, "-W", "ignore", str(REPO / "bench" / script), *argv]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "usage:" in proc.stderr and said in proc.stderr, proc.stderr
+    assert not out.exists()
