@@ -114,6 +114,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 
 from shapes import SHAPES  # noqa: E402  (bench/, the script's folder)
+from sweep_candidates import SWEEP, adopted, candidate  # noqa: E402
 
 REPS = args.reps or (20 if CUDA else 3)
 WARMUP = (3 if CUDA else 1) if args.warmup is None else args.warmup
@@ -124,6 +125,9 @@ if not set(SHAPE_NAMES) <= set(KNOWN_SHAPES):
 SWEEP_SHAPES = [s.strip() for s in args.sweep_shapes.split(",") if s.strip()]
 if not set(SWEEP_SHAPES) <= SHAPES.keys():
     ap.error(f"--sweep-shapes: unknown {sorted(set(SWEEP_SHAPES) - SHAPES.keys())} (known: {', '.join(SHAPES)})")
+SWEEP_KINDS = [k.strip() for k in args.sweep_kinds.split(",") if k.strip()]
+if not set(SWEEP_KINDS) <= SWEEP.keys():
+    ap.error(f"--sweep-kinds: unknown {sorted(set(SWEEP_KINDS) - SWEEP.keys())} (known: {', '.join(SWEEP)})")
 if args.write_tiles:
     if not args.sweep:
         ap.error("--write-tiles needs --sweep: the tiles it writes are the sweep's")
@@ -272,7 +276,6 @@ def overlap_rows(shape: str, gemm, memory_pass) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 from bar import SKEW_BAR, judged, skew_slowdowns  # noqa: E402  (bench/, the script's folder)
-from sweep_candidates import SWEEP, adopted, candidate  # noqa: E402
 
 from ditmoe_kernels import peers  # noqa: E402
 from ditmoe_kernels import reference as ref  # noqa: E402
@@ -831,9 +834,6 @@ def sweep(kinds, name: str):
     }
     winners = {}
     for kind in kinds:
-        if kind not in SWEEP:
-            skip(f"sweep {kind}", f"unknown kind (known: {', '.join(SWEEP)})")
-            continue
         keys, configs = SWEEP[kind]
         if args.no_kernel_descriptors:
             configs = [c for c in configs if candidate(keys, c).get("TMA") != 2]
@@ -1034,9 +1034,8 @@ def main():
         if CUDA:
             torch.cuda.empty_cache()
     if args.sweep:
-        kinds = [k.strip() for k in args.sweep_kinds.split(",") if k.strip()]
         for name in SWEEP_SHAPES if CUDA else ["XL"]:  # on CPU, one tiny interpreter shape
-            sweep(kinds, name)
+            sweep(SWEEP_KINDS, name)
     path = write_results()
     print_table()
     print(f"\nwrote {path}")

@@ -135,6 +135,7 @@ REFUSED = [  # (script, arguments, the error's words): refused with a usage line
     ("bench_kernels.py", ["--shapes", "S,bogus,XXL"], "--shapes: unknown ['XXL', 'bogus']"),
     ("bench_kernels.py", ["--reps", "0"], "--reps must be at least 1, got 0"),
     ("bench_kernels.py", ["--warmup", "-1"], "--warmup must be at least 0, got -1"),
+    ("bench_kernels.py", ["--sweep", "--sweep-kinds", "rows,bogus"], "--sweep-kinds: unknown ['bogus']"),
 ]
 
 
