@@ -7,7 +7,7 @@ plus the shared expert (F=768). Each variant runs in its own subprocess so its p
 FLOPs per forward: routed 2 * (T*K) * 3 * D * F = 2 * 4096 * 3 * 384 * 1536 = 14.5 GFLOP, shared 2 * T * 3 * D * 768 =
 3.6 GFLOP; backward ~2x forward -> ~54 GFLOP per fwd+bwd.
 
-    python bench/bench_moe_cpu.py [--iters 5] [--tokens 2048]
+    python bench/bench_moe_cpu.py [--iters 5] [--tokens 2048] [--out DIR]   # writes DIR/cpu-moe-<YYYY-MM-DD>.json
 """
 
 from __future__ import annotations
@@ -78,10 +78,14 @@ def run_variant(variant: str, tokens: int, iters: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=5, help="timed steps per variant (after one untimed)")
     ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"), help="folder of the JSON result")
     ap.add_argument("--variant", choices=["ours", "naive"], help=argparse.SUPPRESS)  # child process
     args = ap.parse_args()
+    for name in ("iters", "tokens"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.variant:
         print(json.dumps(run_variant(args.variant, args.tokens, args.iters)))
         return
@@ -97,7 +101,7 @@ def main() -> None:
     speedup = naive["median_s"] / ours["median_s"]
     memory = ours["peak_extra_mib"] / naive["peak_extra_mib"]
     print(f"\nours vs naive: {speedup:.2f}x the speed, {memory:.2f}x the peak memory")
-    out = Path(__file__).parent / "results" / f"cpu-moe-{datetime.date.today().isoformat()}.json"
+    out = Path(args.out) / f"cpu-moe-{datetime.date.today().isoformat()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "device": platform.processor() or platform.machine(),

@@ -130,12 +130,14 @@ def test_the_bar_plot_refuses_a_result_without_rows(tmp_path):
     assert not list(tmp_path.glob("*.png"))
 
 
-WRITERS = {"bench_kernels.py"}  # the scripts that write results (into --out)
+WRITERS = {"bench_kernels.py", "bench_moe_cpu.py"}  # the scripts that write results (into --out)
 REFUSED = [  # (script, arguments, the error's words): refused with a usage line before any work
     ("bench_kernels.py", ["--shapes", "S,bogus,XXL"], "--shapes: unknown ['XXL', 'bogus']"),
     ("bench_kernels.py", ["--reps", "0"], "--reps must be at least 1, got 0"),
     ("bench_kernels.py", ["--warmup", "-1"], "--warmup must be at least 0, got -1"),
     ("bench_kernels.py", ["--sweep", "--sweep-kinds", "rows,bogus"], "--sweep-kinds: unknown ['bogus']"),
+    ("bench_moe_cpu.py", ["--iters", "0"], "--iters must be at least 1, got 0"),
+    ("bench_moe_cpu.py", ["--tokens", "0"], "--tokens must be at least 1, got 0"),
 ]
 
 
@@ -148,3 +150,12 @@ def test_bad_arguments_are_refused_before_any_work(tmp_path, script, argv, said)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "usage:" in proc.stderr and said in proc.stderr, proc.stderr
     assert not out.exists()
+
+
+def test_the_cpu_moe_benchmark_writes_into_out(tmp_path):
+    cmd = [sys.executable, "-W", "ignore", str(REPO / "bench" / "bench_moe_cpu.py"), "--iters", "1", "--tokens", "16"]
+    proc = subprocess.run([*cmd, "--out", str(tmp_path)], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [written] = tmp_path.glob("cpu-moe-*.json")
+    assert [r["variant"] for r in json.loads(written.read_text())["results"]] == ["naive", "ours"]
+    assert f"wrote {written}" in proc.stdout
