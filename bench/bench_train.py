@@ -59,7 +59,7 @@ from pathlib import Path
 import torch
 
 from ditmoe.analysis.model_size import model_size
-from ditmoe.config import model_config
+from ditmoe.config import ConfigError, model_config
 from ditmoe.diffusion import create_diffusion
 from ditmoe.models.dit import DiTMoE
 from ditmoe.training.stepper import adamw
@@ -95,8 +95,10 @@ ap.add_argument(
 )
 ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
 args = ap.parse_args()
-if args.rounds < 1:
-    ap.error(f"--rounds must be at least 1, got {args.rounds}")
+for name, least in (("rounds", 1), ("iters", 1), ("warmup", 0), ("image_size", 1)):
+    value = getattr(args, name)
+    if value is not None and value < least:
+        ap.error(f"--{name.replace('_', '-')} must be at least {least}, got {value}")
 
 TINY = args.tiny or not CUDA
 try:
@@ -115,6 +117,14 @@ models = (
 backends = args.backends.split(",") if args.backends else ["triton", "torch", "naive"]
 if set(backends) - {"triton", "torch", "naive"}:
     ap.error(f"--backends: expected a comma list of triton, torch, naive; got {args.backends!r}")
+try:
+    batches = [int(b) for b in args.batch.split(",")] if args.batch else []
+except ValueError:
+    ap.error(f"--batch: expected a number or a comma list of numbers, got {args.batch!r}")
+if batches and min(batches) < 1:
+    ap.error(f"--batch: images per step must be at least 1, got {args.batch!r}")
+if len(batches) > 1 and len(batches) != len(models):
+    ap.error(f"--batch {args.batch!r}: {len(batches)} values for {len(models)} models (give one, or one per model)")
 image_size = args.image_size or (16 if TINY else 256)
 dtype = args.dtype or ("bf16" if CUDA else "fp32")
 warmup = args.warmup if args.warmup is not None else (3 if CUDA else 2)
@@ -130,9 +140,8 @@ if not CUDA:
 
 
 def batch_of(i: int, name: str) -> int:
-    if args.batch:
-        values = [int(b) for b in args.batch.split(",")]
-        return values[i] if len(values) > 1 else values[0]
+    if batches:
+        return batches[i] if len(batches) > 1 else batches[0]
     if TINY:
         return 16
     return DEFAULT_BATCH.get(re.match(r"DiT-MoE-([A-Za-z]+)/", name)[1], 32)
@@ -143,6 +152,13 @@ def build_config(name: str, backend: str):
     if TINY:
         return model_config(name, image_size=image_size, latent=False, in_channels=1, num_classes=10, moe=moe)
     return model_config(name, image_size=image_size, moe=moe)
+
+
+for name in models:  # an unknown preset, or an image size it cannot take: before any case runs
+    try:
+        build_config(name, "torch")
+    except ConfigError as exc:
+        ap.error(f"--models {name} at {image_size}px: {exc}")
 
 
 def backend_unavailable(backend: str) -> str | None:

@@ -130,7 +130,7 @@ def test_the_bar_plot_refuses_a_result_without_rows(tmp_path):
     assert not list(tmp_path.glob("*.png"))
 
 
-WRITERS = {"bench_kernels.py", "bench_moe_cpu.py"}  # the scripts that write results (into --out)
+WRITERS = {"bench_kernels.py", "bench_moe_cpu.py", "bench_train.py"}  # the scripts that write results (into --out)
 REFUSED = [  # (script, arguments, the error's words): refused with a usage line before any work
     ("bench_kernels.py", ["--shapes", "S,bogus,XXL"], "--shapes: unknown ['XXL', 'bogus']"),
     ("bench_kernels.py", ["--reps", "0"], "--reps must be at least 1, got 0"),
@@ -138,6 +138,10 @@ REFUSED = [  # (script, arguments, the error's words): refused with a usage line
     ("bench_kernels.py", ["--sweep", "--sweep-kinds", "rows,bogus"], "--sweep-kinds: unknown ['bogus']"),
     ("bench_moe_cpu.py", ["--iters", "0"], "--iters must be at least 1, got 0"),
     ("bench_moe_cpu.py", ["--tokens", "0"], "--tokens must be at least 1, got 0"),
+    ("bench_train.py", ["--iters", "0"], "--iters must be at least 1, got 0"),
+    ("bench_train.py", ["--models", "DiT-MoE-micro/4-4E2A", "--batch", "4,8"], "'4,8': 2 values for 1 models"),
+    ("bench_train.py", ["--batch", "0"], "--batch: images per step must be at least 1, got '0'"),
+    ("bench_train.py", ["--models", "DiT-MoE-micro/4-4E2A,bogus"], "--models bogus at 16px: unknown model preset"),
 ]
 
 
