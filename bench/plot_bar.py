@@ -31,6 +31,9 @@ def load(path: Path) -> dict:
         raise ValueError(f"{path}: {exc}") from exc
     if not isinstance(result, dict) or not isinstance(result.get("rows"), list):
         raise ValueError(f"{path}: not a bench_kernels.py result (no list of rows)")
+    for i, row in enumerate(result["rows"]):  # each one made by bench_kernels.py's record()
+        if missing := [key for key in ("shape", "op", "impl", "ms") if not isinstance(row, dict) or key not in row]:
+            raise ValueError(f"{path}: rows[{i}] is not a bench_kernels.py row (no {', '.join(missing)}): {row!r:.200}")
     return result
 
 
@@ -77,6 +80,7 @@ def plot(result: dict, out: Path, title: str) -> list[dict]:
     fig.legend(handles=legend, loc="lower center", ncol=4, fontsize=7, frameon=False)
     fig.suptitle(f"{title}: GEMMs vs one dense GEMM of the same FLOPs, permutes vs copy bandwidth", fontsize=9)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
+    out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=130)
     plt.close(fig)
     return rows
@@ -85,14 +89,16 @@ def plot(result: dict, out: Path, title: str) -> list[dict]:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("results", type=Path, help="a JSON result of bench/bench_kernels.py")
-    ap.add_argument("--out", type=Path, help="the PNG to write (default: <results>-bar.png beside the results)")
+    ap.add_argument(
+        "--out", type=Path, help="the PNG to write (default: <results>-bar.png beside the results); its folder is made"
+    )
     args = ap.parse_args(argv)
     try:
         result = load(args.results)
         out = args.out or args.results.with_name(f"{args.results.stem}-bar.png")
         title = f"{result.get('meta', {}).get('device', 'unknown device')} ({args.results.parent.name})"
         rows = plot(result, out, title)
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:  # OSError: the PNG could not be written
         sys.exit(f"plot_bar.py: {exc}")
     misses = [j for j in rows if not j["ok"]]
     print(f"{len(rows) - len(misses)} of {len(rows)} rows meet the bar; below it:")

@@ -130,6 +130,28 @@ def test_the_bar_plot_refuses_a_result_without_rows(tmp_path):
     assert not list(tmp_path.glob("*.png"))
 
 
+def test_the_bar_plot_makes_the_folder_of_out(tmp_path):
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"meta": {}, "rows": [_row("XL", "down fwd", 0.9)]}))
+    png = tmp_path / "new" / "folder" / "bar.png"
+    cmd = [sys.executable, str(REPO / "bench" / "plot_bar.py"), str(results), "--out", str(png)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_bar_plot_names_a_row_that_is_not_a_bench_kernels_row(tmp_path):
+    """Every row bench_kernels.py writes has a shape, op, impl and ms (e.g. not bench_train.py's rows)."""
+    bad = tmp_path / "results.json"
+    rows = [_row("XL", "down fwd", 0.9), {"shape": "XL", "op": "down fwd", "ms": 1.0}]
+    bad.write_text(json.dumps({"meta": {}, "rows": rows}))
+    cmd = [sys.executable, str(REPO / "bench" / "plot_bar.py"), str(bad)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert f"plot_bar.py: {bad}: rows[1] is not a bench_kernels.py row (no impl)" in proc.stderr, proc.stderr
+    assert not list(tmp_path.glob("*.png"))
+
+
 WRITERS = {"bench_kernels.py", "bench_moe_cpu.py", "bench_train.py"}  # the scripts that write results (into --out)
 REFUSED = [  # (script, arguments, the error's words): refused with a usage line before any work
     ("bench_kernels.py", ["--shapes", "S,bogus,XXL"], "--shapes: unknown ['XXL', 'bogus']"),
