@@ -14,7 +14,7 @@ synchronised across ranks (that cost is the same for replicated parameters in bo
 All-to-all bytes per step: token rows that leave a rank (dispatch, return, and the same again in backward), summed
 over the ranks, plus the per-expert count exchange.
 
-    python bench/bench_ep_cpu.py [--steps 20] [--tokens 512] [--repeats 2]
+    python bench/bench_ep_cpu.py [--steps 20] [--tokens 512] [--repeats 2] [--out DIR]   # DIR/cpu-ep-<date>.json
 """
 
 from __future__ import annotations
@@ -127,7 +127,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="interleaved runs per EP size; the best is kept")
     parser.add_argument("--train-steps", type=int, default=60, help="trainer steps per run (first window: warm-up)")
     parser.add_argument("--train-window", type=int, default=20)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"), help="folder of the JSON result")
     args = parser.parse_args()
+    for name, least in (("steps", 1), ("warmup", 0), ("tokens", 1), ("repeats", 1), ("train_window", 1)):
+        if getattr(args, name) < least:
+            parser.error(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(args, name)}")
+    if args.train_steps <= args.train_window:
+        parser.error(
+            f"--train-steps {args.train_steps}: must exceed --train-window {args.train_window} (the first window "
+            "warms up; steps/s comes from those after it)"
+        )
 
     best: dict[int, dict] = {}
     for _ in range(args.repeats):  # interleaved, best of each: the machine is shared, its load changes
@@ -160,8 +169,8 @@ def main() -> None:
             f"{r['all_to_all_mib_per_step']:>32.2f}"
         )
 
-    out_dir = Path(__file__).parent / "results"
-    out_dir.mkdir(exist_ok=True)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
     result = {
         "bench": "ep_cpu",
         "date": datetime.date.today().isoformat(),

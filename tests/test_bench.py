@@ -152,7 +152,7 @@ def test_the_bar_plot_names_a_row_that_is_not_a_bench_kernels_row(tmp_path):
     assert not list(tmp_path.glob("*.png"))
 
 
-WRITERS = {"bench_kernels.py", "bench_moe_cpu.py", "bench_train.py"}  # the scripts that write results (into --out)
+WRITERS = {"bench_kernels.py", "bench_moe_cpu.py", "bench_train.py", "bench_ep_cpu.py"}  # results into --out
 REFUSED = [  # (script, arguments, the error's words): refused with a usage line before any work
     ("bench_kernels.py", ["--shapes", "S,bogus,XXL"], "--shapes: unknown ['XXL', 'bogus']"),
     ("bench_kernels.py", ["--reps", "0"], "--reps must be at least 1, got 0"),
@@ -164,6 +164,9 @@ REFUSED = [  # (script, arguments, the error's words): refused with a usage line
     ("bench_train.py", ["--models", "DiT-MoE-micro/4-4E2A", "--batch", "4,8"], "'4,8': 2 values for 1 models"),
     ("bench_train.py", ["--batch", "0"], "--batch: images per step must be at least 1, got '0'"),
     ("bench_train.py", ["--models", "DiT-MoE-micro/4-4E2A,bogus"], "--models bogus at 16px: unknown model preset"),
+    ("bench_ep_cpu.py", ["--repeats", "0"], "--repeats must be at least 1, got 0"),
+    ("bench_ep_cpu.py", ["--steps", "0"], "--steps must be at least 1, got 0"),
+    ("bench_ep_cpu.py", ["--train-steps", "20"], "--train-steps 20: must exceed --train-window 20"),
 ]
 
 
