@@ -152,7 +152,8 @@ def test_the_bar_plot_names_a_row_that_is_not_a_bench_kernels_row(tmp_path):
     assert not list(tmp_path.glob("*.png"))
 
 
-WRITERS = {"bench_kernels.py", "bench_moe_cpu.py", "bench_train.py", "bench_ep_cpu.py"}  # results into --out
+# the scripts that write results (into --out)
+WRITERS = {"bench_kernels.py", "bench_moe_cpu.py", "bench_train.py", "bench_ep_cpu.py", "bench_loader.py"}
 REFUSED = [  # (script, arguments, the error's words): refused with a usage line before any work
     ("bench_kernels.py", ["--shapes", "S,bogus,XXL"], "--shapes: unknown ['XXL', 'bogus']"),
     ("bench_kernels.py", ["--reps", "0"], "--reps must be at least 1, got 0"),
@@ -167,6 +168,8 @@ REFUSED = [  # (script, arguments, the error's words): refused with a usage line
     ("bench_ep_cpu.py", ["--repeats", "0"], "--repeats must be at least 1, got 0"),
     ("bench_ep_cpu.py", ["--steps", "0"], "--steps must be at least 1, got 0"),
     ("bench_ep_cpu.py", ["--train-steps", "20"], "--train-steps 20: must exceed --train-window 20"),
+    ("bench_loader.py", ["--images", "0"], "--images must be at least 1, got 0"),
+    ("bench_loader.py", ["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
 ]
 
 
