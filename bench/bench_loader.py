@@ -82,7 +82,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"), help="folder of the JSON result")
     args = parser.parse_args()
     for name in ("images", "batch_size"):
         if getattr(args, name) < 1:
