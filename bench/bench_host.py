@@ -26,7 +26,7 @@ import time
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ditmoe.config import model_config
+from ditmoe.config import ConfigError, model_config
 from ditmoe.diffusion import create_diffusion
 from ditmoe.models.dit import DiTMoE
 from ditmoe.training.config import TrainConfig
@@ -42,6 +42,13 @@ ap.add_argument("--backend", choices=["torch", "triton"], default="torch", help=
 args = ap.parse_args()
 if args.backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
     ap.error("--backend triton runs the kernels on CPU under the interpreter: set TRITON_INTERPRET=1")
+for name in ("steps", "batch"):
+    if getattr(args, name) < 1:
+        ap.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+try:
+    cfg = model_config(args.model, image_size=32, moe={"backend": args.backend}, hidden_size=32, num_heads=2)
+except ConfigError as exc:
+    ap.error(f"--model: {exc}")
 
 
 class OpCount(TorchDispatchMode):
@@ -80,7 +87,6 @@ class OpCount(TorchDispatchMode):
 
 torch.set_num_threads(1)
 torch.manual_seed(0)
-cfg = model_config(args.model, image_size=32, moe={"backend": args.backend}, hidden_size=32, num_heads=2)
 model = DiTMoE(cfg)
 stepper, ema = TorchStepper(model, TrainConfig()), EMA(model, 0.9999)
 diffusion = create_diffusion("ddpm", learn_sigma=cfg.learn_sigma)

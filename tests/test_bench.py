@@ -170,6 +170,9 @@ REFUSED = [  # (script, arguments, the error's words): refused with a usage line
     ("bench_ep_cpu.py", ["--train-steps", "20"], "--train-steps 20: must exceed --train-window 20"),
     ("bench_loader.py", ["--images", "0"], "--images must be at least 1, got 0"),
     ("bench_loader.py", ["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    ("bench_host.py", ["--steps", "0"], "--steps must be at least 1, got 0"),
+    ("bench_host.py", ["--batch", "0"], "--batch must be at least 1, got 0"),
+    ("bench_host.py", ["--model", "bogus"], "--model: unknown model preset 'bogus'"),
 ]
 
 
