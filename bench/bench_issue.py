@@ -32,7 +32,7 @@ from ditmoe_kernels.tiles import load_tiles
 ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 ap.add_argument("--shape", default="S", choices=["S", "XL", "tiny"])
 ap.add_argument("--tokens", type=int, default=8192)
-ap.add_argument("--reps", type=int, default=50)
+ap.add_argument("--reps", type=int, default=50, help="timed runs per tile set (after 3 untimed), and profiled ones")
 ap.add_argument(
     "--tiles",
     action="append",
@@ -42,6 +42,9 @@ ap.add_argument(
 )
 ap.add_argument("--no-kernel-descriptors", action="store_true", help="leave out the tile set with TMA = 2")
 args = ap.parse_args()
+for name in ("tokens", "reps"):
+    if getattr(args, name) < 1:
+        ap.error(f"--{name} must be at least 1, got {getattr(args, name)}")
 
 CUDA = torch.cuda.is_available()
 if not CUDA and not os.environ.get("TRITON_INTERPRET"):

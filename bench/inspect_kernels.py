@@ -75,6 +75,9 @@ KIND_OPS = {
     "rows": ["permute", "unpermute", "unpermute bwd"],
 }
 OPS = [o.strip() for o in args.ops.split(",") if o.strip()] if args.ops else None
+for name in ("tokens", "top_k"):
+    if getattr(args, name) < 1:
+        ap.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
 if args.experts is not None and args.experts < args.top_k:
     ap.error(f"--experts {args.experts}: fewer experts than --top-k {args.top_k}")
 KINDS = [k.strip() for k in (args.candidates or "").split(",") if k.strip()]

@@ -173,6 +173,11 @@ REFUSED = [  # (script, arguments, the error's words): refused with a usage line
     ("bench_host.py", ["--steps", "0"], "--steps must be at least 1, got 0"),
     ("bench_host.py", ["--batch", "0"], "--batch must be at least 1, got 0"),
     ("bench_host.py", ["--model", "bogus"], "--model: unknown model preset 'bogus'"),
+    ("bench_issue.py", ["--reps", "0"], "--reps must be at least 1, got 0"),
+    ("bench_issue.py", ["--tokens", "0"], "--tokens must be at least 1, got 0"),
+    # --ops bogus: without the count checks, the layer recorded (not compiled) and an error of its own
+    ("inspect_kernels.py", ["--top-k", "0", "--ops", "bogus"], "--top-k must be at least 1, got 0"),
+    ("inspect_kernels.py", ["--tokens", "0", "--ops", "bogus"], "--tokens must be at least 1, got 0"),
 ]
 
 
@@ -181,7 +186,10 @@ def test_bad_arguments_are_refused_before_any_work(tmp_path, script, argv, said)
     out = tmp_path / "out"
     argv = [*argv, "--out", str(out)] if script in WRITERS else argv
     cmd = [sys.executable, "-W", "ignore", str(REPO / "bench" / script), *argv]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+    # no interpreter (conftest sets it): on CPU a script that missed its check then runs no Triton kernels, and
+    # bench_issue.py stops at once
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "usage:" in proc.stderr and said in proc.stderr, proc.stderr
     assert not out.exists()
