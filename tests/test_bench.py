@@ -1,5 +1,6 @@
 """The kernel benchmark's tuning path: how the sweep picks the tiles to adopt, and ``--write-tiles`` end to end on
-CPU (the interpreter times nothing meaningful, so this checks the path, not the choice of a GPU run)."""
+CPU (the interpreter times nothing meaningful, so this checks the path, not the choice of a GPU run); the bar plot;
+and the bench scripts' refusal of bad arguments before any work."""
 
 import importlib
 import json
