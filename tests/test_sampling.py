@@ -127,11 +127,12 @@ def test_demo_pipeline_end_to_end(tmp_path, monkeypatch):
         assert (tmp_path / "demo" / name).is_file()
     assert report["train_steps"] == 2
     # Again with known samples in place of the model's (held-out digits of each label, the first in class 3
-    # swapped for a 5): the report's numbers are the judge's on them. The run is past step 1: it says where.
+    # swapped for a 5): the report's numbers are the judge's on them. The run is past step 1: no training (so the
+    # 2-rank checkpoint does not meet the 1-rank topology check), and the report says where it is.
     x_val, y_val = load_split_tensors(tmp_path / "demo" / "data", "val")
     fake = torch.stack([x_val[y_val == (5 if (c, i) == (3, 0) else c)][i] for c in range(10) for i in range(2)])
     monkeypatch.setattr(demo, "generate", lambda sampler, labels, **kw: fake.clone())
-    again = run_demo(tmp_path / "demo", steps=1, per_class=2)
+    again = run_demo(tmp_path / "demo", steps=1, per_class=2, ranks=1)
     assert again["train_steps"] == 2
     judge, labels = load_judge(tmp_path / "demo" / "judge.pt"), torch.arange(10).repeat_interleave(2)
     assert again["sample_class_accuracy"] == judge_samples(judge, fake, labels) < 1.0

@@ -25,7 +25,7 @@ from ditmoe.evaluation.digits_judge import (
 from ditmoe.parallel.launch import free_port
 from ditmoe.sampling.sample import generate, load_sampler, save_grid
 from ditmoe.training import checkpoint as ckpt_io
-from ditmoe.training.config import train_config
+from ditmoe.training.config import TrainConfig, train_config
 from ditmoe.training.loop import train
 
 
@@ -40,6 +40,16 @@ def launch_training(ranks: int, argv: list[str]) -> None:
     rc = subprocess.run(cmd, env=env).returncode
     if rc != 0:
         raise RuntimeError(f"distributed training exited with code {rc}: {' '.join(cmd)}")
+
+
+def train_demo(cfg: TrainConfig, ranks: int) -> None:
+    """Train (or resume) the demo run: with the DeepSpeed launcher on ``ranks`` > 1 CPU ranks, experts split over
+    them, else in this process."""
+    if ranks <= 1:
+        train(cfg)
+        return
+    args = ["--preset", "digits-demo", "--data", cfg.data, "--out", cfg.out, "--steps", str(cfg.steps)]
+    launch_training(ranks, [*args, "--seed", str(cfg.seed), "--ep-size", str(ranks), "--resume"])
 
 
 def run_demo(
@@ -65,27 +75,9 @@ def run_demo(
         prepare_digits(data, image_size=16, seed=seed)
 
     cfg = train_config("digits-demo", data=str(data), out=str(out / "run"), steps=steps, seed=seed, resume=True)
-    if ranks > 1:
-        launch_training(
-            ranks,
-            [
-                "--preset",
-                "digits-demo",
-                "--data",
-                str(data),
-                "--out",
-                cfg.out,
-                "--steps",
-                str(cfg.steps),
-                "--seed",
-                str(seed),
-                "--ep-size",
-                str(ranks),
-                "--resume",
-            ],
-        )
-    else:
-        train(cfg)
+    newest = ckpt_io.newest_valid(Path(cfg.out) / "checkpoints")
+    if newest is None or ckpt_io.step_of(newest) < cfg.steps:  # else trained that far already, at any --ranks
+        train_demo(cfg, ranks)
 
     sampler = load_sampler(out / "run")
     labels = [c for c in range(sampler.model.cfg.num_classes) for _ in range(per_class)]
