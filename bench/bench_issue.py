@@ -22,6 +22,7 @@ import pstats
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 from shapes import SHAPES  # bench/, the script's folder
@@ -45,6 +46,15 @@ args = ap.parse_args()
 for name in ("tokens", "reps"):
     if getattr(args, name) < 1:
         ap.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+if args.tiles:
+    TILE_FILES = {path: path for path in args.tiles}
+else:  # bench/tiles/ beside this script, wherever it runs from
+    TILES_DIR = Path(__file__).parent / "tiles"
+    TILE_FILES = {f"bench/tiles/{name}": str(TILES_DIR / name) for name in ("run3-bf16.json", "ws-bf16.json")}
+try:
+    FILE_TILES = {label: load_tiles(path) for label, path in TILE_FILES.items()}
+except ValueError as exc:
+    ap.error(f"--tiles {exc}")
 
 CUDA = torch.cuda.is_available()
 if not CUDA and not os.environ.get("TRITON_INTERPRET"):
@@ -65,7 +75,7 @@ TMA_KINDS = ("gmm", "gmm_dx", "swiglu", "swiglu_bwd")  # the kinds whose tiles n
 KERNEL_DESCRIPTORS = "tiles now, descriptors made in the kernels"
 TILE_SETS = {
     "tiles now": {},
-    **{path: load_tiles(path) for path in args.tiles or ["bench/tiles/run3-bf16.json", "bench/tiles/ws-bf16.json"]},
+    **FILE_TILES,
     "tiles now, no TMA": {k: {"TMA": 0} for k in TMA_KINDS},
     KERNEL_DESCRIPTORS: {k: {"TMA": 2} for k in TMA_KINDS},
     "tiles now, gathered x": {"swiglu": {"GATHER": 1}},

@@ -125,6 +125,11 @@ if not set(SHAPE_NAMES) <= set(KNOWN_SHAPES):
 SWEEP_SHAPES = [s.strip() for s in args.sweep_shapes.split(",") if s.strip()]
 if not set(SWEEP_SHAPES) <= SHAPES.keys():
     ap.error(f"--sweep-shapes: unknown {sorted(set(SWEEP_SHAPES) - SHAPES.keys())} (known: {', '.join(SHAPES)})")
+for name in SHAPE_NAMES + (SWEEP_SHAPES if args.sweep else []):
+    if args.top_k > SHAPES[name.removesuffix("-skew")][2]:
+        ap.error(f"--top-k {args.top_k} is more than the {SHAPES[name.removesuffix('-skew')][2]} experts of {name}")
+if args.budget <= 0:
+    ap.error(f"--budget must be more than 0 seconds, got {args.budget}")
 SWEEP_KINDS = [k.strip() for k in args.sweep_kinds.split(",") if k.strip()]
 if not set(SWEEP_KINDS) <= SWEEP.keys():
     ap.error(f"--sweep-kinds: unknown {sorted(set(SWEEP_KINDS) - SWEEP.keys())} (known: {', '.join(SWEEP)})")

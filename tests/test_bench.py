@@ -176,6 +176,9 @@ REFUSED = [  # (script, arguments, the error's words): refused with a usage line
     ("bench_host.py", ["--model", "bogus"], "--model: unknown model preset 'bogus'"),
     ("bench_issue.py", ["--reps", "0"], "--reps must be at least 1, got 0"),
     ("bench_issue.py", ["--tokens", "0"], "--tokens must be at least 1, got 0"),
+    ("bench_issue.py", ["--tiles", "/nonexistent/tiles.json"], "--tiles '/nonexistent/tiles.json'"),
+    ("bench_kernels.py", ["--shapes", "tiny,G", "--top-k", "9"], "--top-k 9 is more than the 8 experts of tiny"),
+    ("bench_kernels.py", ["--budget", "0"], "--budget must be more than 0 seconds, got 0.0"),
     # --ops bogus: without the count checks, the layer recorded (not compiled) and an error of its own
     ("inspect_kernels.py", ["--top-k", "0", "--ops", "bogus"], "--top-k must be at least 1, got 0"),
     ("inspect_kernels.py", ["--tokens", "0", "--ops", "bogus"], "--tokens must be at least 1, got 0"),
