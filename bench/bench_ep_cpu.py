@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from arguments import require_at_least  # bench/, the script's folder
 
 from ditmoe.config import MoEConfig
 from ditmoe.models.moe import MoEFeedForward
@@ -129,9 +130,7 @@ def main() -> None:
     parser.add_argument("--train-window", type=int, default=20)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"), help="folder of the JSON result")
     args = parser.parse_args()
-    for name, least in (("steps", 1), ("warmup", 0), ("tokens", 1), ("repeats", 1), ("train_window", 1)):
-        if getattr(args, name) < least:
-            parser.error(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(args, name)}")
+    require_at_least(parser, args, steps=1, warmup=0, tokens=1, repeats=1, train_window=1)
     if args.train_steps <= args.train_window:
         parser.error(
             f"--train-steps {args.train_steps}: must exceed --train-window {args.train_window} (the first window "

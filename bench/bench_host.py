@@ -24,6 +24,7 @@ import statistics
 import time
 
 import torch
+from arguments import require_at_least  # bench/, the script's folder
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ditmoe.config import ConfigError, model_config
@@ -42,9 +43,7 @@ ap.add_argument("--backend", choices=["torch", "triton"], default="torch", help=
 args = ap.parse_args()
 if args.backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
     ap.error("--backend triton runs the kernels on CPU under the interpreter: set TRITON_INTERPRET=1")
-for name in ("steps", "batch"):
-    if getattr(args, name) < 1:
-        ap.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+require_at_least(ap, args, steps=1, batch=1)
 try:
     cfg = model_config(args.model, image_size=32, moe={"backend": args.backend}, hidden_size=32, num_heads=2)
 except ConfigError as exc:

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from arguments import require_at_least  # bench/, the script's folder
 from shapes import SHAPES  # bench/, the script's folder
 
 from ditmoe_kernels import triton_ops as ops
@@ -43,9 +44,7 @@ ap.add_argument(
 )
 ap.add_argument("--no-kernel-descriptors", action="store_true", help="leave out the tile set with TMA = 2")
 args = ap.parse_args()
-for name in ("tokens", "reps"):
-    if getattr(args, name) < 1:
-        ap.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+require_at_least(ap, args, tokens=1, reps=1)
 if args.tiles:
     TILE_FILES = {path: path for path in args.tiles}
 else:  # bench/tiles/ beside this script, wherever it runs from

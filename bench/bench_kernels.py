@@ -47,6 +47,7 @@ import traceback
 
 import torch
 import torch.nn.functional as F
+from arguments import require_at_least  # bench/, the script's folder
 
 from ditmoe_kernels.tiles import load_tiles
 
@@ -102,10 +103,7 @@ try:
     COMPARE_TILES = {path: load_tiles(path) for path in args.compare_tiles}
 except ValueError as exc:
     ap.error(f"--compare-tiles {exc}")
-for name, least in (("tokens", 1), ("top_k", 1), ("reps", 1), ("warmup", 0), ("layer_rounds", 1)):
-    value = getattr(args, name)
-    if value is not None and value < least:
-        ap.error(f"--{name.replace('_', '-')} must be at least {least}, got {value}")
+require_at_least(ap, args, tokens=1, top_k=1, reps=1, warmup=0, layer_rounds=1)
 
 T0 = time.time()
 CUDA = torch.cuda.is_available()
@@ -126,8 +124,8 @@ SWEEP_SHAPES = [s.strip() for s in args.sweep_shapes.split(",") if s.strip()]
 if not set(SWEEP_SHAPES) <= SHAPES.keys():
     ap.error(f"--sweep-shapes: unknown {sorted(set(SWEEP_SHAPES) - SHAPES.keys())} (known: {', '.join(SHAPES)})")
 for name in SHAPE_NAMES + (SWEEP_SHAPES if args.sweep else []):
-    if args.top_k > SHAPES[name.removesuffix("-skew")][2]:
-        ap.error(f"--top-k {args.top_k} is more than the {SHAPES[name.removesuffix('-skew')][2]} experts of {name}")
+    if args.top_k > (experts := SHAPES[name.removesuffix("-skew")][2]):
+        ap.error(f"--top-k {args.top_k} is more than the {experts} experts of {name}")
 if args.budget <= 0:
     ap.error(f"--budget must be more than 0 seconds, got {args.budget}")
 SWEEP_KINDS = [k.strip() for k in args.sweep_kinds.split(",") if k.strip()]

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from arguments import require_at_least  # bench/, the script's folder
 from PIL import Image
 
 from ditmoe.data.prepare_images import npy_bytes, prepare_images
@@ -84,9 +85,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"), help="folder of the JSON result")
     args = parser.parse_args()
-    for name in ("images", "batch_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    require_at_least(parser, args, images=1, batch_size=1)
     torch.set_num_threads(1)
     rows, results = (
         [],

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from arguments import require_at_least  # bench/, the script's folder
 
 D, E, K = 384, 8, 2
 
@@ -83,9 +84,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"), help="folder of the JSON result")
     ap.add_argument("--variant", choices=["ours", "naive"], help=argparse.SUPPRESS)  # child process
     args = ap.parse_args()
-    for name in ("iters", "tokens"):
-        if getattr(args, name) < 1:
-            ap.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    require_at_least(ap, args, iters=1, tokens=1)
     if args.variant:
         print(json.dumps(run_variant(args.variant, args.tokens, args.iters)))
         return

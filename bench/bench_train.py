@@ -57,6 +57,7 @@ import traceback
 from pathlib import Path
 
 import torch
+from arguments import require_at_least  # bench/, the script's folder
 
 from ditmoe.analysis.model_size import model_size
 from ditmoe.config import ConfigError, model_config
@@ -95,10 +96,7 @@ ap.add_argument(
 )
 ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
 args = ap.parse_args()
-for name, least in (("rounds", 1), ("iters", 1), ("warmup", 0), ("image_size", 1)):
-    value = getattr(args, name)
-    if value is not None and value < least:
-        ap.error(f"--{name.replace('_', '-')} must be at least {least}, got {value}")
+require_at_least(ap, args, rounds=1, iters=1, warmup=0, image_size=1)
 
 TINY = args.tiny or not CUDA
 try:

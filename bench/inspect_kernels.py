@@ -32,6 +32,7 @@ os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU, not the interpr
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+from arguments import require_at_least  # noqa: E402  (bench/, the script's folder)
 from shapes import SHAPES  # noqa: E402  (bench/, the script's folder)
 from sweep_candidates import SWEEP, candidate  # noqa: E402
 from triton._C.libtriton import native_specialize_impl  # noqa: E402
@@ -75,9 +76,7 @@ KIND_OPS = {
     "rows": ["permute", "unpermute", "unpermute bwd"],
 }
 OPS = [o.strip() for o in args.ops.split(",") if o.strip()] if args.ops else None
-for name in ("tokens", "top_k"):
-    if getattr(args, name) < 1:
-        ap.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+require_at_least(ap, args, tokens=1, top_k=1)
 if args.experts is not None and args.experts < args.top_k:
     ap.error(f"--experts {args.experts}: fewer experts than --top-k {args.top_k}")
 KINDS = [k.strip() for k in (args.candidates or "").split(",") if k.strip()]
