@@ -1,7 +1,10 @@
 """The DiT backbone: shapes, init, official checkpoint layout, and the official per-expert algorithm as oracle."""
 
+import argparse
+import datetime
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -147,3 +150,20 @@ def test_official_checkpoint_with_wrong_preset_is_refused(tmp_path):
         assert "experts 0..7" in str(e)
     else:
         raise AssertionError("loading a 4-expert checkpoint into an 8-expert model must fail")
+
+
+def test_official_train_py_checkpoint_loads_its_ema_weights(tmp_path):
+    """The official train.py saves {"model", "ema", "opt", "args"} with its argparse options pickled beside the
+    tensors; the EMA weights load. Any other pickled object is refused, named, without running its code."""
+    cfg = tiny()
+    ema, raw = DiTMoE(cfg), DiTMoE(cfg)
+    _randomise(ema)
+    args = argparse.Namespace(model="DiT-S/2", num_experts=4, num_experts_per_tok=2, lr=1e-4)
+    path = tmp_path / "0050000.pt"
+    sd = official_state_dict(ema, flash=False)
+    torch.save({"model": official_state_dict(raw, flash=False), "ema": sd, "opt": {}, "args": args}, path)
+    loaded = load_official(path, cfg)
+    assert all(torch.equal(v, ema.state_dict()[k]) for k, v in loaded.state_dict().items())
+    torch.save({"ema": sd, "args": datetime.date(2024, 7, 16)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match=r"other.pt holds objects other than tensors.*datetime.date"):
+        load_official(tmp_path / "other.pt", cfg)

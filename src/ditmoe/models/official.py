@@ -8,6 +8,8 @@ block names ``qkv``/``proj``.
 
 from __future__ import annotations
 
+import argparse
+import pickle
 import re
 from pathlib import Path
 
@@ -49,8 +51,14 @@ def convert_official_state_dict(official: dict[str, torch.Tensor], num_experts: 
 
 
 def load_official(path: Path | str, cfg: ModelConfig, *, prefer: str = "ema") -> DiTMoE:
-    """Build ``DiTMoE(cfg)`` and load an official ``.pt`` (dict itself, or under "ema"/"model")."""
-    raw = torch.load(path, map_location="cpu", weights_only=True)
+    """Build ``DiTMoE(cfg)`` and load an official ``.pt``: a state dict, or train.py's checkpoint (its "ema" or
+    "model" entry; train.py also pickles its argparse options, the one object loaded beside tensors)."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        try:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:  # torch names the object in a line of its long message
+            what = next((line.strip() for line in str(e).splitlines() if "Unsupported global" in line), "")
+            raise ValueError(f"{path} holds objects other than tensors and train.py's options. {what}") from None
     if isinstance(raw, dict) and prefer in raw and isinstance(raw[prefer], dict):
         raw = raw[prefer]
     elif isinstance(raw, dict) and "model" in raw and isinstance(raw["model"], dict):
