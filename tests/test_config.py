@@ -5,6 +5,7 @@ import pytest
 from ditmoe.analysis.model_size import model_size
 from ditmoe.cli import main
 from ditmoe.config import ConfigError, model_config
+from ditmoe.models.dit import DiTMoE
 
 
 def test_s2_8e2a_has_exactly_the_official_parameter_count():
@@ -84,6 +85,13 @@ def test_info_command(capsys):
     assert main(["info", "--model", "DiT-MoE-S/2-8E2A", "--image-size", "256"]) == 0
     out = capsys.readouterr().out
     assert "199,307,552" in out and "15.43" in out
+    # the demo's model sees 16 px digits themselves, 1 channel, 10 classes
+    demo_argv = ["--model", "DiT-MoE-tiny/4-4E2A", "--image-size", "16", "--pixels", "--num-classes", "10"]
+    assert main(["info", *demo_argv]) == 0
+    out = capsys.readouterr().out
+    assert "pixels 16x16x1, 16 tokens" in out
+    demo = model_config("DiT-MoE-tiny/4-4E2A", image_size=16, latent=False, num_classes=10)
+    assert f"{sum(p.numel() for p in DiTMoE(demo).parameters()):,} total" in out
 
 
 @pytest.mark.parametrize(
@@ -92,6 +100,11 @@ def test_info_command(capsys):
         (["--model", "DiT-MoE-Z/2-8E2A"], "'Z'"),
         (["--model", "DiT-MoE-S/2-8E2A", "--image-size", "-16"], "image size must be >= 1, got -16"),
         (["--model", "DiT-MoE-S/0-8E2A"], "patch_size must be >= 1, got 0"),
+        (
+            ["--model", "DiT-MoE-tiny/4-4E2A", "--image-size", "16"],
+            "image size 16 gives SD-VAE latents of 2x2 (image size / 8), not divisible by patch size 4",
+        ),
+        (["--model", "DiT-MoE-tiny/4-4E2A", "--pixels", "--in-channels", "0"], "in_channels must be >= 1, got 0"),
     ],
 )
 def test_info_command_bad_input_is_one_clear_line(capsys, args, needle):

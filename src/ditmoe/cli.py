@@ -94,10 +94,17 @@ def cmd_info(args) -> int:
     from ditmoe.analysis.model_size import model_size
     from ditmoe.config import model_config
 
-    cfg = model_config(args.model, image_size=args.image_size, num_classes=args.num_classes)
+    cfg = model_config(
+        args.model,
+        image_size=args.image_size,
+        latent=not args.pixels,
+        in_channels=args.in_channels,
+        num_classes=args.num_classes,
+    )
     s = model_size(cfg)
+    seen = "pixels" if args.pixels else "latent"
     print(
-        f"model            {cfg.name}  ({args.image_size}px, latent {cfg.input_size}x{cfg.input_size}x"
+        f"model            {cfg.name}  ({args.image_size}px, {seen} {cfg.input_size}x{cfg.input_size}x"
         f"{cfg.in_channels}, {cfg.num_tokens} tokens)"
     )
     print(f"parameters       {s.total_params:,} total  ({_human(s.total_params)})")
@@ -278,6 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="e.g. DiT-MoE-S/2-8E2A")
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument(
+        "--pixels",
+        action="store_true",
+        help="the model sees the image itself (as the digits demo), not SD-VAE latents at image size / 8",
+    )
+    p.add_argument("--in-channels", type=int, help="input channels (default: 4 for latents, 1 for --pixels)")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("prepare", help="write a dataset as webdataset shards")

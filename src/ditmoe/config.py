@@ -223,6 +223,12 @@ def model_config(
     if unknown:
         raise ConfigError(f"unknown model option(s): {', '.join(sorted(unknown))}")
     fields.update(overrides)
+    patch = fields["patch_size"]
+    if latent and "input_size" not in overrides and isinstance(patch, int) and patch >= 1 and input_size % patch:
+        raise ConfigError(
+            f"image size {image_size} gives SD-VAE latents of {input_size}x{input_size} (image size / 8), "
+            f"not divisible by patch size {patch}"
+        )
     cfg = ModelConfig(**fields)
     cfg.validate()
     return cfg
