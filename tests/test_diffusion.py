@@ -85,8 +85,16 @@ def test_linear_schedule_and_scaling():
     b = linear_beta_schedule(250)
     assert len(b) == 250 and np.allclose(b[[0, -1]], [4e-4, 0.08], rtol=0, atol=1e-15)
     assert b.dtype == np.float64
-    with pytest.raises(ValueError, match="0"):
-        linear_beta_schedule(0)
+    assert linear_beta_schedule(21)[-1] < 1
+    for n in (0, 10, 20):  # the last beta, 20 / n, reaches 1 at n = 20: no signal left, NaN samples
+        with pytest.raises(ValueError, match=f"num_timesteps must be > 20 for the linear beta schedule, got {n}"):
+            linear_beta_schedule(n)
+
+
+def test_betas_outside_the_open_unit_interval_are_named():
+    for betas, bad in (([0.1, 1.0], "betas[1] = 1.0"), ([0.0, 0.5], "betas[0] = 0.0"), ([0.2, np.nan], "betas[1]")):
+        with pytest.raises(ValueError, match=re.escape(bad)):
+            GaussianDiffusion(np.array(betas), learn_sigma=False)
 
 
 def test_q_sample_matches_numpy(ref):
@@ -261,7 +269,9 @@ def test_space_timesteps_strings():
     assert sorted(space_timesteps(1000, "21"))[9:12] == [450, 499, 549]
 
 
-@pytest.mark.parametrize("bad", ["ddim999", "1001", "abc", "0", "ddim", "300,300,300,300", "-5", -3, "10,,5"])
+@pytest.mark.parametrize(
+    "bad", ["ddim999", "1001", "abc", "0", "ddim", "300,300,300,300", "-5", -3, "10,,5", "\u00b2", "\u0663"]
+)
 def test_bad_respacing_raises_naming_value(bad):
     with pytest.raises(ValueError, match=re.escape(repr(bad))):
         space_timesteps(1000, bad)
@@ -396,6 +406,9 @@ def test_ddpm_sampler_validation_and_progress(capsys):
         d.sample(lambda x, t: x, noise, steps="ddim999")
     out = d.sample(lambda x, t: torch.zeros_like(x), noise, steps=3, progress=True)
     assert out.shape == noise.shape and out.dtype == noise.dtype
+    for eta in (-0.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=f"eta must be a finite number >= 0, got {eta}"):
+            d.sample(lambda x, t: x, noise, steps="ddim3", eta=eta)
 
 
 # ----------------------------------------------------------------------------- rectified flow
@@ -425,7 +438,7 @@ def test_rf_default_steps_and_validation():
     n = []
     rf.sample(lambda x, t: n.append(1) or torch.zeros_like(x), torch.zeros(1, 1, 1, 1))
     assert len(n) == 50
-    for bad in [0, "ddim50", -2]:
+    for bad in [0, "ddim50", -2, "\u00b2", "\u0663"]:  # superscript two, Arabic-Indic three: not ASCII digits
         with pytest.raises(ValueError, match=repr(bad)):
             rf.sample(lambda x, t: x, torch.zeros(1, 1, 1, 1), steps=bad)
     with pytest.raises(ValueError, match="ddpm"):
@@ -514,6 +527,9 @@ def test_guided_model_fn_batches_and_scale_one_skips_uncond():
     assert torch.equal(quirk[:, 3:], cond[:, 3:]) and torch.equal(quirk[:, :3], out[:, :3])
     with pytest.raises(ValueError, match="0"):
         guided_model_fn(model, y, null, s, guide_channels=0)
+    for scale in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=f"guidance scale must be a finite number, got {scale}"):
+            guided_model_fn(model, y, null, scale)
 
 
 # ----------------------------------------------------------------------------- factory

@@ -1,6 +1,7 @@
 """Sampling from checkpoints: the CLI, EMA weights, guidance wiring, and the demo pipeline end to end."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,13 +10,15 @@ from safetensors.torch import save_file
 
 from ditmoe import demo
 from ditmoe.cli import main
-from ditmoe.config import ConfigError
+from ditmoe.config import ConfigError, model_config
 from ditmoe.data.digits import prepare_digits
 from ditmoe.data.shards import load_split_tensors
 from ditmoe.demo import run_demo
+from ditmoe.diffusion import create_diffusion
 from ditmoe.evaluation.digits_judge import classifier_fid, judge_samples, load_judge
+from ditmoe.models.dit import DiTMoE
 from ditmoe.sampling import sample as sample_module
-from ditmoe.sampling.sample import generate, load_sampler
+from ditmoe.sampling.sample import Sampler, generate, load_sampler
 from ditmoe.training.checkpoint import CheckpointError
 from ditmoe.training.config import train_config
 from ditmoe.training.export import META_KEY, export_safetensors, load_exported
@@ -63,6 +66,10 @@ def test_sample_cli_writes_one_row_per_class(run, tmp_path, capsys, monkeypatch)
     "argv,needle",
     [
         (["--classes", "0,12"], "[12]"),
+        (["--classes", "10"], "[10]"),  # the null class of a 10-class model is not a class to sample
+        (["--cfg-scale", "nan"], "guidance scale must be a finite number, got nan"),
+        (["--guide-channels", "two"], "--guide-channels must be 'official', 'all' or a channel count >= 1, got 'two'"),
+        (["--guide-channels", "0"], "got '0'"),
         (["--steps", "ddim0"], "ddim0"),
         (["--per-class", "0"], "--per-class must be at least 1, got 0"),
         (["--upscale", "0"], "--upscale must be at least 1, got 0"),
@@ -74,6 +81,57 @@ def test_sample_cli_bad_input_is_one_clear_line(run, tmp_path, capsys, argv, nee
     assert main(["sample", "--ckpt", str(run), "--out", str(tmp_path / "g.png"), *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and err.count("\n") == 0
+
+
+def test_sample_cli_refuses_an_image_format_before_sampling(run, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sample_module, "generate", lambda *a, **kw: pytest.fail("sampled before checking --out"))
+    assert main(["sample", "--ckpt", str(run), "--out", str(tmp_path / "grid.jpgx")]) == 2
+    assert "'.jpgx' is not an image format PIL writes" in capsys.readouterr().err
+    assert not (tmp_path / "grid.jpgx").exists()
+
+
+def _random_sampler(kind: str, **model_opts) -> Sampler:
+    """A 4-channel (latent-like) micro model with random weights, so that every output channel depends on x."""
+    torch.manual_seed(0)
+    cfg = model_config("DiT-MoE-micro/2-4E2A", image_size=8, latent=False, in_channels=4, num_classes=5, **model_opts)
+    model = DiTMoE(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.3)
+    return Sampler(model, create_diffusion(kind, learn_sigma=cfg.learn_sigma), Path("random"), {})
+
+
+def test_guidance_acts_on_the_channels_the_official_sampler_guides_by_default():
+    """The official DiT-MoE sampler guides eps[:, :3] of a 4-channel DDPM model (DiT's forward_with_cfg) and every
+    velocity channel of a rectified-flow one: generate's default does the same; "all" and N choose otherwise."""
+    for kind, official in (("ddpm", 3), ("rf", "all")):
+        s = _random_sampler(kind)
+        steps = 2 if kind == "rf" else "ddim2"
+        samples = {
+            g: generate(s, [0, 3], cfg_scale=4.0, steps=steps, guide_channels=g, progress=False)
+            for g in ("official", "all", 3)
+        }
+        other = "all" if official == 3 else 3
+        assert torch.equal(samples["official"], samples[official])
+        assert not torch.equal(samples["official"], samples[other])
+    with pytest.raises(ValueError, match="guide_channels must be 'official', 'all' or a channel count, got 'some'"):
+        generate(s, [0], guide_channels="some", progress=False)
+
+
+def test_guidance_against_a_null_class_never_trained_is_refused():
+    s = _random_sampler("rf", class_dropout_prob=0.0)
+    with pytest.raises(ValueError, match="cfg_scale 4.0 guides against the null class.*class_dropout_prob 0"):
+        generate(s, [0, 1], cfg_scale=4.0, steps=2, progress=False)
+    assert generate(s, [0, 1], cfg_scale=1.0, steps=2, progress=False).shape == (2, 4, 8, 8)
+
+
+def test_non_finite_samples_are_an_error_not_a_black_grid():
+    s = _random_sampler("rf")
+    with torch.no_grad():
+        s.model.final_layer.linear.bias[0] = float("nan")  # diverged weights: NaN velocity in every sample
+    with pytest.raises(ValueError, match="2 of 2 samples hold NaN or infinite values"):
+        generate(s, [0, 1], steps=2, progress=False)
 
 
 def test_sample_cli_missing_checkpoint(tmp_path, capsys):

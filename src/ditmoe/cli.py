@@ -206,12 +206,23 @@ def _class_ids(text: str) -> list[int]:
         raise ValueError(f"--classes must be comma-separated class ids, got {text!r}") from None
 
 
+def _guide_channels(text: str) -> str | int:
+    """--guide-channels "official" | "all" | N -> generate's guide_channels."""
+    if text in ("official", "all"):
+        return text
+    if text.isascii() and text.isdigit() and int(text) >= 1:
+        return int(text)
+    raise ValueError(f"--guide-channels must be 'official', 'all' or a channel count >= 1, got {text!r}")
+
+
 def cmd_sample(args) -> int:
-    from ditmoe.sampling.sample import generate, load_sampler, save_grid
+    from ditmoe.sampling.sample import check_image_path, generate, load_sampler, save_grid
     from ditmoe.training.config import kernel_tiles
     from ditmoe_kernels.tiles import tile_overrides
 
     _require_at_least_one(args, "--per-class", "--upscale")
+    check_image_path(args.out)  # before sampling, not after
+    guide_channels = _guide_channels(args.guide_channels)
     tiles = kernel_tiles(args.kernel_tiles)
     sampler = load_sampler(args.ckpt, ema=False if args.no_ema else None)
     if sampler.data.get("format") == "latent":
@@ -225,7 +236,7 @@ def cmd_sample(args) -> int:
             cfg_scale=args.cfg_scale,
             steps=args.steps,
             seed=args.seed,
-            guide_channels=args.guide_channels,
+            guide_channels=guide_channels,
         )
     path = save_grid(images, args.out, nrow=args.per_class, upscale=args.upscale)
     print(f"wrote {len(classes)} classes x {args.per_class} samples from {sampler.checkpoint} to {path}")
@@ -341,7 +352,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-class", type=int, default=8)
     p.add_argument("--cfg-scale", type=float, default=4.0)
     p.add_argument("--steps", help="DDPM respacing ('250', 'ddim50') or Euler steps for rectified flow")
-    p.add_argument("--guide-channels", type=int, help="guide only the first N channels (official sampler: 3)")
+    p.add_argument(
+        "--guide-channels",
+        default="official",
+        help="channels classifier-free guidance acts on: 'official' (default; as the official sampler: the first 3 for "
+        "DDPM, all for rectified flow), 'all', or N (the first N)",
+    )
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--upscale", type=int, default=1, help="nearest-neighbour upscaling of the grid")

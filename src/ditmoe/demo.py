@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -68,6 +69,8 @@ def run_demo(
     (expert parallelism); 1 trains in this process. ``sampling_steps`` None takes the diffusion's default
     (50 Euler steps for rectified flow, DDPM 250).
     """
+    if not math.isfinite(cfg_scale):  # found before training, not after
+        raise ValueError(f"cfg_scale must be a finite number, got {cfg_scale}")
     out = Path(out)
     t0 = time.perf_counter()
     data = out / "data"

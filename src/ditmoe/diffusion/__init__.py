@@ -53,6 +53,8 @@ class Diffusion(Protocol):
     """What the training loop and the sampler use."""
 
     learn_sigma: bool
+    official_guide_channels: int | None
+    """How many leading channels the official sampler guides (None: all); the sampler's default."""
 
     def training_inputs(
         self, x0: torch.Tensor, *, generator: torch.Generator | None = None

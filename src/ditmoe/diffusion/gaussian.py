@@ -27,8 +27,8 @@ ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 def linear_beta_schedule(num_timesteps: int = 1000) -> np.ndarray:
     """DDPM linear betas 1e-4 -> 0.02 for 1000 steps, scaled by 1000/num_timesteps otherwise. float64 [T]."""
-    if num_timesteps < 1:
-        raise ValueError(f"num_timesteps must be >= 1, got {num_timesteps}")
+    if num_timesteps <= 20:  # the last beta, 20 / num_timesteps, must stay below 1
+        raise ValueError(f"num_timesteps must be > 20 for the linear beta schedule, got {num_timesteps}")
     scale = 1000.0 / num_timesteps
     return np.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=np.float64)
 
@@ -103,7 +103,7 @@ class GaussianDiffusion:
     """Discrete-time Gaussian diffusion with eps prediction.
 
     Args:
-        betas: float64 [T] in (0, 1].
+        betas: float64 [T] in (0, 1).
         learn_sigma: model outputs (eps, v); variance is exp(frac*log(beta_t) + (1-frac)*log(posterior_var_clipped_t)),
             frac = (v+1)/2, trained by the VB term (mean detached). Loss = mse + vb (no num_timesteps/1000 rescale).
         fixed_variance: used when not learning sigma. "large" (DiT's default): sigma_t^2 = beta_t, with
@@ -111,6 +111,8 @@ class GaussianDiffusion:
         timestep_map: int64 [T], original timestep of each index (identity for an unrespaced process).
         sampling_respacing: default respacing used by ``sample`` when ``steps`` is None ("" = all steps).
     """
+
+    official_guide_channels: int | None = 3  # the official DiT/DiT-MoE sampler guides eps[:, :3] alone
 
     def __init__(
         self,
@@ -124,8 +126,9 @@ class GaussianDiffusion:
         betas = np.asarray(betas, dtype=np.float64)
         if betas.ndim != 1 or len(betas) < 1:
             raise ValueError(f"betas must be a non-empty 1-D array, got shape {betas.shape}")
-        if not ((betas > 0).all() and (betas <= 1).all()):
-            raise ValueError("betas must lie in (0, 1]")
+        bad = np.flatnonzero(~((betas > 0) & (betas < 1)))
+        if len(bad):  # a beta of 1 leaves no signal: alphas_cumprod 0, and the sampler divides by it
+            raise ValueError(f"betas must lie in (0, 1), got betas[{bad[0]}] = {betas[bad[0]]}")
         if fixed_variance not in ("large", "small"):
             raise ValueError(f"fixed_variance must be 'large' or 'small', got {fixed_variance!r}")
         T = len(betas)
@@ -351,8 +354,8 @@ class GaussianDiffusion:
         progress: bool = False,
     ) -> torch.Tensor:
         """DDIM sampling over all steps of this process (eta=0: deterministic). Returns x_0."""
-        if eta < 0:
-            raise ValueError(f"eta must be >= 0, got {eta}")
+        if not (math.isfinite(eta) and eta >= 0):
+            raise ValueError(f"eta must be a finite number >= 0, got {eta}")
         x = noise
         for i in self._steps(progress, "ddim"):
             t = torch.full((x.shape[0],), i, dtype=torch.int64, device=x.device)

@@ -8,6 +8,7 @@ sampler's quirk of guiding only eps[:, :3]).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -60,6 +61,8 @@ def guided_model_fn(
     """
     if guide_channels is not None and guide_channels < 1:
         raise ValueError(f"guide_channels must be >= 1, got {guide_channels}")
+    if not math.isfinite(scale):
+        raise ValueError(f"guidance scale must be a finite number, got {scale}")
     null = torch.full_like(y, null_class)
 
     if scale == 1.0:

@@ -30,7 +30,7 @@ def parse_euler_steps(steps: str | int) -> int:
     if isinstance(steps, bool):
         raise ValueError(f"rectified-flow steps must be a positive int, got {steps!r}")
     if isinstance(steps, str):
-        if not steps.strip().isdigit():
+        if not (steps.strip().isascii() and steps.strip().isdigit()):
             raise ValueError(f"rectified-flow steps must be a positive int, got {steps!r}")
         steps = int(steps.strip())
     if not isinstance(steps, int) or steps < 1:
@@ -45,6 +45,8 @@ class RectifiedFlow:
         learn_sigma: the model outputs 2C channels; only the first C (velocity) are trained and used.
         sampling_steps: default number of Euler steps for ``sample``.
     """
+
+    official_guide_channels: int | None = None  # the official rectified-flow sampler guides every velocity channel
 
     def __init__(self, *, learn_sigma: bool, sampling_steps: str | int = 50):
         self.learn_sigma = learn_sigma

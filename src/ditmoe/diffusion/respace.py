@@ -77,7 +77,7 @@ def respace_betas(alphas_cumprod: np.ndarray, use_timesteps: Iterable[int]) -> t
 
 def _parse_count(text: str, spacing: str | int) -> int:
     text = text.strip()
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):
         raise ValueError(f"respacing {spacing!r}: {text!r} is not a positive integer step count")
     count = int(text)
     if count < 1:

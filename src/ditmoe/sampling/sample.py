@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -15,6 +16,8 @@ from ditmoe.models.dit import DiTMoE
 from ditmoe.training import checkpoint as ckpt_io
 from ditmoe.training.export import load_exported
 from ditmoe.training.run_state import load_state_into, load_weights
+
+GuideChannels = Literal["official", "all"] | int
 
 
 @dataclass
@@ -57,16 +60,31 @@ def generate(
     cfg_scale: float = 4.0,
     steps: str | int | None = None,
     seed: int = 0,
-    guide_channels: int | None = None,
+    guide_channels: GuideChannels = "official",
     progress: bool = True,
 ) -> torch.Tensor:
-    """Samples [B, C, H, W] for ``labels``; ``steps`` is a respacing ("250", "ddim50") or Euler steps for RF."""
+    """Samples [B, C, H, W] for ``labels``; ``steps`` is a respacing ("250", "ddim50") or Euler steps for RF.
+
+    ``guide_channels``: the leading channels classifier-free guidance acts on; "official" as the official sampler of
+    the diffusion (DDPM: the first 3, rectified flow: all), "all", or a count N >= 1 (the first N).
+    """
     model, cfg = sampler.model, sampler.model.cfg
     if not labels:
         raise ValueError("no class labels given: nothing to sample")
     bad = sorted({c for c in labels if not 0 <= c < cfg.num_classes})
     if bad:
         raise ValueError(f"class id(s) {bad} out of range for a model with {cfg.num_classes} classes")
+    if cfg_scale != 1 and cfg.class_dropout_prob == 0:
+        raise ValueError(
+            f"cfg_scale {cfg_scale} guides against the null class, which a model trained with "
+            "class_dropout_prob 0 never learnt: sample it with cfg_scale 1"
+        )
+    if guide_channels == "official":
+        guide_channels = sampler.diffusion.official_guide_channels
+    elif guide_channels == "all":
+        guide_channels = None
+    elif isinstance(guide_channels, bool) or not isinstance(guide_channels, int):
+        raise ValueError(f"guide_channels must be 'official', 'all' or a channel count, got {guide_channels!r}")
     dev = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn(len(labels), cfg.in_channels, cfg.input_size, cfg.input_size, generator=gen).to(dev)
@@ -78,7 +96,19 @@ def generate(
     fn = guided_model_fn(
         model_fn, y, model.null_class, cfg_scale, guide_channels=guide_channels, learn_sigma=cfg.learn_sigma
     )
-    return sampler.diffusion.sample(fn, noise, steps=steps, generator=gen, progress=progress)
+    images = sampler.diffusion.sample(fn, noise, steps=steps, generator=gen, progress=progress)
+    bad = int((~torch.isfinite(images).flatten(1).all(1)).sum())
+    if bad:
+        raise ValueError(f"{bad} of {len(labels)} samples hold NaN or infinite values (diverged weights?)")
+    return images
+
+
+def check_image_path(path: Path | str) -> Path:
+    """``path`` if PIL can write an image of its extension; ValueError naming it otherwise."""
+    path = Path(path)
+    if Image.registered_extensions().get(path.suffix.lower()) not in Image.SAVE:
+        raise ValueError(f"{path}: {path.suffix or 'no extension'!r} is not an image format PIL writes (e.g. .png)")
+    return path
 
 
 def to_uint8(images_BCHW: torch.Tensor) -> np.ndarray:
@@ -96,10 +126,10 @@ def save_grid(images_BCHW: torch.Tensor, path: Path | str, nrow: int, upscale: i
     for i, img in enumerate(imgs):
         r, c = divmod(i, nrow)
         grid[pad + r * (H + pad) : pad + r * (H + pad) + H, pad + c * (W + pad) : pad + c * (W + pad) + W] = img
+    path = check_image_path(path)
     pil = Image.fromarray(grid[..., 0] if C == 1 else grid)
     if upscale > 1:
         pil = pil.resize((pil.width * upscale, pil.height * upscale), Image.NEAREST)
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     pil.save(path)
     return path
