@@ -239,7 +239,7 @@ def test_launchers_run_the_training_module_on_two_ranks(digits, tmp_path, launch
     assert {f.name for f in ckpt.glob("*-experts-*")} == {
         f"{k}-experts-{r}of2.pt" for k in ("model", "ema") for r in (0, 1)
     }
-    assert ckpt_io.load_config(ckpt)["topology"] == {"world_size": 2, "ep_size": 2}
+    assert ckpt_io.load_config(ckpt)["topology"] == {"world_size": 2, "ep_size": 2, "optimizer": "zero"}
     shutil.rmtree(tmp_path / "run")
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from ditmoe.config import ConfigError
-from ditmoe.parallel.ds_config import load_ds_config, precision_of, resolve_ds_config
+from ditmoe.parallel.ds_config import load_ds_config, optimizer_kind, precision_of, resolve_ds_config
 
 DS_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
 SHIPPED = sorted(DS_DIR.glob("*.json"))
@@ -196,6 +196,15 @@ def test_precision_conflicts(ds: dict, precision: str, match: str):
     _raises(match, ds, precision=precision)
 
 
+@pytest.mark.parametrize(
+    "section, value",
+    [("bf16", {"enabled": 1}), ("fp16", {"enabled": "true"}), ("bf16", True), ("fp16", None)],
+)
+def test_precision_switch_that_is_not_a_json_bool_is_refused(section: str, value):
+    """DeepSpeed reads a truthy "enabled" (1, "true") as on, where a check for `true` alone would read fp32."""
+    _raises(f'{section} must be an object whose "enabled" is true or false, got {value!r}', _base(**{section: value}))
+
+
 def test_unknown_precision():
     _raises("precision must be one of fp32, bf16, fp16, got 'fp8'", _base(), precision="fp8")
 
@@ -230,6 +239,29 @@ def test_zero0_refused(zero):
 @pytest.mark.parametrize("stage", [4, "2", 1.5])
 def test_bad_zero_stage(stage):
     _raises(f"zero_optimization.stage must be 1 or 2, got {stage!r}", _base(zero_optimization={"stage": stage}))
+
+
+@pytest.mark.parametrize(
+    "zero, match",
+    [
+        ({"stage": 2, "cpu_offload": True}, 'cpu_offload is the old form; write "offload_optimizer"'),
+        ({"stage": 2, "offload_optimizer": None}, "offload_optimizer must be .* got None"),
+        ({"stage": 2, "offload_optimizer": {"device": "nvme"}}, "got {'device': 'nvme'}"),
+    ],
+)
+def test_offload_forms_the_trainer_cannot_serve_are_refused(zero: dict, match: str):
+    """The trainer hands DeepSpeed its CPU Adam only for offload_optimizer.device "cpu"; other spellings of
+    offload crashed inside DeepSpeed."""
+    _raises(match, _base(zero_optimization=zero))
+
+
+def test_optimizer_kind():
+    offload = _resolve(_base(zero_optimization={"stage": 2, "offload_optimizer": {"device": "cpu"}}))
+    assert (optimizer_kind(None), optimizer_kind(_resolve(_base())), optimizer_kind(offload)) == (
+        "torch",
+        "zero",
+        "zero+cpu_offload",
+    )
 
 
 def test_ep_size_must_divide_world_size():

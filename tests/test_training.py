@@ -14,6 +14,7 @@ import torch
 
 from ditmoe.cli import main
 from ditmoe.config import ConfigError
+from ditmoe.parallel.distributed import leave_distributed
 from ditmoe.training import checkpoint as ckpt_io
 from ditmoe.training.config import train_config
 from ditmoe.training.ema import EMA
@@ -62,6 +63,31 @@ def test_resume_with_another_objective_seed_or_batch_is_refused(digits, tmp_path
     saved = {"diffusion": "'ddpm'", "seed": "0", "batch_size": "8"}[key]
     with pytest.raises(ConfigError, match=rf"trained with {key}={saved} \(now {value!r}\).*--init-from"):
         train(smoke(digits, tmp_path / "run", steps=4, resume=True, **change), progress=False)
+
+
+def test_resume_under_another_optimizer_is_refused(digits, tmp_path):
+    """A plain torch run resumed under DeepSpeed died in DeepSpeed's loader ("Empty ds_version in checkpoint"), and
+    ZeRO resumed with optimizer offload died at its first step: the optimizer is part of the topology."""
+    train(smoke(digits, tmp_path / "run", steps=2), progress=False)
+    config = Path(__file__).resolve().parents[1] / "ds_configs" / "zero1_fp32.json"
+    try:
+        with pytest.raises(ConfigError, match=r"optimizer=torch and this run has .*optimizer=zero: .*--init-from"):
+            train(smoke(digits, tmp_path / "run", steps=4, resume=True, deepspeed_config=str(config)), progress=False)
+    finally:
+        leave_distributed()  # DeepSpeed joined a world of one in this process: later tests train without it
+
+
+def test_checkpoint_saved_before_the_optimizer_was_recorded_still_resumes(digits, tmp_path):
+    train(smoke(digits, tmp_path / "run", steps=2), progress=False)
+    ckpt = ckpt_io.newest_valid(tmp_path / "run" / "checkpoints")
+    config = json.loads((ckpt / "config.json").read_text())
+    assert config["topology"] == {"world_size": 1, "ep_size": 1, "optimizer": "torch"}
+    del config["topology"]["optimizer"]
+    (ckpt / "config.json").write_text(json.dumps(config))
+    marker = json.loads((ckpt / ckpt_io.MARKER).read_text())  # the commit lists each file's checksum
+    marker["sha256"]["config.json"] = hashlib.sha256((ckpt / "config.json").read_bytes()).hexdigest()
+    (ckpt / ckpt_io.MARKER).write_text(json.dumps(marker))
+    assert train(smoke(digits, tmp_path / "run", steps=3, resume=True), progress=False).step == 3
 
 
 def _logged(run: Path) -> list[tuple[int, float]]:

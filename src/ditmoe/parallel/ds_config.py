@@ -58,6 +58,18 @@ def load_ds_config(path: str | Path) -> dict:
     return ds
 
 
+def offloads_optimizer(ds: dict) -> bool:
+    """Whether a config (checked by ``resolve_ds_config``) keeps the optimizer on the CPU: DeepSpeed's CPU Adam."""
+    return ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") == "cpu"
+
+
+def optimizer_kind(ds: dict | None) -> str:
+    """What holds the optimizer state: "torch" (no DeepSpeed), "zero", or "zero+cpu_offload"."""
+    if ds is None:
+        return "torch"
+    return "zero+cpu_offload" if offloads_optimizer(ds) else "zero"
+
+
 def _enabled(ds: dict, *keys: str) -> bool:
     return any(isinstance(ds.get(k), dict) and ds[k].get("enabled") is True for k in keys)
 
@@ -111,6 +123,10 @@ def resolve_ds_config(
         if section in ds:
             raise fail(f"has an {section!r} section; the trainer builds its own AdamW and LR schedule, remove it")
 
+    for key in ("bf16", "bfloat16", "fp16"):  # DeepSpeed reads any truthy "enabled" as on: only JSON booleans here
+        section = ds.get(key, {})
+        if not isinstance(section, dict) or not isinstance(section.get("enabled", False), bool):
+            raise fail(f'{key} must be an object whose "enabled" is true or false, got {section!r}')
     if _enabled(ds, "bf16", "bfloat16") and _enabled(ds, "fp16"):
         raise fail("enables both bf16 and fp16; enable at most one")
     if precision_of(ds) != precision:
@@ -124,6 +140,11 @@ def resolve_ds_config(
         raise fail(f"zero_optimization.stage 0 (the default when unset) is refused: {ZERO0_REFUSED}")
     if not _is_int(stage) or stage not in (1, 2):
         raise fail(f"zero_optimization.stage must be 1 or 2, got {stage!r}")
+    if "cpu_offload" in zero:
+        raise fail('zero_optimization.cpu_offload is the old form; write "offload_optimizer": {"device": "cpu"}')
+    offload = zero.get("offload_optimizer", {})
+    if not isinstance(offload, dict) or offload.get("device", "none") not in ("none", "cpu"):
+        raise fail(f'zero_optimization.offload_optimizer must be {{"device": "cpu"}} (or "none"), got {offload!r}')
 
     global_batch = micro_batch * grad_accum * world_size
     given = {

@@ -23,6 +23,7 @@ from ditmoe.data.shards import make_loader, read_manifest
 from ditmoe.diffusion import create_diffusion
 from ditmoe.models.dit import DiTMoE
 from ditmoe.parallel.distributed import DistContext, init_distributed, launched_world_size, single_process
+from ditmoe.parallel.ds_config import optimizer_kind
 from ditmoe.parallel.expert_state import expert_slices
 from ditmoe.training import checkpoint as ckpt_io
 from ditmoe.training import run_state
@@ -84,15 +85,16 @@ def check_same_model(saved: dict, current: ModelConfig, where: Path) -> None:
         )
 
 
-def check_same_topology(saved: dict, ctx: DistContext, where: Path) -> None:
-    now = run_state.topology(ctx)
-    if saved != now:
+def check_same_topology(saved: dict, now: dict, where: Path) -> None:
+    """``saved`` and ``now`` from ``run_state.topology``; a checkpoint written before a key existed is not held
+    to it."""
+    if any(saved[k] != v for k, v in now.items() if k in saved):
         said = ", ".join(f"{k}={saved.get(k)}" for k in now)
         this = ", ".join(f"{k}={v}" for k, v in now.items())
         raise ConfigError(
             f"checkpoint {where} was saved with {said} and this run has {this}: its optimizer state resumes only "
-            "at the same world size and ep_size. To go on from its weights with a fresh optimizer, start a new run "
-            f"with --init-from {where} (weights load at any world size and ep_size)"
+            "at the same world size, ep_size and optimizer. To go on from its weights with a fresh optimizer, "
+            f"start a new run with --init-from {where} (weights load at any world size and ep_size)"
         )
 
 
@@ -149,7 +151,7 @@ def deepspeed_config(cfg: TrainConfig, ctx: DistContext) -> dict:
     )
 
 
-def restore_weights(model: DiTMoE, cfg: TrainConfig, ctx: DistContext, found: Path | None) -> EMA:
+def restore_weights(model: DiTMoE, cfg: TrainConfig, ctx: DistContext, topo: dict, found: Path | None) -> EMA:
     """Model and EMA weights from the run's newest checkpoint ``found``, else from ``--init-from`` (any topology).
 
     Returns the EMA (fresh when there is nothing to load). The optimizer's state is the stepper's business.
@@ -160,7 +162,7 @@ def restore_weights(model: DiTMoE, cfg: TrainConfig, ctx: DistContext, found: Pa
         check_same_model(saved["model"], model.cfg, source)
         if found is not None:
             check_same_recipe(saved.get("train", {}), cfg, found)
-            check_same_topology(saved.get("topology", {}), ctx, found)
+            check_same_topology(saved.get("topology", {}), topo, found)
         run_state.load_weights(source, "model", model, ctx)
     ema = EMA(model, cfg.ema_decay, warmup=cfg.ema_warmup)
     if source is not None:
@@ -202,10 +204,10 @@ def _train(cfg: TrainConfig, device: str | None, progress: bool, batches: Iterat
     found = ckpt_io.agree_on_newest(ckpt_root)
     if found is not None and not cfg.resume:
         raise ConfigError(f"{ckpt_root} already holds checkpoints; pass --resume to continue or choose another --out")
-    ema = restore_weights(model, cfg, ctx, found)
-    stepper = (
-        DeepSpeedStepper(model, cfg, deepspeed_config(cfg, ctx), ctx.group_name) if use_ds else TorchStepper(model, cfg)
-    )
+    ds = deepspeed_config(cfg, ctx) if use_ds else None
+    topo = run_state.topology(ctx, optimizer_kind(ds))
+    ema = restore_weights(model, cfg, ctx, topo, found)
+    stepper = DeepSpeedStepper(model, cfg, ds, ctx.group_name) if ds is not None else TorchStepper(model, cfg)
     if found is not None:
         try:
             stepper.load_state_dict(ckpt_io.load_file(found, f"optimizer-rank{ctx.rank}", trusted=True))
@@ -222,7 +224,7 @@ def _train(cfg: TrainConfig, device: str | None, progress: bool, batches: Iterat
         if is_main:
             tqdm.write(f"resumed from {found} at step {step}")
 
-    run_config = {"train": cfg.to_dict(), "model": mcfg.to_dict(), "topology": run_state.topology(ctx)}
+    run_config = {"train": cfg.to_dict(), "model": mcfg.to_dict(), "topology": topo}
     logger = MetricsLogger(
         out_dir,
         use_wandb=cfg.wandb and is_main,

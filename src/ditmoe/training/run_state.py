@@ -7,7 +7,7 @@
     trainer-rank{r}.pt               every rank: step, data position, RNG states
 
 Each routed expert is stored once, under its global id, so weights load at any EP size and world size; the
-optimizer state only resumes at the topology that saved it.
+optimizer state only resumes at the topology that saved it (world size, EP size, torch or ZeRO, offloaded or not).
 """
 
 from __future__ import annotations
@@ -33,8 +33,10 @@ from ditmoe.training import checkpoint as ckpt_io
 EXPERT_FILE = re.compile(r"(model|ema)-experts-(\d+)of(\d+)\.pt")
 
 
-def topology(ctx: DistContext) -> dict:
-    return {"world_size": ctx.world_size, "ep_size": ctx.groups.ep_size}
+def topology(ctx: DistContext, optimizer: str) -> dict:
+    """What an optimizer state's layout depends on: ranks, expert-parallel size and what holds the state
+    (``optimizer_kind``: "torch", "zero" or "zero+cpu_offload")."""
+    return {"world_size": ctx.world_size, "ep_size": ctx.groups.ep_size, "optimizer": optimizer}
 
 
 def weight_files(ctx: DistContext, kind: str, state: dict[str, torch.Tensor], slices: dict[str, range]) -> dict:

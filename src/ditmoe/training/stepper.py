@@ -85,12 +85,12 @@ class DeepSpeedStepper:
     """
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, ds_config: dict, group_name: str):
+        from ditmoe.parallel.ds_config import offloads_optimizer
         from ditmoe.parallel.engine import create_engine, optimizer_param_groups, tag_expert_parameters
 
         tag_expert_parameters(model, group_name)
         groups = optimizer_param_groups(model, cfg.weight_decay)
-        offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
-        if offload == "cpu":  # DeepSpeed refuses torch's AdamW with an offloaded optimizer
+        if offloads_optimizer(ds_config):  # DeepSpeed refuses torch's AdamW with an offloaded optimizer
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
             optimizer = DeepSpeedCPUAdam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, adamw_mode=True)
