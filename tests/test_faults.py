@@ -672,3 +672,16 @@ def test_the_rank_that_failed_first_is_reported():
         run_local_ranks(_cause_on_rank1, 2, timeout_s=60)
     assert str(failure.value).startswith("rank1 failed first")
     assert "ValueError: the cause, on rank 1" in str(failure.value)
+
+
+def _killed_on_rank1(rank: int, world: int) -> None:
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer does: no traceback, no error file
+    torch.distributed.barrier()
+
+
+def test_a_rank_killed_by_a_signal_is_named_with_its_exit_code():
+    """Only rank 0's knock-on gloo error was reported; rank 1, killed, was never named."""
+    with pytest.raises(RankFailure) as failure:
+        run_local_ranks(_killed_on_rank1, 2, timeout_s=60)
+    assert str(failure.value).startswith("rank1 died with exit code -9, no traceback; of the ranks with a traceback")

@@ -94,9 +94,15 @@ def run_local_ranks(
             procs[r].join()
         # the rank that failed first holds the cause; its peers' errors (a collective cut short) came after
         errors = sorted(out.glob("rank*.err"), key=lambda f: (f.stat().st_mtime_ns, f.name))
+        # a rank killed by a signal (the OOM killer, a segfault) leaves no traceback, only its exit code
+        silent = [
+            r for r, p in enumerate(procs) if r not in hung and p.exitcode and not (out / f"rank{r}.err").exists()
+        ]
+        died = "; ".join(f"rank{r} died with exit code {procs[r].exitcode}, no traceback" for r in silent)
         if errors:
             then = f" (then {', '.join(f.stem for f in errors[1:])} failed too)" if errors[1:] else ""
-            raise RankFailure(f"{errors[0].stem} failed first{then}:\n{errors[0].read_text()}")
+            first = f"{died}; of the ranks with a traceback, {errors[0].stem}" if died else errors[0].stem
+            raise RankFailure(f"{first} failed first{then}:\n{errors[0].read_text()}")
         if hung:
             raise RankFailure(f"ranks {hung} of {world_size} still running after {timeout_s:.0f} s (hang?)")
         failed = [r for r, p in enumerate(procs) if p.exitcode != 0]
