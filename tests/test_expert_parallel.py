@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from ditmoe.config import ConfigError, MoEConfig, model_config
 from ditmoe.models.dit import DiTMoE
-from ditmoe.models.moe import MoEFeedForward
+from ditmoe.models.moe import MoEFeedForward, StackedExperts
 from ditmoe.parallel import (
     ExpertParallelGroups,
     ExpertShard,
@@ -224,6 +224,17 @@ def test_expert_shard_slices():
     shard = ExpertShard(num_experts=8, ep_size=4, ep_rank=2)
     assert (shard.num_local, shard.first_expert, shard.global_expert_ids) == (2, 4, range(4, 6))
     assert ExpertShard(num_experts=8).global_expert_ids == range(8)
+
+
+def test_local_state_dict_takes_a_state_of_the_layers_expert_count_only():
+    """A state of 8 experts cut to a 4-expert model (or to EP rank 1's experts 2..3 of 4) loaded without a word."""
+    eight = StackedExperts(8, 16, 32, "swiglu").state_dict()
+    half = StackedExperts(4, 16, 32, "swiglu", local_experts=range(2, 4))
+    four = StackedExperts(4, 16, 32, "swiglu").state_dict()
+    assert all(torch.equal(v, four[k][2:4]) for k, v in local_state_dict(half, four).items())
+    for model in (StackedExperts(4, 16, 32, "swiglu"), half):
+        with pytest.raises(ValueError, match="gate_up_proj: holds 8 experts, the model's layer has 4"):
+            local_state_dict(model, eight)
 
 
 def _hang_on_rank_one(rank: int, world: int) -> None:

@@ -1,35 +1,46 @@
 """Map between a model's full (global) state dict and the expert slices an EP rank holds.
 
-A module holding routed experts exposes ``global_expert_ids`` (a ``range``); its stacked parameters are
-``[len(global_expert_ids), ...]`` and row i is global expert ``global_expert_ids[i]``.
+A module holding routed experts exposes ``global_expert_ids`` (a ``range``) and ``num_global_experts`` (the layer's
+experts on all EP ranks); its stacked parameters are ``[len(global_expert_ids), ...]`` and row i is global expert
+``global_expert_ids[i]``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 
+def _stacked_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(state-dict key, module) of every stacked expert parameter of ``model``."""
+    for prefix, module in model.named_modules():
+        if isinstance(getattr(module, "global_expert_ids", None), range):
+            for name, _ in module.named_parameters(recurse=False):
+                yield (f"{prefix}.{name}" if prefix else name), module
+
+
 def expert_slices(model: nn.Module) -> dict[str, range]:
     """State-dict key -> global expert ids held in its rows, for every stacked expert parameter of ``model``."""
-    slices = {}
-    for prefix, module in model.named_modules():
-        ids = getattr(module, "global_expert_ids", None)
-        if isinstance(ids, range):
-            for name, _ in module.named_parameters(recurse=False):
-                slices[f"{prefix}.{name}" if prefix else name] = ids
-    return slices
+    return {key: module.global_expert_ids for key, module in _stacked_parameters(model)}
 
 
 def local_state_dict(model: nn.Module, global_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``global_state`` (every expert stacked, as a model without EP saves it) cut to the experts ``model`` holds."""
-    slices = expert_slices(model)
+    """``global_state`` (every expert stacked, as a model without EP saves it) cut to the experts ``model`` holds.
+    Its expert entries must hold as many experts as the model's layers (``num_global_experts``)."""
+    stacked = dict(_stacked_parameters(model))
     out = {}
     for key, value in global_state.items():
-        ids = slices.get(key)
-        if ids is not None and value.shape[0] < ids.stop:
-            raise ValueError(f"{key}: holds {value.shape[0]} experts, this rank needs global experts {ids}")
-        out[key] = value if ids is None else value[ids.start : ids.stop]
+        module = stacked.get(key)
+        if module is None:
+            out[key] = value
+            continue
+        total = module.num_global_experts
+        if value.shape[0] != total:
+            raise ValueError(f"{key}: holds {value.shape[0]} experts, the model's layer has {total}")
+        ids = module.global_expert_ids
+        out[key] = value[ids.start : ids.stop]
     return out
 
 
