@@ -4,11 +4,13 @@ import argparse
 import datetime
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from ditmoe.config import model_config
+from ditmoe.models.attention import Attention
 from ditmoe.models.dit import DiTMoE
 from ditmoe.models.official import load_official
 
@@ -25,6 +27,122 @@ def test_forward_shapes_and_zero_init_output():
     assert out.prediction.shape == (3, 2, 8, 8)  # learn_sigma doubles the channels
     assert torch.count_nonzero(out.prediction) == 0  # adaLN-Zero: the output layer starts at zero
     assert len(out.routing) == 2 and out.aux_loss.item() > 0
+
+
+def test_every_block_starts_as_identity_adaln_zero():
+    # DiT models.py initialize_weights: "Zero-out adaLN modulation layers in DiT blocks" (every block, not only the
+    # final layer), so each block's gates are 0 and the block returns its input unchanged at init.
+    torch.manual_seed(0)
+    model = DiTMoE(tiny())
+    for block in model.blocks:
+        assert torch.count_nonzero(block.adaLN_modulation[-1].weight) == 0
+        assert torch.count_nonzero(block.adaLN_modulation[-1].bias) == 0
+        x, c = torch.randn(2, 16, 32), torch.randn(2, 32)
+        out, _ = block(x, c)
+        assert torch.equal(out, x)
+
+
+def _dit_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> np.ndarray:
+    """DiT/MAE get_2d_sincos_pos_embed, written out: grid = meshgrid(w, h) (w first), emb_h from grid[0], emb_w
+    from grid[1], concatenated [emb_h, emb_w]; each 1D half is [sin(pos*omega), cos(pos*omega)] with
+    omega_i = 1/10000^(i/(D/4))."""
+    grid_h = np.arange(grid_size, dtype=np.float32)
+    grid_w = np.arange(grid_size, dtype=np.float32)
+    grid = np.stack(np.meshgrid(grid_w, grid_h), axis=0).reshape(2, 1, grid_size, grid_size)
+    half = []
+    for g in (grid[0], grid[1]):
+        d = embed_dim // 2
+        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+        out = np.outer(g.reshape(-1), omega)
+        half.append(np.concatenate([np.sin(out), np.cos(out)], axis=1))
+    return np.concatenate(half, axis=1)
+
+
+def test_pos_embed_matches_dit_get_2d_sincos_pos_embed():
+    # Official checkpoints store pos_embed, but our model builds its own for fresh training and for
+    # checkpoints loaded without it: channels [0, D/2) must embed the column (w) index and [D/2, D) the row.
+    model = DiTMoE(tiny())  # 8x8 image, patch 2: a 4x4 grid, D = 32
+    want = _dit_2d_sincos_pos_embed(32, 4)
+    assert want[1, 0] != want[4, 0]  # token 1 is (row 0, col 1), token 4 is (row 1, col 0): the halves differ
+    np.testing.assert_allclose(model.pos_embed[0].numpy(), want, rtol=0, atol=1e-6)
+
+
+def _xavier_bound(fan_in: int, fan_out: int) -> float:
+    return math.sqrt(6.0 / (fan_in + fan_out))
+
+
+def _assert_uniform_bound(w: torch.Tensor, bound: float, what: str):
+    # >= 1000 draws of U(-b, b): the max |w| lies within 0.5% of b (and may round up past it in float32); any of
+    # the alternative inits (other fans, kaiming) has a bound at least 8% away from it.
+    assert w.numel() >= 1000, what
+    m = w.abs().max().item()
+    assert 0.95 * bound < m <= bound * (1 + 1e-6), f"{what}: max |w| {m:.4f}, expected the bound {bound:.4f}"
+
+
+def test_init_follows_the_official_per_module_init():
+    """DiT models.py initialize_weights + DiT-MoE models.py (MoEGate.reset_parameters, per-expert nn.Linear)."""
+    torch.manual_seed(0)
+    cfg = model_config("DiT-MoE-tiny/2-16E2A", image_size=64, num_classes=1000)  # D=64, F=256, 4 latent channels
+    model = DiTMoE(cfg)
+    D, F_ = 64, 256
+    blocks = model.blocks
+    cat = torch.cat
+    # routed experts: separate nn.Linear(D, F) gate_proj / up_proj and nn.Linear(F, D) down_proj, each xavier'd
+    gate_up = cat([b.moe.experts.gate_up_proj.flatten() for b in blocks])
+    _assert_uniform_bound(gate_up, _xavier_bound(D, F_), "expert gate/up")
+    _assert_uniform_bound(cat([b.moe.experts.down_proj.flatten() for b in blocks]), _xavier_bound(F_, D), "down")
+    # shared expert: SwiGLU of width 2D, plain nn.Linear layers
+    _assert_uniform_bound(
+        cat([b.moe.shared_expert.up_proj.weight.flatten() for b in blocks]), _xavier_bound(D, 2 * D), "shared up"
+    )
+    # router: MoEGate.weight is an nn.Parameter, kaiming_uniform_(a=sqrt(5)) -> bound 1/sqrt(D); DiT's xavier loop
+    # only visits nn.Linear modules
+    _assert_uniform_bound(cat([b.moe.router.weight.flatten() for b in blocks]), 1 / math.sqrt(D), "router")
+    # attention: timm's one qkv nn.Linear(D, 3D), xavier with zero bias
+    _assert_uniform_bound(cat([b.attn.qkv.weight.flatten() for b in blocks]), _xavier_bound(D, 3 * D), "qkv")
+    assert all(torch.count_nonzero(b.attn.qkv.bias) == 0 and torch.count_nonzero(b.attn.proj.bias) == 0 for b in blocks)
+    # patch embed: "Initialize patch_embed like nn.Linear (instead of nn.Conv2d)": xavier on weight.view(D, -1)
+    _assert_uniform_bound(model.x_embedder.proj.weight, _xavier_bound(4 * 2 * 2, D), "x_embedder")
+    assert torch.count_nonzero(model.x_embedder.proj.bias) == 0
+    # label table N(0, 0.02): 1001 x 64 draws, so the sample std is within 1% (tolerance 5%; N(0, 1) is 50x off)
+    std = model.y_embedder.embedding_table.weight.std().item()
+    assert abs(std - 0.02) < 0.02 * 0.05, std
+    # timestep MLP N(0, 0.02) (xavier on [64, 256] would give std 0.079), zero biases
+    for i in (0, 2):
+        std = model.t_embedder.mlp[i].weight.std().item()
+        assert abs(std - 0.02) < 0.02 * 0.05, (i, std)
+        assert torch.count_nonzero(model.t_embedder.mlp[i].bias) == 0
+
+
+def test_qk_norm_uses_eps_1e6_where_it_matters():
+    # The XL/G flash block (official train_deepspeed.py / models.py): LayerNorm(head_dim, eps=1e-6) on q and k.
+    # With q, k of magnitude ~1e-3 (variance ~1e-6) the eps decides the normalised scale.
+    torch.manual_seed(0)
+    D, H = 32, 2
+    attn = Attention(D, H, qk_norm=True)
+    with torch.no_grad():
+        attn.qkv.weight[: 2 * D] *= 1e-3  # q and k rows tiny, v untouched
+        attn.qkv.bias[: 2 * D] *= 1e-3
+        for n in (attn.q_norm, attn.k_norm):
+            n.weight.normal_(1.0, 0.5)
+            n.bias.normal_(0.0, 0.5)
+    x = torch.randn(2, 5, D)
+
+    def reference(eps):
+        q, k, v = F.linear(x, attn.qkv.weight, attn.qkv.bias).view(2, 5, 3, H, D // H).permute(2, 0, 3, 1, 4)
+
+        def ln(a, norm):  # LayerNorm written out: biased variance, eps inside the square root
+            mu = a.mean(-1, keepdim=True)
+            var = ((a - mu) ** 2).mean(-1, keepdim=True)
+            return (a - mu) / torch.sqrt(var + eps) * norm.weight + norm.bias
+
+        q, k = ln(q, attn.q_norm), ln(k, attn.k_norm)
+        o = ((q @ k.transpose(-1, -2)) * (D // H) ** -0.5).softmax(-1) @ v
+        return F.linear(o.transpose(1, 2).reshape(2, 5, D), attn.proj.weight, attn.proj.bias)
+
+    want = reference(1e-6)
+    assert (want - reference(1e-2)).abs().max() > 1e-2  # this input does tell the two eps apart
+    torch.testing.assert_close(attn(x), want, rtol=1e-4, atol=1e-5)
 
 
 def official_state_dict(model: DiTMoE, flash: bool) -> dict:
