@@ -150,8 +150,11 @@ def test_fixed_large_and_small_variance(ref):
     t = np.array([0, 1, 700])
     large = GaussianDiffusion(linear_beta_schedule(), learn_sigma=False)
     out = large.p_mean_variance(t64(xt), t64(xt), torch.from_numpy(t))
+    # IDDPM gaussian_diffusion.py FIXED_LARGE: variance = append(posterior_variance[1], betas[1:]), and the
+    # log-variance is the log of that same array (not the clipped posterior one: that is FIXED_SMALL)
     want = np.concatenate([[ref["post_var"][1]], ref["betas"][1:]])[t]
     np.testing.assert_allclose(out.variance[:, 0, 0, 0].numpy(), want, rtol=1e-12)
+    np.testing.assert_allclose(out.log_variance[:, 0, 0, 0].numpy(), np.log(want), rtol=1e-12)
     small = GaussianDiffusion(linear_beta_schedule(), learn_sigma=False, fixed_variance="small")
     out = small.p_mean_variance(t64(xt), t64(xt), torch.from_numpy(t))
     np.testing.assert_allclose(out.log_variance[:, 0, 0, 0].numpy(), ref["post_logvar"][t], rtol=1e-12)
@@ -374,8 +377,33 @@ def test_ddim_inexact_model_not_trivially_recovering():
     x0_star = torch.full((1, 1, 2, 2), 0.5, dtype=torch.float64)
     noise = torch.randn(1, 1, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     exact = _exact_eps_fn(x0_star, False)
-    out = d.sample(lambda x, t: exact(x, t) * 0.9, noise)  # default respacing "ddim20" selects DDIM
+    # default respacing "ddim20" (which sampler that picks: test_default_sampler_follows_the_respacing_string)
+    out = d.sample(lambda x, t: exact(x, t) * 0.9, noise)
     assert (out - x0_star).abs().max() > 1e-3
+
+
+def test_default_sampler_follows_the_respacing_string():
+    """A spacing "ddimN" runs DDIM (eta 0: no noise drawn, the sample is a function of x_T alone); any other spacing
+    runs ancestral sampling (IDDPM p_sample_loop: one fresh N(0, I) per step from the generator)."""
+    x0_star = torch.full((1, 1, 2, 2), 0.5, dtype=torch.float64)
+    noise = torch.randn(1, 1, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    exact = _exact_eps_fn(x0_star, False)
+
+    def inexact(x, t):
+        return exact(x, t) * 0.9
+
+    def run(d, seed):
+        g = torch.Generator().manual_seed(seed)
+        before = g.get_state()
+        return d.sample(inexact, noise, generator=g), torch.equal(g.get_state(), before)
+
+    ddim = create_diffusion("ddpm", learn_sigma=False, sampling_steps="ddim20")
+    (a, untouched_a), (b, untouched_b) = run(ddim, 1), run(ddim, 2)
+    assert untouched_a and untouched_b and torch.equal(a, b)
+    assert torch.equal(a, ddim.sample(inexact, noise, sampler="ddim"))
+    ddpm = create_diffusion("ddpm", learn_sigma=False, sampling_steps="20")
+    (c, untouched_c), (d, _) = run(ddpm, 1), run(ddpm, 2)
+    assert not untouched_c and not torch.allclose(c, d)
 
 
 def test_ancestral_sampling_reproducible_and_recovers_point():
