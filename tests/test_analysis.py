@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -133,3 +135,19 @@ def test_noise_level_names_tell_the_buckets_apart(levels):
     names = level_names(np.linspace(0, 1, levels + 1))
     assert len(set(names)) == levels and float(names[0].split("-")[0]) == 0 and float(names[-1].split("-")[1]) == 1
     assert level_names(np.linspace(0, 1, 11))[:2] == ["0.0-0.1", "0.1-0.2"]  # ten buckets as before
+
+
+def test_plotting_leaves_the_matplotlib_backend_alone(tmp_path):
+    """A notebook's backend survives importing the training loop and the demo and drawing heatmaps (no pyplot)."""
+    code = f"""
+import sys, matplotlib
+matplotlib.use("svg")
+import ditmoe.training.loop, ditmoe.demo
+from ditmoe.analysis.heatmap import utilisation_heatmap
+utilisation_heatmap([[0.5, 0.5]], {str(tmp_path / "u.png")!r})
+assert matplotlib.get_backend() == "svg", matplotlib.get_backend()
+assert "matplotlib.pyplot" not in sys.modules
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "u.png").is_file()

@@ -1,23 +1,25 @@
-"""Heatmaps (PNG): layers x experts utilisation, and expert choice by class and by noise level per layer."""
+"""Heatmaps (PNG): layers x experts utilisation, and expert choice by class and by noise level per layer.
+
+Drawn on bare ``Figure`` objects, without pyplot: importing this module leaves the process's matplotlib backend
+(a notebook's inline one, say) as it was, and no figure is left open in pyplot's registry.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from ditmoe.analysis.specialisation import ExpertChoices  # noqa: E402
+from ditmoe.analysis.specialisation import ExpertChoices
 
 
 def utilisation_heatmap(fractions_LE: np.ndarray, path: Path, title: str = "Expert utilisation") -> Path:
     """Share of routed tokens per expert (columns) in each layer (rows); 1/E is perfectly balanced."""
     fractions_LE = np.asarray(fractions_LE, dtype=np.float64)
     L, E = fractions_LE.shape
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 + 0.55 * E), 1.2 + 0.45 * L))
+    fig = Figure(figsize=(max(5.0, 1.6 + 0.55 * E), 1.2 + 0.45 * L))
+    ax = fig.subplots()
     im = ax.imshow(fractions_LE, cmap="viridis", vmin=0.0, vmax=max(2.0 / E, float(fractions_LE.max())), aspect="auto")
     for layer in range(L):
         for e in range(E):
@@ -33,7 +35,6 @@ def utilisation_heatmap(fractions_LE: np.ndarray, path: Path, title: str = "Expe
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
@@ -44,14 +45,8 @@ def choice_heatmaps(shares_LXE: np.ndarray, path: Path, *, row_label: str, row_n
     L, X, E = shares_LXE.shape
     cols = min(L, 4)
     rows = -(-L // cols)
-    fig, axes = plt.subplots(
-        rows,
-        cols,
-        figsize=(1.2 + cols * (1.2 + 0.3 * E), 0.6 + rows * (0.9 + 0.22 * X)),
-        squeeze=False,
-        sharey=True,
-        layout="constrained",
-    )
+    fig = Figure(figsize=(1.2 + cols * (1.2 + 0.3 * E), 0.6 + rows * (0.9 + 0.22 * X)), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False, sharey=True)
     vmax = max(2.0 / E, float(shares_LXE.max()))
     step = max(1, X // 12)  # at most ~12 row labels per panel
     for layer, ax in enumerate(axes.flat):
@@ -71,7 +66,6 @@ def choice_heatmaps(shares_LXE: np.ndarray, path: Path, *, row_label: str, row_n
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
