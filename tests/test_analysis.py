@@ -6,12 +6,13 @@ import json
 import subprocess
 import sys
 
+import matplotlib.axes
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from ditmoe.analysis.heatmap import level_names
+from ditmoe.analysis.heatmap import level_names, utilisation_heatmap
 from ditmoe.analysis.specialisation import ExpertChoices, count_expert_choices
 from ditmoe.cli import main
 from ditmoe.config import model_config
@@ -151,3 +152,18 @@ assert "matplotlib.pyplot" not in sys.modules
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "u.png").is_file()
+
+
+def test_utilisation_numbers_are_readable_on_their_cells(tmp_path, monkeypatch):
+    """White numbers on dark cells, black on light ones, wherever the share sits relative to 1/E."""
+    written = []
+    real_text = matplotlib.axes.Axes.text
+    monkeypatch.setattr(
+        matplotlib.axes.Axes,
+        "text",
+        lambda ax, x, y, s, **kw: written.append((s, kw["color"])) or real_text(ax, x, y, s, **kw),
+    )
+    fractions = [[1.0, 0, 0, 0, 0, 0, 0, 0], [0.14, 0.13, 0.13, 0.12, 0.12, 0.12, 0.12, 0.12]]  # viridis, vmax 1
+    utilisation_heatmap(np.array(fractions), tmp_path / "u.png")
+    assert len(written) == 16 and written[0] == ("1.00", "k")  # bright yellow
+    assert {colour for _, colour in written[1:]} == {"w"}  # dark purple, also 0.14 and 0.13 above 1/E = 0.125

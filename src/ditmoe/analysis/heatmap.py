@@ -24,7 +24,7 @@ def utilisation_heatmap(fractions_LE: np.ndarray, path: Path, title: str = "Expe
     for layer in range(L):
         for e in range(E):
             v = fractions_LE[layer, e]
-            ax.text(e, layer, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w" if v < 1.0 / E else "k")
+            ax.text(e, layer, f"{v:.2f}", ha="center", va="center", fontsize=7, color=text_colour(im.cmap(im.norm(v))))
     ax.set_xticks(range(E), [str(e) for e in range(E)])
     ax.set_yticks(range(L), [str(i) for i in range(L)])
     ax.set_xlabel("expert")
@@ -36,6 +36,12 @@ def utilisation_heatmap(fractions_LE: np.ndarray, path: Path, title: str = "Expe
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     return path
+
+
+def text_colour(rgba: tuple[float, ...]) -> str:
+    """White on a dark cell, black on a light one, judged by the cell colour's luminance (Rec. 709 weights)."""
+    r, g, b = rgba[:3]
+    return "w" if 0.2126 * r + 0.7152 * g + 0.0722 * b < 0.5 else "k"
 
 
 def choice_heatmaps(shares_LXE: np.ndarray, path: Path, *, row_label: str, row_names: list[str], title: str) -> Path:
