@@ -131,11 +131,25 @@ def test_analyze_cli_bad_input_is_one_clear_line(run, tmp_path, capsys):
     assert not (tmp_path / "a").exists()  # nothing written on bad input
 
 
-@pytest.mark.parametrize("levels", [1, 3, 10, 20, 30, 100, 101])
+@pytest.mark.parametrize("levels", [1, 3, 10, 20, 30, 100, 101, 3000])
 def test_noise_level_names_tell_the_buckets_apart(levels):
     names = level_names(np.linspace(0, 1, levels + 1))
     assert len(set(names)) == levels and float(names[0].split("-")[0]) == 0 and float(names[-1].split("-")[1]) == 1
     assert level_names(np.linspace(0, 1, 11))[:2] == ["0.0-0.1", "0.1-0.2"]  # ten buckets as before
+
+
+@pytest.mark.parametrize(
+    ("levels", "names"),
+    [
+        (4, ["0.00-0.25", "0.25-0.50", "0.50-0.75", "0.75-1.00"]),
+        (8, ["0.000-0.125", "0.125-0.250", "0.250-0.375", "0.375-0.500"]),  # first four of eight
+        (6, ["0.000-0.167", "0.167-0.333", "0.333-0.500", "0.500-0.667"]),  # sixths: no exact decimals, three
+        (10, ["0.0-0.1", "0.1-0.2", "0.2-0.3", "0.3-0.4"]),
+        (20, ["0.00-0.05", "0.05-0.10", "0.10-0.15", "0.15-0.20"]),
+    ],
+)
+def test_noise_level_names_write_the_edges(levels, names):
+    assert level_names(np.linspace(0, 1, levels + 1))[:4] == names
 
 
 def test_plotting_leaves_the_matplotlib_backend_alone(tmp_path):

@@ -96,7 +96,9 @@ def expert_choice_heatmaps(choices: ExpertChoices, out_dir: Path) -> tuple[Path,
 
 
 def level_names(edges: np.ndarray) -> list[str]:
-    """ "lo-hi" per noise-level bucket between ``edges``, with as many decimals as tell the buckets apart (0.1 for
-    10 buckets, 0.05 for 20)."""
-    decimals = max(1, int(np.ceil(np.log10(max(len(edges) - 1, 1)))))
+    """ "lo-hi" per noise-level bucket between ``edges``, with the fewest decimals (1 to 4) that write every edge
+    exactly (0.1 for 10 buckets, 0.05 for 20, 0.125 for 8), else 3 (or more, to tell a thousand buckets apart)."""
+    edges = np.asarray(edges, dtype=np.float64)
+    exact = (d for d in range(1, 5) if np.allclose(np.round(edges, d), edges, rtol=0.0, atol=1e-9))
+    decimals = next(exact, max(3, int(np.ceil(np.log10(max(len(edges) - 1, 1))))))
     return [f"{lo:.{decimals}f}-{hi:.{decimals}f}" for lo, hi in zip(edges, edges[1:], strict=False)]
