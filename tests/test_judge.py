@@ -64,6 +64,22 @@ def test_classifier_fid_separates_real_from_noise(judge, digits_splits):
     assert noise_fid > 20 * real_fid > 0
 
 
+def test_non_finite_samples_are_refused_not_scored():
+    """Diverged samples: NaN logits argmax to class 0 (a chance-level 'accuracy') and NaN features crash sqrtm."""
+    judge = DigitsJudge(1, 16, 10).eval()
+    samples, labels = torch.zeros(20, 1, 16, 16), torch.arange(20) % 10
+    samples[3, 0, 5, 5], samples[7] = float("nan"), float("inf")
+    real = torch.rand(40, 1, 16, 16) * 2 - 1
+    with pytest.raises(ValueError, match="2 of 20 samples are not finite"):
+        judge_samples(judge, samples, labels)
+    with pytest.raises(ValueError, match="2 of 20 samples are not finite"):
+        classifier_fid(judge, samples, real)
+    with pytest.raises(ValueError, match="1 of 40 real images are not finite"):
+        classifier_fid(judge, real[:20], torch.cat([real[:39], samples[3:4]]))
+    with pytest.raises(ValueError, match="5 of 5 feature vectors of the first set are not finite"):
+        frechet_distance(np.full((5, 3), np.nan), np.ones((5, 3)))
+
+
 def hand_frechet(a: np.ndarray, b: np.ndarray) -> float:
     """Same quantity via eigenvalues: Tr sqrt(C_a C_b) = sum sqrt(eig(C_a C_b)) (real, >= 0 for PSD C_a, C_b)."""
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)

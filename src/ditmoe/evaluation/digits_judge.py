@@ -96,10 +96,19 @@ def batched_outputs(fn, x_BCHW: torch.Tensor, batch_size: int = 512) -> torch.Te
     return torch.cat([fn(x_BCHW[start : start + batch_size]) for start in range(0, len(x_BCHW), batch_size)])
 
 
+def check_finite(x_N: np.ndarray | torch.Tensor, what: str) -> None:
+    """ValueError naming how many of the N rows of x (samples, feature vectors) hold a NaN or an infinity."""
+    bad = int((~torch.isfinite(torch.as_tensor(x_N)).flatten(1).all(1)).sum())
+    if bad:
+        raise ValueError(f"{bad} of {len(x_N)} {what} are not finite (NaN or inf)")
+
+
 def judge_samples(judge: DigitsJudge, samples: torch.Tensor, labels: torch.Tensor) -> float:
-    """Fraction of samples [N, C, S, S] the judge classifies as their label [N] (accuracy, for real images)."""
+    """Fraction of samples [N, C, S, S] the judge classifies as their label [N] (accuracy, for real images);
+    ValueError for non-finite samples (a diverged sampler's), which have no class to agree with."""
     if len(samples) != len(labels) or len(samples) == 0:
         raise ValueError(f"need as many labels as samples (> 0), got {len(samples)} samples and {len(labels)} labels")
+    check_finite(samples, "samples")  # NaN logits would argmax to class 0 and score as a guess
     judge.eval()
     predictions = batched_outputs(judge, samples).argmax(dim=1)
     return (predictions == labels.to(predictions.device)).float().mean().item()
@@ -110,6 +119,8 @@ def frechet_distance(feats_a: np.ndarray | torch.Tensor, feats_b: np.ndarray | t
     a, b = (np.asarray(torch.as_tensor(feats).detach().cpu(), dtype=np.float64) for feats in (feats_a, feats_b))
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:
         raise ValueError(f"need feature sets [N >= 2, D] and [M >= 2, D], got {a.shape} and {b.shape}")
+    check_finite(a, "feature vectors of the first set")
+    check_finite(b, "feature vectors of the second set")
     mu_a, mu_b = a.mean(axis=0), b.mean(axis=0)
     cov_a, cov_b = np.cov(a, rowvar=False).reshape(a.shape[1], -1), np.cov(b, rowvar=False).reshape(b.shape[1], -1)
     with warnings.catch_warnings():  # dead ReLU features make the covariances singular; sqrtm still copes
@@ -124,7 +135,10 @@ def frechet_distance(feats_a: np.ndarray | torch.Tensor, feats_b: np.ndarray | t
 
 
 def classifier_fid(judge: DigitsJudge, samples: torch.Tensor, real_images: torch.Tensor) -> float:
-    """Frechet distance between judge features of samples [N, C, S, S] and of real images [M, C, S, S]."""
+    """Frechet distance between judge features of samples [N, C, S, S] and of real images [M, C, S, S]; ValueError
+    if either holds non-finite images."""
+    check_finite(samples, "samples")
+    check_finite(real_images, "real images")
     judge.eval()
     return frechet_distance(batched_outputs(judge.features, samples), batched_outputs(judge.features, real_images))
 
