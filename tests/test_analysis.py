@@ -87,6 +87,22 @@ def test_count_totals_and_shares():
     assert len(got.most_specialised()) == L
 
 
+def test_most_specialised_is_the_highest_lift():
+    """Lift, not share: in layer 1 every class sends most choices to expert 0, but class 2 sends 40% to expert 1,
+    which the layer picks 1/6 of the time. A class without images (3) never wins."""
+    counts = np.array(
+        [
+            [[50, 50], [90, 10], [50, 50], [0, 0]],  # overall [190, 110]: class 1 at 0.9 / (190/300) = 1.42
+            [[95, 5], [95, 5], [60, 40], [0, 0]],  # overall [250, 50]: class 2 at 0.4 / (50/300) = 2.4
+        ]
+    )
+    choices = ExpertChoices(counts, np.zeros((2, 1, 2), dtype=np.int64), np.array([0.0, 1.0]), images=3)
+    assert choices.most_specialised() == [
+        (1, 0, pytest.approx(0.9), pytest.approx(190 / 300)),
+        (2, 1, pytest.approx(0.4), pytest.approx(50 / 300)),
+    ]
+
+
 def test_count_rejects_bad_input():
     model, diffusion = tiny_model(), create_diffusion("ddpm", learn_sigma=False)
     x = torch.randn(2, model.cfg.in_channels, 8, 8)
@@ -104,18 +120,39 @@ def run(tmp_path_factory):
     return root
 
 
-def test_analyze_cli_writes_heatmaps_and_counts(run, tmp_path, capsys):
-    out = tmp_path / "ana"
+def spy_on_imshow(monkeypatch) -> list[np.ndarray]:
+    """The arrays handed to every ``Axes.imshow`` from now on, in call order."""
+    shown, real_imshow = [], matplotlib.axes.Axes.imshow
+    monkeypatch.setattr(
+        matplotlib.axes.Axes, "imshow", lambda ax, X, **kw: shown.append(np.array(X)) or real_imshow(ax, X, **kw)
+    )
+    return shown
+
+
+def test_analyze_cli_writes_heatmaps_and_counts(run, tmp_path, capsys, monkeypatch):
+    out, shown = tmp_path / "ana", spy_on_imshow(monkeypatch)
     argv = ["analyze", "--ckpt", str(run / "run"), "--data", str(run / "data"), "--max-images", "30"]
     assert main([*argv, "--levels", "3", "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "routed 30 val images x 3 noise levels" in text and "layer  0: class" in text
+    assert "routed 30 val images x 3 noise levels" in text
     saved = json.loads((out / "expert_choices.json").read_text())
     by_class, by_level = np.array(saved["by_class_LCE"]), np.array(saved["by_level_LBE"])
     assert by_class.shape[1] == 10 and by_level.shape[1] == 3 and saved["images"] == 30
     assert (by_class.sum((1, 2)) == by_level.sum((1, 2))).all()
     for name in ("experts_by_class.png", "experts_by_noise_level.png"):
         assert Image.open(out / name).size[0] > 300
+    # the panels plot each row's share of its choices per expert: by class, then by noise level, layer by layer
+    L = by_class.shape[0]
+    assert len(shown) == 2 * L
+    for layer in range(L):
+        for panel, counts in ((shown[layer], by_class[layer]), (shown[L + layer], by_level[layer])):
+            assert np.allclose(panel, counts / np.maximum(counts.sum(-1, keepdims=True), 1))
+    choices = ExpertChoices(by_class, by_level, np.array(saved["level_edges"]), saved["images"])
+    for layer, (c, e, share, avg) in enumerate(choices.most_specialised()):
+        assert (
+            f"layer {layer:2d}: class {c} sends {share:.0%} of its choices to expert {e} (layer average {avg:.0%})"
+            in text
+        )
 
 
 def test_analyze_cli_bad_input_is_one_clear_line(run, tmp_path, capsys):
