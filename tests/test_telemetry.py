@@ -174,6 +174,20 @@ def test_routing_all_reduce_no_dist_is_noop():
     before = acc.summary()
     acc.all_reduce()
     assert acc.summary() == before
+    # rank 1 alone: layer 0 [5,2,1,4]+[2,2,2,2] = [7,4,3,6], layer 1 [1,1,5,1]+[1,3,3,2] = [2,4,8,3]; max / mean load
+    assert before["moe/layer0/imbalance"] == pytest.approx(7 / 20 * 4)
+    assert before["moe/layer1/imbalance"] == pytest.approx(8 / 17 * 4)
+    assert before["moe/max_imbalance"] == pytest.approx(32 / 17)
+    assert before["moe/mean_imbalance"] == pytest.approx((1.4 + 32 / 17) / 2)
+
+
+def test_routing_imbalance_is_max_over_mean_load():
+    """One expert taking every token is E times its fair share; an even split is 1."""
+    acc = RoutingAccumulator()
+    acc.add([_stats([0, 12, 0, 0], 0.0, 0), _stats([3, 3, 3, 3], 1.0, 0)])
+    summary = acc.summary()
+    assert summary["moe/layer0/imbalance"] == 4.0 and summary["moe/layer1/imbalance"] == 1.0
+    assert summary["moe/max_imbalance"] == 4.0 and summary["moe/mean_imbalance"] == 2.5
 
 
 def test_routing_all_reduce_two_ranks():
@@ -189,3 +203,7 @@ def test_routing_all_reduce_two_ranks():
     # layer 0 of the world: rank 0 [4,2,1,1]+[2,0,2,2], rank 1 [5,2,1,4]+[2,2,2,2] = [13, 6, 6, 9]
     expected_l0 = torch.tensor([13, 6, 6, 9], dtype=torch.float64) / 34
     assert torch.allclose(torch.from_numpy(results[0]["fractions"][0]), expected_l0)
+    # layer 1: rank 0 [1,1,0,1]+[0,3,3,2], rank 1 [1,1,5,1]+[1,3,3,2] = [3, 8, 11, 6]; imbalance = max share x E
+    imbalance = {"moe/layer0/imbalance": 13 / 34 * 4, "moe/layer1/imbalance": 11 / 28 * 4}
+    assert {k: results[0]["summary"][k] for k in imbalance} == pytest.approx(imbalance)
+    assert results[0]["summary"]["moe/max_imbalance"] == pytest.approx(11 / 28 * 4)
