@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ditmoe.analysis.heatmap import level_names, utilisation_heatmap
+from ditmoe.analysis.heatmap import choice_heatmaps, level_names, utilisation_heatmap
 from ditmoe.analysis.specialisation import ExpertChoices, count_expert_choices
 from ditmoe.cli import main
 from ditmoe.config import model_config
@@ -120,11 +120,11 @@ def run(tmp_path_factory):
     return root
 
 
-def spy_on_imshow(monkeypatch) -> list[np.ndarray]:
-    """The arrays handed to every ``Axes.imshow`` from now on, in call order."""
+def spy_on_imshow(monkeypatch) -> list[tuple[matplotlib.axes.Axes, np.ndarray]]:
+    """(axes, array) of every ``Axes.imshow`` call from now on, in call order."""
     shown, real_imshow = [], matplotlib.axes.Axes.imshow
     monkeypatch.setattr(
-        matplotlib.axes.Axes, "imshow", lambda ax, X, **kw: shown.append(np.array(X)) or real_imshow(ax, X, **kw)
+        matplotlib.axes.Axes, "imshow", lambda ax, X, **kw: shown.append((ax, np.array(X))) or real_imshow(ax, X, **kw)
     )
     return shown
 
@@ -145,7 +145,7 @@ def test_analyze_cli_writes_heatmaps_and_counts(run, tmp_path, capsys, monkeypat
     L = by_class.shape[0]
     assert len(shown) == 2 * L
     for layer in range(L):
-        for panel, counts in ((shown[layer], by_class[layer]), (shown[L + layer], by_level[layer])):
+        for (_, panel), counts in ((shown[layer], by_class[layer]), (shown[L + layer], by_level[layer])):
             assert np.allclose(panel, counts / np.maximum(counts.sum(-1, keepdims=True), 1))
     choices = ExpertChoices(by_class, by_level, np.array(saved["level_edges"]), saved["images"])
     for layer, (c, e, share, avg) in enumerate(choices.most_specialised()):
@@ -153,6 +153,28 @@ def test_analyze_cli_writes_heatmaps_and_counts(run, tmp_path, capsys, monkeypat
             f"layer {layer:2d}: class {c} sends {share:.0%} of its choices to expert {e} (layer average {avg:.0%})"
             in text
         )
+
+
+def test_class_heatmap_stays_readable_at_1000_classes(tmp_path, monkeypatch):
+    """ImageNet-sized, 12 layers x 1000 classes: each panel shows its layer's 20 classes of highest lift, labelled,
+    most specialised first, and the PNG stays a readable size (it was 1715 x 72,963 px)."""
+    shown = spy_on_imshow(monkeypatch)
+    rng = np.random.default_rng(0)
+    counts = rng.integers(50, 150, size=(12, 1000, 8))
+    counts[5, 777] = [0, 0, 0, 0, 0, 0, 0, 1000]  # class 777 uses only expert 7 in layer 5: the top lift there
+    counts[:, 4] = 0  # a class without images
+    path = choice_heatmaps(
+        counts, tmp_path / "c.png", row_label="class", row_names=[str(c) for c in range(1000)], title="t"
+    )
+    width, height = Image.open(path).size
+    assert width < 2500 and height < 2500
+    top = np.argsort(-ExpertChoices.lift(counts).max(-1), axis=1, kind="stable")[:, :20]
+    assert top[5, 0] == 777 and 4 not in top
+    assert len(shown) == 12
+    for layer, (ax, panel) in enumerate(shown):
+        assert np.allclose(panel, ExpertChoices.shares(counts[layer, top[layer]]))
+        assert [t.get_text() for t in ax.get_yticklabels()] == [str(c) for c in top[layer]]
+    assert "20 of 1000" in shown[0][0].figure.get_suptitle()
 
 
 def test_analyze_cli_bad_input_is_one_clear_line(run, tmp_path, capsys):

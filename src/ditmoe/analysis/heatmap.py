@@ -13,6 +13,10 @@ from matplotlib.figure import Figure
 
 from ditmoe.analysis.specialisation import ExpertChoices
 
+MAX_ROWS = 40  # a choice panel with more rows (classes) than this shows only its TOP_ROWS most specialised ones
+TOP_ROWS = 20
+MAX_INCHES = 40.0  # choice figures' width and height cap: 4400 px at 110 dpi
+
 
 def utilisation_heatmap(fractions_LE: np.ndarray, path: Path, title: str = "Expert utilisation") -> Path:
     """Share of routed tokens per expert (columns) in each layer (rows); 1/E is perfectly balanced."""
@@ -44,30 +48,58 @@ def text_colour(rgba: tuple[float, ...]) -> str:
     return "w" if 0.2126 * r + 0.7152 * g + 0.0722 * b < 0.5 else "k"
 
 
-def choice_heatmaps(shares_LXE: np.ndarray, path: Path, *, row_label: str, row_names: list[str], title: str) -> Path:
-    """One panel per layer: the share of each row's (class's, noise level's) routed tokens per expert, on one colour
-    scale; a column brighter than the rest of its panel is an expert that row leans on."""
-    shares_LXE = np.asarray(shares_LXE, dtype=np.float64)
-    L, X, E = shares_LXE.shape
+def shown_rows(counts_LXE: np.ndarray) -> np.ndarray:
+    """[L, R] the rows each layer's panel shows: all X in order when X <= MAX_ROWS, else the TOP_ROWS rows that lean
+    hardest on one expert (highest lift over any expert, see ``ExpertChoices.lift``), most specialised first."""
+    L, X, _ = counts_LXE.shape
+    if X <= MAX_ROWS:
+        return np.broadcast_to(np.arange(X), (L, X))
+    return np.argsort(-ExpertChoices.lift(counts_LXE).max(-1), axis=1, kind="stable")[:, :TOP_ROWS]
+
+
+def choice_heatmaps(counts_LXE: np.ndarray, path: Path, *, row_label: str, row_names: list[str], title: str) -> Path:
+    """One panel per layer: the share of each row's (class's, noise level's) routed choices per expert, on one
+    colour scale; a column brighter than the rest of its panel is an expert that row leans on.
+
+    Up to MAX_ROWS rows every panel shows them all, in order (the 10 digits, the noise levels). Above that (1000
+    ImageNet classes) each panel shows only its layer's TOP_ROWS most specialised rows, labelled, most specialised
+    first, and the title says so; ``ditmoe analyze`` keeps the full table in expert_choices.json. The figure is at
+    most MAX_INCHES a side whatever the layers and experts.
+    """
+    counts_LXE = np.asarray(counts_LXE)
+    L, X, E = counts_LXE.shape
+    shares_LXE = ExpertChoices.shares(counts_LXE)
+    rows_LR = shown_rows(counts_LXE)
+    R = rows_LR.shape[1]
     cols = min(L, 4)
     rows = -(-L // cols)
-    fig = Figure(figsize=(1.2 + cols * (1.2 + 0.3 * E), 0.6 + rows * (0.9 + 0.22 * X)), layout="constrained")
-    axes = fig.subplots(rows, cols, squeeze=False, sharey=True)
+    size = (1.2 + cols * (1.2 + 0.3 * E), 0.6 + rows * (0.9 + 0.22 * R))
+    fig = Figure(figsize=tuple(min(inches, MAX_INCHES) for inches in size), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False, sharey=R == X)  # top rows differ from layer to layer
     vmax = max(2.0 / E, float(shares_LXE.max()))
-    step = max(1, X // 12)  # at most ~12 row labels per panel
+    step = max(1, R // 12)  # at most ~12 row labels per panel
     for layer, ax in enumerate(axes.flat):
         if layer >= L:
             ax.axis("off")
             continue
-        im = ax.imshow(shares_LXE[layer], cmap="magma", vmin=0.0, vmax=vmax, aspect="auto", interpolation="nearest")
+        shown = rows_LR[layer]
+        im = ax.imshow(
+            shares_LXE[layer, shown], cmap="magma", vmin=0.0, vmax=vmax, aspect="auto", interpolation="nearest"
+        )
         ax.set_title(f"layer {layer}", fontsize=8)
         ax.set_xticks(range(E), [str(e) for e in range(E)], fontsize=6)
-        ax.set_yticks(range(0, X, step), row_names[::step], fontsize=6)
+        ax.set_yticks(range(0, R, step), [row_names[r] for r in shown[::step]], fontsize=6)
         if layer % cols == 0:
-            ax.set_ylabel(row_label, fontsize=7)
+            ax.set_ylabel(row_label if R == X else f"{row_label} (top {R} by lift)", fontsize=7)
         if layer >= L - cols:
             ax.set_xlabel("expert", fontsize=7)
-    fig.suptitle(f"{title} (balanced = {1.0 / E:.2f})", fontsize=9)
+    heading = f"{title} (balanced = {1.0 / E:.2f})"
+    if R < X:
+        heading += (
+            f"\nper layer only the {R} of {X} {row_label} rows that lean hardest on one expert: highest lift, "
+            "the row's share over the layer's share for that expert"
+        )
+    fig.suptitle(heading, fontsize=9)
     fig.colorbar(im, ax=axes, label="share of routed tokens", shrink=0.8)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -79,14 +111,14 @@ def expert_choice_heatmaps(choices: ExpertChoices, out_dir: Path) -> tuple[Path,
     """``experts_by_class.png`` and ``experts_by_noise_level.png`` in ``out_dir``."""
     edges = choices.level_edges
     by_class = choice_heatmaps(
-        choices.shares(choices.by_class_LCE),
+        choices.by_class_LCE,
         Path(out_dir) / "experts_by_class.png",
         row_label="class",
         row_names=[str(c) for c in range(choices.by_class_LCE.shape[1])],
         title="Expert choice by class",
     )
     by_level = choice_heatmaps(
-        choices.shares(choices.by_level_LBE),
+        choices.by_level_LBE,
         Path(out_dir) / "experts_by_noise_level.png",
         row_label="noise level",
         row_names=level_names(edges),

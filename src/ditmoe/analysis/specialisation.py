@@ -29,12 +29,19 @@ class ExpertChoices:
         counts = counts_LXE.astype(np.float64)
         return counts / np.maximum(counts.sum(-1, keepdims=True), 1)
 
+    @staticmethod
+    def lift(counts_LXE: np.ndarray) -> np.ndarray:
+        """[L, X, E] each row's share per expert over the layer's share for that expert (all rows together): above
+        1 the row picks the expert more often than its layer does; rows without tokens are 0."""
+        overall_LE = ExpertChoices.shares(counts_LXE.sum(1))
+        return ExpertChoices.shares(counts_LXE) / np.maximum(overall_LE[:, None, :], 1e-12)
+
     def most_specialised(self) -> list[tuple[int, int, float, float]]:
         """Per layer (class, expert, share, layer-average share) of the class that leans hardest on one expert,
-        measured against how often the layer as a whole picks that expert."""
+        measured against how often the layer as a whole picks that expert (the highest lift)."""
         by_class = self.shares(self.by_class_LCE)
         overall = self.shares(self.by_class_LCE.sum(1))  # [L, E]
-        lift = by_class / np.maximum(overall[:, None, :], 1e-12)
+        lift = self.lift(self.by_class_LCE)
         out = []
         for layer in range(by_class.shape[0]):
             c, e = np.unravel_index(int(np.argmax(lift[layer])), lift[layer].shape)
