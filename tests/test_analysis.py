@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import matplotlib.axes
+import matplotlib.colors
 import numpy as np
 import pytest
 import torch
@@ -146,7 +147,9 @@ def test_analyze_cli_writes_heatmaps_and_counts(run, tmp_path, capsys, monkeypat
     assert len(shown) == 2 * L
     for layer in range(L):
         for (_, panel), counts in ((shown[layer], by_class[layer]), (shown[L + layer], by_level[layer])):
-            assert np.allclose(panel, counts / np.maximum(counts.sum(-1, keepdims=True), 1))
+            tokens = counts.sum(-1, keepdims=True)
+            want = np.where(tokens > 0, counts / np.maximum(tokens, 1), np.nan)  # no images of a class: masked
+            assert np.allclose(panel, want, equal_nan=True)
     choices = ExpertChoices(by_class, by_level, np.array(saved["level_edges"]), saved["images"])
     for layer, (c, e, share, avg) in enumerate(choices.most_specialised()):
         assert (
@@ -175,6 +178,23 @@ def test_class_heatmap_stays_readable_at_1000_classes(tmp_path, monkeypatch):
         assert np.allclose(panel, ExpertChoices.shares(counts[layer, top[layer]]))
         assert [t.get_text() for t in ax.get_yticklabels()] == [str(c) for c in top[layer]]
     assert "20 of 1000" in shown[0][0].figure.get_suptitle()
+
+
+def test_classes_without_images_are_grey_and_named(run, tmp_path, capsys, monkeypatch):
+    """A class with no images has no share to draw: its row is NaN (grey), not a row of 0s ("uses no expert"), and
+    both the figure and analyze's output name it."""
+    shown = spy_on_imshow(monkeypatch)
+    argv = ["analyze", "--ckpt", str(run / "run"), "--data", str(run / "data"), "--max-images", "4", "--levels", "1"]
+    assert main([*argv, "--out", str(tmp_path / "ana")]) == 0
+    saved = json.loads((tmp_path / "ana" / "expert_choices.json").read_text())
+    missing = [c for c, n in enumerate(np.array(saved["by_class_LCE"]).sum((0, 2))) if n == 0]
+    assert len(missing) >= 6  # 4 images, 10 classes
+    names = ", ".join(map(str, missing))
+    assert f"no val images of class {names}: their rows in experts_by_class.png are grey" in capsys.readouterr().out
+    ax, panel = shown[0]
+    assert np.isnan(panel[missing]).all() and np.isfinite(np.delete(panel, missing, axis=0)).all()
+    assert ax.images[0].cmap.get_bad() == pytest.approx(matplotlib.colors.to_rgba("lightgrey"))
+    assert f"grey: no tokens from class {names}" in ax.figure.get_suptitle()
 
 
 def test_analyze_cli_bad_input_is_one_clear_line(run, tmp_path, capsys):

@@ -246,7 +246,7 @@ def cmd_sample(args) -> int:
 def cmd_analyze(args) -> int:
     import torch
 
-    from ditmoe.analysis.heatmap import expert_choice_heatmaps
+    from ditmoe.analysis.heatmap import expert_choice_heatmaps, listed
     from ditmoe.analysis.specialisation import count_expert_choices
     from ditmoe.data.shards import load_split_tensors
     from ditmoe.sampling.sample import load_sampler
@@ -276,6 +276,10 @@ def cmd_analyze(args) -> int:
     print(f"routed {choices.images} {args.split} images x {args.levels} noise levels through {sampler.checkpoint}")
     for layer, (c, e, share, avg) in enumerate(choices.most_specialised()):
         print(f"  layer {layer:2d}: class {c} sends {share:.0%} of its choices to expert {e} (layer average {avg:.0%})")
+    missing = choices.classes_without_images()
+    if missing:
+        names = listed([str(c) for c in missing])
+        print(f"no {args.split} images of class {names}: their rows in {plots[0].name} are grey (nothing to count)")
     print(f"wrote {plots[0]}, {plots[1]} and {out / 'expert_choices.json'}")
     return 0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from ditmoe.analysis.specialisation import ExpertChoices
@@ -16,6 +17,7 @@ from ditmoe.analysis.specialisation import ExpertChoices
 MAX_ROWS = 40  # a choice panel with more rows (classes) than this shows only its TOP_ROWS most specialised ones
 TOP_ROWS = 20
 MAX_INCHES = 40.0  # choice figures' width and height cap: 4400 px at 110 dpi
+CMAP = colormaps["magma"].with_extremes(bad="lightgrey")  # rows without tokens are NaN
 
 
 def utilisation_heatmap(fractions_LE: np.ndarray, path: Path, title: str = "Expert utilisation") -> Path:
@@ -59,7 +61,8 @@ def shown_rows(counts_LXE: np.ndarray) -> np.ndarray:
 
 def choice_heatmaps(counts_LXE: np.ndarray, path: Path, *, row_label: str, row_names: list[str], title: str) -> Path:
     """One panel per layer: the share of each row's (class's, noise level's) routed choices per expert, on one
-    colour scale; a column brighter than the rest of its panel is an expert that row leans on.
+    colour scale; a column brighter than the rest of its panel is an expert that row leans on. Rows without tokens
+    (classes with no images) are grey and named in the title.
 
     Up to MAX_ROWS rows every panel shows them all, in order (the 10 digits, the noise levels). Above that (1000
     ImageNet classes) each panel shows only its layer's TOP_ROWS most specialised rows, labelled, most specialised
@@ -69,6 +72,9 @@ def choice_heatmaps(counts_LXE: np.ndarray, path: Path, *, row_label: str, row_n
     counts_LXE = np.asarray(counts_LXE)
     L, X, E = counts_LXE.shape
     shares_LXE = ExpertChoices.shares(counts_LXE)
+    vmax = max(2.0 / E, float(shares_LXE.max()))
+    shares_LXE[counts_LXE.sum(-1) == 0] = np.nan  # no tokens (no images of a class): grey, not "no expert"
+    empty = [row_names[r] for r in np.flatnonzero(counts_LXE.sum((0, 2)) == 0)]
     rows_LR = shown_rows(counts_LXE)
     R = rows_LR.shape[1]
     cols = min(L, 4)
@@ -76,16 +82,13 @@ def choice_heatmaps(counts_LXE: np.ndarray, path: Path, *, row_label: str, row_n
     size = (1.2 + cols * (1.2 + 0.3 * E), 0.6 + rows * (0.9 + 0.22 * R))
     fig = Figure(figsize=tuple(min(inches, MAX_INCHES) for inches in size), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False, sharey=R == X)  # top rows differ from layer to layer
-    vmax = max(2.0 / E, float(shares_LXE.max()))
     step = max(1, R // 12)  # at most ~12 row labels per panel
     for layer, ax in enumerate(axes.flat):
         if layer >= L:
             ax.axis("off")
             continue
         shown = rows_LR[layer]
-        im = ax.imshow(
-            shares_LXE[layer, shown], cmap="magma", vmin=0.0, vmax=vmax, aspect="auto", interpolation="nearest"
-        )
+        im = ax.imshow(shares_LXE[layer, shown], cmap=CMAP, vmin=0.0, vmax=vmax, aspect="auto", interpolation="nearest")
         ax.set_title(f"layer {layer}", fontsize=8)
         ax.set_xticks(range(E), [str(e) for e in range(E)], fontsize=6)
         ax.set_yticks(range(0, R, step), [row_names[r] for r in shown[::step]], fontsize=6)
@@ -99,6 +102,8 @@ def choice_heatmaps(counts_LXE: np.ndarray, path: Path, *, row_label: str, row_n
             f"\nper layer only the {R} of {X} {row_label} rows that lean hardest on one expert: highest lift, "
             "the row's share over the layer's share for that expert"
         )
+    if empty:
+        heading += f"\ngrey: no tokens from {row_label} {listed(empty)}"
     fig.suptitle(heading, fontsize=9)
     fig.colorbar(im, ax=axes, label="share of routed tokens", shrink=0.8)
     path = Path(path)
@@ -125,6 +130,12 @@ def expert_choice_heatmaps(choices: ExpertChoices, out_dir: Path) -> tuple[Path,
         title="Expert choice by noise level (0 clean, 1 noise)",
     )
     return by_class, by_level
+
+
+def listed(names: list[str], most: int = 10) -> str:
+    """ "a, b, c", or the first ``most`` names and how many more."""
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return ", ".join(names[:most]) + more
 
 
 def level_names(edges: np.ndarray) -> list[str]:

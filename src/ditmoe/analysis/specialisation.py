@@ -36,6 +36,10 @@ class ExpertChoices:
         overall_LE = ExpertChoices.shares(counts_LXE.sum(1))
         return ExpertChoices.shares(counts_LXE) / np.maximum(overall_LE[:, None, :], 1e-12)
 
+    def classes_without_images(self) -> list[int]:
+        """Classes none of the routed images belong to (their rows of ``by_class_LCE`` are 0)."""
+        return [int(c) for c in np.flatnonzero(self.by_class_LCE.sum((0, 2)) == 0)]
+
     def most_specialised(self) -> list[tuple[int, int, float, float]]:
         """Per layer (class, expert, share, layer-average share) of the class that leans hardest on one expert,
         measured against how often the layer as a whole picks that expert (the highest lift)."""
