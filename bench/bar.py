@@ -1,7 +1,10 @@
 """The performance bar (``/work/shared/notes/kernels.md``) judged on ``bench_kernels.py``'s rows: ours against the
-dense GEMM or copy baseline per op, and the whole layer's slowdown when one expert gets twice the average load."""
+dense GEMM or copy baseline per op, the whole layer against the official loop and megatron-core's path, and the
+layer's slowdown when one expert gets twice the average load."""
 
 from __future__ import annotations
+
+import statistics
 
 # op: the least ours / baseline that meets the bar (GEMMs against one dense GEMM of the same FLOPs, permutes
 # against device-to-device copy bandwidth)
@@ -17,8 +20,11 @@ BAR = {
     "unpermute": 0.8,
 }
 SKEW_BAR = 0.10  # the layer under the skewed load: at most 10% slower than under the balanced one
+# peer layer fwd+bwd: how many times faster ours must be (at least 3x the official loop, faster than megatron)
+LAYER_BAR = {"naive (official loop)": 3.0, "megatron permute+_grouped_mm": 1.0}
 
 LAYER = "layer fwd+bwd"
+OURS = ("triton", "triton (tiles now)")  # the tiles in use: timed alone, then in rounds interleaved with others
 
 
 def judged(rows: list[dict]) -> list[dict]:
@@ -44,3 +50,28 @@ def skew_slowdowns(rows: list[dict]) -> dict[str, float]:
         for shape in ms
         if shape.endswith("-skew") and shape.split("-")[0] in ms
     }
+
+
+def layer_speedups(rows: list[dict]) -> list[dict]:
+    """Per shape and peer of ``LAYER_BAR``: {shape, peer, speedup (peer ms / ours), bar, ok}. Ours is the median of
+    every time of the tiles in use (alone and in the interleaved rounds): where the host sets the pace (S) one
+    timing alone can land far from the others."""
+    ours: dict[str, list[float]] = {}
+    peers: dict[tuple[str, str], float] = {}
+    for r in rows:
+        if r["op"] == LAYER and r["impl"] in OURS:
+            ours.setdefault(r["shape"], []).append(r["ms"])
+        elif r["op"] == LAYER and r["impl"] in LAYER_BAR:
+            peers[(r["shape"], r["impl"])] = r["ms"]
+    out = []
+    for (shape, peer), ms in peers.items():
+        if shape in ours:
+            speedup = ms / statistics.median(ours[shape])
+            out.append({"shape": shape, "peer": peer, "speedup": speedup, "bar": LAYER_BAR[peer]})
+            out[-1]["ok"] = speedup >= LAYER_BAR[peer]
+    return out
+
+
+def ratio_text(j: dict) -> str:
+    """A ratio to two decimals, or three where two would round it onto its bar (0.797 against 0.80)."""
+    return f"{j['ratio']:.3f}" if round(j["ratio"], 2) == j["bar"] and not j["ok"] else f"{j['ratio']:.2f}"

@@ -20,7 +20,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))  # bar.py, beside this script, also when imported by tests
-from bar import BAR, SKEW_BAR, judged, skew_slowdowns  # noqa: E402
+from bar import BAR, SKEW_BAR, judged, layer_speedups, ratio_text, skew_slowdowns  # noqa: E402
 
 
 def load(path: Path) -> dict:
@@ -37,9 +37,7 @@ def load(path: Path) -> dict:
     return result
 
 
-def ratio_text(j: dict) -> str:
-    """A ratio to two decimals, or three where two would round it onto its bar (0.797 against 0.80)."""
-    return f"{j['ratio']:.3f}" if round(j["ratio"], 2) == j["bar"] and not j["ok"] else f"{j['ratio']:.2f}"
+PEER_NAMES = {"naive (official loop)": "loop", "megatron permute+_grouped_mm": "mcore"}  # short, for panel titles
 
 
 def plot(result: dict, out: Path, title: str) -> list[dict]:
@@ -50,6 +48,7 @@ def plot(result: dict, out: Path, title: str) -> list[dict]:
     shapes = list(dict.fromkeys(j["shape"] for j in rows))
     ops = [op for op in BAR if any(j["op"] == op for j in rows)]
     skew = skew_slowdowns(result["rows"])
+    speedups = layer_speedups(result["rows"])
     fig, axes = plt.subplots(
         1, len(shapes), figsize=(1.6 + 2.6 * len(shapes), 1.4 + 0.38 * len(ops)), sharey=True, squeeze=False
     )
@@ -66,6 +65,9 @@ def plot(result: dict, out: Path, title: str) -> list[dict]:
         heading = shape
         if shape in skew:
             heading += f"\nlayer {skew[shape]:+.1%} vs balanced (bar {SKEW_BAR:+.0%})"
+        against = [f"{j['speedup']:.2f}x {PEER_NAMES[j['peer']]}{'' if j['ok'] else ' NO'}" for j in speedups]
+        if against := [a for a, j in zip(against, speedups, strict=True) if j["shape"] == shape]:
+            heading += "\nlayer: " + ", ".join(against)
         ax.set_title(heading, fontsize=9)
         ax.set_xlabel("ours / baseline", fontsize=8)
         ax.tick_params(labelsize=7)
@@ -104,6 +106,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{len(rows) - len(misses)} of {len(rows)} rows meet the bar; below it:")
     for j in misses:
         print(f"  {j['shape']:8s} {j['op']:18s} {ratio_text(j)} (bar {j['bar']:.2f})")
+    for j in layer_speedups(result["rows"]):
+        verdict = f"{'meets' if j['ok'] else 'is below'} the bar, x{j['bar']:g}"
+        print(f"  {j['shape']:8s} layer fwd+bwd {j['speedup']:.2f}x the speed of {j['peer']}: {verdict}")
     print(f"wrote {out}")
 
 

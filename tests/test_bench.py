@@ -63,6 +63,35 @@ def test_the_skewed_layer_is_judged_against_the_balanced_one_under_the_tiles_in_
     assert _from_bench("bar").skew_slowdowns(rows) == pytest.approx({"XL-skew": 0.05})
 
 
+def test_the_layer_is_judged_against_the_loop_and_megatron_on_the_median_of_its_times():
+    """Run 6 at S: the layer timed alone (1.57 ms) beat megatron's 1.97, the interleaved rounds of the same tiles
+    (2.36, 2.06) did not; the median of the three decides. The official loop must be 3x slower."""
+    rows = [
+        _layer("S", "triton", 1.5744),
+        _layer("S", "naive (official loop)", 11.5228),
+        _layer("S", "megatron permute+_grouped_mm", 1.9746),
+        _layer("S", "triton (tiles now)", 2.3642),
+        _layer("S", "triton (bench/tiles/run3-bf16.json)", 1.7376),  # other tiles: not ours as run
+        _layer("S", "triton (tiles now)", 2.0626),
+        _layer("XL", "triton", 2.7195),
+        _layer("XL", "naive (official loop)", 7.0),
+        _layer("XL", "reference", 5.9372),  # no bar against the reference
+    ]
+    got = {(j["shape"], j["peer"]): (round(j["speedup"], 3), j["ok"]) for j in _from_bench("bar").layer_speedups(rows)}
+    assert got == {
+        ("S", "naive (official loop)"): (5.587, True),
+        ("S", "megatron permute+_grouped_mm"): (0.957, False),
+        ("XL", "naive (official loop)"): (2.574, False),
+    }
+
+
+def test_a_ratio_that_two_decimals_round_onto_its_bar_gets_three():
+    ratio_text = _from_bench("bar").ratio_text
+    assert ratio_text({"ratio": 0.7964, "bar": 0.8, "ok": False}) == "0.796"
+    assert ratio_text({"ratio": 0.8012, "bar": 0.8, "ok": True}) == "0.80"
+    assert ratio_text({"ratio": 0.7712, "bar": 0.9, "ok": False}) == "0.77"
+
+
 def test_sweep_writes_a_tile_file_that_training_reads(tmp_path):
     """CPU: the tiny benchmark (with the rows of every peer that runs here), a sweep of the row kernels' tiles, the
     layer re-timed under any winner, and the adopted tiles written as JSON that ``load_tiles`` (``ditmoe train
