@@ -292,9 +292,18 @@ def test_a_key_repeated_in_place_is_one_duplicate_and_the_shard_reads_on(tmp_pat
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_fault13_bad_data_skipped_and_counted(damaged, num_workers, caplog):
+@pytest.mark.parametrize("shuffle_buffer", [1000, 1])  # 1: damage is met after the first batch was yielded
+def test_fault13_bad_data_skipped_and_counted(damaged, num_workers, shuffle_buffer):
+    """Shard-level skips met after an epoch's first batch went uncounted (into a counter no batch reported)."""
     loader = make_loader(
-        damaged, batch_size=4, seed=0, num_workers=num_workers, epochs=1, drop_last=False, return_keys=True
+        damaged,
+        batch_size=4,
+        seed=0,
+        num_workers=num_workers,
+        epochs=1,
+        drop_last=False,
+        return_keys=True,
+        shuffle_buffer=shuffle_buffer,
     )
     batches = list(loader)
     keys = [k for _, _, ks in batches for k in ks]

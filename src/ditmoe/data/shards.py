@@ -313,7 +313,8 @@ class ShardStream(IterableDataset):
                     if self.per_consumer is not None and tally.good >= self.per_consumer:
                         position = {"epoch": epoch + 1, "raw": 0, "good": 0}
                     yield torch.stack(inputs), torch.tensor(labels), keys, dict(skipped), logical, position
-                    inputs, labels, keys, skipped = [], [], [], Counter()
+                    inputs, labels, keys = [], [], []
+                    skipped.clear()  # in place: the epoch's shard reader counts into this one
             position = {"epoch": epoch + 1, "raw": 0, "good": 0}
         if inputs and not self.drop_last:
             yield torch.stack(inputs), torch.tensor(labels), keys, dict(skipped), logical, position
