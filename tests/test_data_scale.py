@@ -352,6 +352,42 @@ def test_nothing_readable_is_a_clear_error(pixels, tmp_path):
         make_loader(broken, batch_size=4, seed=0)
 
 
+def two_shards(root: Path, bad: tuple[int, ...]) -> Path:
+    """2 shards of 10 samples each; in the shards numbered in `bad` every PNG is cut to 40 bytes (undecodable)."""
+    root.mkdir()
+    names = [f"train-{i:06d}.tar" for i in range(2)]
+    for i, name in enumerate(names):
+        image = png(SIZE)[:40] if i in bad else png(SIZE)
+        write_shard(root / name, [{"__key__": f"s{i}_{j}", "png": image, "cls": "1"} for j in range(10)])
+    manifest = {"format": "image", "channels": 3, "image_size": SIZE, "num_classes": 3}
+    (root / "manifest.json").write_text(json.dumps(manifest | {"splits": {"train": {"count": 20, "shards": names}}}))
+    return root
+
+
+@pytest.mark.timeout(60)
+def test_a_shard_of_undecodable_samples_falls_back_like_a_missing_one(tmp_path):
+    """The rank whose shard held only undecodable samples raised "no usable sample" (the other ranks would then
+    hang in a collective); it reads every 2nd sample of all shards instead, as for a missing shard, and a resume
+    replays that switch. The error, when nothing at all is usable, counts one pass."""
+    data = two_shards(tmp_path / "one_bad", bad=(1,))
+
+    def loader(rank: int, state=None):
+        return make_loader(data, batch_size=5, seed=0, rank=rank, world_size=2, epochs=3, return_keys=True, state=state)
+
+    for rank in range(2):
+        full = [keys for _, _, keys in loader(rank)]
+        assert len(full) == 3 * 2 and all(key.startswith("s0_") for keys in full for key in keys)
+        first = loader(rank)
+        head = [keys for _, (_, _, keys) in zip(range(3), first, strict=False)]
+        tail = [keys for _, _, keys in loader(rank, json.loads(json.dumps(first.state_dict())))]
+        assert head + tail == full, f"rank {rank}: resume diverged"
+    data = two_shards(tmp_path / "all_bad", bad=(0, 1))
+    with pytest.raises(RuntimeError, match=r"no usable sample among the 10 read .*'undecodable': 10\}"):
+        next(iter(make_loader(data, batch_size=5, seed=0, rank=1, world_size=2)))
+    with pytest.raises(RuntimeError, match=r"no usable sample among the 20 read .*'undecodable': 20\}"):
+        next(iter(make_loader(data, batch_size=5, seed=0)))
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_fault14_three_shards_two_ranks_same_steps(pixels, num_workers):

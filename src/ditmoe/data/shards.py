@@ -182,16 +182,19 @@ def shuffled(items: Iterable, bufsize: int, rng: random.Random) -> Iterator:
 
 
 def zero_position() -> dict:
-    """Where a consumer starts: epoch 0, no samples read (raw) or used (good)."""
-    return {"epoch": 0, "raw": 0, "good": 0}
+    """Where a consumer starts: epoch 0, no samples read (raw) or used (good), reading its own share."""
+    return {"epoch": 0, "raw": 0, "good": 0, "strided": None}
 
 
 @dataclass
 class Tally:
-    """A consumer's progress in its current epoch: usable samples, and passes over its share completed."""
+    """A consumer's progress in its current epoch: usable samples (in all, and in the current pass), passes over
+    its share completed, and the pass from which it reads every k-th sample of all shards (None: not)."""
 
     good: int = 0
     cycles: int = 0
+    pass_good: int = 0
+    strided: int | None = None
 
 
 @dataclass
@@ -238,14 +241,15 @@ class ShardStream(IterableDataset):
     def epoch_source(self, epoch: int, consumer: int, num_consumers: int, skipped: Counter, tally: Tally):
         """Raw samples of one epoch in consumption order: shuffled passes over the share; endless if wrapping.
 
-        A pass that reads no sample at all (missing or broken shards) switches to a strided read of all shards;
-        if that reads nothing either, RuntimeError naming the shards (never a hang). Depends on the shards only,
-        so a resume can replay it without decoding.
+        A pass without one usable sample (missing, broken or undecodable data: the caller counts usable ones in
+        tally.pass_good) switches to a strided read of all shards, noting its pass in tally.strided; if a pass of
+        that (or of a share that already is all shards) has none either, RuntimeError (never a hang). A resume
+        replays the source without decoding: it counts each replayed sample as usable and presets tally.strided.
         """
         cycles = self.cycle_urls(epoch, consumer, num_consumers)
         for cycle in count():
             urls, offset, stride = next(cycles)
-            read = 0
+            read, tally.pass_good, before = 0, 0, Counter(skipped)
             samples = islice(iter_unique(urls, skipped), offset, None, stride)
             if self.shuffle_buffer > 1:
                 rng = random.Random(f"samples:{self.seed}:{epoch}:{consumer}:{cycle}")
@@ -256,17 +260,23 @@ class ShardStream(IterableDataset):
             tally.cycles += 1
             if self.per_consumer is None and not self.resampled:
                 return  # exact pass: each sample once
-            if not read:
-                if stride == num_consumers and len(urls) == len(self.urls) or num_consumers == 1:
-                    raise RuntimeError(f"no readable sample in the shards {self.urls} (skipped: {dict(skipped)})")
+            if tally.pass_good and cycle + 1 != tally.strided:  # equal: a resume replays the saved run's switch
+                continue
+            everything = (stride == num_consumers and len(urls) == len(self.urls)) or num_consumers == 1
+            if everything or (tally.strided is not None and cycle >= tally.strided):
+                what = f"no usable sample among the {read} read" if read else "no readable sample"
+                raise RuntimeError(f"{what} in a pass over the shards {self.urls} (skipped: {dict(skipped - before)})")
+            if tally.strided is None:
                 logger.warning(
-                    "consumer %d of %d read no sample from its shards %s; reading every %d-th sample of all shards",
+                    "consumer %d of %d found no usable sample in its shards %s; reading every %d-th sample of all "
+                    "shards",
                     consumer,
                     num_consumers,
                     urls,
                     num_consumers,
                 )
-                cycles = iter(lambda: (self.urls, consumer, num_consumers), None)
+            tally.strided = cycle + 1
+            cycles = iter(lambda: (self.urls, consumer, num_consumers), None)
 
     def consumer_batches(self, logical: int, num_workers: int) -> Iterator[tuple]:
         """Batches of logical worker `logical` of this rank, from its start position."""
@@ -276,12 +286,15 @@ class ShardStream(IterableDataset):
         epochs = count(start["epoch"]) if self.epochs is None else range(start["epoch"], self.epochs)
         position = dict(start)
         for epoch in epochs:
-            tally, good_cycle = Tally(), 0
+            tally = Tally()
             source = self.epoch_source(epoch, consumer, num_consumers, skipped, tally)
             raw = 0
             if epoch == start["epoch"] and start["raw"]:
-                raw = sum(1 for _ in islice(source, start["raw"]))  # replay without decoding
-                tally.good, good_cycle = start["good"], tally.cycles
+                tally.strided = start.get("strided")
+                for _ in islice(source, start["raw"]):  # replay without decoding
+                    raw += 1
+                    tally.pass_good += 1
+                tally.good = start["good"]
                 skipped.clear()  # counted before the resume
             while self.per_consumer is None or tally.good < self.per_consumer:
                 sample = next(source, None)
@@ -298,24 +311,20 @@ class ShardStream(IterableDataset):
                     skipped=skipped,
                 )
                 if decoded is None:
-                    if tally.cycles - good_cycle >= 2:  # a whole pass without one usable sample
-                        raise RuntimeError(
-                            f"no usable sample in a whole pass over the shards {self.urls} (skipped: {dict(skipped)})"
-                        )
                     continue
                 tally.good += 1
-                good_cycle = tally.cycles
+                tally.pass_good += 1
                 inputs.append(decoded[0])
                 labels.append(decoded[1])
                 keys.append(sample["__key__"])
                 if len(inputs) == self.batch_size:
-                    position = {"epoch": epoch, "raw": raw, "good": tally.good}
+                    position = {"epoch": epoch, "raw": raw, "good": tally.good, "strided": tally.strided}
                     if self.per_consumer is not None and tally.good >= self.per_consumer:
-                        position = {"epoch": epoch + 1, "raw": 0, "good": 0}
+                        position = zero_position() | {"epoch": epoch + 1}
                     yield torch.stack(inputs), torch.tensor(labels), keys, dict(skipped), logical, position
                     inputs, labels, keys = [], [], []
                     skipped.clear()  # in place: the epoch's shard reader counts into this one
-            position = {"epoch": epoch + 1, "raw": 0, "good": 0}
+            position = zero_position() | {"epoch": epoch + 1}
         if inputs and not self.drop_last:
             yield torch.stack(inputs), torch.tensor(labels), keys, dict(skipped), logical, position
         elif skipped or inputs:
@@ -366,7 +375,7 @@ class ShardLoader:
         }
 
     def state_dict(self) -> dict:
-        """Position of the current pass: batches yielded and, per worker, {epoch, raw, good} samples."""
+        """Position of the current pass: batches yielded and, per worker, {epoch, raw, good, strided}."""
         return {
             "version": STATE_VERSION,
             **self.identity(),
