@@ -290,6 +290,40 @@ def test_a_key_repeated_in_place_is_one_duplicate_and_the_shard_reads_on(tmp_pat
     assert skipped == Counter(duplicate_key=1)
 
 
+def test_a_shard_cut_anywhere_is_counted_and_keeps_the_samples_before_the_cut(tmp_path):
+    """A cut at a member boundary or inside a header lost the rest of the shard silently (Python's tarfile takes
+    a short or empty header for the end); only a cut inside the zero blocks after the end marker is harmless."""
+    shard = tmp_path / "whole.tar"
+    write_shard(shard, [{"__key__": f"k{i}", "png": png(SIZE), "cls": "1"} for i in range(4)])
+    data = shard.read_bytes()
+    with tarfile.open(shard) as tar:
+        members = tar.getmembers()  # k0.cls, k0.png, k1.cls, ...
+    end = members[-1].offset_data + -(-members[-1].size // 512) * 512  # the end-of-archive marker
+    headers = [m.offset for m in members[1:]]  # member boundaries, within and between samples
+    cuts = [*headers, *(o + 300 for o in headers), members[3].offset_data + 10, end, end + 256]
+    for cut in cuts:
+        (tmp_path / "cut.tar").write_bytes(data[:cut])
+        skipped: Counter = Counter()
+        keys = [s["__key__"] for s in iter_unique([str(tmp_path / "cut.tar")], skipped)]
+        whole = sum(1 for m in members if m.name.endswith(".png") and m.offset_data + m.size <= cut)
+        assert skipped == Counter(bad_shard=1), f"cut at byte {cut}"
+        assert keys == [f"k{i}" for i in range(len(keys))] and whole - 1 <= len(keys) <= whole, f"cut at byte {cut}"
+    for cut in (end + 512, len(data)):  # inside the padding after the marker: the shard is whole
+        (tmp_path / "cut.tar").write_bytes(data[:cut])
+        skipped = Counter()
+        assert len(list(iter_unique([str(tmp_path / "cut.tar")], skipped))) == 4 and not skipped
+
+
+def test_a_shard_with_fewer_samples_than_the_manifest_records_is_counted(pixels, tmp_path):
+    short = tmp_path / "short"
+    shutil.copytree(pixels, short)
+    last = read_manifest(short)["splits"]["train"]["shards"][-1]  # 5 samples, rewritten whole with 4
+    write_shard(short / last, raw_samples(pixels)[-5:-1])
+    loader = make_loader(short, batch_size=4, seed=0, epochs=1, drop_last=False, return_keys=True)
+    assert len(all_keys(loader)) == 20 and loader.skipped == Counter(bad_shard=1)
+    assert load_split_tensors(short, "train")[0].shape[0] == 20
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("num_workers", [0, 2])
 @pytest.mark.parametrize("shuffle_buffer", [1000, 1])  # 1: damage is met after the first batch was yielded

@@ -221,6 +221,7 @@ class ShardStream(IterableDataset):
     shape: tuple[int, int, int] | None = None
     rotation: int = 0  # worker w plays logical worker (w + rotation) % num_workers (resume keeps the batch order)
     start: list[dict] = field(default_factory=list)  # start position per logical worker
+    counts: dict[str, int] = field(default_factory=dict)  # samples per URL where the manifest records them
 
     def cycle_urls(self, epoch: int, consumer: int, num_consumers: int) -> Iterator[tuple[list[str], int, int]]:
         """(shard URLs, stride offset, stride) of each pass over this consumer's share, forever."""
@@ -250,7 +251,7 @@ class ShardStream(IterableDataset):
         for cycle in count():
             urls, offset, stride = next(cycles)
             read, tally.pass_good, before = 0, 0, Counter(skipped)
-            samples = islice(iter_unique(urls, skipped), offset, None, stride)
+            samples = islice(iter_unique(urls, skipped, self.counts), offset, None, stride)
             if self.shuffle_buffer > 1:
                 rng = random.Random(f"samples:{self.seed}:{epoch}:{consumer}:{cycle}")
                 samples = shuffled(samples, self.shuffle_buffer, rng)
@@ -486,6 +487,7 @@ def make_loader(
         per_consumer=num_samples // num_consumers if drop_last or resampled else None,
         resampled=resampled,
         shape=expected_shape(manifest),
+        counts=shard_counts(manifest, urls),
     )
     loader = ShardLoader(stream, num_workers, return_keys, worker_init_fn)
     if state is not None:
@@ -493,20 +495,25 @@ def make_loader(
     return loader
 
 
+def shard_counts(manifest: dict, urls: list[str]) -> dict[str, int]:
+    """Samples per URL, for the URLs whose shard (by file name) the manifest counts in a split's `shard_info`."""
+    per_shard = {
+        Path(r["name"]).name: r["count"] for s in manifest.get("splits", {}).values() for r in s.get("shard_info", [])
+    }
+    names = {url: Path(url.split()[-1]).name for url in urls}
+    return {url: int(per_shard[name]) for url, name in names.items() if name in per_shard}
+
+
 def manifest_count(manifest: dict, split: str, shards: str | list[str] | None, urls: list[str]) -> int:
     """Samples in the split; for overriding shards, the sum of their per-shard counts in the manifest."""
     info = manifest.get("splits", {}).get(split, {})
     if shards is None:
         return int(info["count"])
-    per_shard = {
-        Path(r["name"]).name: r["count"] for s in manifest.get("splits", {}).values() for r in s.get("shard_info", [])
-    }
-    names = [Path(url.split()[-1]).name for url in urls]
-    if not all(name in per_shard for name in names):
-        raise ValueError(
-            f"shards {[n for n in names if n not in per_shard][:5]} are not counted in the manifest; pass num_samples"
-        )
-    return sum(per_shard[name] for name in names)
+    counts = shard_counts(manifest, urls)
+    uncounted = [Path(url.split()[-1]).name for url in urls if url not in counts]
+    if uncounted:
+        raise ValueError(f"shards {uncounted[:5]} are not counted in the manifest; pass num_samples")
+    return sum(counts[url] for url in urls)
 
 
 def load_split_tensors(data_dir: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -515,7 +522,7 @@ def load_split_tensors(data_dir: Path, split: str) -> tuple[torch.Tensor, torch.
     urls = split_urls(data_dir, manifest, split)
     shape, skipped = expected_shape(manifest), Counter()
     inputs, labels = [], []
-    for sample in iter_unique(urls, skipped):
+    for sample in iter_unique(urls, skipped, shard_counts(manifest, urls)):
         decoded = decode_checked(
             sample,
             channels=manifest["channels"],
