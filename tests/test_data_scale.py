@@ -113,6 +113,21 @@ def test_center_crop_is_adm():
     assert crop.shape == (20, 20, 3) and crop[:, 2:-2].min() > 240
 
 
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_grayscale_deeper_than_8_bits_is_rescaled_not_clipped(tmp_path, mode):
+    """A 16-bit grayscale PNG was stored near-white: convert("RGB") clips values above 255."""
+    ramp = np.tile(np.linspace(0, 65535, 64), (64, 1))  # black to white, left to right
+    if mode == "I;16":
+        Image.fromarray(ramp.astype(np.uint16)).save(tmp_path / "ramp.png")
+        image = Image.open(tmp_path / "ramp.png")
+    else:
+        image = Image.fromarray(ramp.astype(np.int32) if mode == "I" else (ramp / 65535).astype(np.float32))
+    assert image.mode == mode
+    crop = center_crop_arr(image, 16).astype(int)
+    assert abs(crop.mean() - 127.5) < 2 and (np.diff(crop[..., 0], axis=1) > 0).all() and (crop[0] == crop).all()
+    assert crop[0, 0, 0] < 10 and crop[0, -1, 0] > 245
+
+
 def test_image_manifest_and_class_index(pixels, tree):
     manifest = read_manifest(pixels)
     assert json.loads((pixels / "classes.json").read_text()) == {"cat": 0, "dog": 1, "eel": 2}

@@ -57,12 +57,25 @@ def scan_images(src: Path, index: dict[str, int]) -> list[tuple[str, int]]:
     return items
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """The image as 8-bit RGB: image.convert("RGB"), which clips grayscale deeper than 8 bits at 255 (near-white).
+
+    Such grayscale (modes I;16*, I, F) is first taken as 16-bit: v -> round(v * 255 / 65535), v clipped to
+    [0, 65535]; an F image whose values all lie in [0, 1] is taken as [0, 1] instead: v -> round(v * 255).
+    """
+    if image.mode == "F" or image.mode.startswith("I"):
+        values = np.asarray(image, dtype=np.float64)
+        top = 1.0 if image.mode == "F" and values.max(initial=0) <= 1 else 65535.0
+        image = Image.fromarray(np.rint(np.clip(values, 0, top) * (255 / top)).astype(np.uint8))
+    return image.convert("RGB")
+
+
 def center_crop_arr(image: Image.Image, image_size: int) -> np.ndarray:
     """ADM/DiT center crop: halve with BOX while the short side >= 2*size, BICUBIC to short side = size, crop.
 
-    Returns uint8 [size, size, 3] RGB.
+    Returns uint8 [size, size, 3] RGB (see to_rgb for images deeper than 8 bits).
     """
-    image = image.convert("RGB")
+    image = to_rgb(image)
     while min(image.size) >= 2 * image_size:
         image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
     scale = image_size / min(image.size)
