@@ -16,7 +16,7 @@ from PIL import Image
 from ditmoe.cli import main
 from ditmoe.data.imagefolder import center_crop_arr
 from ditmoe.data.prepare_images import prepare_images
-from ditmoe.data.shard_writer import file_sha256
+from ditmoe.data.shard_writer import ShardSink, file_sha256
 from ditmoe.data.shards import load_split_tensors, make_loader, read_manifest
 from ditmoe.data.tario import iter_unique
 
@@ -242,6 +242,23 @@ def test_prepare_images_nothing_readable_names_the_split(tmp_path):
     with pytest.raises(ValueError, match="no image under .*imgs could be read for split 'train'"):
         prepare_images(tmp_path / "imgs", tmp_path / "out", image_size=SIZE, val_fraction=0.5, progress=False)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["imgs"]
+
+
+def test_byte_limited_shards_end_within_one_sample_of_the_limit(tmp_path):
+    """--shard-bytes counted 512 header bytes a field where webdataset writes PAX headers (1536 bytes and more):
+    shards of small samples came out twice the limit."""
+    limit = 20_000
+    sink = ShardSink(tmp_path, "train", max_bytes=limit)
+    for i in range(40):
+        sink.write({"__key__": f"k{i:03d}", "png": png(SIZE), "cls": "1"})
+    records = sink.close()
+    assert len(records) > 2 and sum(r["count"] for r in records) == 40
+    for i, record in enumerate(records):
+        with tarfile.open(tmp_path / record["name"]) as tar:
+            members = tar.getmembers()  # per sample: cls, png
+        end = members[-1].offset_data + -(-members[-1].size // 512) * 512
+        assert members[-2].offset < limit, f"{record['name']}: its last sample began past the limit"
+        assert end >= limit or i == len(records) - 1, f"{record['name']}: a new shard began below the limit"
 
 
 def write_shard(path: Path, samples: list[dict]) -> None:

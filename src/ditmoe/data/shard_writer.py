@@ -18,7 +18,9 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
 
 
 class ShardSink:
-    """Writes `<prefix>-000000.tar`, ... into out_dir, starting a new shard after max_count samples or max_bytes.
+    """Writes `<prefix>-000000.tar`, ... into out_dir, starting a new shard after max_count samples or once the tar
+    holds max_bytes (its members with their headers, as written: a shard ends less than one sample past the limit,
+    plus the end-of-archive blocks).
 
     `close()` returns one record per shard: {"name", "count", "bytes", "sha256"}.
     """
@@ -35,7 +37,6 @@ class ShardSink:
         self.records: list[dict] = []
         self.writer: wds.TarWriter | None = None
         self.count = 0
-        self.bytes = 0
 
     def _finish(self) -> None:
         if self.writer is None:
@@ -47,18 +48,20 @@ class ShardSink:
 
     def write(self, sample: dict) -> None:
         """Append one sample ({"__key__", ext: bytes/str, ...}), rotating shards at the limits."""
-        full = (self.max_count is not None and self.count >= self.max_count) or (
-            self.max_bytes is not None and self.count > 0 and self.bytes >= self.max_bytes
-        )
-        if self.writer is None or full:
+        if self.writer is None or self._full():
             self._finish()
             name = f"{self.prefix}-{len(self.records):06d}.tar"
             self.records.append({"name": name})
             self.writer = wds.TarWriter(str(self.out_dir / name))
-            self.count = self.bytes = 0
+            self.count = 0
         self.writer.write(sample)
         self.count += 1
-        self.bytes += sum(len(v) for k, v in sample.items() if not k.startswith("__")) + 512 * len(sample)
+
+    def _full(self) -> bool:
+        """Whether the open shard holds max_count samples or max_bytes (the tar's bytes so far, PAX headers too)."""
+        if self.max_count is not None and self.count >= self.max_count:
+            return True
+        return self.max_bytes is not None and self.count > 0 and self.writer.tarstream.offset >= self.max_bytes
 
     def close(self) -> list[dict]:
         """Close the open shard; the shard records in order."""
