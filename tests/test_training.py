@@ -56,13 +56,25 @@ def test_resume_with_another_preset_is_refused(digits, tmp_path):
         train(smoke(digits, tmp_path / "run", steps=4, model="DiT-MoE-micro/4-8E2A", resume=True), progress=False)
 
 
-@pytest.mark.parametrize("change", [dict(diffusion="rf"), dict(seed=1), dict(batch_size=16)])
-def test_resume_with_another_objective_seed_or_batch_is_refused(digits, tmp_path, change):
+@pytest.mark.parametrize("change", [dict(diffusion="rf"), dict(seed=1), dict(batch_size=16), dict(num_workers=2)])
+def test_resume_with_another_objective_seed_batch_or_worker_count_is_refused(digits, tmp_path, change, capsys):
+    """Another --num-workers deals the shards to other loader workers: it printed 'resumed from' and then died in
+    the loader on internal values ('num_workers': (1, 2), 'per_consumer': ...); it is refused up front."""
     train(smoke(digits, tmp_path / "run", steps=2), progress=False)
     ((key, value),) = change.items()
-    saved = {"diffusion": "'ddpm'", "seed": "0", "batch_size": "8"}[key]
-    with pytest.raises(ConfigError, match=rf"trained with {key}={saved} \(now {value!r}\).*--init-from"):
+    saved = {"diffusion": "'ddpm'", "seed": "0", "batch_size": "8", "num_workers": "0"}[key]
+    flag = f"--{key.replace('_', '-')} {saved.strip(chr(39))}"
+    with pytest.raises(
+        ConfigError, match=rf"trained with {key}={saved} \(now {value!r}\).*resume with {flag}\..*--init-from"
+    ):
         train(smoke(digits, tmp_path / "run", steps=4, resume=True, **change), progress=False)
+    assert "resumed" not in capsys.readouterr().out
+
+
+def test_resume_with_one_loader_worker_where_there_were_none(digits, tmp_path):
+    """0 workers (reading in the main process) and 1 worker read the same data order: the resume goes on."""
+    train(smoke(digits, tmp_path / "run", steps=2), progress=False)
+    assert train(smoke(digits, tmp_path / "run", steps=3, resume=True, num_workers=1), progress=False).step == 3
 
 
 def test_resume_under_another_optimizer_is_refused(digits, tmp_path):

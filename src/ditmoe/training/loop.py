@@ -98,17 +98,25 @@ def check_same_topology(saved: dict, now: dict, where: Path) -> None:
         )
 
 
-# What a resumed run must keep: the objective, and what lays out its batches, noise and data order
-RESUME_KEEPS = ("diffusion", "seed", "batch_size", "grad_accum")
+# What a resumed run must keep: the objective, and what lays out its batches, noise and data order (each loader
+# worker reads its own share of the shards)
+RESUME_KEEPS = ("diffusion", "seed", "batch_size", "grad_accum", "num_workers")
+
+
+def recipe_value(key: str, value: object) -> object:
+    """A RESUME_KEEPS value as it lays out the run: num_workers 0 (reading in the main process) reads as 1 does."""
+    return max(value, 1) if key == "num_workers" else value
 
 
 def check_same_recipe(saved: dict, cfg: TrainConfig, where: Path) -> None:
     now = cfg.to_dict()
-    diff = [f"{k}={saved[k]!r} (now {now[k]!r})" for k in RESUME_KEEPS if k in saved and saved[k] != now[k]]
-    if diff:
+    keys = [k for k in RESUME_KEEPS if k in saved and recipe_value(k, saved[k]) != recipe_value(k, now[k])]
+    if keys:
+        diff = ", ".join(f"{k}={saved[k]!r} (now {now[k]!r})" for k in keys)
+        flags = " ".join(f"--{k.replace('_', '-')} {saved[k]}" for k in keys)
         raise ConfigError(
-            f"checkpoint {where} was trained with {', '.join(diff)}: a resumed run keeps its "
-            f"{', '.join(RESUME_KEEPS)}. To go on from its weights with other settings, start a new run with "
+            f"checkpoint {where} was trained with {diff}: a resumed run keeps its {', '.join(RESUME_KEEPS)}; "
+            f"resume with {flags}. To go on from its weights with other settings, start a new run with "
             f"--init-from {where}"
         )
 
