@@ -216,6 +216,17 @@ def test_cli_prepare_images_with_val_and_byte_shards(tree, tmp_path, capsys):
     assert main(["prepare", "images", "--src", str(tree), "--out", str(tmp_path / "y"), "--latents"]) == 2
 
 
+def test_cli_prepare_latents_with_a_vae_without_weights_is_one_clear_line(tree, vae_dir, tmp_path, capsys):
+    """A --vae folder with a config.json but no weights ended in a diffusers OSError traceback."""
+    (tmp_path / "vae").mkdir()
+    shutil.copy(vae_dir / "config.json", tmp_path / "vae")
+    argv = ["--src", str(tree), "--out", str(tmp_path / "out"), "--latents", "--vae", str(tmp_path / "vae")]
+    assert main(["prepare", "images", *argv, "--image-size", str(SIZE), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"VAE directory {tmp_path / 'vae'}" in err and "no file named" in err and err.count("\n") == 0
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_prepare_images_empty_val_split_is_refused_before_encoding(tmp_path, capsys, monkeypatch):
     from ditmoe.data import prepare_images as module
 

@@ -38,14 +38,19 @@ class LatentEncoder:
 
 
 def load_vae(vae_dir: Path, device: str = "auto", scaling_factor: float | None = None) -> LatentEncoder:
-    """AutoencoderKL.from_pretrained(vae_dir) in eval mode on device; FileNotFoundError naming a missing dir."""
+    """AutoencoderKL.from_pretrained(vae_dir) in eval mode on device; FileNotFoundError naming vae_dir when it, its
+    config.json or its weights are missing (or diffusers cannot read them)."""
     from diffusers import AutoencoderKL  # imported here: only `prepare --latents` needs diffusers
 
     vae_dir = Path(vae_dir)
     if not (vae_dir / "config.json").is_file():
         raise FileNotFoundError(f"VAE directory {vae_dir} has no config.json (expected a diffusers AutoencoderKL)")
     dev = resolve_device(device)
-    vae = AutoencoderKL.from_pretrained(str(vae_dir)).to(dev).eval()
+    try:
+        vae = AutoencoderKL.from_pretrained(str(vae_dir))
+    except OSError as e:  # diffusers: no weights file, unreadable config
+        raise FileNotFoundError(f"cannot load a diffusers AutoencoderKL from VAE directory {vae_dir}: {e}") from None
+    vae = vae.to(dev).eval()
     factor = scaling_factor if scaling_factor is not None else getattr(vae.config, "scaling_factor", None)
     downsample = 2 ** (len(vae.config.block_out_channels) - 1)
     return LatentEncoder(vae, dev, float(factor or DEFAULT_SCALING_FACTOR), downsample)
