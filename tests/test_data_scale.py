@@ -102,8 +102,25 @@ def all_keys(loader) -> list[str]:
     return [key for _, _, keys in loader for key in keys]
 
 
+def adm_center_crop(pil_image: Image.Image, image_size: int) -> np.ndarray:
+    """ADM's center_crop_arr (guided-diffusion, image_datasets.py) as written there, for an RGB image."""
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    arr = np.array(pil_image)
+    crop_y = (arr.shape[0] - image_size) // 2
+    crop_x = (arr.shape[1] - image_size) // 2
+    return arr[crop_y : crop_y + image_size, crop_x : crop_x + image_size]
+
+
 def test_center_crop_is_adm():
+    """Sizes where rounding (not truncating) the bicubic size and flooring the crop offset matter: 17x23 and 43x37
+    scale to x.5 and above, 37x53 and 53x37 leave an odd margin to crop."""
     rng = np.random.default_rng(1)
+    for width, height in ((17, 23), (43, 37), (37, 53), (53, 37), (82, 58), (16, 16)):
+        image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        assert np.array_equal(center_crop_arr(image, 16), adm_center_crop(image, 16)), (width, height)
     image = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
     expected = image.resize((32, 32), Image.BOX).resize((16, 16), Image.BOX)  # two halvings, no bicubic step
     assert np.array_equal(center_crop_arr(image, 16), np.asarray(expected))
@@ -140,7 +157,15 @@ def test_image_manifest_and_class_index(pixels, tree):
     assert [Path(s["path"]).name for s in manifest["skipped"]] == ["broken.jpg"]
 
 
-def test_image_shards_decode_to_center_crops(pixels):
+def test_image_shards_decode_to_center_crops(pixels, tree):
+    from ditmoe.data.imagefolder import class_index, scan_images
+    from ditmoe.data.prepare_images import split_items
+
+    sources = split_items(scan_images(tree, class_index(tree)), 0.0, 0)["train"]  # train_<i> is item i
+    for sample in raw_samples(pixels):
+        path = sources[int(sample["__key__"].removeprefix("train_"))][0]
+        with Image.open(path) as image, Image.open(io.BytesIO(sample["png"])) as stored:
+            assert np.array_equal(np.asarray(stored), adm_center_crop(image.convert("RGB"), SIZE)), path
     x, y = load_split_tensors(pixels, "train")
     assert x.shape == (21, 3, SIZE, SIZE) and x.min() >= -1 and x.max() <= 1
     assert torch.equal(x.mean(dim=(2, 3)).argmax(dim=1), y)  # the dominant color is the class
