@@ -551,6 +551,32 @@ def test_fault7_mid_epoch_resume_continues_keys_exactly(pixels, stop):
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_after_skipped_samples_continues_keys_exactly(damaged, num_workers):
+    """A resume replays the samples read (raw), skipped ones included, not only the usable ones (good)."""
+
+    def loader(state=None):
+        return make_loader(
+            damaged,
+            batch_size=2,
+            seed=3,
+            num_workers=num_workers,
+            epochs=2,
+            shuffle_buffer=4,
+            return_keys=True,
+            state=state,
+        )
+
+    full = [keys for _, _, keys in loader()]
+    for stop in (5, 9):
+        first = loader()
+        head = [keys for _, (_, _, keys) in zip(range(stop), first, strict=False)]
+        state = json.loads(json.dumps(first.state_dict()))
+        assert any(p["raw"] > p["good"] for p in state["positions"])  # bad samples before the resume point
+        assert head + [keys for _, _, keys in loader(state)] == full, f"resume at batch {stop} diverged"
+
+
+@pytest.mark.timeout(60)
 def test_resume_without_workers_and_resampled(pixels):
     for kwargs in ({"num_workers": 0}, {"num_workers": 2, "resampled": True}):
 
