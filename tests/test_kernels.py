@@ -366,6 +366,22 @@ def test_triton_experts_take_a_reference_plan(act, gather):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("biases", [(False, True), (True, False), (False, False)])
+def test_gelu_experts_without_biases_train(biases):
+    """The API takes None for either GELU bias (experts upcycled from a bias-free MLP); the backward returned a
+    gradient for it all the same, which autograd refuses."""
+    ex = make_experts(23, 2, 4, seed=5, empty=(), skew=0.2)
+    x, w, fc1, b1, fc2, b2 = _expert_inputs(23, 2, 4, 16, 24, "gelu", torch.float32, seed=3)
+    b1, b2 = (b if keep else None for b, keep in zip((b1, b2), biases, strict=True))
+    grads = []
+    for mod in (ops, ref):
+        out = mod.gelu_experts(x, w, mod.routing_plan(ex, 4), fc1, b1, fc2, b2)
+        wrt = [t for t in (x, w, fc1, b1, fc2, b2) if t is not None]
+        grads.append([out, *torch.autograd.grad(out, wrt, torch.ones_like(out))])
+    for ours, want in zip(*grads, strict=True):
+        torch.testing.assert_close(ours, want, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("act", ["swiglu", "gelu"])
 @pytest.mark.parametrize("T,K,E,D,F,cap,empty", EXPERT_CASES)
 def test_experts_fp32(T, K, E, D, F, cap, empty, act):

@@ -283,7 +283,7 @@ class _GeluExperts(torch.autograd.Function):
         a, ctx.gathered = _expert_input(x_TD, meta, "gmm_epi")
         h, z = _gmm(a, w1, meta, transpose_w=True, gather=ctx.gathered, bias=b1, epi=EPI_GELU, save=train)
         y = _gmm(h, w2, meta, transpose_w=True, bias=b2)
-        ctx.meta = meta
+        ctx.meta, ctx.biases = meta, (b1 is not None, b2 is not None)
         if train:
             ctx.save_for_backward(a, weights_TK, w1, w2, z, y)
         return _gather(y, meta, weights_TK)
@@ -294,9 +294,10 @@ class _GeluExperts(torch.autograd.Function):
         meta = ctx.meta
         dy, dw_TK = _scatter(dout_TD.to(y.dtype), meta, w_TK, y)
         dz, h = _gmm(dy, w2, meta, transpose_w=False, epi=EPI_GELU_BWD, x0=z)  # h = gelu(z) re-materialised
-        dw2, db2 = _gmm_dw(dy, h, meta, with_db=True)
+        has_b1, has_b2 = ctx.biases  # a bias left out (None) gets no gradient, and none is computed
+        dw2, db2 = (*_gmm_dw(dy, h, meta, with_db=has_b2), None)[:2]
         del h
-        dw1, db1 = _gmm_dw(dz, _scatter(a, meta) if ctx.gathered else a, meta, with_db=True)
+        dw1, db1 = (*_gmm_dw(dz, _scatter(a, meta) if ctx.gathered else a, meta, with_db=has_b1), None)[:2]
         dx = _gather(_gmm(dz, w1, meta, transpose_w=False), meta) if ctx.needs_input_grad[0] else None
         return dx, dw_TK.to(w_TK.dtype), dw1, db1, dw2, db2, None, None
 
