@@ -96,12 +96,12 @@ def overrides() -> dict:
         m = re.fullmatch(r"(\w+)\.(\w+)=(-?\d+)", item)
         if not m:
             ap.error(f"--set {item!r}: expected KIND.KEY=INT, e.g. swiglu.TMA=1")
-        kind, key = m.group(1), m.group(2)
+        kind, key, value = m.group(1), m.group(2), int(m.group(3))
         try:
-            ops.check_tiles({kind: {key: 0}})
+            ops.check_tiles({kind: {key: value}})
         except ValueError as exc:
             ap.error(f"--set {item!r}: {exc}")
-        out.setdefault(kind, {})[key] = int(m.group(3))
+        out.setdefault(kind, {})[key] = value
     return out
 
 

@@ -179,8 +179,37 @@ def exactly(saved: Mapping[str, Mapping]) -> Iterator[None]:
         _OVERRIDES.reset(token)
 
 
+# What each setting may be: block sizes are powers of two (Triton's aranges), switches one of a few values.
+BLOCKS = frozenset({"BM", "BN", "BK", "BO", "BI", "BR", "BT", "BD", "BC"})
+CHOICES = MappingProxyType(
+    {"TMA": (0, 1, 2), "WS": (0, 1), "GATHER": (0, 1), "PRE": (0, 1, 2, 3), "FUSED": (0, 1), "KEEP_H": (0, 1, 2)}
+)
+AT_LEAST = MappingProxyType({"GROUP_M": 1, "num_stages": 1, "maxnreg": 1, "PERSIST": 0})
+
+
+def _value_error(name: str, value: object) -> str | None:
+    """Why ``value`` cannot be setting ``name``, or None if it can (None itself: the setting left unset)."""
+    if value is None and name == "maxnreg":
+        return None
+    if not isinstance(value, int) or isinstance(value, bool):
+        return "an integer"
+    power_of_two = value >= 1 and value & (value - 1) == 0
+    if name in BLOCKS and not power_of_two:
+        return "a power of two"
+    if name == "BLOCK" and not (value == 0 or power_of_two):
+        return "0 (sized from the expert count) or a power of two"
+    if name == "num_warps" and not (power_of_two and value <= 32):
+        return "a power of two up to 32"
+    if name in CHOICES and value not in CHOICES[name]:
+        return "one of " + ", ".join(map(str, CHOICES[name]))
+    if name in AT_LEAST and value < AT_LEAST[name]:
+        return f">= {AT_LEAST[name]}"
+    return None
+
+
 def check_tiles(kinds: Mapping) -> None:
-    """Raise ValueError, naming the culprit, unless ``kinds`` is {kind: {setting: value}} of known kinds/settings."""
+    """Raise ValueError, naming the culprit, unless ``kinds`` is {kind: {setting: value}} of known kinds/settings
+    and values each setting can take (a GROUP_M of 0, say, would make the kernels read past their tiles)."""
     for kind, cfg in kinds.items():
         if kind not in SETTINGS:
             raise ValueError(f"unknown kernel kind {kind!r} (known: {', '.join(SETTINGS)})")
@@ -190,6 +219,9 @@ def check_tiles(kinds: Mapping) -> None:
         if unknown:
             known = ", ".join(sorted(SETTINGS[kind]))
             raise ValueError(f"{kind} has no setting {', '.join(map(repr, unknown))} (known: {known})")
+        for name, value in cfg.items():
+            if why := _value_error(name, value):
+                raise ValueError(f"{kind}.{name} must be {why}, got {value!r}")
 
 
 def check_table(table: str | None) -> None:

@@ -211,6 +211,7 @@ REFUSED = [  # (script, arguments, the error's words): refused with a usage line
     # --ops bogus: without the count checks, the layer recorded (not compiled) and an error of its own
     ("inspect_kernels.py", ["--top-k", "0", "--ops", "bogus"], "--top-k must be at least 1, got 0"),
     ("inspect_kernels.py", ["--tokens", "0", "--ops", "bogus"], "--tokens must be at least 1, got 0"),
+    ("inspect_kernels.py", ["--set", "gmm.GROUP_M=0"], "--set 'gmm.GROUP_M=0': gmm.GROUP_M must be >= 1, got 0"),
 ]
 
 

@@ -1,6 +1,8 @@
 """Tile tables and overrides: bad overrides fail loudly, naming what is wrong, instead of being silently ignored."""
 
 import json
+import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,6 +29,39 @@ def test_unknown_kinds_and_settings_are_refused(bad, named):
     with pytest.raises(ValueError, match=named), tiles.tile_overrides(**bad):
         pass
     assert tiles.overrides() == {}
+
+
+@pytest.mark.parametrize(
+    "bad, said",
+    [
+        # GROUP_M 0 divided by zero in the tile order: the forward returned uninitialised memory, no error
+        ({"gmm": {"GROUP_M": 0}}, "gmm.GROUP_M must be >= 1, got 0"),
+        ({"dw": {"GROUP_M": 0}}, "dw.GROUP_M must be >= 1, got 0"),
+        ({"rows": {"BD": 0}}, "rows.BD must be a power of two, got 0"),
+        ({"gmm": {"BK": 96}}, "gmm.BK must be a power of two, got 96"),
+        ({"gmm": {"TMA": 3}}, "gmm.TMA must be one of 0, 1, 2, got 3"),
+        ({"gmm": {"PERSIST": -1}}, "gmm.PERSIST must be >= 0, got -1"),
+        ({"swiglu": {"num_warps": 6}}, "swiglu.num_warps must be a power of two up to 32, got 6"),
+        ({"swiglu_bwd": {"FUSED": True}}, "swiglu_bwd.FUSED must be an integer, got True"),
+        ({"ew": {"BC": "64"}}, "ew.BC must be an integer, got '64'"),
+        ({"route": {"BLOCK": 24}}, "route.BLOCK must be 0 (sized from the expert count) or a power of two, got 24"),
+    ],
+)
+def test_settings_a_kernel_cannot_take_are_refused(bad, said):
+    with pytest.raises(ValueError, match=re.escape(said)), tiles.tile_overrides(**bad):
+        pass
+    assert tiles.overrides() == {}
+
+
+def test_every_sweep_candidate_holds_values_its_kernels_take():
+    sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+    try:
+        from sweep_candidates import SWEEP, candidate
+    finally:
+        sys.path.pop(0)
+    for kind, (keys, values) in SWEEP.items():
+        for v in values:
+            tiles.check_tiles({kind: candidate(keys, v)})
 
 
 def test_overrides_nest_and_unwind():
