@@ -137,7 +137,9 @@ SWEEP = {
     # column quarters at BN = 128 and 256 (128 rows of 64 or 128 bytes each per tensor): set against the wide tiles,
     # they tell how much of the fused kernel's slow epilogue that pattern alone costs.
     "ew": (("BR", "BC", "num_warps"), [(2, 1024, 8), (4, 512, 8), (8, 256, 8), (128, 32, 8), (128, 64, 8)]),
-    "rows": (("BT", "BD", "num_warps"), [(16, 128, 4), (16, 256, 8), (8, 256, 4)]),
+    # BD stays 128: the routing-weight gradient adds one partial dot product per BD columns, so another BD changes
+    # its bits and could never be adopted (run 6 timed BD = 256 at XL, G and S: within 2%, and slower at S).
+    "rows": (("BT", "BD", "num_warps"), [(16, 128, 4), (8, 128, 4), (32, 128, 4), (16, 128, 8)]),
 }
 
 
