@@ -63,13 +63,13 @@ def layer_speedups(rows: list[dict]) -> list[dict]:
             ours.setdefault(r["shape"], []).append(r["ms"])
         elif r["op"] == LAYER and r["impl"] in LAYER_BAR:
             peers[(r["shape"], r["impl"])] = r["ms"]
-    out = []
-    for (shape, peer), ms in peers.items():
-        if shape in ours:
-            speedup = ms / statistics.median(ours[shape])
-            out.append({"shape": shape, "peer": peer, "speedup": speedup, "bar": LAYER_BAR[peer]})
-            out[-1]["ok"] = speedup >= LAYER_BAR[peer]
-    return out
+    speedups = [
+        (shape, peer, ms / statistics.median(ours[shape])) for (shape, peer), ms in peers.items() if shape in ours
+    ]
+    return [
+        {"shape": shape, "peer": peer, "speedup": x, "bar": LAYER_BAR[peer], "ok": x >= LAYER_BAR[peer]}
+        for shape, peer, x in speedups
+    ]
 
 
 def ratio_text(j: dict) -> str:

@@ -65,8 +65,12 @@ def plot(result: dict, out: Path, title: str) -> list[dict]:
         heading = shape
         if shape in skew:
             heading += f"\nlayer {skew[shape]:+.1%} vs balanced (bar {SKEW_BAR:+.0%})"
-        against = [f"{j['speedup']:.2f}x {PEER_NAMES[j['peer']]}{'' if j['ok'] else ' NO'}" for j in speedups]
-        if against := [a for a, j in zip(against, speedups, strict=True) if j["shape"] == shape]:
+        against = [
+            f"{j['speedup']:.2f}x {PEER_NAMES[j['peer']]}{'' if j['ok'] else ' NO'}"
+            for j in speedups
+            if j["shape"] == shape
+        ]
+        if against:
             heading += "\nlayer: " + ", ".join(against)
         ax.set_title(heading, fontsize=9)
         ax.set_xlabel("ours / baseline", fontsize=8)

@@ -188,11 +188,10 @@ def zero_position() -> dict:
 
 @dataclass
 class Tally:
-    """A consumer's progress in its current epoch: usable samples (in all, and in the current pass), passes over
-    its share completed, and the pass from which it reads every k-th sample of all shards (None: not)."""
+    """A consumer's progress in its current epoch: usable samples (in all, and in the current pass), and the pass
+    from which it reads every k-th sample of all shards (None: not)."""
 
     good: int = 0
-    cycles: int = 0
     pass_good: int = 0
     strided: int | None = None
 
@@ -258,7 +257,6 @@ class ShardStream(IterableDataset):
             for sample in samples:
                 read += 1
                 yield sample
-            tally.cycles += 1
             if self.per_consumer is None and not self.resampled:
                 return  # exact pass: each sample once
             if tally.pass_good and cycle + 1 != tally.strided:  # equal: a resume replays the saved run's switch
