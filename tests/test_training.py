@@ -171,6 +171,41 @@ def test_metrics_carry_per_layer_utilisation(digits, tmp_path):
     logged = ("loss", "diffusion_loss", "balance_loss", "perf/images_per_s", "mem/peak_rss_gib", "moe/router_entropy")
     for key in logged:
         assert key in record
+    assert "z_loss" not in record  # the router z-loss is off by default
+
+
+def _records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _spy_routing(monkeypatch) -> list:
+    """The RoutingStats of every MoE layer forward, in call order."""
+    from ditmoe.models.moe import MoEFeedForward
+
+    stats, forward = [], MoEFeedForward.forward
+
+    def spy(self, x_BLD):
+        out = forward(self, x_BLD)
+        stats.append(out.stats)
+        return out
+
+    monkeypatch.setattr(MoEFeedForward, "forward", spy)
+    return stats
+
+
+def test_balance_and_z_loss_are_logged_apart(digits, tmp_path, monkeypatch):
+    """Each is the layers' own loss summed over the layers, averaged over the window's steps (2 steps of 2
+    micro-batches here): the z-loss does not count as balance loss."""
+    stats = _spy_routing(monkeypatch)
+    opts = {"moe": {"router_z_loss": 0.01}}
+    train(smoke(digits, tmp_path / "run", steps=4, grad_accum=2, log_every=2, model_opts=opts), progress=False)
+    records = _records(tmp_path / "run")
+    per_window = len(stats) // len(records)
+    for i, record in enumerate(records):
+        window = stats[i * per_window : (i + 1) * per_window]
+        assert record["balance_loss"] == pytest.approx(sum(s.balance_loss.item() for s in window) / 4)
+        assert record["z_loss"] == pytest.approx(sum(s.z_loss.item() for s in window) / 4)
+        assert record["z_loss"] > 0.1 * record["balance_loss"]
 
 
 @pytest.mark.parametrize(

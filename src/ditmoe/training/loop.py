@@ -76,6 +76,14 @@ def train_step(stepper, diffusion, x0, y, gen: torch.Generator, rows: tuple[int,
     return StepOutput(loss.detach(), diff_loss.detach(), out.aux_loss.detach(), out.routing)
 
 
+def logged_losses(out: StepOutput) -> torch.Tensor:
+    """[4] total, diffusion, balance and router z-loss of one (micro) batch, the last two summed over the layers.
+
+    The aux loss is their sum; they are logged apart so that a z-loss does not read as a balance loss."""
+    moe_L2 = torch.stack([torch.stack([r.balance_loss, r.z_loss]) for r in out.routing])
+    return torch.cat([torch.stack([out.loss, out.diffusion_loss]), moe_L2.sum(0)])
+
+
 def check_same_model(saved: dict, current: ModelConfig, where: Path) -> None:
     if saved != current.to_dict():
         diff = {k: (saved.get(k), v) for k, v in current.to_dict().items() if saved.get(k) != v}
@@ -264,7 +272,7 @@ def _train(cfg: TrainConfig, device: str | None, progress: bool, batches: Iterat
     routing = RoutingAccumulator()
     stop = StopRequest()
     result = TrainResult(out_dir, step, skipped_steps=skipped_total)
-    window: list[torch.Tensor] = []  # [3] per step: total, diffusion, aux loss
+    window: list[torch.Tensor] = []  # [4] per micro-batch: total, diffusion, balance, router z-loss
     consecutive_skips, grad_norm = 0, float("nan")
 
     def save() -> None:
@@ -299,7 +307,7 @@ def _train(cfg: TrainConfig, device: str | None, progress: bool, batches: Iterat
                 first = (accum * ctx.world_size + ctx.rank) * micro
                 out = train_step(stepper, diffusion, x0, y, gen, rows=(first, cfg.batch_size))
                 routing.add(out.routing)
-                window.append(torch.stack([out.loss, out.diffusion_loss, out.aux_loss]) / cfg.grad_accum)
+                window.append(logged_losses(out) / cfg.grad_accum)
             applied = stepper.step()
             grad_norm = applied.grad_norm
             if applied.applied:
@@ -328,13 +336,14 @@ def _train(cfg: TrainConfig, device: str | None, progress: bool, batches: Iterat
             stop_now = stop.agreed(ctx.device)
             save_now = step % cfg.ckpt_every == 0 or step == cfg.steps or stop_now
             if step % cfg.log_every == 0 or save_now:
-                losses_S3 = _mean_over_ranks(torch.stack(window).view(-1, cfg.grad_accum, 3).sum(1))
-                result.losses.extend(losses_S3[:, 0].tolist())
+                losses_S4 = _mean_over_ranks(torch.stack(window).view(-1, cfg.grad_accum, 4).sum(1))
+                result.losses.extend(losses_S4[:, 0].tolist())
                 routing.all_reduce()
                 scalars = {
-                    "loss": losses_S3[:, 0].mean().item(),
-                    "diffusion_loss": losses_S3[:, 1].mean().item(),
-                    "balance_loss": losses_S3[:, 2].mean().item(),
+                    "loss": losses_S4[:, 0].mean().item(),
+                    "diffusion_loss": losses_S4[:, 1].mean().item(),
+                    "balance_loss": losses_S4[:, 2].mean().item(),
+                    **({"z_loss": losses_S4[:, 3].mean().item()} if mcfg.moe.router_z_loss > 0 else {}),
                     "grad_norm": grad_norm,
                     "lr": lr,
                     "skipped_steps": result.skipped_steps,
