@@ -190,6 +190,17 @@ def test_routing_imbalance_is_max_over_mean_load():
     assert summary["moe/max_imbalance"] == 4.0 and summary["moe/mean_imbalance"] == 2.5
 
 
+def test_routing_counts_idle_experts():
+    """An expert that kept no token in the window is idle, though its layer's imbalance looks mild; one that kept
+    none in one step but some in another is not."""
+    acc = RoutingAccumulator()
+    acc.add([_stats([0, 4, 4, 4], 1.0, 0), _stats([3, 3, 3, 3], 1.0, 0)])
+    acc.add([_stats([0, 4, 4, 4], 1.0, 0), _stats([0, 12, 0, 0], 0.0, 0)])
+    summary = acc.summary()
+    assert summary["moe/idle_experts"] == 1
+    assert summary["moe/layer0/imbalance"] == pytest.approx(4 / 3)
+
+
 def test_routing_all_reduce_two_ranks():
     world = 2
     results = run_local_ranks(_all_reduce_rank, world, timeout_s=60)

@@ -64,6 +64,8 @@ class RoutingAccumulator:
         return tokens / np.maximum(tokens.sum(1, keepdims=True), 1)
 
     def summary(self) -> dict:
+        """Per layer and over layers: imbalance (max / mean load) and router entropy; dropped pairs; and
+        ``idle_experts``, the (layer, expert) slots that kept no token (a dead expert, a collapsed router)."""
         if self._steps == 0:
             return {}
         frac = self.load_fractions()
@@ -75,6 +77,7 @@ class RoutingAccumulator:
             "moe/mean_imbalance": float(imbalance_L.mean()),
             "moe/router_entropy": float(entropy_L.mean()),
             "moe/dropped_tokens": int(self._dropped),
+            "moe/idle_experts": int((frac == 0).sum()),
         }
         for layer, (row, imb, ent) in enumerate(zip(frac, imbalance_L, entropy_L, strict=True)):
             out[f"moe/layer{layer}/imbalance"] = float(imb)
