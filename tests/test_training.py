@@ -193,6 +193,39 @@ def _spy_routing(monkeypatch) -> list:
     return stats
 
 
+def test_logged_routing_and_rates_match_a_hand_count(digits, tmp_path, monkeypatch):
+    """Every micro-batch of a window counts, and only its own window's (grad_accum 2, capacity drops). On a fake
+    clock the first step takes 5 s, which the rates leave out, and every other 1 s: images/s is the global batch."""
+    from ditmoe.training import loop
+    from ditmoe.training.stepper import TorchStepper
+    from ditmoe.training.telemetry import Throughput
+
+    stats = _spy_routing(monkeypatch)
+    now, optimizer_step = [0.0], TorchStepper.step  # seconds on the fake clock
+
+    def timed_step(self):
+        now[0] += 1.0 if now[0] else 5.0  # the first step compiles
+        return optimizer_step(self)
+
+    monkeypatch.setattr(TorchStepper, "step", timed_step)
+    monkeypatch.setattr(loop, "Throughput", lambda: Throughput(clock=lambda: now[0]))
+    opts = {"moe": {"capacity_factor": 1.0}}
+    train(smoke(digits, tmp_path / "run", steps=4, grad_accum=2, log_every=2, model_opts=opts), progress=False)
+    records = _records(tmp_path / "run")
+    per_window = len(stats) // len(records)
+    layers = sum(key.endswith("/entropy") for key in records[0])
+    for i, record in enumerate(records):
+        window = stats[i * per_window : (i + 1) * per_window]
+        for layer in range(layers):
+            kept_E = sum(s.tokens_per_expert_E for s in window[layer::layers]).double()
+            shares = [record[f"moe/layer{layer}/expert{e}"] for e in range(kept_E.numel())]
+            assert shares == pytest.approx((kept_E / kept_E.sum()).tolist())
+            entropy = sum(s.router_entropy.item() for s in window[layer::layers]) / (per_window // layers)
+            assert record[f"moe/layer{layer}/entropy"] == pytest.approx(entropy)
+        assert record["moe/dropped_tokens"] == sum(s.dropped.item() for s in window) > 0
+        assert record["perf/images_per_s"] == pytest.approx(8.0)  # batch_size 8 per 1 s step
+
+
 def test_balance_and_z_loss_are_logged_apart(digits, tmp_path, monkeypatch):
     """Each is the layers' own loss summed over the layers, averaged over the window's steps (2 steps of 2
     micro-batches here): the z-loss does not count as balance loss."""
