@@ -414,9 +414,8 @@ def test_checkpoint_with_separate_gate_and_up_experts_loads(digits, tmp_path):
         train(smoke(digits, tmp_path / "run", steps=3, resume=True), progress=False)
 
 
-def test_wandb_offline_run_logs_utilisation_heatmap(digits, tmp_path, monkeypatch):
-    """What reaches wandb's run.log at each log step: the scalars, the per-layer expert shares and the heatmap image,
-    which the offline run then holds as a media file."""
+def _spy_wandb(monkeypatch) -> list[tuple[str, int, dict]]:
+    """(run id, step, data) of every wandb ``run.log`` call, in an offline run."""
     import wandb
 
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -424,16 +423,35 @@ def test_wandb_offline_run_logs_utilisation_heatmap(digits, tmp_path, monkeypatc
     logged, real_log = [], wandb.sdk.wandb_run.Run.log
 
     def spy(run, data, *args, **kwargs):
-        logged.append((kwargs.get("step"), dict(data)))
+        logged.append((run.id, kwargs.get("step"), dict(data)))
         return real_log(run, data, *args, **kwargs)
 
     monkeypatch.setattr(wandb.sdk.wandb_run.Run, "log", spy)
+    return logged
+
+
+def test_wandb_offline_run_logs_utilisation_heatmap(digits, tmp_path, monkeypatch):
+    """What reaches wandb's run.log at each log step: the scalars, the per-layer expert shares and the heatmap image,
+    which the offline run then holds as a media file."""
+    import wandb
+
+    logged = _spy_wandb(monkeypatch)
     train(smoke(digits, tmp_path / "run", steps=4, log_every=2, ckpt_every=4, wandb=True), progress=False)
-    assert [step for step, _ in logged] == [2, 4]
-    for _, data in logged:
+    assert [step for _, step, _ in logged] == [2, 4]
+    for _, _, data in logged:
         assert {"loss", "grad_norm", "moe/max_imbalance", "moe/layer0/expert0"} <= data.keys()
         assert isinstance(data["moe/utilisation_heatmap"], wandb.Image)
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
     assert len(list(runs[0].glob("files/media/images/moe/utilisation_heatmap_*.png"))) == 2
     assert (tmp_path / "run" / "utilisation_latest.png").is_file()
+
+
+def test_resumed_run_logs_on_to_the_same_wandb_run(digits, tmp_path, monkeypatch):
+    """Reliability 15: a resumed run logs to the wandb run it started, at the steps after its checkpoint's."""
+    logged = _spy_wandb(monkeypatch)
+    kw = dict(log_every=1, ckpt_every=2, wandb=True)
+    train(smoke(digits, tmp_path / "run", steps=2, **kw), progress=False)
+    train(smoke(digits, tmp_path / "run", steps=4, resume=True, **kw), progress=False)
+    assert len({run_id for run_id, _, _ in logged}) == 1
+    assert [step for _, step, _ in logged] == [1, 2, 3, 4]
