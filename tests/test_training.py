@@ -448,10 +448,12 @@ def test_wandb_offline_run_logs_utilisation_heatmap(digits, tmp_path, monkeypatc
 
 
 def test_resumed_run_logs_on_to_the_same_wandb_run(digits, tmp_path, monkeypatch):
-    """Reliability 15: a resumed run logs to the wandb run it started, at the steps after its checkpoint's."""
+    """Reliability 15: a resumed run logs to the wandb run it started, at the steps after its checkpoint's, even
+    after a stretch resumed without --wandb."""
     logged = _spy_wandb(monkeypatch)
-    kw = dict(log_every=1, ckpt_every=2, wandb=True)
-    train(smoke(digits, tmp_path / "run", steps=2, **kw), progress=False)
+    kw = dict(log_every=1, ckpt_every=2)
+    train(smoke(digits, tmp_path / "run", steps=2, wandb=True, **kw), progress=False)
     train(smoke(digits, tmp_path / "run", steps=4, resume=True, **kw), progress=False)
+    train(smoke(digits, tmp_path / "run", steps=6, resume=True, wandb=True, **kw), progress=False)
     assert len({run_id for run_id, _, _ in logged}) == 1
-    assert [step for _, step, _ in logged] == [1, 2, 3, 4]
+    assert [step for _, step, _ in logged] == [1, 2, 5, 6]

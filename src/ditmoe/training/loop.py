@@ -281,7 +281,7 @@ def _train(cfg: TrainConfig, device: str | None, progress: bool, batches: Iterat
             "data": None if loader is None else loader.state_dict(),
             "generator": gen.get_state(),
             "torch_rng": torch.get_rng_state(),
-            "wandb_id": logger.wandb_id,
+            "wandb_id": logger.wandb_id or wandb_id,  # a stretch resumed without --wandb keeps the id
             "skipped_steps": result.skipped_steps,
         }
         slices = expert_slices(stepper.module)
