@@ -8,6 +8,7 @@ import torch
 from ditmoe.analysis.routing import RoutingAccumulator
 from ditmoe.models.moe import RoutingStats
 from ditmoe.parallel.launch import run_local_ranks
+from ditmoe.training import metrics
 from ditmoe.training.telemetry import PEAK_TFLOPS, Throughput, device_peak_flops, match_device, peak_memory
 
 
@@ -218,3 +219,42 @@ def test_routing_all_reduce_two_ranks():
     imbalance = {"moe/layer0/imbalance": 13 / 34 * 4, "moe/layer1/imbalance": 11 / 28 * 4}
     assert {k: results[0]["summary"][k] for k in imbalance} == pytest.approx(imbalance)
     assert results[0]["summary"]["moe/max_imbalance"] == pytest.approx(11 / 28 * 4)
+
+
+def _no_wandb_key(monkeypatch, home):
+    for var in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL", "WANDB_MODE", "NETRC"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(home))
+
+
+def test_wandb_finds_the_key_that_wandb_login_wrote(tmp_path, monkeypatch):
+    """``wandb login`` keeps the key in ~/.netrc, not in the environment: such a run logs online."""
+    _no_wandb_key(monkeypatch, tmp_path)
+    assert not metrics.wandb_credentials()
+    netrc = tmp_path / ".netrc"
+    netrc.write_text("machine api.wandb.ai\n  login user\n  password 0123456789abcdef\n")
+    netrc.chmod(0o600)
+    assert metrics.wandb_credentials()
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.org")  # a key for another host does not count
+    assert not metrics.wandb_credentials()
+    monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef")
+    assert metrics.wandb_credentials()
+
+
+@pytest.mark.parametrize(
+    ("key", "mode", "expected"), [(False, None, "offline"), (True, None, None), (False, "online", None)]
+)
+def test_wandb_runs_offline_only_without_a_key_or_a_chosen_mode(tmp_path, monkeypatch, capsys, key, mode, expected):
+    """No key and no WANDB_MODE: offline, and the console says so and how to upload; WANDB_MODE is the user's."""
+    import wandb
+
+    _no_wandb_key(monkeypatch, tmp_path)
+    if key:
+        monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef")
+    if mode:
+        monkeypatch.setenv("WANDB_MODE", mode)
+    seen = {}
+    monkeypatch.setattr(wandb, "init", lambda **kw: seen.update(kw))
+    metrics.MetricsLogger(tmp_path / "run", use_wandb=True, project="p", run_name="r", config={})
+    assert seen["mode"] == expected
+    assert ("logging offline" in capsys.readouterr().out) == (expected == "offline")

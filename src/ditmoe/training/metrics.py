@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import netrc
 import os
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from tqdm import tqdm
 
@@ -42,10 +44,20 @@ class MetricsLogger:
         if use_wandb:
             import wandb
 
-            if not os.environ.get("WANDB_API_KEY"):
-                os.environ.setdefault("WANDB_MODE", "offline")
+            offline = not os.environ.get("WANDB_MODE") and not wandb_credentials()
+            if offline:
+                tqdm.write(
+                    f"wandb: no API key (WANDB_API_KEY, or `wandb login`): logging offline under {self.out_dir}/wandb; "
+                    "`wandb sync` uploads it later"
+                )
             self.wandb_run = wandb.init(
-                project=project, name=run_name, config=config, dir=str(self.out_dir), id=resume_id, resume="allow"
+                project=project,
+                name=run_name,
+                config=config,
+                dir=str(self.out_dir),
+                id=resume_id,
+                resume="allow",
+                mode="offline" if offline else None,
             )
 
     @property
@@ -76,6 +88,18 @@ class MetricsLogger:
             self.jsonl.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()
+
+
+def wandb_credentials() -> bool:
+    """Whether wandb will find an API key: in the environment, or for its host in the netrc file that
+    ``wandb login`` writes (``NETRC`` or ~/.netrc). Without one, an online run would stop to ask for it."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = urlsplit(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").netloc
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 def _drop_records_after(path: Path, step: int) -> None:
