@@ -97,6 +97,20 @@ def test_norm_topk_prob_renormalises():
     torch.testing.assert_close(layer(x).out_BLD, naive_moe(layer, x), rtol=1e-5, atol=1e-5)
 
 
+def test_norm_topk_prob_keeps_a_single_choice_its_probability():
+    """As the official gate: top-1 is not renormalised, whose weight 1 would leave the router no gradient from the
+    experts' output."""
+    x = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(0))
+    grads = []
+    for norm in (False, True):
+        torch.manual_seed(1)
+        layer = MoEFeedForward(8, MoEConfig(num_experts=4, top_k=1, norm_topk_prob=norm, balance_loss_alpha=0.0))
+        layer(x).out_BLD.square().sum().backward()
+        grads.append(layer.router.weight.grad)
+    assert grads[0].norm() > 0.1
+    torch.testing.assert_close(grads[1], grads[0])
+
+
 def _hand_balance(probs, idx, E, K, groups):
     probs, idx = probs.numpy().astype(np.float64), idx.numpy()
     T = probs.shape[0]

@@ -71,7 +71,7 @@ class MoEConfig:
     mlp_ratio: float = 4.0  # routed expert intermediate = mlp_ratio * hidden
     shared_expert_ratio: float = 2.0  # shared expert intermediate = ratio * hidden ("2 shared experts"); 0 = none
     expert_act: Literal["swiglu", "gelu"] = "swiglu"
-    norm_topk_prob: bool = False  # official: top-k weights are not renormalised
+    norm_topk_prob: bool = False  # official: top-k weights are not renormalised (and never at top_k=1)
     balance_loss_alpha: float = 0.01  # official code default; the paper's ablation found 0.005 best
     balance_loss_type: Literal["expert", "sequence"] = "expert"
     router_z_loss: float = 0.0

@@ -157,7 +157,7 @@ class MoEFeedForward(nn.Module):
         logits_TE = self.router(x_TD).float()
         probs_TE = logits_TE.softmax(dim=-1)
         weights_TK, experts_TK = torch.topk(probs_TE, cfg.top_k, dim=-1)
-        if cfg.norm_topk_prob:
+        if cfg.norm_topk_prob and cfg.top_k > 1:  # as official: one weight renormalised to 1 has no router gradient
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
 
         ops = select_backend(cfg.backend, x_TD.device)
