@@ -1,6 +1,7 @@
 """The single-process optimizer step: fused AdamW, gradient clipping, and a host cost that does not grow per tensor."""
 
 import collections
+import math
 
 import pytest
 import torch
@@ -78,3 +79,42 @@ def test_grad_clip_limits_the_update_and_reports_the_norm_before(clip):
     assert result.applied and result.grad_norm == pytest.approx(norm, rel=1e-5)
     assert seen[0].item() == pytest.approx(min(norm, clip) if clip else norm, rel=1e-4)
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_balance_loss_enters_the_gradient_summed_over_layers_and_scaled_per_micro_batch():
+    """At init the adaLN gates are zero, so the experts' output does not reach the loss: each router's gradient is
+    that of its layer's alpha * sum_i P_i f_i alone (f constant), divided by the accumulation steps."""
+    from ditmoe.diffusion import create_diffusion
+    from ditmoe.training.loop import train_step
+
+    alpha, accum = 0.5, 2
+    torch.manual_seed(0)
+    moe = {"balance_loss_alpha": alpha}
+    model = DiTMoE(model_config("DiT-MoE-micro/2-4E2A", image_size=8, latent=False, num_classes=5, depth=3, moe=moe))
+    cfg = TrainConfig(grad_accum=accum)
+    inputs = []
+    for block in model.blocks:
+        block.moe.register_forward_hook(lambda module, args, out: inputs.append(args[0].detach()))
+    gen = torch.Generator().manual_seed(0)
+    x0, y = torch.randn(2, 1, 8, 8, generator=gen), torch.tensor([1, 3])
+    train_step(TorchStepper(model, cfg), create_diffusion("rf", learn_sigma=True), x0, y, gen)
+    for block, x_BLD in zip(model.blocks, inputs, strict=True):
+        w = block.moe.router.weight.detach().requires_grad_()
+        probs_TE = (x_BLD.reshape(-1, x_BLD.shape[-1]) @ w.t()).softmax(-1)
+        E, K = probs_TE.shape[1], model.cfg.moe.top_k
+        f_E = torch.nn.functional.one_hot(probs_TE.topk(K).indices.flatten(), E).float().mean(0) * E
+        (alpha * (probs_TE.mean(0) * f_E).sum() / accum).backward()
+        torch.testing.assert_close(block.moe.router.weight.grad, w.grad, rtol=1e-5, atol=1e-8)
+        assert w.grad.norm() > 0
+
+
+def test_a_non_finite_gradient_skips_the_update():
+    model = _model(2)
+    stepper = TorchStepper(model, TrainConfig())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _fill_grads(model, 1)
+    next(p for p in model.parameters() if p.requires_grad).grad[0] = float("nan")
+    result = stepper.step()
+    assert not result.applied and math.isnan(result.grad_norm)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters()) and not stepper.optimizer.state
