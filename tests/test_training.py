@@ -14,11 +14,13 @@ import torch
 
 from ditmoe.cli import main
 from ditmoe.config import ConfigError
+from ditmoe.data.shards import read_manifest
+from ditmoe.models.dit import DiTMoE
 from ditmoe.parallel.distributed import leave_distributed
 from ditmoe.training import checkpoint as ckpt_io
-from ditmoe.training.config import train_config
+from ditmoe.training.config import model_config_for_data, train_config
 from ditmoe.training.ema import EMA
-from ditmoe.training.loop import train
+from ditmoe.training.loop import drop_labels, train
 from ditmoe.training.run_state import load_global_state
 
 
@@ -457,3 +459,25 @@ def test_resumed_run_logs_on_to_the_same_wandb_run(digits, tmp_path, monkeypatch
     train(smoke(digits, tmp_path / "run", steps=6, resume=True, wandb=True, **kw), progress=False)
     assert len({run_id for run_id, _, _ in logged}) == 1
     assert [step for _, step, _ in logged] == [1, 2, 5, 6]
+
+
+def test_label_dropout_replaces_a_p_share_of_labels_by_the_null_class():
+    y = torch.arange(20_000) % 7
+    dropped = drop_labels(y, 0.1, 7, torch.Generator().manual_seed(0)) != y
+    assert dropped.float().mean().item() == pytest.approx(0.1, abs=0.01)
+    assert (drop_labels(y, 0.1, 7, torch.Generator().manual_seed(0))[dropped] == 7).all()
+
+
+def test_warmup_learning_rate_and_ema_of_the_first_steps(digits, tmp_path):
+    """lr ramps as lr * (step + 1) / warmup_steps; after step 1 the EMA is d * init + (1 - d) * weights."""
+    cfg = smoke(digits, tmp_path / "run", steps=2, warmup_steps=4, log_every=1, ckpt_every=1, keep_last=0)
+    train(cfg, progress=False)
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert lrs == pytest.approx([cfg.lr / 4, cfg.lr / 2])
+    ckpt = ckpt_io.step_dir(tmp_path / "run" / "checkpoints", 1)
+    torch.manual_seed(cfg.seed)
+    init = DiTMoE(model_config_for_data(cfg, read_manifest(cfg.data))).state_dict()
+    weights, ema = load_global_state(ckpt, "model"), load_global_state(ckpt, "ema")
+    for k, v in ema.items():
+        torch.testing.assert_close(v, cfg.ema_decay * init[k] + (1 - cfg.ema_decay) * weights[k], msg=k)
+    assert any(not torch.equal(weights[k], init[k]) for k in init)
