@@ -327,6 +327,28 @@ def test_a_stop_signal_saves_and_stops_a_single_process_run(digits, tmp_path, mo
     assert [s for s, _ in _logged(out)] == [3]  # the steps since the last log are logged before the save
 
 
+def test_a_stop_signal_during_start_up_is_honoured_at_the_first_step(digits, tmp_path, monkeypatch):
+    """SIGUSR1 while the model is built (start-up takes minutes for G: DeepSpeed, checkpoint loading) is a stop
+    request too: the run saves step 1 and stops. Without handlers yet, the signal's default action killed every
+    task (exit 138), and the job script did not requeue."""
+    from ditmoe.training import loop
+
+    real_model = loop.DiTMoE
+
+    def signalling_build(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGUSR1)
+        return real_model(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "DiTMoE", signalling_build)
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: None)  # the signal must not end pytest
+    try:
+        result = train(smoke(digits, tmp_path / "run", steps=6, ckpt_every=100, log_every=100), progress=False)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert result.stopped_by_signal and result.step == 1
+    assert (tmp_path / "run" / "REQUEUE").read_text().strip() == "1"
+
+
 def test_kernel_tiles_are_in_force_for_every_step_and_only_during_the_run(digits, tmp_path, monkeypatch):
     """``kernel_tiles``: every training step (forward and backward: the kernels' autograd Functions carry the
     forward's tiles into backward) runs under the file's overrides, and they are gone once ``train`` returns."""

@@ -190,13 +190,20 @@ def train(
     cfg: TrainConfig, *, device: str | None = None, progress: bool = True, batches: Iterator | None = None
 ) -> TrainResult:
     """Train (or resume) ``cfg``, with its ``kernel_tiles`` in force throughout. ``batches``: this rank's (x, y)
-    micro-batches instead of the shard loader."""
+    micro-batches instead of the shard loader. A stop signal from here on, start-up included, ends the run at the
+    first step boundary."""
     cfg.validate()
-    with tile_overrides(**kernel_tiles(cfg.kernel_tiles)):
-        return _train(cfg, device, progress, batches)
+    stop = StopRequest()  # before start-up (minutes for G): a signal's default action would kill the process
+    try:
+        with tile_overrides(**kernel_tiles(cfg.kernel_tiles)):
+            return _train(cfg, device, progress, batches, stop)
+    finally:
+        stop.restore()
 
 
-def _train(cfg: TrainConfig, device: str | None, progress: bool, batches: Iterator | None) -> TrainResult:
+def _train(
+    cfg: TrainConfig, device: str | None, progress: bool, batches: Iterator | None, stop: StopRequest
+) -> TrainResult:
     out_dir = Path(cfg.out)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"out {out_dir} is a file; the run's folder (checkpoints, metrics) must be a directory")
@@ -270,7 +277,6 @@ def _train(cfg: TrainConfig, device: str | None, progress: bool, batches: Iterat
     peak = device_peak_flops(ctx.device, cfg.precision, cfg.peak_tflops or None)
     throughput = Throughput()
     routing = RoutingAccumulator()
-    stop = StopRequest()
     result = TrainResult(out_dir, step, skipped_steps=skipped_total)
     window: list[torch.Tensor] = []  # [4] per micro-batch: total, diffusion, balance, router z-loss
     consecutive_skips, grad_norm = 0, float("nan")
@@ -367,7 +373,6 @@ def _train(cfg: TrainConfig, device: str | None, progress: bool, batches: Iterat
                     tqdm.write(f"stop requested (signal): saved step {step}; exit to be requeued")
                 break
     finally:
-        stop.restore()
         bar.close()
         logger.close()
         stepper.close()
