@@ -33,6 +33,9 @@ export MASTER_PORT=${MASTER_PORT:-$((29500 + SLURM_JOB_ID % 1000))}
 export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}
 echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST: $MODEL, EP=$EP, batch $BATCH"
 
+# The trainer leaves REQUEUE after saving on request; one from before (a killed job script, another launcher) would
+# requeue this job whatever its trainer does.
+rm -f "$OUT/REQUEUE"
 # shellcheck disable=SC2086
 srun --kill-on-bad-exit=1 "$PYTHON" -m ditmoe.train \
     --preset "$PRESET" --model "$MODEL" --data "$DATA" --out "$OUT" --batch-size "$BATCH" --grad-accum "$ACCUM" \

@@ -115,6 +115,49 @@ def test_sigusr1_saves_requeues_and_the_requeued_job_finishes(cluster, digits, t
     assert not (out / "REQUEUE").exists()
 
 
+def _run_job_script(tmp_path: Path, trainer: str) -> tuple[subprocess.CompletedProcess, str]:
+    """slurm/train_16b.sh with stand-ins for srun, scontrol and the trainer (``trainer``: its bash body); the
+    script's output and the scontrol calls other than ``show``."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "scontrol.log"
+    bin_dir.mkdir()
+    stubs = {
+        "srun": 'shift; exec "$@"',  # drops --kill-on-bad-exit=1
+        "scontrol": f'if [ "$1" = show ]; then echo node0; else echo "$*" >> {calls}; fi',
+        "trainer": trainer,
+    }
+    for name, body in stubs.items():
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NODELIST": "node0",
+        "OUT": str(tmp_path / "run"),
+        "PYTHON": "trainer",
+    }
+    done = subprocess.run(["bash", "slurm/train_16b.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=30)
+    return done, calls.read_text() if calls.exists() else ""
+
+
+def test_a_failing_trainer_is_not_requeued_by_a_requeue_marker_left_from_before(tmp_path):
+    """A REQUEUE file from an earlier run (stopped under another launcher, or its job script killed) made the script
+    requeue a job whose trainer failed at start-up (exit 2), exit 0, and say a checkpoint was saved."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "REQUEUE").write_text("120\n")
+    done, calls = _run_job_script(tmp_path, "exit 2")
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "requeue" not in calls and "requeueing" not in done.stdout
+
+
+def test_the_marker_the_trainer_leaves_requeues_the_job(tmp_path):
+    """srun --kill-on-bad-exit may report another task's SIGTERM instead of the 75: the trainer's marker decides."""
+    done, calls = _run_job_script(tmp_path, 'mkdir -p "$OUT"; echo 7 > "$OUT/REQUEUE"; exit 143')
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert calls.split() == ["requeue", "4242"] and "(step 7)" in done.stdout
+    assert not (tmp_path / "run" / "REQUEUE").exists()
+
+
 def test_a_batch_shell_is_one_process_and_an_srun_step_is_its_tasks(cluster, tmp_path):
     """In a 2-task job, a process the batch shell starts itself is a world of one (it has SLURM_PROCID 0 and
     SLURM_NTASKS 2 but no step: mapped as rank 0 of 2 it waited for a second rank until its timeout), and the
