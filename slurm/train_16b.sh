@@ -28,7 +28,9 @@ DS_CONFIG=${DS_CONFIG:-ds_configs/g2_16e2a.json}
 PYTHON=${PYTHON:-python}
 EXTRA=${EXTRA:-}       # more trainer flags, e.g. "--steps 700000 --wandb"
 
-export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+# assigned apart from export, so that set -e sees a failure; sed reads every line (head would risk SIGPIPE, pipefail)
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)
+export MASTER_ADDR
 export MASTER_PORT=${MASTER_PORT:-$((29500 + SLURM_JOB_ID % 1000))}
 export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}
 echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST: $MODEL, EP=$EP, batch $BATCH"

@@ -115,14 +115,16 @@ def test_sigusr1_saves_requeues_and_the_requeued_job_finishes(cluster, digits, t
     assert not (out / "REQUEUE").exists()
 
 
-def _run_job_script(tmp_path: Path, trainer: str) -> tuple[subprocess.CompletedProcess, str]:
-    """slurm/train_16b.sh with stand-ins for srun, scontrol and the trainer (``trainer``: its bash body); the
-    script's output and the scontrol calls other than ``show``."""
+def _run_job_script(
+    tmp_path: Path, trainer: str, hostnames: str = "echo node0"
+) -> tuple[subprocess.CompletedProcess, str]:
+    """slurm/train_16b.sh with stand-ins for srun, scontrol (``hostnames``: the body of its ``show``) and the trainer
+    (``trainer``: its bash body); the script's output and the scontrol calls other than ``show``."""
     bin_dir, calls = tmp_path / "bin", tmp_path / "scontrol.log"
     bin_dir.mkdir()
     stubs = {
         "srun": 'shift; exec "$@"',  # drops --kill-on-bad-exit=1
-        "scontrol": f'if [ "$1" = show ]; then echo node0; else echo "$*" >> {calls}; fi',
+        "scontrol": f'if [ "$1" = show ]; then {hostnames}; else echo "$*" >> {calls}; fi',
         "trainer": trainer,
     }
     for name, body in stubs.items():
@@ -156,6 +158,13 @@ def test_the_marker_the_trainer_leaves_requeues_the_job(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     assert calls.split() == ["requeue", "4242"] and "(step 7)" in done.stdout
     assert not (tmp_path / "run" / "REQUEUE").exists()
+
+
+def test_no_trainer_starts_without_a_master_address(tmp_path):
+    """``export MASTER_ADDR=$(scontrol ...)`` hid scontrol's failure from ``set -e``: the tasks started with an
+    empty MASTER_ADDR and, on several nodes, waited for rank 0 until the 30-minute rendezvous timeout."""
+    done, _ = _run_job_script(tmp_path, "echo trainer started", hostnames="exit 1")
+    assert done.returncode != 0 and "trainer started" not in done.stdout, done.stdout + done.stderr
 
 
 def test_a_batch_shell_is_one_process_and_an_srun_step_is_its_tasks(cluster, tmp_path):
