@@ -31,7 +31,10 @@ EXTRA=${EXTRA:-}       # more trainer flags, e.g. "--steps 700000 --wandb"
 # assigned apart from export, so that set -e sees a failure; sed reads every line (head would risk SIGPIPE, pipefail)
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)
 export MASTER_ADDR
-export MASTER_PORT=${MASTER_PORT:-$((29500 + SLURM_JOB_ID % 1000))}
+# A port free now on this node, the job's first, where rank 0 listens (29500 + job id % 1000 was the same port for
+# jobs 1000 ids apart sharing a node).
+MASTER_PORT=${MASTER_PORT:-$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')}
+export MASTER_PORT
 export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}
 echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST: $MODEL, EP=$EP, batch $BATCH"
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -116,7 +117,7 @@ def test_sigusr1_saves_requeues_and_the_requeued_job_finishes(cluster, digits, t
 
 
 def _run_job_script(
-    tmp_path: Path, trainer: str, hostnames: str = "echo node0"
+    tmp_path: Path, trainer: str, hostnames: str = "echo node0", env: dict | None = None
 ) -> tuple[subprocess.CompletedProcess, str]:
     """slurm/train_16b.sh with stand-ins for srun, scontrol (``hostnames``: the body of its ``show``) and the trainer
     (``trainer``: its bash body); the script's output and the scontrol calls other than ``show``."""
@@ -125,7 +126,8 @@ def _run_job_script(
     stubs = {
         "srun": 'shift; exec "$@"',  # drops --kill-on-bad-exit=1
         "scontrol": f'if [ "$1" = show ]; then {hostnames}; else echo "$*" >> {calls}; fi',
-        "trainer": trainer,
+        # the script's own python -c calls go to the real interpreter
+        "trainer": f'if [ "$1" = -c ]; then exec {sys.executable} "$@"; fi\n{trainer}',
     }
     for name, body in stubs.items():
         (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
@@ -137,6 +139,7 @@ def _run_job_script(
         "SLURM_JOB_NODELIST": "node0",
         "OUT": str(tmp_path / "run"),
         "PYTHON": "trainer",
+        **(env or {}),
     }
     done = subprocess.run(["bash", "slurm/train_16b.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=30)
     return done, calls.read_text() if calls.exists() else ""
@@ -165,6 +168,30 @@ def test_no_trainer_starts_without_a_master_address(tmp_path):
     empty MASTER_ADDR and, on several nodes, waited for rank 0 until the 30-minute rendezvous timeout."""
     done, _ = _run_job_script(tmp_path, "echo trainer started", hostnames="exit 1")
     assert done.returncode != 0 and "trainer started" not in done.stdout, done.stdout + done.stderr
+
+
+def _listen_on_a_port_in(ports: range) -> socket.socket:
+    for port in ports:
+        sock = socket.socket()
+        try:
+            sock.bind(("", port))
+        except OSError:
+            sock.close()
+            continue
+        sock.listen()
+        return sock
+    raise AssertionError(f"no free port in {ports}")
+
+
+def test_the_master_port_is_one_no_other_process_on_the_node_holds(tmp_path):
+    """The port was 29500 + job id % 1000, the same for jobs 1000 ids apart: the second job's rank 0 on a node
+    could not listen on it."""
+    with _listen_on_a_port_in(range(29500, 30500)) as taken:
+        port = taken.getsockname()[1]
+        job = str(port - 29500 + 7000)  # another job, 7000 ids earlier, holds the port
+        done, _ = _run_job_script(tmp_path, 'echo "port $MASTER_PORT"', env={"SLURM_JOB_ID": job})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert re.search(r"^port (\d+)$", done.stdout, re.M).group(1) != str(port)
 
 
 def test_a_batch_shell_is_one_process_and_an_srun_step_is_its_tasks(cluster, tmp_path):
