@@ -38,7 +38,9 @@ def slurm_to_torch_env(env: dict[str, str]) -> dict[str, str]:
     out = {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": world, "LOCAL_RANK": env.get("SLURM_LOCALID", "0")}
     if "MASTER_ADDR" not in env:
         out["MASTER_ADDR"] = env.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1")
-    if "MASTER_PORT" not in env:  # one port per job, so two jobs sharing a node do not collide
+    # tasks agree on a port without talking: one per job id, the same for ids 1000 apart (a job sharing the node then
+    # fails to listen); slurm/train_16b.sh sets MASTER_PORT to a port free on the node instead
+    if "MASTER_PORT" not in env:
         out["MASTER_PORT"] = str(DEFAULT_PORT + int(env.get("SLURM_JOB_ID", "0")) % 1000)
     return out
 
