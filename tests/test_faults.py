@@ -685,3 +685,27 @@ def test_a_rank_killed_by_a_signal_is_named_with_its_exit_code():
     with pytest.raises(RankFailure) as failure:
         run_local_ranks(_killed_on_rank1, 2, timeout_s=60)
     assert str(failure.value).startswith("rank1 died with exit code -9, no traceback; of the ranks with a traceback")
+
+
+def _save_with_read_only_root_on_rank0(rank: int, world: int, root: str) -> str:
+    """Rank 0 cannot create the checkpoint's temporary folder; every rank returns the error its save raised."""
+
+    def make(real):
+        def mkdir(self, *args, **kwargs):
+            if rank == 0 and self.name.startswith(".tmp-"):
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+            return real(self, *args, **kwargs)
+
+        return mkdir
+
+    with _patched(Path, "mkdir", make), pytest.raises(ckpt_io.CheckpointError) as failure:
+        ckpt_io.save_checkpoint(Path(root), 2, {f"trainer-rank{rank}": {"step": 2}}, {}, keep_last=3)
+    return str(failure.value)
+
+
+def test_a_checkpoint_folder_rank0_cannot_create_fails_the_save_on_every_rank(tmp_path):
+    """Rank 0 raised before the save's first collective: its peers waited there, never told the save failed."""
+    errors = run_local_ranks(_save_with_read_only_root_on_rank0, 2, timeout_s=60, args=(str(tmp_path),))
+    for msg in errors:
+        assert "nothing committed" in msg and "rank 0 could not create" in msg and "Read-only file system" in msg
+    assert not list(tmp_path.glob("*step_*"))

@@ -47,11 +47,9 @@ def save_checkpoint(root: Path, step: int, files: dict[str, object], config: dic
     rank = _rank()
     final = step_dir(root, step)
     tmp = root / f".tmp-{final.name}"
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    _barrier()
+    error = _broadcast(_prepare(root, tmp) if rank == 0 else None)  # every rank waits for rank 0's folder
+    if error:
+        raise CheckpointError(f"checkpoint {final} was not saved (nothing committed): {error}")
     try:
         written = []
         for name, obj in files.items():
@@ -84,6 +82,17 @@ def save_checkpoint(root: Path, step: int, files: dict[str, object], config: dic
     if error:
         raise CheckpointError(error)
     return final
+
+
+def _prepare(root: Path, tmp: Path) -> str | None:
+    """Rank 0: an empty ``tmp`` under ``root``; what went wrong (read-only or full disk, ...), else None."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as e:
+        return f"rank 0 could not create {tmp}: {type(e).__name__}: {e}"
+    return None
 
 
 def _commit(root: Path, tmp: Path, final: Path, step: int, digests: dict[str, str], keep_last: int) -> None:
