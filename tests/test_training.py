@@ -165,6 +165,18 @@ def test_keep_last(digits, tmp_path):
     assert names == ["step_00000006", "step_00000008"]
 
 
+def test_keep_last_never_prunes_the_checkpoint_just_saved(tmp_path):
+    """A newer, damaged checkpoint (the run resumed from an older one) counted towards keep_last: keep_last=1 pruned
+    the save just made and the older intact one, leaving only the damaged one."""
+    root = tmp_path / "checkpoints"
+    for step in (2, 4):
+        ckpt_io.save_checkpoint(root, step, {"trainer-rank0": {"step": step}}, {}, keep_last=2)
+    (ckpt_io.step_dir(root, 4) / "trainer-rank0.pt").write_bytes(b"damaged")
+    assert ckpt_io.newest_valid(root, warn=lambda _: None) == ckpt_io.step_dir(root, 2)
+    ckpt_io.save_checkpoint(root, 3, {"trainer-rank0": {"step": 3}}, {}, keep_last=1)  # e.g. on a stop signal
+    assert ckpt_io.newest_valid(root, warn=lambda _: None) == ckpt_io.step_dir(root, 3)
+
+
 def test_metrics_carry_per_layer_utilisation(digits, tmp_path):
     train(smoke(digits, tmp_path / "run", steps=2, log_every=2), progress=False)
     record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])

@@ -104,7 +104,7 @@ def _commit(root: Path, tmp: Path, final: Path, step: int, digests: dict[str, st
     _fsync_dir(root)
     _write_atomic(root / "latest", final.name)
     try:
-        _prune(root, keep_last)
+        _prune(root, keep_last, step)
     except OSError as e:  # the new checkpoint is committed: a failed cleanup must not fail the save
         print(f"warning: checkpoint {final} saved, but removing old checkpoints failed: {e}")
 
@@ -186,8 +186,10 @@ def resolve(path: Path) -> Path:
     raise CheckpointError(f"no checkpoint found at {path}")
 
 
-def _prune(root: Path, keep_last: int) -> None:
-    committed = committed_steps(root)
+def _prune(root: Path, keep_last: int, step: int) -> None:
+    """Keep the ``keep_last`` newest commits up to ``step``, the one just made. A newer one failed its checksums
+    (the run resumed from an older one): it is not counted, or it would leave the only intact ones to be pruned."""
+    committed = [d for d in committed_steps(root) if step_of(d) <= step]
     newest = int(committed[-1].name[len(PREFIX) :]) if committed else -1
     for stale in root.glob(".tmp-*"):  # left by a run killed mid-save
         shutil.rmtree(stale, ignore_errors=True)
