@@ -177,6 +177,18 @@ def test_keep_last_never_prunes_the_checkpoint_just_saved(tmp_path):
     assert ckpt_io.newest_valid(root, warn=lambda _: None) == ckpt_io.step_dir(root, 3)
 
 
+def test_a_copy_of_a_checkpoint_beside_the_steps_is_not_one_of_them(tmp_path):
+    """A backup ``step_00000002.bak`` (marker and all) made every later save fail after its commit, and a resume
+    stop with a ValueError: its name was read as a step number."""
+    root = tmp_path / "checkpoints"
+    ckpt_io.save_checkpoint(root, 2, {"trainer-rank0": {"step": 2}}, {}, keep_last=1)
+    shutil.copytree(ckpt_io.step_dir(root, 2), root / "step_00000002.bak")
+    ckpt_io.save_checkpoint(root, 4, {"trainer-rank0": {"step": 4}}, {}, keep_last=1)
+    assert ckpt_io.committed_steps(root) == [ckpt_io.step_dir(root, 4)]
+    assert ckpt_io.newest_valid(root) == ckpt_io.step_dir(root, 4)
+    assert (root / "step_00000002.bak" / ckpt_io.MARKER).is_file()  # the user's copy is left alone
+
+
 def test_metrics_carry_per_layer_utilisation(digits, tmp_path):
     train(smoke(digits, tmp_path / "run", steps=2, log_every=2), progress=False)
     record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])

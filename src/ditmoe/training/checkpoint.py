@@ -32,6 +32,11 @@ def step_dir(root: Path, step: int) -> Path:
     return root / f"{PREFIX}{step:08d}"
 
 
+def is_step_dir(path: Path) -> bool:
+    """Named as ``step_dir`` names them: a copy such as ``step_00000002.bak`` is not one of the run's steps."""
+    return path.name.startswith(PREFIX) and path.name.removeprefix(PREFIX).isdecimal()
+
+
 def step_of(ckpt: Path) -> int:
     """The training step a checkpoint directory (``step_dir``) holds."""
     return int(ckpt.name.removeprefix(PREFIX))
@@ -113,8 +118,8 @@ def committed_steps(root: Path) -> list[Path]:
     """Committed step directories, oldest first (by step number, not by mtime)."""
     if not root.is_dir():
         return []
-    dirs = [d for d in root.iterdir() if d.is_dir() and d.name.startswith(PREFIX) and (d / MARKER).is_file()]
-    return sorted(dirs, key=lambda d: int(d.name[len(PREFIX) :]))
+    dirs = [d for d in root.iterdir() if d.is_dir() and is_step_dir(d) and (d / MARKER).is_file()]
+    return sorted(dirs, key=step_of)
 
 
 def verify(ckpt: Path) -> None:
@@ -190,12 +195,11 @@ def _prune(root: Path, keep_last: int, step: int) -> None:
     """Keep the ``keep_last`` newest commits up to ``step``, the one just made. A newer one failed its checksums
     (the run resumed from an older one): it is not counted, or it would leave the only intact ones to be pruned."""
     committed = [d for d in committed_steps(root) if step_of(d) <= step]
-    newest = int(committed[-1].name[len(PREFIX) :]) if committed else -1
+    newest = step_of(committed[-1]) if committed else -1
     for stale in root.glob(".tmp-*"):  # left by a run killed mid-save
         shutil.rmtree(stale, ignore_errors=True)
     for d in root.glob(f"{PREFIX}*"):  # uncommitted and older than a commit: left by an interrupted prune
-        number = d.name[len(PREFIX) :]
-        if d.is_dir() and number.isdigit() and int(number) < newest and not (d / MARKER).exists():
+        if d.is_dir() and is_step_dir(d) and step_of(d) < newest and not (d / MARKER).exists():
             shutil.rmtree(d, ignore_errors=True)
     for old in committed[:-keep_last] if keep_last > 0 else []:
         # Remove the marker first: an interrupted prune leaves an uncommitted directory, never a bad commit.
