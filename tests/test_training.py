@@ -1,5 +1,6 @@
 """Training loop: resume equals an uninterrupted run, atomic checkpoints, clear errors."""
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -371,6 +372,32 @@ def test_a_stop_signal_during_start_up_is_honoured_at_the_first_step(digits, tmp
         signal.signal(signal.SIGUSR1, previous)
     assert result.stopped_by_signal and result.step == 1
     assert (tmp_path / "run" / "REQUEUE").read_text().strip() == "1"
+
+
+def test_a_resumed_run_counts_on_from_the_saved_skipped_steps(digits, tmp_path, monkeypatch):
+    """Step 2's prediction is NaN, so it is skipped; the run resumed from step 2 reports and logs that skip too."""
+    from ditmoe.training import loop
+
+    real_model = loop.DiTMoE
+
+    def build(*args, **kwargs):
+        model, calls = real_model(*args, **kwargs), itertools.count(1)
+        forward = model.forward
+
+        def nan_at_step_2(*a, **kw):
+            out = forward(*a, **kw)
+            return dataclasses.replace(out, prediction=out.prediction * math.nan) if next(calls) == 2 else out
+
+        model.forward = nan_at_step_2
+        return model
+
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "DiTMoE", build)
+        first = train(smoke(digits, tmp_path / "run", steps=2, log_every=1), progress=False)
+    resumed = train(smoke(digits, tmp_path / "run", steps=3, log_every=1, resume=True), progress=False)
+    assert first.skipped_steps == resumed.skipped_steps == 1
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_steps"] for r in logged] == [0, 1, 1]
 
 
 def test_kernel_tiles_are_in_force_for_every_step_and_only_during_the_run(digits, tmp_path, monkeypatch):
