@@ -329,7 +329,8 @@ def _prune_fault(rank: int, exit_process: bool):
         def rmtree(path, *args, **kwargs):
             p = Path(path)
             if rank == 0 and p.name == "step_00000002" and p.is_dir():
-                next(iter(sorted(p.iterdir()))).unlink()  # half-way through the directory
+                # half-way through the directory: a file other than the marker, which the prune must remove first
+                next(f for f in sorted(p.iterdir()) if f.name != ckpt_io.MARKER).unlink()
                 if exit_process:
                     os._exit(1)
                 raise OSError(errno.EIO, "simulated I/O error while pruning", str(p))
