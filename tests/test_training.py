@@ -23,6 +23,7 @@ from ditmoe.training.config import model_config_for_data, train_config
 from ditmoe.training.ema import EMA
 from ditmoe.training.loop import drop_labels, train
 from ditmoe.training.run_state import load_global_state
+from ditmoe.training.signals import STOP_SIGNALS
 
 
 def smoke(digits, out, **kw):
@@ -398,6 +399,28 @@ def test_a_resumed_run_counts_on_from_the_saved_skipped_steps(digits, tmp_path, 
     assert first.skipped_steps == resumed.skipped_steps == 1
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped_steps"] for r in logged] == [0, 1, 1]
+
+
+def test_a_run_makes_its_loader_workers_ignore_stop_signals(digits, tmp_path, monkeypatch):
+    """Forked workers inherit the run's flag-only handlers, so the CLI's signal test passes without this; spawned or
+    forkserver workers (Python 3.14's default) start with the default action and die of the signal."""
+    from ditmoe.training import loop
+
+    given, real_make_loader = [], loop.make_loader
+
+    def make_loader(*args, **kwargs):
+        given.append(kwargs.get("worker_init_fn"))
+        return real_make_loader(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "make_loader", make_loader)
+    train(smoke(digits, tmp_path / "run", steps=1), progress=False)
+    handlers = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    try:
+        given[0](0)  # as a worker runs it
+        assert all(signal.getsignal(s) == signal.SIG_IGN for s in STOP_SIGNALS)
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
 
 
 def test_kernel_tiles_are_in_force_for_every_step_and_only_during_the_run(digits, tmp_path, monkeypatch):
