@@ -375,30 +375,42 @@ def test_a_stop_signal_during_start_up_is_honoured_at_the_first_step(digits, tmp
     assert (tmp_path / "run" / "REQUEUE").read_text().strip() == "1"
 
 
-def test_a_resumed_run_counts_on_from_the_saved_skipped_steps(digits, tmp_path, monkeypatch):
-    """Step 2's prediction is NaN, so it is skipped; the run resumed from step 2 reports and logs that skip too."""
+def _nan_predictions_at(monkeypatch, calls: set[int]) -> None:
+    """The models ``train`` builds predict NaN at their forward calls numbered in ``calls`` (1-based)."""
     from ditmoe.training import loop
 
     real_model = loop.DiTMoE
 
     def build(*args, **kwargs):
-        model, calls = real_model(*args, **kwargs), itertools.count(1)
+        model, count = real_model(*args, **kwargs), itertools.count(1)
         forward = model.forward
 
-        def nan_at_step_2(*a, **kw):
+        def nan_forward(*a, **kw):
             out = forward(*a, **kw)
-            return dataclasses.replace(out, prediction=out.prediction * math.nan) if next(calls) == 2 else out
+            return dataclasses.replace(out, prediction=out.prediction * math.nan) if next(count) in calls else out
 
-        model.forward = nan_at_step_2
+        model.forward = nan_forward
         return model
 
+    monkeypatch.setattr(loop, "DiTMoE", build)
+
+
+def test_a_resumed_run_counts_on_from_the_saved_skipped_steps(digits, tmp_path, monkeypatch):
+    """Step 2's prediction is NaN, so it is skipped; the run resumed from step 2 reports and logs that skip too."""
     with monkeypatch.context() as patch:
-        patch.setattr(loop, "DiTMoE", build)
+        _nan_predictions_at(patch, {2})
         first = train(smoke(digits, tmp_path / "run", steps=2, log_every=1), progress=False)
     resumed = train(smoke(digits, tmp_path / "run", steps=3, log_every=1, resume=True), progress=False)
     assert first.skipped_steps == resumed.skipped_steps == 1
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped_steps"] for r in logged] == [0, 1, 1]
+
+
+def test_only_consecutive_non_finite_steps_abort(digits, tmp_path, monkeypatch):
+    """max_skipped_steps=2 with steps 1 and 3 skipped: an applied step between them starts the count again."""
+    _nan_predictions_at(monkeypatch, {1, 3})
+    result = train(smoke(digits, tmp_path / "run", steps=4, max_skipped_steps=2), progress=False)
+    assert result.step == 4 and result.skipped_steps == 2
 
 
 def test_a_run_makes_its_loader_workers_ignore_stop_signals(digits, tmp_path, monkeypatch):
