@@ -569,6 +569,20 @@ def test_resumed_run_logs_on_to_the_same_wandb_run(digits, tmp_path, monkeypatch
     assert [step for _, step, _ in logged] == [1, 2, 5, 6]
 
 
+def test_steps_logged_before_a_crash_are_not_logged_to_wandb_again(digits, tmp_path, monkeypatch):
+    """Reliability 15: a crash after step 4's log, with the last checkpoint at step 2. The resumed run logs steps 3
+    and 4 again to metrics.jsonl (which drops the old ones), but wandb's run already holds them: its steps go on
+    rising."""
+    logged = _spy_wandb(monkeypatch)
+    run = tmp_path / "run"
+    train(smoke(digits, run, steps=4, wandb=True, log_every=1, ckpt_every=2), progress=False)
+    shutil.rmtree(ckpt_io.step_dir(run / "checkpoints", 4))  # the crash: step 4 was logged, never saved
+    train(smoke(digits, run, steps=5, resume=True, wandb=True, log_every=1, ckpt_every=2), progress=False)
+    assert len({run_id for run_id, _, _ in logged}) == 1
+    assert [step for _, step, _ in logged] == [1, 2, 3, 4, 5]
+    assert [record["step"] for record in _records(run)] == [1, 2, 3, 4, 5]
+
+
 def test_label_dropout_replaces_a_p_share_of_labels_by_the_null_class():
     y = torch.arange(20_000) % 7
     dropped = drop_labels(y, 0.1, 7, torch.Generator().manual_seed(0)) != y

@@ -39,7 +39,9 @@ class MetricsLogger:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / "metrics.jsonl"
-        _drop_records_after(path, start_step)
+        # steps logged after the checkpoint, before a crash: logged again to the file, not to wandb (its run already
+        # holds them, and a step below its last one would break the run's monotonic steps)
+        self._wandb_after = _drop_records_after(path, start_step)
         self.jsonl = open(path, "a")  # noqa: SIM115 (closed in close())
         if use_wandb:
             import wandb
@@ -74,7 +76,7 @@ class MetricsLogger:
         self.jsonl.flush()
         brief = "  ".join(f"{k}={_fmt(v)}" for k, v in record.items() if "/layer" not in k)
         tqdm.write(brief)
-        if self.wandb_run is not None:
+        if self.wandb_run is not None and step > self._wandb_after:
             payload = dict(record)
             if routing is not None and routing.steps:
                 import wandb
@@ -102,17 +104,19 @@ def wandb_credentials() -> bool:
         return False
 
 
-def _drop_records_after(path: Path, step: int) -> None:
+def _drop_records_after(path: Path, step: int) -> int:
     """Rewrite ``path`` (a temporary file, then a rename) without the records of steps after ``step``, nor a line
-    cut short by a crash."""
+    cut short by a crash; return the last step it held (0 if none)."""
     if not path.exists():
-        return
+        return 0
     lines = path.read_text().splitlines(keepends=True)
-    keep = [line for line in lines if _record_step(line) <= step]
+    steps = [_record_step(line) for line in lines]
+    keep = [line for line, s in zip(lines, steps, strict=True) if s <= step]
     if len(keep) < len(lines):
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text("".join(keep))
         tmp.replace(path)
+    return max((int(s) for s in steps if s != float("inf")), default=0)
 
 
 def _record_step(line: str) -> float:
