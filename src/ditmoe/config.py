@@ -164,11 +164,6 @@ class ModelConfig:
         return cls(moe=moe, **d)
 
 
-def preset_names() -> list[str]:
-    """Examples of valid names (any E and A parse)."""
-    return [f"DiT-MoE-{s}/2-{e}E2A" for s in SIZES for e in (8, 16)]
-
-
 def model_config(
     name: str,
     *,
