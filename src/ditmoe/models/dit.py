@@ -125,8 +125,3 @@ class DiTMoE(nn.Module):
             routing.append(moe.stats)
         out = self.unpatchify(self.final_layer(x_BTD, c_BD))
         return DiTOutput(out, torch.stack(aux).sum(), routing)  # one sum, not one add per block
-
-
-def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Parameters of routed experts (tagged ``is_expert``)."""
-    return [p for p in model.parameters() if getattr(p, "is_expert", False)]
