@@ -40,7 +40,3 @@ class EMA:
         if missing:
             raise KeyError(f"EMA state lacks {len(missing)} entries, e.g. {sorted(missing)[:3]}")
         self.shadow = {k: state[k].float().clone() for k in self.shadow}
-
-    def copy_to(self, model: nn.Module) -> None:
-        """Load the averaged weights into ``model`` (in the model's dtypes)."""
-        model.load_state_dict(self.shadow, strict=False)
