@@ -510,7 +510,6 @@ def _gmm(
     epi: int = EPI_NONE,
     x0=None,
     x1=None,
-    out_dtype=None,
     save: bool = True,
 ):
     """Grouped GEMM over the plan's expert groups.
@@ -530,15 +529,14 @@ def _gmm(
     else:
         Kdim, N = w.shape[1], w.shape[2]
         s_bk, s_bn = w.stride(1), w.stride(2)
-    dtype = out_dtype or a.dtype
     R = meta.R
     c3 = None
     if epi == EPI_SWIGLU_BWD:
-        dgu = torch.empty(R, 2 * N, dtype=dtype, device=a.device)
+        dgu = torch.empty(R, 2 * N, dtype=a.dtype, device=a.device)
         c, c2, c3 = dgu[:, :N], dgu[:, N:], torch.empty_like(x0) if save else None
         result = (dgu, c3)
     else:
-        c = torch.empty(R, N, dtype=dtype, device=a.device)
+        c = torch.empty(R, N, dtype=a.dtype, device=a.device)
         c2 = torch.empty_like(c) if epi != EPI_NONE and save else c  # c: unused
         result = (c, c2 if save else None) if epi != EPI_NONE else c
     if R == 0 or N == 0:
