@@ -31,13 +31,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(
-    fn: Callable, rank: int, world_size: int, port: int, out_dir: str, timeout_s: float, args: tuple, threads: int
-):
+def _rank_main(fn: Callable, rank: int, world_size: int, port: int, out_dir: str, timeout_s: float, args: tuple):
     from ditmoe.parallel.distributed import import_before_joining, leave_distributed
 
     import_before_joining()
-    torch.set_num_threads(threads)
+    torch.set_num_threads(1)  # ranks share the cores
     out = Path(out_dir)
     # What a launcher (torchrun, deepspeed) would export, for code that reads the environment.
     env = {"RANK": rank, "WORLD_SIZE": world_size, "LOCAL_RANK": rank, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
@@ -60,9 +58,7 @@ def _rank_main(
         raise SystemExit(1) from None
 
 
-def run_local_ranks(
-    fn: Callable, world_size: int, timeout_s: float = 60.0, args: tuple = (), threads_per_rank: int = 1
-) -> list:
+def run_local_ranks(fn: Callable, world_size: int, timeout_s: float = 60.0, args: tuple = ()) -> list:
     """``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; their results in rank order.
 
     Raises ``RankFailure`` with the traceback of the rank that failed first if any fails, or naming the ranks still
@@ -74,7 +70,7 @@ def run_local_ranks(
         procs = [
             ctx.Process(
                 target=_rank_main,
-                args=(fn, r, world_size, port, out_dir, timeout_s, args, threads_per_rank),
+                args=(fn, r, world_size, port, out_dir, timeout_s, args),
                 daemon=True,
             )
             for r in range(world_size)
