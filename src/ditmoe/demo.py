@@ -59,15 +59,14 @@ def run_demo(
     steps: int | None = None,
     per_class: int = 50,
     cfg_scale: float = 1.5,
-    sampling_steps: str | int | None = None,
     seed: int = 0,
     ranks: int = 2,
 ) -> dict:
     """Run (or finish) the demo under ``out``; re-running resumes training and reuses the data and judge.
 
     ``ranks`` > 1 trains with the DeepSpeed launcher on that many CPU ranks, the experts split over them
-    (expert parallelism); 1 trains in this process. ``sampling_steps`` None takes the diffusion's default
-    (50 Euler steps for rectified flow, DDPM 250).
+    (expert parallelism); 1 trains in this process. Sampling takes the diffusion's default steps (50 Euler steps
+    for rectified flow, DDPM 250).
     """
     if not math.isfinite(cfg_scale):  # found before training, not after
         raise ValueError(f"cfg_scale must be a finite number, got {cfg_scale}")
@@ -84,7 +83,7 @@ def run_demo(
 
     sampler = load_sampler(out / "run")
     labels = [c for c in range(sampler.model.cfg.num_classes) for _ in range(per_class)]
-    samples = generate(sampler, labels, cfg_scale=cfg_scale, steps=sampling_steps, seed=seed).cpu()
+    samples = generate(sampler, labels, cfg_scale=cfg_scale, seed=seed).cpu()
     grid_cols = min(per_class, 12)
     shown = torch.cat([samples[c * per_class : c * per_class + grid_cols] for c in range(10)])
     save_grid(shown, out / "samples.png", nrow=grid_cols, upscale=4)
@@ -111,7 +110,7 @@ def run_demo(
         "real_train_fid_judge_features": classifier_fid(judge, real, x_val),  # the floor for this sample count
         "samples": len(labels),
         "cfg_scale": cfg_scale,
-        "sampling": f"{cfg.diffusion}, {sampling_steps or 'default'} steps",
+        "sampling": f"{cfg.diffusion}, default steps",
         "train_steps": ckpt_io.step_of(sampler.checkpoint),  # the run's, which may have gone past --steps before
         "model": cfg.model,
         "ranks": ranks,
