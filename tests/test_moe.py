@@ -180,7 +180,6 @@ def test_capacity_drops_exactly_the_overflow_and_counts_it():
                 keep[t, k] = True
     assert res.stats.dropped.item() == int((~keep).sum()) > 0
     assert res.stats.tokens_per_expert_E.tolist() == used
-    assert res.stats.assigned_per_expert_E.sum().item() == T * K
     torch.testing.assert_close(res.out_BLD, naive_moe(layer, x, keep=keep), rtol=1e-5, atol=1e-5)
 
 

@@ -134,7 +134,6 @@ def _stats(tokens_E: list[int], entropy: float, dropped: int) -> RoutingStats:
     zero = torch.zeros(())
     return RoutingStats(
         tokens_per_expert_E=t,
-        assigned_per_expert_E=t.clone(),
         router_entropy=torch.tensor(entropy),
         dropped=torch.tensor(dropped, dtype=torch.int64),
         balance_loss=zero,

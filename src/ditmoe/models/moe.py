@@ -33,7 +33,6 @@ class RoutingStats:
     """What one MoE layer did with one batch. Tensors are detached and stay on device (no host sync)."""
 
     tokens_per_expert_E: torch.Tensor  # int64 [E] pairs kept per expert
-    assigned_per_expert_E: torch.Tensor  # int64 [E] pairs the router chose (before capacity drops)
     router_entropy: torch.Tensor  # [] mean over tokens of the router distribution's entropy (nats)
     dropped: torch.Tensor  # int64 [] pairs dropped by the capacity limit
     balance_loss: torch.Tensor  # [] the layer's balance loss (already multiplied by alpha)
@@ -184,7 +183,6 @@ class MoEFeedForward(nn.Module):
             entropy = torch.special.entr(probs_TE).sum() / max(B * L, 1)
         stats = RoutingStats(  # integer tensors carry no gradient: only the losses need detaching
             tokens_per_expert_E=plan.counts_E,
-            assigned_per_expert_E=chosen_TE.sum(0),
             router_entropy=entropy,
             dropped=plan.dropped,
             balance_loss=balance.detach(),
