@@ -658,3 +658,49 @@ def test_train_a_few_steps_from_prepared_shards(kind, request, tmp_path):
         4 if kind == "latents" else 3,
         3,
     )
+
+
+@pytest.fixture(scope="module")
+def latent_run(latents, tmp_path_factory) -> Path:
+    from ditmoe.training.config import train_config
+    from ditmoe.training.loop import train
+
+    out = tmp_path_factory.mktemp("latent-run") / "run"
+    train(train_config("digits-smoke", data=str(latents), out=str(out), steps=2, batch_size=4), progress=False)
+    return out
+
+
+def test_vae_decode_undoes_the_scaling_of_encode(vae_dir):
+    """decode(z) is the VAE's decoding of z / scaling factor, clamped to [-1, 1], at the VAE's resolution."""
+    from ditmoe.data.vae import load_vae
+
+    vae = load_vae(vae_dir, "cpu", scaling_factor=0.5)
+    z = torch.randn(2, 4, SIZE // 2, SIZE // 2, generator=torch.Generator().manual_seed(0))
+    images = vae.decode(z)
+    with torch.no_grad():
+        expected = vae.vae.decode(z / 0.5).sample.clamp(-1, 1)
+    assert images.shape == (2, 3, SIZE, SIZE)
+    torch.testing.assert_close(images, expected)
+
+
+def test_sample_cli_decodes_a_latent_model_with_the_vae_of_its_data(latent_run, vae_dir, tmp_path, monkeypatch):
+    """A latent model's samples go through the VAE its training data was encoded with (the manifest names it) to
+    RGB images of the data's resolution: in a grid, and in an .npz for FID."""
+    from ditmoe.data.vae import Autoencoder
+
+    decoded, decode = [], Autoencoder.decode
+
+    def spy(self, latents):
+        decoded.append((tuple(latents.shape), self.scaling_factor))
+        return decode(self, latents)
+
+    monkeypatch.setattr(Autoencoder, "decode", spy)
+    common = ["sample", "--ckpt", str(latent_run), "--per-class", "2", "--steps", "ddim2"]
+    assert main([*common, "--out", str(tmp_path / "grid.png")]) == 0
+    grid = Image.open(tmp_path / "grid.png")
+    assert grid.mode == "RGB" and grid.size == (2 * (SIZE + 1) + 1, 3 * (SIZE + 1) + 1)  # 3 classes, 2 each
+    assert main([*common, "--vae", str(vae_dir), "--batch-size", "4", "--out", str(tmp_path / "s.npz")]) == 0
+    with np.load(tmp_path / "s.npz") as z:
+        assert z["arr_0"].shape == (6, SIZE, SIZE, 3) and z["arr_1"].tolist() == [0, 0, 1, 1, 2, 2]
+    latent = (4, SIZE // 2, SIZE // 2)
+    assert decoded == [((6, *latent), pytest.approx(0.18215)), ((4, *latent), 0.18215), ((2, *latent), 0.18215)]

@@ -1,8 +1,12 @@
 """Sampling from checkpoints: the CLI, EMA weights, guidance wiring, and the demo pipeline end to end."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -17,8 +21,10 @@ from ditmoe.demo import run_demo
 from ditmoe.diffusion import create_diffusion
 from ditmoe.evaluation.digits_judge import classifier_fid, judge_samples, load_judge
 from ditmoe.models.dit import DiTMoE
+from ditmoe.parallel.launch import free_port, run_local_ranks
 from ditmoe.sampling import sample as sample_module
-from ditmoe.sampling.sample import Sampler, generate, load_sampler
+from ditmoe.sampling.npz import batch_seed, write_npz
+from ditmoe.sampling.sample import Sampler, generate, latent_decoder, load_sampler
 from ditmoe.training.checkpoint import CheckpointError
 from ditmoe.training.config import train_config
 from ditmoe.training.export import META_KEY, export_safetensors, load_exported
@@ -75,6 +81,9 @@ def test_sample_cli_writes_one_row_per_class(run, tmp_path, capsys, monkeypatch)
         (["--upscale", "0"], "--upscale must be at least 1, got 0"),
         (["--classes", "1,,2"], "--classes must be comma-separated class ids, got '1,,2'"),
         (["--kernel-tiles", '{"rows": {"BQ": 1}}'], "rows has no setting 'BQ'"),
+        (["--num-samples", "5"], "samples for FID are written as .npz (ADM's layout), not .png"),
+        (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+        (["--vae", "/models/sd-vae"], "generates images, not VAE latents: it needs no --vae"),
     ],
 )
 def test_sample_cli_bad_input_is_one_clear_line(run, tmp_path, capsys, argv, needle):
@@ -195,3 +204,69 @@ def test_demo_pipeline_end_to_end(tmp_path, monkeypatch):
     judge, labels = load_judge(tmp_path / "demo" / "judge.pt"), torch.arange(10).repeat_interleave(2)
     assert again["sample_class_accuracy"] == judge_samples(judge, fake, labels) < 1.0
     assert again["sample_fid_judge_features"] == classifier_fid(judge, fake, x_val)
+
+
+def test_sample_cli_writes_num_samples_to_an_npz_as_adm_reads_it(run, tmp_path, capsys):
+    """--num-samples N with an .npz --out: arr_0 uint8 [N, H, W, C], arr_1 the labels, the classes taking turns;
+    batch b of --batch-size drawn from its own seed."""
+    out = tmp_path / "fid" / "samples.npz"
+    argv = ["sample", "--ckpt", str(run), "--num-samples", "7", "--batch-size", "3", "--steps", "ddim2"]
+    assert main([*argv, "--classes", "2,5", "--out", str(out)]) == 0
+    assert f"wrote 7 samples of 2 classes from {run}" in capsys.readouterr().out
+    with np.load(out) as z:
+        assert sorted(z.files) == ["arr_0", "arr_1"]
+        images, labels = z["arr_0"], z["arr_1"]
+    assert images.dtype == np.uint8 and images.shape == (7, 16, 16, 1)
+    assert labels.tolist() == [2, 5, 2, 5, 2, 5, 2]
+    sampler = load_sampler(run)
+    second = generate(sampler, [5, 2, 5], steps="ddim2", seed=batch_seed(0, 1), progress=False)  # samples 3-5
+    np.testing.assert_array_equal(images[3:6], sample_module.to_uint8(second))
+    assert not np.array_equal(images[0], images[2])  # same class, other noise
+    assert list(out.parent.iterdir()) == [out]  # no part or temporary file left
+
+
+def _npz_rank(rank: int, world: int, run: Path, out: Path) -> None:
+    write_npz(load_sampler(run), list(range(10)) * 2, out, batch_size=3, seed=4, steps="ddim2", progress=False)
+
+
+def test_ranks_share_the_batches_and_write_the_file_one_process_would(run, tmp_path):
+    """2 ranks draw batches 0, 2, ... and 1, 3, ...; rank 0 joins the parts in sample order: the same bytes as one
+    process."""
+    run_local_ranks(_npz_rank, 2, timeout_s=120, args=(run, tmp_path / "two.npz"))
+    _npz_rank(0, 1, run, tmp_path / "one.npz")
+    with np.load(tmp_path / "one.npz") as one, np.load(tmp_path / "two.npz") as two:
+        np.testing.assert_array_equal(one["arr_0"], two["arr_0"])
+        np.testing.assert_array_equal(one["arr_1"], two["arr_1"])
+        assert one["arr_0"].shape[0] == 20
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.npz", "two.npz"]
+
+
+def test_a_latent_model_needs_the_vae_its_data_was_encoded_with(tmp_path):
+    s = _random_sampler("rf")
+    s.data = {"format": "latent", "vae": str(tmp_path / "sd-vae-ft-ema")}
+    with pytest.raises(ConfigError, match=r"pass --vae DIR.*encoded with .*sd-vae-ft-ema, not found here"):
+        latent_decoder(s)
+    with pytest.raises(ConfigError, match="pass --vae DIR"):
+        latent_decoder(s, tmp_path)  # no config.json there
+    assert latent_decoder(_random_sampler("rf")) is None  # pixels: nothing to decode
+
+
+def test_sample_cli_under_a_launcher_joins_its_ranks_parts(run, tmp_path):
+    """As torchrun starts it: 2 processes with RANK, WORLD_SIZE and a master address; each draws its batches, rank 0
+    writes the file one process writes."""
+    port = free_port()
+    argv = [sys.executable, "-m", "ditmoe.cli", "sample", "--ckpt", str(run), "--num-samples", "9"]
+    argv += ["--batch-size", "2", "--steps", "ddim2", "--out"]
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "OMP_NUM_THREADS": "1"}
+        env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        out = subprocess.PIPE
+        procs.append(subprocess.Popen([*argv, str(tmp_path / "two.npz")], env=env, stdout=out, stderr=out, text=True))
+    said = [p.communicate(timeout=180) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], said
+    assert "to " + str(tmp_path / "two.npz") + " (2 ranks)" in said[0][0] and said[1][0] == ""  # rank 0 reports
+    assert main([*argv[3:], str(tmp_path / "one.npz")]) == 0
+    with np.load(tmp_path / "one.npz") as one, np.load(tmp_path / "two.npz") as two:
+        np.testing.assert_array_equal(one["arr_0"], two["arr_0"])
+        assert two["arr_1"].tolist() == [c % 10 for c in range(9)]

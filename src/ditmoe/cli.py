@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -216,28 +217,39 @@ def _guide_channels(text: str) -> str | int:
 
 
 def cmd_sample(args) -> int:
-    from ditmoe.sampling.sample import check_image_path, generate, load_sampler, save_grid
+    from ditmoe.sampling.npz import balanced_labels, check_npz_path, launcher_world, write_npz
+    from ditmoe.sampling.sample import check_image_path, generate, images_of, latent_decoder, load_sampler, save_grid
     from ditmoe.training.config import kernel_tiles
     from ditmoe_kernels.tiles import tile_overrides
 
-    _require_at_least_one(args, "--per-class", "--upscale")
-    check_image_path(args.out)  # before sampling, not after
+    _require_at_least_one(args, "--per-class", "--upscale", "--batch-size")
+    npz = Path(args.out).suffix == ".npz"
+    if args.num_samples is not None:
+        _require_at_least_one(args, "--num-samples")
+        check_npz_path(args.out)  # N samples for FID go to an .npz, not into a grid
+    if not npz:
+        check_image_path(args.out)  # before sampling, not after
     guide_channels = _guide_channels(args.guide_channels)
     tiles = kernel_tiles(args.kernel_tiles)
-    sampler = load_sampler(args.ckpt, ema=False if args.no_ema else None)
-    if sampler.data.get("format") == "latent":
-        raise ConfigError(f"{sampler.checkpoint} generates VAE latents; decoding them needs a VAE (not supported yet)")
-    classes = _class_ids(args.classes) if args.classes else list(range(sampler.model.cfg.num_classes))
-    labels = [c for c in classes for _ in range(args.per_class)]
-    with tile_overrides(**tiles):
-        images = generate(
-            sampler,
-            labels,
-            cfg_scale=args.cfg_scale,
-            steps=args.steps,
-            seed=args.seed,
-            guide_channels=guide_channels,
-        )
+    with launcher_world() if npz else contextlib.nullcontext((0, 1, None)) as (rank, world, device):
+        sampler = load_sampler(args.ckpt, ema=False if args.no_ema else None, device=device)
+        decoder = latent_decoder(sampler, args.vae)
+        classes = _class_ids(args.classes) if args.classes else list(range(sampler.model.cfg.num_classes))
+        per_class = [c for c in classes for _ in range(args.per_class)]
+        guidance = dict(cfg_scale=args.cfg_scale, steps=args.steps, guide_channels=guide_channels)
+        with tile_overrides(**tiles):
+            if npz:
+                labels = balanced_labels(args.num_samples, classes) if args.num_samples else per_class
+                write_npz(
+                    sampler, labels, args.out, batch_size=args.batch_size, seed=args.seed, decoder=decoder, **guidance
+                )
+                if rank == 0:
+                    print(
+                        f"wrote {len(labels)} samples of {len(classes)} classes from {sampler.checkpoint} to "
+                        f"{args.out} ({world} rank{'s' if world > 1 else ''})"
+                    )
+                return 0
+            images = images_of(generate(sampler, per_class, seed=args.seed, **guidance), decoder)
     path = save_grid(images, args.out, nrow=args.per_class, upscale=args.upscale)
     print(f"wrote {len(classes)} classes x {args.per_class} samples from {sampler.checkpoint} to {path}")
     return 0
@@ -350,10 +362,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("sample", help="class-conditional samples from a checkpoint as a PNG grid (one row per class)")
+    p = sub.add_parser(
+        "sample",
+        help="class-conditional samples from a checkpoint: an image grid (one row per class), or an .npz for FID",
+    )
     p.add_argument("--ckpt", required=True, help="a checkpoint directory, or a run directory (newest checkpoint)")
     p.add_argument("--classes", help="comma-separated class ids (default: all)")
     p.add_argument("--per-class", type=int, default=8)
+    p.add_argument(
+        "--num-samples",
+        type=int,
+        help="with an .npz --out: this many samples, the classes taking turns (ADM's layout: arr_0 uint8 NHWC images, "
+        "arr_1 labels); ranks of a launcher (torchrun, srun) share the batches",
+    )
+    p.add_argument("--batch-size", type=int, default=32, help="samples per sampling call (.npz output)")
+    p.add_argument(
+        "--vae",
+        help="a latent model's decoder: a diffusers AutoencoderKL folder (default: the one its training data was "
+        "encoded with, from the data's manifest)",
+    )
     p.add_argument("--cfg-scale", type=float, default=4.0)
     p.add_argument("--steps", help="DDPM respacing ('250', 'ddim50') or Euler steps for rectified flow")
     p.add_argument(
@@ -366,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--upscale", type=int, default=1, help="nearest-neighbour upscaling of the grid")
     p.add_argument("--kernel-tiles", default="", help="Triton tile overrides: a JSON file (as train's) or JSON text")
-    p.add_argument("--out", default="samples.png")
+    p.add_argument("--out", default="samples.png", help="an image (.png, ...) for a grid, or .npz for FID")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("analyze", help="expert specialisation of a checkpoint: routing by class and by noise level")

@@ -1,4 +1,5 @@
-"""The Stable Diffusion VAE (diffusers AutoencoderKL) as a batched image -> latent encoder."""
+"""The Stable Diffusion VAE (diffusers AutoencoderKL): images -> scaled latents for training data, and back for
+samples."""
 
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ def resolve_device(device: str) -> torch.device:
 
 
 @dataclass
-class LatentEncoder:
-    """A loaded VAE: `encode` maps uint8 [B, H, W, 3] images to scaled latents [B, 4, H/f, W/f] (posterior mean)."""
+class Autoencoder:
+    """A loaded VAE: ``encode`` maps uint8 [B, H, W, 3] images to scaled latents [B, 4, H/f, W/f] (posterior mean),
+    ``decode`` scaled latents back to images."""
 
     vae: torch.nn.Module
     device: torch.device
@@ -36,11 +38,18 @@ class LatentEncoder:
         latents = self.vae.encode(x.to(dtype)).latent_dist.mean * self.scaling_factor
         return latents.float().cpu().numpy()
 
+    @torch.no_grad()
+    def decode(self, latents_BCHW: torch.Tensor) -> torch.Tensor:
+        """Scaled latents [B, C, h, w] -> images [B, 3, h*f, w*f] in [-1, 1], float32 on the VAE's device."""
+        dtype = next(self.vae.parameters()).dtype
+        z = latents_BCHW.to(self.device, dtype) / self.scaling_factor
+        return self.vae.decode(z).sample.float().clamp(-1, 1)
 
-def load_vae(vae_dir: Path, device: str = "auto", scaling_factor: float | None = None) -> LatentEncoder:
+
+def load_vae(vae_dir: Path, device: str = "auto", scaling_factor: float | None = None) -> Autoencoder:
     """AutoencoderKL.from_pretrained(vae_dir) in eval mode on device; FileNotFoundError naming vae_dir when it, its
     config.json or its weights are missing (or diffusers cannot read them)."""
-    from diffusers import AutoencoderKL  # imported here: only `prepare --latents` needs diffusers
+    from diffusers import AutoencoderKL  # imported here: only latent data and latent samples need diffusers
 
     vae_dir = Path(vae_dir)
     if not (vae_dir / "config.json").is_file():
@@ -53,4 +62,4 @@ def load_vae(vae_dir: Path, device: str = "auto", scaling_factor: float | None =
     vae = vae.to(dev).eval()
     factor = scaling_factor if scaling_factor is not None else getattr(vae.config, "scaling_factor", None)
     downsample = 2 ** (len(vae.config.block_out_channels) - 1)
-    return LatentEncoder(vae, dev, float(factor or DEFAULT_SCALING_FACTOR), downsample)
+    return Autoencoder(vae, dev, float(factor or DEFAULT_SCALING_FACTOR), downsample)

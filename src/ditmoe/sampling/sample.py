@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from ditmoe.config import ConfigError, ModelConfig
+from ditmoe.data.vae import Autoencoder, load_vae
 from ditmoe.diffusion import Diffusion, create_diffusion, guided_model_fn
 from ditmoe.models.dit import DiTMoE
 from ditmoe.training import checkpoint as ckpt_io
@@ -101,6 +102,36 @@ def generate(
     if bad:
         raise ValueError(f"{bad} of {len(labels)} samples hold NaN or infinite values (diverged weights?)")
     return images
+
+
+def latent_decoder(sampler: Sampler, vae_dir: Path | str | None = None) -> Autoencoder | None:
+    """The VAE that turns a latent model's samples into images, on the model's device; None for a pixel model.
+    ``vae_dir`` None: the one the training data was encoded with (its manifest names it), with its scaling factor."""
+    data, ckpt = sampler.data, sampler.checkpoint
+    if data.get("format") != "latent":
+        if vae_dir is not None:
+            raise ConfigError(f"{ckpt} generates images, not VAE latents: it needs no --vae")
+        return None
+    trained_with = data.get("vae")
+    vae_dir = Path(vae_dir or trained_with or "")
+    if not (vae_dir / "config.json").is_file():
+        where = f" (its data was encoded with {trained_with}, not found here)" if trained_with else ""
+        raise ConfigError(
+            f"{ckpt} generates VAE latents: pass --vae DIR, the diffusers AutoencoderKL they were encoded with{where}"
+        )
+    device = next(sampler.model.parameters()).device
+    vae = load_vae(vae_dir, str(device), data.get("scaling_factor"))
+    if vae.vae.config.latent_channels != sampler.model.cfg.in_channels:
+        raise ConfigError(
+            f"VAE {vae_dir} has {vae.vae.config.latent_channels} latent channels; the model in {ckpt} generates "
+            f"{sampler.model.cfg.in_channels}"
+        )
+    return vae
+
+
+def images_of(samples_BCHW: torch.Tensor, decoder: Autoencoder | None) -> torch.Tensor:
+    """Images in [-1, 1] from a model's samples: decoded by the VAE for a latent model, else the samples."""
+    return samples_BCHW if decoder is None else decoder.decode(samples_BCHW)
 
 
 def check_image_path(path: Path | str) -> Path:
