@@ -57,26 +57,6 @@ def pixels(tree, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def vae_dir(tmp_path_factory) -> Path:
-    """A tiny random AutoencoderKL (one downsampling: latents are [4, S/2, S/2])."""
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=(32, 32),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=SIZE,
-    )
-    path = tmp_path_factory.mktemp("vae") / "tiny-vae"
-    vae.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def latents(tree, vae_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("latents") / "shards"
     prepare_images(

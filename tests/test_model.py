@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ditmoe.cli import main
 from ditmoe.config import model_config
 from ditmoe.models.attention import Attention
 from ditmoe.models.dit import DiTMoE
@@ -285,3 +286,34 @@ def test_official_train_py_checkpoint_loads_its_ema_weights(tmp_path):
     torch.save({"ema": sd, "args": datetime.date(2024, 7, 16)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match=r"other.pt holds objects other than tensors.*datetime.date"):
         load_official(tmp_path / "other.pt", cfg)
+
+
+def test_sample_cli_samples_an_official_checkpoint_through_its_vae(vae_dir, tmp_path, capsys):
+    """An official .pt carries no config: --model, --image-size and --diffusion give it; its samples are SD-VAE
+    latents (scale 0.18215), decoded by --vae, in the file our own sampler makes of the same weights."""
+    from ditmoe.data.vae import load_vae
+    from ditmoe.sampling.npz import batch_seed
+    from ditmoe.sampling.sample import generate, load_official_sampler, to_uint8
+
+    cfg = model_config("DiT-MoE-micro/2-4E2A", image_size=16)  # latents [4, 2, 2], 1000 classes
+    torch.manual_seed(0)
+    src = DiTMoE(cfg)
+    _randomise(src)
+    path = tmp_path / "dit_moe_micro.pt"
+    torch.save({"ema": official_state_dict(src, flash=False)}, path)
+    common = ["sample", "--ckpt", str(path), "--classes", "1,7", "--per-class", "1", "--steps", "ddim2"]
+    official = ["--model", "DiT-MoE-micro/2-4E2A", "--image-size", "16", "--diffusion", "ddpm"]
+    assert main([*common, *official, "--vae", str(vae_dir), "--out", str(tmp_path / "s.npz")]) == 0
+    sampler = load_official_sampler(path, cfg, "ddpm")
+    latents = generate(sampler, [1, 7], steps="ddim2", seed=batch_seed(0, 0), progress=False)
+    expected = to_uint8(load_vae(vae_dir, "cpu", 0.18215).decode(latents))
+    with np.load(tmp_path / "s.npz") as z:
+        assert z["arr_0"].shape == (2, 4, 4, 3) and z["arr_1"].tolist() == [1, 7]
+        np.testing.assert_array_equal(z["arr_0"], expected)
+    capsys.readouterr()
+    assert main([*common, "--out", str(tmp_path / "g.png")]) == 2  # no --model: one line that says what to give
+    assert "carries no config: give --model" in capsys.readouterr().err
+    wrong = ["--model", "DiT-MoE-micro/2-8E2A", "--image-size", "16", "--diffusion", "ddpm"]
+    assert main([*common, *wrong, "--vae", str(vae_dir), "--out", str(tmp_path / "g.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "does not hold an official DiT-MoE-micro/2-8E2A" in err and err.count("\n") == 0

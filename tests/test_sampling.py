@@ -84,6 +84,8 @@ def test_sample_cli_writes_one_row_per_class(run, tmp_path, capsys, monkeypatch)
         (["--num-samples", "5"], "samples for FID are written as .npz (ADM's layout), not .png"),
         (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
         (["--vae", "/models/sd-vae"], "generates images, not VAE latents: it needs no --vae"),
+        (["--model", "DiT-MoE-S/2-8E2A"], "--model is for official .pt checkpoints;"),
+        (["--model", "DiT-MoE-S/2-8E2A", "--diffusion", "rf"], "--model and --diffusion are for official .pt"),
     ],
 )
 def test_sample_cli_bad_input_is_one_clear_line(run, tmp_path, capsys, argv, needle):

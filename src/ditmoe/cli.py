@@ -216,9 +216,35 @@ def _guide_channels(text: str) -> str | int:
     raise ValueError(f"--guide-channels must be 'official', 'all' or a channel count >= 1, got {text!r}")
 
 
+OFFICIAL_SUFFIXES = (".pt", ".pth")  # the official code's checkpoints; ours are folders or .safetensors
+
+
+def _sampler(args, device: str | None):
+    """The sampler of ``--ckpt``: ours (its config inside), or an official .pt given --model and --diffusion."""
+    from ditmoe.config import model_config
+    from ditmoe.sampling.sample import load_official_sampler, load_sampler
+
+    official = Path(args.ckpt).suffix in OFFICIAL_SUFFIXES
+    if official and not (args.model and args.diffusion):
+        raise ConfigError(
+            f"{args.ckpt} is an official DiT-MoE checkpoint, which carries no config: give --model (e.g. "
+            "DiT-MoE-XL/2-8E2A) and --diffusion (ddpm for the S and B releases, rf for XL and G)"
+        )
+    if not official:
+        given = [flag for flag, value in (("--model", args.model), ("--diffusion", args.diffusion)) if value]
+        if given:
+            verb = "are" if len(given) > 1 else "is"
+            raise ConfigError(
+                f"{' and '.join(given)} {verb} for official .pt checkpoints; {args.ckpt} carries its config"
+            )
+        return load_sampler(args.ckpt, ema=False if args.no_ema else None, device=device)
+    cfg = model_config(args.model, image_size=args.image_size)
+    return load_official_sampler(args.ckpt, cfg, args.diffusion, ema=not args.no_ema, device=device)
+
+
 def cmd_sample(args) -> int:
     from ditmoe.sampling.npz import balanced_labels, check_npz_path, launcher_world, write_npz
-    from ditmoe.sampling.sample import check_image_path, generate, images_of, latent_decoder, load_sampler, save_grid
+    from ditmoe.sampling.sample import check_image_path, generate, images_of, latent_decoder, save_grid
     from ditmoe.training.config import kernel_tiles
     from ditmoe_kernels.tiles import tile_overrides
 
@@ -232,7 +258,7 @@ def cmd_sample(args) -> int:
     guide_channels = _guide_channels(args.guide_channels)
     tiles = kernel_tiles(args.kernel_tiles)
     with launcher_world() if npz else contextlib.nullcontext((0, 1, None)) as (rank, world, device):
-        sampler = load_sampler(args.ckpt, ema=False if args.no_ema else None, device=device)
+        sampler = _sampler(args, device)
         decoder = latent_decoder(sampler, args.vae)
         classes = _class_ids(args.classes) if args.classes else list(range(sampler.model.cfg.num_classes))
         per_class = [c for c in classes for _ in range(args.per_class)]
@@ -366,7 +392,15 @@ def build_parser() -> argparse.ArgumentParser:
         "sample",
         help="class-conditional samples from a checkpoint: an image grid (one row per class), or an .npz for FID",
     )
-    p.add_argument("--ckpt", required=True, help="a checkpoint directory, or a run directory (newest checkpoint)")
+    p.add_argument(
+        "--ckpt",
+        required=True,
+        help="a checkpoint directory, a run directory (newest checkpoint), an exported .safetensors, or an official "
+        "DiT-MoE .pt (with --model and --diffusion)",
+    )
+    p.add_argument("--model", help="an official .pt's model, e.g. DiT-MoE-XL/2-8E2A")
+    p.add_argument("--diffusion", choices=["ddpm", "rf"], help="an official .pt's: ddpm (S, B releases) or rf (XL, G)")
+    p.add_argument("--image-size", type=int, default=256, help="an official .pt's image size (latents: 1/8)")
     p.add_argument("--classes", help="comma-separated class ids (default: all)")
     p.add_argument("--per-class", type=int, default=8)
     p.add_argument(

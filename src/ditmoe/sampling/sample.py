@@ -11,9 +11,10 @@ import torch
 from PIL import Image
 
 from ditmoe.config import ConfigError, ModelConfig
-from ditmoe.data.vae import Autoencoder, load_vae
+from ditmoe.data.vae import DEFAULT_SCALING_FACTOR, Autoencoder, load_vae
 from ditmoe.diffusion import Diffusion, create_diffusion, guided_model_fn
 from ditmoe.models.dit import DiTMoE
+from ditmoe.models.official import load_official
 from ditmoe.training import checkpoint as ckpt_io
 from ditmoe.training.export import load_exported
 from ditmoe.training.run_state import load_state_into, load_weights
@@ -51,6 +52,24 @@ def load_sampler(path: Path | str, *, ema: bool | None = None, device: str | Non
     model.to(dev).eval()
     diffusion = create_diffusion(saved["train"]["diffusion"], learn_sigma=model.cfg.learn_sigma)
     return Sampler(model, diffusion, ckpt, saved.get("data", {}))
+
+
+def load_official_sampler(
+    path: Path | str, cfg: ModelConfig, diffusion: str, *, ema: bool = True, device: str | None = None
+) -> Sampler:
+    """A checkpoint of the official DiT-MoE code (a ``.pt``, which carries no config) as ``cfg`` sampled by
+    ``diffusion`` ("ddpm": the S and B releases, "rf": XL and G). Its samples are SD-VAE latents (scale 0.18215)."""
+    try:
+        model = load_official(path, cfg, prefer="ema" if ema else "model")
+    except (KeyError, RuntimeError) as e:  # keys or shapes of another model
+        first = str(e).strip().strip('"').splitlines()[0]
+        raise ConfigError(
+            f"{path} does not hold an official {cfg.name} at {cfg.input_size}x{cfg.input_size} latents: {first}"
+        ) from None
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(dev).eval()
+    data = {"format": "latent", "scaling_factor": DEFAULT_SCALING_FACTOR}
+    return Sampler(model, create_diffusion(diffusion, learn_sigma=cfg.learn_sigma), Path(path), data)
 
 
 @torch.no_grad()
