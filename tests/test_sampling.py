@@ -22,6 +22,7 @@ from ditmoe.diffusion import create_diffusion
 from ditmoe.evaluation.digits_judge import classifier_fid, judge_samples, load_judge
 from ditmoe.models.dit import DiTMoE
 from ditmoe.parallel.launch import free_port, run_local_ranks
+from ditmoe.sampling import npz
 from ditmoe.sampling import sample as sample_module
 from ditmoe.sampling.npz import batch_seed, write_npz
 from ditmoe.sampling.sample import Sampler, generate, latent_decoder, load_sampler
@@ -272,3 +273,33 @@ def test_sample_cli_under_a_launcher_joins_its_ranks_parts(run, tmp_path):
     with np.load(tmp_path / "one.npz") as one, np.load(tmp_path / "two.npz") as two:
         np.testing.assert_array_equal(one["arr_0"], two["arr_0"])
         assert two["arr_1"].tolist() == [c % 10 for c in range(9)]
+
+
+def test_a_stopped_npz_run_goes_on_where_it_stopped_and_refuses_other_arguments(run, tmp_path, monkeypatch, capsys):
+    """A run killed after 2 of 4 batches keeps them; started again it samples only the other 2, and the file is the
+    one an unbroken run writes. Other arguments meet the kept batches with an error naming what differs."""
+    sampler, labels, calls = load_sampler(run), list(range(7)), []
+    real = npz.generate
+
+    def dies_after_two(sampler_, batch, **kw):
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the time limit
+        calls.append(batch)
+        return real(sampler_, batch, **kw)
+
+    kw = dict(batch_size=2, seed=3, steps="ddim2", progress=False)
+    monkeypatch.setattr(npz, "generate", dies_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        write_npz(sampler, labels, tmp_path / "s.npz", **kw)
+    with pytest.raises(ValueError, match=r"\.s\.npz\.batches holds batches sampled with other seed: remove it"):
+        write_npz(sampler, labels, tmp_path / "s.npz", **{**kw, "seed": 4})
+    calls.clear()
+    monkeypatch.setattr(
+        npz, "generate", lambda sampler_, batch, **kw_: calls.append(batch) or real(sampler_, batch, **kw_)
+    )
+    write_npz(sampler, labels, tmp_path / "s.npz", **kw)
+    assert calls == [[4, 5], [6]] and "2 batches already sampled" in capsys.readouterr().out
+    write_npz(sampler, labels, tmp_path / "whole.npz", **kw)
+    with np.load(tmp_path / "s.npz") as resumed, np.load(tmp_path / "whole.npz") as whole:
+        np.testing.assert_array_equal(resumed["arr_0"], whole["arr_0"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.npz", "whole.npz"]

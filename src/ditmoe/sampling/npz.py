@@ -3,13 +3,18 @@ its reference batches): ``arr_0`` uint8 [N, H, W, C] images, ``arr_1`` int64 [N]
 
 Samples are drawn in batches of ``batch_size``; batch b starts from a seed derived from (seed, b), so the file
 depends on the seed and the batch size alone, not on how many processes share the work. Under a launcher (torchrun,
-deepspeed, srun) rank r of W draws batches r, r + W, ...: each writes its part beside the output, and rank 0 joins
-the parts in sample order once every rank has written its own."""
+deepspeed, srun) rank r of W draws batches r, r + W, .... Each batch is saved on its own in a folder beside the
+output (``.NAME.npz.batches``) and rank 0 joins them in order once all are there, then removes the folder. A run
+stopped part way (a time limit, a preemption) goes on where it stopped when started again with the same arguments,
+on any number of ranks; a folder left by other arguments is refused, not mixed in."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
+import shutil
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -83,42 +88,64 @@ def write_npz(
     every rank calls it, and rank 0 writes ``out``. ``generate_kwargs``: cfg_scale, steps, guide_channels."""
     out = check_npz_path(out)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    starts = range(0, len(labels), batch_size)
-    mine = list(range(rank, len(starts), world))
-    images, index = [], []
-    for b in tqdm(mine, desc=f"sampling (rank {rank} of {world})", unit="batch", disable=not progress):
-        first = starts[b]
-        batch = labels[first : first + batch_size]
-        samples = generate(sampler, batch, seed=batch_seed(seed, b), progress=False, **generate_kwargs)
-        images.append(to_uint8(images_of(samples, decoder)))
-        index.append(np.arange(first, first + len(batch)))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if world == 1:
-        _save(out, np.concatenate(images), np.asarray(labels, dtype=np.int64))
-        return out
-    part = out.with_name(f".{out.name}.part{rank:05d}-of-{world:05d}.npz")
-    _save(part, np.concatenate(images) if images else np.zeros((0, 0, 0, 0), np.uint8), np.concatenate(index or [[]]))
-    dist.barrier()  # every part written
+    work = out.with_name(f".{out.name}.batches")
+    run = {"checkpoint": str(sampler.checkpoint), "labels": _digest(labels), "batch_size": batch_size, "seed": seed}
+    run.update(generate_kwargs)
     if rank == 0:
-        _join(out, [out.with_name(f".{out.name}.part{r:05d}-of-{world:05d}.npz") for r in range(world)], labels)
-    dist.barrier()  # no rank returns before out exists
+        work.mkdir(parents=True, exist_ok=True)
+        if not (work / RUN_FILE).exists():
+            _save_atomic(work / RUN_FILE, lambda f: f.write(json.dumps(run, indent=1).encode()))
+    _barrier()
+    _check_same_run(work, run)
+    starts = range(0, len(labels), batch_size)
+    mine = [b for b in range(rank, len(starts), world) if not _batch_file(work, b).exists()]
+    done = len(range(rank, len(starts), world)) - len(mine)
+    if done:
+        print(f"rank {rank}: {done} batches already sampled in {work}, going on")
+    for b in tqdm(mine, desc=f"sampling (rank {rank} of {world})", unit="batch", disable=not progress):
+        batch = labels[starts[b] : starts[b] + batch_size]
+        samples = generate(sampler, batch, seed=batch_seed(seed, b), progress=False, **generate_kwargs)
+        images = to_uint8(images_of(samples, decoder))
+        _save_atomic(_batch_file(work, b), lambda f, images=images: np.save(f, images))
+    _barrier()  # every batch saved
+    if rank == 0:
+        images = np.concatenate([np.load(_batch_file(work, b)) for b in range(len(starts))])
+        _save_atomic(out, lambda f: np.savez(f, images, np.asarray(labels, dtype=np.int64)))
+        shutil.rmtree(work)
+    _barrier()  # no rank returns before out exists
     return out
 
 
-def _save(path: Path, arr_0: np.ndarray, arr_1: np.ndarray) -> None:
-    """np.savez to a temporary name, then a rename: a reader never sees half a file."""
+RUN_FILE = "run.json"  # what the batches in a work folder were sampled with
+
+
+def _batch_file(work: Path, batch: int) -> Path:
+    return work / f"batch{batch:07d}.npy"
+
+
+def _digest(labels: list[int]) -> str:
+    return hashlib.sha256(np.asarray(labels, dtype=np.int64).tobytes()).hexdigest()
+
+
+def _check_same_run(work: Path, run: dict) -> None:
+    """ValueError naming ``work`` when its batches were sampled with other arguments (same on every rank)."""
+    saved = json.loads((work / RUN_FILE).read_text())
+    if saved != json.loads(json.dumps(run)):
+        differ = sorted(k for k in {*saved, *run} if saved.get(k) != json.loads(json.dumps(run)).get(k))
+        raise ValueError(
+            f"{work} holds batches sampled with other {', '.join(differ)}: remove it to start afresh, or give the "
+            "arguments it was started with to finish it"
+        )
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _save_atomic(path: Path, write) -> None:
+    """``write(file)`` to a temporary name, then a rename: a reader (or a run started again) never sees half a file."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
-        np.savez(f, arr_0, arr_1)
+        write(f)
     tmp.replace(path)
-
-
-def _join(out: Path, parts: list[Path], labels: list[int]) -> None:
-    """The ranks' parts (arr_0 images, arr_1 sample indices) in sample order into ``out``; the parts removed."""
-    loaded = [np.load(p) for p in parts]
-    held = [(z["arr_0"], z["arr_1"]) for z in loaded if len(z["arr_1"])]
-    images = np.concatenate([i for i, _ in held])
-    order = np.argsort(np.concatenate([idx for _, idx in held]), kind="stable")
-    _save(out, images[order], np.asarray(labels, dtype=np.int64))
-    for p in parts:
-        p.unlink()
