@@ -75,6 +75,8 @@ KIND_OPS = {
     "ew": ["swiglu bwd pass"],
     "rows": ["permute", "unpermute", "unpermute bwd"],
 }
+# other kinds' settings under which a kind's ops launch at all: the elementwise pass runs only beside a plain dH
+KIND_NEEDS = {"ew": {"swiglu_bwd": {"FUSED": 0}}}
 OPS = [o.strip() for o in args.ops.split(",") if o.strip()] if args.ops else None
 require_at_least(ap, args, tokens=1, top_k=1)
 if args.experts is not None and args.experts < args.top_k:
@@ -87,6 +89,15 @@ ops.common.arch = lambda: args.arch  # the tile table of the target, not of this
 # Blackwell, the warp-level mma.sync elsewhere (Ampere, Ada, and consumer Blackwell sm_120, which has neither)
 MMA = "wgmma" if 90 <= args.arch < 100 else "tcgen05.mma" if 100 <= args.arch < 120 else "mma.sync"
 MMA_PTX = "wgmma.mma_async" if MMA == "wgmma" else MMA  # the PTX instruction, counted per kernel
+
+
+def candidate_tiles(given: dict, kind: str, values: tuple) -> dict:
+    """The overrides one sweep candidate of ``kind`` compiles under: ``given`` (``--set``), what the kind's ops
+    need to launch (``KIND_NEEDS``), then the candidate's settings."""
+    out = {k: dict(cfg) for k, cfg in given.items()}
+    for k, cfg in {**KIND_NEEDS.get(kind, {}), kind: candidate(SWEEP[kind][0], values)}.items():
+        out[k] = {**out.get(k, {}), **cfg}
+    return out
 
 
 def overrides() -> dict:
@@ -343,13 +354,14 @@ def main():
             print(f"\n{kind}: {', '.join(keys)}\n\n| candidate | op | {HEADER[2:]}")
             print("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|")
             for v in values:
-                given = overrides()
                 try:
-                    rows = compile_layer({**given, kind: {**given.get(kind, {}), **candidate(keys, v)}}, KIND_OPS[kind])
+                    rows = compile_layer(candidate_tiles(overrides(), kind, v), KIND_OPS[kind])
                 except Exception as exc:  # a candidate the compiler refuses is a finding, not the end of the list
                     print(f"| {v} | | {type(exc).__name__}: {str(exc).splitlines()[0][:120]} |" + " |" * 13)
                     bad.append(f"{kind} {v}: {type(exc).__name__}")
                     continue
+                if not rows:  # none of the kind's ops launched: nothing of this candidate was compiled
+                    bad.append(f"{kind} {v}: no launch of {', '.join(KIND_OPS[kind])}")
                 for label, name, r in rows:
                     if name != "_block_table_kernel":  # the same for every candidate
                         print(f"| {v} | {label} | {cells(name, r)}")

@@ -160,3 +160,18 @@ def test_every_sweep_candidate_of_the_gemm_kernels_compiles_pipelined():
                 assert (int(got[str(v)][11]) > 0) == (cfg["PRE"] == 3), (v, got[str(v)])
     assert all(int(cells[10]) > 0 and cells[14] == "yes" for cells in gemms), gemms  # wgmma, pipelined
     assert all(float(cells[8]) <= 227 for cells in rows), rows  # KiB of shared memory: each fits a Hopper block
+
+
+@pytest.mark.skipif(not _ptxas_available(), reason="this Triton build has no NVIDIA backend / bundled ptxas")
+def test_every_sweep_candidate_of_the_elementwise_pass_compiles():
+    """``--candidates ew`` compiles the elementwise SwiGLU backward under each candidate, though the bf16 tiles
+    fuse that pass into dH (``swiglu_bwd`` FUSED = 1) and the layer then never launches it: a sweep candidate
+    that compiled nothing would pass ``--check`` unseen."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        from sweep_candidates import SWEEP
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    rows = _inspect("--check", "--candidates", "ew", width=17)
+    got = {cells[0] for cells in rows if cells[2] == "_swiglu_bwd_kernel"}
+    assert got == {str(v) for v in SWEEP["ew"][1]}, rows
