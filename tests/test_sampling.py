@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tracemalloc
@@ -19,6 +20,7 @@ from ditmoe.cli import main
 from ditmoe.config import ConfigError, model_config
 from ditmoe.data.digits import prepare_digits
 from ditmoe.data.shards import load_split_tensors
+from ditmoe.data.vae import load_vae
 from ditmoe.demo import run_demo
 from ditmoe.diffusion import create_diffusion
 from ditmoe.evaluation.digits_judge import classifier_fid, judge_samples, load_judge
@@ -113,7 +115,7 @@ def _random_sampler(kind: str, **model_opts) -> Sampler:
         for p in model.parameters():
             if p.requires_grad:
                 p.normal_(0, 0.3)
-    return Sampler(model, create_diffusion(kind, learn_sigma=cfg.learn_sigma), Path("random"), {})
+    return Sampler(model, create_diffusion(kind, learn_sigma=cfg.learn_sigma), Path("random"), {}, "ema")
 
 
 def test_guidance_acts_on_the_channels_the_official_sampler_guides_by_default():
@@ -326,3 +328,29 @@ def test_the_join_holds_one_batch_at_a_time_not_every_image_twice(tmp_path, monk
     with zipfile.ZipFile(tmp_path / "s.npz") as ours, zipfile.ZipFile(tmp_path / "ref.npz") as ref:
         assert ours.namelist() == ref.namelist() == ["arr_0.npy", "arr_1.npy"]
         assert all(ours.read(name) == ref.read(name) for name in ref.namelist())
+
+
+def test_a_stopped_npz_run_refuses_other_weights_or_another_vae(run, vae_dir, tmp_path, monkeypatch):
+    """The kept batches were drawn with the EMA weights and decoded by one VAE: started again with --no-ema or
+    another --vae, the run is refused, not finished with batches of other images."""
+    real, calls = npz.generate, []
+
+    def dies_after_one(sampler_, batch, **kw):
+        if calls:
+            raise TimeoutError("the time limit")
+        calls.append(batch)
+        return real(sampler_, batch, **kw)
+
+    monkeypatch.setattr(npz, "generate", dies_after_one)
+    kw = dict(batch_size=2, seed=0, steps="ddim2", progress=False)
+    with pytest.raises(TimeoutError):
+        write_npz(load_sampler(run), list(range(4)), tmp_path / "s.npz", **kw)
+    with pytest.raises(ValueError, match=r"other weights: remove it"):
+        write_npz(load_sampler(run, ema=False), list(range(4)), tmp_path / "s.npz", **kw)
+    shutil.copytree(vae_dir, tmp_path / "other-vae")
+    latent = _random_sampler("ddpm")
+    calls.clear()
+    with pytest.raises(TimeoutError):
+        write_npz(latent, [0, 1, 2, 3], tmp_path / "l.npz", decoder=load_vae(vae_dir, "cpu"), **kw)
+    with pytest.raises(ValueError, match=r"other vae: remove it"):
+        write_npz(latent, [0, 1, 2, 3], tmp_path / "l.npz", decoder=load_vae(tmp_path / "other-vae", "cpu"), **kw)

@@ -28,6 +28,7 @@ class Autoencoder:
     device: torch.device
     scaling_factor: float
     downsample: int
+    source: Path  # the folder it was loaded from
 
     @torch.no_grad()
     def encode(self, images_BHWC: np.ndarray) -> np.ndarray:
@@ -62,4 +63,4 @@ def load_vae(vae_dir: Path, device: str = "auto", scaling_factor: float | None =
     vae = vae.to(dev).eval()
     factor = scaling_factor if scaling_factor is not None else getattr(vae.config, "scaling_factor", None)
     downsample = 2 ** (len(vae.config.block_out_channels) - 1)
-    return Autoencoder(vae, dev, float(factor or DEFAULT_SCALING_FACTOR), downsample)
+    return Autoencoder(vae, dev, float(factor or DEFAULT_SCALING_FACTOR), downsample, vae_dir)

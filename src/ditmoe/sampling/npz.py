@@ -90,8 +90,8 @@ def write_npz(
     out = check_npz_path(out)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     work = out.with_name(f".{out.name}.batches")
-    run = {"checkpoint": str(sampler.checkpoint), "labels": _digest(labels), "batch_size": batch_size, "seed": seed}
-    run.update(generate_kwargs)
+    run = {"checkpoint": str(sampler.checkpoint), "weights": sampler.weights, "labels": _digest(labels)}
+    run |= {"batch_size": batch_size, "seed": seed, "vae": str(decoder.source) if decoder else None, **generate_kwargs}
     if rank == 0:
         work.mkdir(parents=True, exist_ok=True)
         if not (work / RUN_FILE).exists():

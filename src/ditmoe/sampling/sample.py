@@ -28,6 +28,7 @@ class Sampler:
     diffusion: Diffusion
     checkpoint: Path
     data: dict  # the dataset manifest the model was trained on
+    weights: str  # which of the checkpoint's weights the model holds: "ema" or "model" (raw)
 
 
 def load_sampler(path: Path | str, *, ema: bool | None = None, device: str | None = None) -> Sampler:
@@ -44,14 +45,14 @@ def load_sampler(path: Path | str, *, ema: bool | None = None, device: str | Non
         load_state_into(model, weights, kind, path)
         ckpt = path
     else:
-        ckpt = ckpt_io.resolve(path)
+        ckpt, kind = ckpt_io.resolve(path), "model" if ema is False else "ema"
         saved = ckpt_io.load_config(ckpt)
         model = DiTMoE(ModelConfig.from_dict(saved["model"]))
-        load_weights(ckpt, "model" if ema is False else "ema", model)
+        load_weights(ckpt, kind, model)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(dev).eval()
     diffusion = create_diffusion(saved["train"]["diffusion"], learn_sigma=model.cfg.learn_sigma)
-    return Sampler(model, diffusion, ckpt, saved.get("data", {}))
+    return Sampler(model, diffusion, ckpt, saved.get("data", {}), kind)
 
 
 def load_official_sampler(
@@ -68,8 +69,8 @@ def load_official_sampler(
         ) from None
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(dev).eval()
-    data = {"format": "latent", "scaling_factor": DEFAULT_SCALING_FACTOR}
-    return Sampler(model, create_diffusion(diffusion, learn_sigma=cfg.learn_sigma), Path(path), data)
+    data, weights = {"format": "latent", "scaling_factor": DEFAULT_SCALING_FACTOR}, "ema" if ema else "model"
+    return Sampler(model, create_diffusion(diffusion, learn_sigma=cfg.learn_sigma), Path(path), data, weights)
 
 
 @torch.no_grad()
