@@ -354,3 +354,15 @@ def test_a_stopped_npz_run_refuses_other_weights_or_another_vae(run, vae_dir, tm
         write_npz(latent, [0, 1, 2, 3], tmp_path / "l.npz", decoder=load_vae(vae_dir, "cpu"), **kw)
     with pytest.raises(ValueError, match=r"other vae: remove it"):
         write_npz(latent, [0, 1, 2, 3], tmp_path / "l.npz", decoder=load_vae(tmp_path / "other-vae", "cpu"), **kw)
+
+
+def test_a_run_that_failed_before_its_first_batch_does_not_block_the_next(run, tmp_path):
+    """A first try that kept no batch (a class id out of range, out of memory at its batch size) leaves nothing to
+    finish: the corrected command samples afresh instead of being refused for "batches sampled with other labels"."""
+    kw = dict(batch_size=2, seed=0, steps="ddim2", progress=False)
+    with pytest.raises(ValueError, match=r"class id\(s\) \[11\] out of range"):
+        write_npz(load_sampler(run), [3, 11], tmp_path / "s.npz", **kw)
+    write_npz(load_sampler(run), [3, 1], tmp_path / "s.npz", **{**kw, "batch_size": 1})
+    with np.load(tmp_path / "s.npz") as z:
+        assert z["arr_1"].tolist() == [3, 1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.npz"]

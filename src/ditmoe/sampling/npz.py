@@ -94,7 +94,7 @@ def write_npz(
     run |= {"batch_size": batch_size, "seed": seed, "vae": str(decoder.source) if decoder else None, **generate_kwargs}
     if rank == 0:
         work.mkdir(parents=True, exist_ok=True)
-        if not (work / RUN_FILE).exists():
+        if not any(work.glob("batch*.npy")):  # nothing kept yet (a first try that failed): these arguments
             _save_atomic(work / RUN_FILE, lambda f: f.write(json.dumps(run, indent=1).encode()))
     _barrier()
     _check_same_run(work, run)
