@@ -1,5 +1,6 @@
 """Sampling from checkpoints: the CLI, EMA weights, guidance wiring, and the demo pipeline end to end."""
 
+import errno
 import json
 import os
 import shutil
@@ -365,4 +366,23 @@ def test_a_run_that_failed_before_its_first_batch_does_not_block_the_next(run, t
     write_npz(load_sampler(run), [3, 1], tmp_path / "s.npz", **{**kw, "batch_size": 1})
     with np.load(tmp_path / "s.npz") as z:
         assert z["arr_1"].tolist() == [3, 1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.npz"]
+
+
+def test_a_full_disk_at_the_join_leaves_no_half_file_and_keeps_the_batches(run, tmp_path, monkeypatch):
+    """The join needs room for every image once more: when the disk fills up, the half-written .npz (a hidden
+    .tmp, gigabytes at 50,000 samples) is removed, and the kept batches let the run finish once there is room."""
+    real = npz._write_joined
+
+    def disk_full(f, parts, labels):
+        f.write(b"\0" * 1000)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(npz, "_write_joined", disk_full)
+    kw = dict(batch_size=2, seed=0, steps="ddim2", progress=False)
+    with pytest.raises(OSError, match="No space left"):
+        write_npz(load_sampler(run), [0, 1, 2], tmp_path / "s.npz", **kw)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".s.npz.batches"]
+    monkeypatch.setattr(npz, "_write_joined", real)
+    write_npz(load_sampler(run), [0, 1, 2], tmp_path / "s.npz", **kw)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.npz"]

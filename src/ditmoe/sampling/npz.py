@@ -160,8 +160,13 @@ def _barrier() -> None:
 
 
 def _save_atomic(path: Path, write) -> None:
-    """``write(file)`` to a temporary name, then a rename: a reader (or a run started again) never sees half a file."""
+    """``write(file)`` to a temporary name, then a rename: a reader (or a run started again) never sees half a file,
+    and a write that fails (a full disk) leaves no half file behind to hold the space."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     tmp.replace(path)
