@@ -386,3 +386,22 @@ def test_a_full_disk_at_the_join_leaves_no_half_file_and_keeps_the_batches(run, 
     monkeypatch.setattr(npz, "_write_joined", real)
     write_npz(load_sampler(run), [0, 1, 2], tmp_path / "s.npz", **kw)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.npz"]
+
+
+def test_a_kill_while_the_batches_are_removed_leaves_none_without_their_record(run, tmp_path, monkeypatch):
+    """Killed while the folder is removed after the join (rmtree goes in directory order, the run record maybe
+    first), the next run, with other arguments, must not take the old batches as its own."""
+    real_rmtree, kw = shutil.rmtree, dict(batch_size=2, steps="ddim2", progress=False)
+
+    def killed_after_the_record(path):
+        (Path(path) / npz.RUN_FILE).unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(npz.shutil, "rmtree", killed_after_the_record)
+    with pytest.raises(KeyboardInterrupt):
+        write_npz(load_sampler(run), [0, 1, 2, 3], tmp_path / "s.npz", seed=0, **kw)
+    monkeypatch.setattr(npz.shutil, "rmtree", real_rmtree)
+    write_npz(load_sampler(run), [0, 1, 2, 3], tmp_path / "s.npz", seed=1, **kw)
+    write_npz(load_sampler(run), [0, 1, 2, 3], tmp_path / "fresh.npz", seed=1, **kw)
+    with np.load(tmp_path / "s.npz") as s, np.load(tmp_path / "fresh.npz") as fresh:
+        np.testing.assert_array_equal(s["arr_0"], fresh["arr_0"])

@@ -112,6 +112,8 @@ def write_npz(
     if rank == 0:
         parts = [_batch_file(work, b) for b in range(len(starts))]
         _save_atomic(out, lambda f: _write_joined(f, parts, np.asarray(labels, dtype=np.int64)))
+        for part in parts:  # before the run record: a kill in between never leaves batches without it
+            part.unlink()
         shutil.rmtree(work)
     _barrier()  # no rank returns before out exists
     return out
