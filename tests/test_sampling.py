@@ -405,3 +405,18 @@ def test_a_kill_while_the_batches_are_removed_leaves_none_without_their_record(r
     write_npz(load_sampler(run), [0, 1, 2, 3], tmp_path / "fresh.npz", seed=1, **kw)
     with np.load(tmp_path / "s.npz") as s, np.load(tmp_path / "fresh.npz") as fresh:
         np.testing.assert_array_equal(s["arr_0"], fresh["arr_0"])
+
+
+def test_to_uint8_rounds_and_clamps_as_dit_sample_ddp_does():
+    """Images in [-1, 1] to uint8 as DiT's (and DiT-MoE's) sample_ddp.py: clamp(127.5 x + 128, 0, 255) truncated,
+    i.e. rounded to nearest; values past [-1, 1] (a pixel model is not clipped) clamp, never wrap."""
+    x = torch.tensor([-1.5, -1.0, -0.999, -0.5, 0.0, 0.003, 0.5, 0.999, 1.0, 1.5]).view(1, 1, 1, -1)
+    dit = torch.clamp(127.5 * x + 128.0, 0, 255).to(torch.uint8)
+    np.testing.assert_array_equal(sample_module.to_uint8(x)[0, 0, :, 0], dit.flatten().numpy())
+
+
+def test_no_two_seed_batch_pairs_share_a_batch_seed():
+    """Runs seeded 0 and 1 share no noise (seed + batch would give batch 1 of seed 0 the noise of batch 0 of
+    seed 1)."""
+    seeds = {batch_seed(seed, b) for seed in range(4) for b in range(50)}
+    assert len(seeds) == 200
