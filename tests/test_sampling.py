@@ -224,11 +224,11 @@ def test_sample_cli_writes_num_samples_to_an_npz_as_adm_reads_it(run, tmp_path, 
     with np.load(out) as z:
         assert sorted(z.files) == ["arr_0", "arr_1"]
         images, labels = z["arr_0"], z["arr_1"]
-    assert images.dtype == np.uint8 and images.shape == (7, 16, 16, 1)
+    assert images.dtype == np.uint8 and images.shape == (7, 16, 16, 3)  # grey digits as RGB, as evaluators read
     assert labels.tolist() == [2, 5, 2, 5, 2, 5, 2]
     sampler = load_sampler(run)
     second = generate(sampler, [5, 2, 5], steps="ddim2", seed=batch_seed(0, 1), progress=False)  # samples 3-5
-    np.testing.assert_array_equal(images[3:6], sample_module.to_uint8(second))
+    np.testing.assert_array_equal(images[3:6], sample_module.to_uint8(second).repeat(3, axis=-1))
     assert not np.array_equal(images[0], images[2])  # same class, other noise
     assert list(out.parent.iterdir()) == [out]  # no part or temporary file left
 

@@ -1,5 +1,6 @@
 """Many samples to one ``.npz`` laid out as ADM's evaluation suite reads it (FID, sFID, IS, precision/recall against
-its reference batches): ``arr_0`` uint8 [N, H, W, C] images, ``arr_1`` int64 [N] class labels.
+its reference batches): ``arr_0`` uint8 [N, H, W, 3] images (grey ones with their channel thrice), ``arr_1`` int64 [N]
+class labels.
 
 Samples are drawn in batches of ``batch_size``; batch b starts from a seed derived from (seed, b), so the file
 depends on the seed and the batch size alone, not on how many processes share the work. Under a launcher (torchrun,
@@ -38,6 +39,11 @@ def balanced_labels(num_samples: int, classes: list[int]) -> list[int]:
     return [classes[i % len(classes)] for i in range(num_samples)]
 
 
+def rgb(images_BHWC: np.ndarray) -> np.ndarray:
+    """Grey images (1 channel) with the channel thrice, as the evaluators read RGB; others as they are."""
+    return np.repeat(images_BHWC, 3, axis=-1) if images_BHWC.shape[-1] == 1 else images_BHWC
+
+
 def batch_seed(seed: int, batch: int) -> int:
     """The seed of batch ``batch`` of a run seeded ``seed``: no two (seed, batch) pairs share one, as seed + batch
     would (batch 1 of seed 0 would be batch 0 of seed 1)."""
@@ -68,6 +74,8 @@ def launcher_world() -> Iterator[tuple[int, int, str | None]]:
         return
     dist.init_process_group("gloo", timeout=JOIN_TIMEOUT)
     local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():  # the current device too: Triton launches its kernels on that one
+        torch.cuda.set_device(local)
     try:
         yield dist.get_rank(), dist.get_world_size(), f"cuda:{local}" if torch.cuda.is_available() else None
     finally:
@@ -106,7 +114,7 @@ def write_npz(
     for b in tqdm(mine, desc=f"sampling (rank {rank} of {world})", unit="batch", disable=not progress):
         batch = labels[starts[b] : starts[b] + batch_size]
         samples = generate(sampler, batch, seed=batch_seed(seed, b), progress=False, **generate_kwargs)
-        images = to_uint8(images_of(samples, decoder))
+        images = rgb(to_uint8(images_of(samples, decoder)))
         _save_atomic(_batch_file(work, b), lambda f, images=images: np.save(f, images))
     _barrier()  # every batch saved
     if rank == 0:
