@@ -2,6 +2,7 @@
 
 import io
 import json
+import stat
 from collections import Counter
 from pathlib import Path
 
@@ -92,6 +93,16 @@ def test_prepare_is_deterministic_and_overwrites(digits_dir, tmp_path):
     ]  # default shard_size 512: the old 6 + 2 shards are gone, notes.txt stays
     assert manifest["image_size"] == 8 and load_split_tensors(other, "train")[0].shape[-1] == 8
     assert not [path for path in tmp_path.iterdir() if path.name.startswith(".digits")]  # no staging left
+
+
+def test_prepared_dataset_folder_is_readable_as_the_umask_allows(tmp_path):
+    """A new dataset folder gets mkdir's mode (0755 under umask 022), not the staging dir's private 0700: teammates
+    and jobs running as another user read a dataset that one user prepared."""
+    out_dir = tmp_path / "digits"
+    prepare_digits(out_dir, image_size=8)
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    assert stat.S_IMODE(out_dir.stat().st_mode) == stat.S_IMODE(probe.stat().st_mode)
 
 
 @pytest.mark.parametrize("kwargs", [{"image_size": 12}, {"val_fraction": 0.0}, {"val_fraction": 1.0}])

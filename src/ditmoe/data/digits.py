@@ -78,11 +78,11 @@ def check_out_dir(out_dir: Path) -> None:
 def install_dataset(staging_dir: Path, out_dir: Path, manifest: dict) -> None:
     """Move a finished staging dir into out_dir, replacing only the shards an old manifest owned.
 
-    The manifest is removed first and written last, so an interruption leaves no readable half dataset.
+    The manifest is removed first and written last, so an interruption leaves no readable half dataset. A new
+    out_dir is made as mkdir makes folders (readable as the umask allows), not renamed from the staging dir, which
+    tempfile.mkdtemp makes private to its owner.
     """
-    if not out_dir.exists():
-        os.replace(staging_dir, out_dir)
-        return
+    out_dir.mkdir(exist_ok=True)
     new_files = [name for split in manifest["splits"].values() for name in split["shards"]]
     old_files = owned_files(out_dir)
     foreign = [name for name in new_files if (out_dir / name).exists() and name not in old_files]
