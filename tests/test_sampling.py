@@ -4,6 +4,7 @@ import errno
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tracemalloc
@@ -159,6 +160,14 @@ def test_sample_cli_missing_checkpoint(tmp_path, capsys):
 def test_generate_refuses_no_labels(run):
     with pytest.raises(ValueError, match="no class labels given"):
         generate(load_sampler(run), [], steps="ddim2", progress=False)
+
+
+def test_exported_file_is_readable_as_the_umask_allows(run, tmp_path):
+    """safetensors makes its files 0600; an export, meant to be handed to sampling jobs, gets a new file's mode."""
+    exported = export_safetensors(run, tmp_path / "ema.safetensors")
+    probe = tmp_path / "probe"
+    probe.touch()
+    assert stat.S_IMODE(exported.stat().st_mode) == stat.S_IMODE(probe.stat().st_mode)
 
 
 def test_exported_file_loads_the_weights_it_holds_and_nothing_less(run, tmp_path):

@@ -25,9 +25,19 @@ def export_safetensors(path: Path | str, out: Path | str, *, ema: bool = True) -
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    save_file(state, str(tmp), metadata={META_KEY: json.dumps(meta)})
+    save_with_umask_mode(state, tmp, {META_KEY: json.dumps(meta)})
     tmp.replace(out)
     return out
+
+
+def save_with_umask_mode(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """``save_file`` giving the file the mode any new file gets (the umask's), not the owner-only 0600 that
+    safetensors creates it with, so that others the umask lets in can sample from it."""
+    path.unlink(missing_ok=True)
+    path.touch()
+    mode = path.stat().st_mode
+    save_file(state, str(path), metadata=metadata)
+    path.chmod(mode)
 
 
 def load_exported(path: Path | str) -> tuple[dict[str, torch.Tensor], dict]:
