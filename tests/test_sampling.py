@@ -216,8 +216,11 @@ def test_demo_pipeline_end_to_end(tmp_path, monkeypatch):
     x_val, y_val = load_split_tensors(tmp_path / "demo" / "data", "val")
     fake = torch.stack([x_val[y_val == (5 if (c, i) == (3, 0) else c)][i] for c in range(10) for i in range(2)])
     monkeypatch.setattr(demo, "generate", lambda sampler, labels, **kw: fake.clone())
+    kept = [tmp_path / "demo" / "judge.pt", tmp_path / "demo" / "data" / "manifest.json"]
+    written = [path.stat().st_mtime_ns for path in kept]
     again = run_demo(tmp_path / "demo", steps=1, per_class=2, ranks=1)
     assert again["train_steps"] == 2
+    assert [path.stat().st_mtime_ns for path in kept] == written  # the data and the judge reused, not made again
     judge, labels = load_judge(tmp_path / "demo" / "judge.pt"), torch.arange(10).repeat_interleave(2)
     assert again["sample_class_accuracy"] == judge_samples(judge, fake, labels) < 1.0
     assert again["sample_fid_judge_features"] == classifier_fid(judge, fake, x_val)
