@@ -31,9 +31,30 @@ EXTRA=${EXTRA:-}       # more trainer flags, e.g. "--steps 700000 --wandb"
 # assigned apart from export, so that set -e sees a failure; sed reads every line (head would risk SIGPIPE, pipefail)
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)
 export MASTER_ADDR
-# A port free now on this node, the job's first, where rank 0 listens (29500 + job id % 1000 was the same port for
-# jobs 1000 ids apart sharing a node).
-MASTER_PORT=${MASTER_PORT:-$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')}
+# Rank 0's port: free now on this node (the job's first), searched from one derived from the job id, and below the
+# kernel's ephemeral range, whose ports go to any socket that asks (srun's own): one probed free there can be taken
+# before rank 0 listens on it.
+pick_port='
+import socket, sys
+low = 20000
+try:
+    top = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+except (OSError, ValueError, IndexError):
+    top = 32768
+top = max(top, low + 1000)
+for i in range(top - low):
+    port = low + (int(sys.argv[1]) + i) % (top - low)
+    with socket.socket() as s:
+        try:
+            s.bind(("", port))
+        except OSError:
+            continue
+    print(port)
+    break
+else:
+    sys.exit(f"no free port in [{low}, {top}) on this node: set MASTER_PORT")
+'
+MASTER_PORT=${MASTER_PORT:-$("$PYTHON" -c "$pick_port" "$SLURM_JOB_ID")}
 export MASTER_PORT
 export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}
 echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST: $MODEL, EP=$EP, batch $BATCH"

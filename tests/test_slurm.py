@@ -184,14 +184,18 @@ def _listen_on_a_port_in(ports: range) -> socket.socket:
 
 
 def test_the_master_port_is_one_no_other_process_on_the_node_holds(tmp_path):
-    """The port was 29500 + job id % 1000, the same for jobs 1000 ids apart: the second job's rank 0 on a node
-    could not listen on it."""
-    with _listen_on_a_port_in(range(29500, 30500)) as taken:
+    """The port was 29500 + job id % 1000, the same for jobs 1000 ids apart: the second job's rank 0 on a node could
+    not listen on it. Then a port the kernel picked, in its ephemeral range: srun took it for one of its own sockets
+    before rank 0 listened, and rank 1 talked to srun. Now: searched from the job's port for a free one, below that
+    range."""
+    ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    with _listen_on_a_port_in(range(20000, ephemeral)) as taken:
         port = taken.getsockname()[1]
-        job = str(port - 29500 + 7000)  # another job, 7000 ids earlier, holds the port
+        job = str(port - 20000 + 7 * (ephemeral - 20000))  # the search of this job starts at the port held
         done, _ = _run_job_script(tmp_path, 'echo "port $MASTER_PORT"', env={"SLURM_JOB_ID": job})
     assert done.returncode == 0, done.stdout + done.stderr
-    assert re.search(r"^port (\d+)$", done.stdout, re.M).group(1) != str(port)
+    picked = int(re.search(r"^port (\d+)$", done.stdout, re.M).group(1))
+    assert picked != port and 20000 <= picked < ephemeral
 
 
 def test_a_batch_shell_is_one_process_and_an_srun_step_is_its_tasks(cluster, tmp_path):
