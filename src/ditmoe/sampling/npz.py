@@ -73,11 +73,11 @@ def launcher_world() -> Iterator[tuple[int, int, str | None]]:
         yield 0, 1, None
         return
     dist.init_process_group("gloo", timeout=JOIN_TIMEOUT)
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():  # the current device too: Triton launches its kernels on that one
-        torch.cuda.set_device(local)
+    device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else None
+    if device:  # the current device too: Triton launches its kernels on that one
+        torch.cuda.set_device(device)
     try:
-        yield dist.get_rank(), dist.get_world_size(), f"cuda:{local}" if torch.cuda.is_available() else None
+        yield dist.get_rank(), dist.get_world_size(), device
     finally:
         leave_distributed()
 
@@ -107,8 +107,9 @@ def write_npz(
     _barrier()
     _check_same_run(work, run)
     starts = range(0, len(labels), batch_size)
-    mine = [b for b in range(rank, len(starts), world) if not _batch_file(work, b).exists()]
-    done = len(range(rank, len(starts), world)) - len(mine)
+    assigned = range(rank, len(starts), world)
+    mine = [b for b in assigned if not _batch_file(work, b).exists()]
+    done = len(assigned) - len(mine)
     if done:
         print(f"rank {rank}: {done} batches already sampled in {work}, going on")
     for b in tqdm(mine, desc=f"sampling (rank {rank} of {world})", unit="batch", disable=not progress):
@@ -155,9 +156,9 @@ def _digest(labels: list[int]) -> str:
 
 def _check_same_run(work: Path, run: dict) -> None:
     """ValueError naming ``work`` when its batches were sampled with other arguments (same on every rank)."""
-    saved = json.loads((work / RUN_FILE).read_text())
-    if saved != json.loads(json.dumps(run)):
-        differ = sorted(k for k in {*saved, *run} if saved.get(k) != json.loads(json.dumps(run)).get(k))
+    saved, asked = json.loads((work / RUN_FILE).read_text()), json.loads(json.dumps(run))  # as JSON holds it
+    if saved != asked:
+        differ = sorted(k for k in {*saved, *asked} if saved.get(k) != asked.get(k))
         raise ValueError(
             f"{work} holds batches sampled with other {', '.join(differ)}: remove it to start afresh, or give the "
             "arguments it was started with to finish it"

@@ -49,10 +49,8 @@ def load_sampler(path: Path | str, *, ema: bool | None = None, device: str | Non
         saved = ckpt_io.load_config(ckpt)
         model = DiTMoE(ModelConfig.from_dict(saved["model"]))
         load_weights(ckpt, kind, model)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model.to(dev).eval()
     diffusion = create_diffusion(saved["train"]["diffusion"], learn_sigma=model.cfg.learn_sigma)
-    return Sampler(model, diffusion, ckpt, saved.get("data", {}), kind)
+    return Sampler(_placed(model, device), diffusion, ckpt, saved.get("data", {}), kind)
 
 
 def load_official_sampler(
@@ -67,10 +65,15 @@ def load_official_sampler(
         raise ConfigError(
             f"{path} does not hold an official {cfg.name} at {cfg.input_size}x{cfg.input_size} latents: {first}"
         ) from None
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model.to(dev).eval()
     data, weights = {"format": "latent", "scaling_factor": DEFAULT_SCALING_FACTOR}, "ema" if ema else "model"
-    return Sampler(model, create_diffusion(diffusion, learn_sigma=cfg.learn_sigma), Path(path), data, weights)
+    return Sampler(
+        _placed(model, device), create_diffusion(diffusion, learn_sigma=cfg.learn_sigma), Path(path), data, weights
+    )
+
+
+def _placed(model: DiTMoE, device: str | None) -> DiTMoE:
+    """``model`` in eval mode on ``device`` (None: CUDA where there is one, else the CPU)."""
+    return model.to(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))).eval()
 
 
 @torch.no_grad()

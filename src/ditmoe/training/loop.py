@@ -49,8 +49,7 @@ class TrainResult:
 class StepOutput:
     loss: torch.Tensor  # [] total: diffusion + aux
     diffusion_loss: torch.Tensor
-    aux_loss: torch.Tensor
-    routing: list
+    routing: list  # per layer: its balance and z-loss (the aux loss is their sum), its routing counts
 
 
 def drop_labels(
@@ -73,7 +72,7 @@ def train_step(stepper, diffusion, x0, y, gen: torch.Generator, rows: tuple[int,
     diff_loss = diffusion.loss(out.prediction.float(), ctx)["loss"].mean()
     loss = diff_loss + out.aux_loss
     stepper.backward(loss)
-    return StepOutput(loss.detach(), diff_loss.detach(), out.aux_loss.detach(), out.routing)
+    return StepOutput(loss.detach(), diff_loss.detach(), out.routing)
 
 
 def logged_losses(out: StepOutput) -> torch.Tensor:
